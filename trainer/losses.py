@@ -1,0 +1,44 @@
+"""Loss terms shared by the distillation methods (notation of shared/methods.md: s student logits, t teacher
+logits, y labels, p^T = softmax(z/T); KL with batchmean reduction, CE with mean reduction)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_targets(teacher_logits: Sequence[torch.Tensor], temperature: float,
+                 weights: Sequence[float] | None = None) -> torch.Tensor:
+    """p̄ = Σ w_i softmax(t_i / T): the (weighted) average of the teachers' softened probabilities.
+
+    Averaging probabilities, not logits, is what Hinton et al. and MEAL-V2 do; the two differ.
+    Weights are normalized to sum to one; None means equal weights.
+    """
+    if len(teacher_logits) == 0:
+        raise ValueError("soft_targets needs at least one teacher's logits")
+    if weights is None:
+        weights = [1.0] * len(teacher_logits)
+    if len(weights) != len(teacher_logits):
+        raise ValueError(f"{len(weights)} teacher weights for {len(teacher_logits)} teachers")
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"teacher weights must be non-negative with a positive sum, got {list(weights)}")
+    probs = torch.stack([F.softmax(t.float() / temperature, dim=1) for t in teacher_logits])
+    w = torch.tensor([w / total for w in weights], dtype=probs.dtype, device=probs.device)
+    return torch.einsum("t,tbc->bc", w, probs)
+
+
+def distillation_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(target ‖ softmax(s/T)), batchmean. The T² keeps gradient scale independent of T (Hinton et al.)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    return F.kl_div(log_p_student, target_probs, reduction="batchmean") * temperature**2
+
+
+def hinton_kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, target_probs: torch.Tensor,
+                   temperature: float, alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """λ·CE(s, y) + (1−λ)·T²·KL(p_t^T ‖ p_s^T) with λ = alpha; CE on the raw student logits."""
+    ce = F.cross_entropy(student_logits, labels)
+    kl = distillation_kl(student_logits, target_probs, temperature)
+    return alpha * ce + (1.0 - alpha) * kl, {"ce": ce.item(), "kd": kl.item()}

@@ -1,0 +1,79 @@
+"""The contract every distillation method implements, and what it receives from the teachers.
+
+A method is an `nn.Module` that owns its student(s) and any training-only modules (gates, transforms,
+adaptation layers). The training loop knows nothing about any particular method: it asks the method what it
+needs from the teachers, hands it a batch, and steps the optimizer on the loss it returns.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a method may know about teacher i before training: enough to size its layers."""
+
+    name: str
+    num_classes: int
+    feature_shapes: dict[str, tuple[int, int, int]]  # tap name -> (C, H, W) for the dataset's images
+
+
+@dataclass
+class TeacherOutputs:
+    """Teacher outputs for one batch, in the configured teacher order; float32, on the student's device."""
+
+    logits: list[torch.Tensor]  # per teacher: [B, classes]
+    features: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per teacher: tap -> [B, C, H, W]
+
+
+@dataclass(frozen=True)
+class TrainingClock:
+    """Where training stands; `epoch` is fractional (epoch 2.5 = halfway through the third epoch)."""
+
+    epoch: float
+    total_epochs: int
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor
+    terms: dict[str, float]  # named parts of the loss, for logging
+
+
+class Method(nn.Module, ABC):
+    """Base class for distillation methods. Subclasses set `name` and implement the abstract methods."""
+
+    name: str = ""
+    #: Number of consecutive training stages (FEED sequential trains one stage per teacher).
+    num_stages: int = 1
+
+    def teacher_outputs(self) -> list[list[str]]:
+        """Per teacher, the outputs this method needs ("logits" and/or tap names). Empty: no teachers."""
+        return []
+
+    @abstractmethod
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
+                      clock: TrainingClock) -> LossResult:
+        """The loss for one batch of normalized student inputs and, when the method uses them, teacher outputs."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores [B, classes] whose argmax is the method's prediction (what is evaluated and deployed)."""
+
+    @abstractmethod
+    def exported_students(self) -> dict[str, nn.Module]:
+        """The networks a user deploys after training, by name; training-only modules are not in them."""
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups; override where some parameters need their own learning rate."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def set_stage(self, stage: int) -> None:
+        """Enter training stage `stage` (0-based); only multi-stage methods override it."""
+        if stage != 0:
+            raise ValueError(f"{self.name} has a single training stage, asked for stage {stage}")
