@@ -35,3 +35,8 @@ def create_method(params, *, num_classes: int, in_chans: int, teachers: list[Tea
     if params.name not in _BUILDERS:
         raise ValueError(f"unknown method {params.name!r}; available: {', '.join(list_methods())}")
     return _BUILDERS[params.name](params, num_classes=num_classes, in_chans=in_chans, teachers=teachers)
+
+
+# Importing the method modules registers them; they import `register_method` from this package, so the
+# imports stay below its definition.
+from trainer.methods import ce, ekd, feed, kd, okd, one, student_ensemble  # noqa: E402,F401

@@ -27,8 +27,15 @@ class TeacherInfo:
 class TeacherOutputs:
     """Teacher outputs for one batch, in the configured teacher order; float32, on the student's device."""
 
-    logits: list[torch.Tensor]  # per teacher: [B, classes]
+    logits: list[torch.Tensor | None]  # per teacher: [B, classes]; None where that teacher was not asked
     features: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per teacher: tap -> [B, C, H, W]
+
+    def to(self, device: torch.device | str) -> TeacherOutputs:
+        return TeacherOutputs(
+            logits=[None if t is None else t.to(device, torch.float32, non_blocking=True) for t in self.logits],
+            features=[{k: v.to(device, torch.float32, non_blocking=True) for k, v in f.items()}
+                      for f in self.features],
+        )
 
 
 @dataclass(frozen=True)

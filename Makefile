@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Both create the virtual environment and install everything they need on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test system-deps
+
+$(INSTALLED): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+system-deps:
+	bash scripts/install_system_deps.sh
+
+demo: $(INSTALLED)
+	$(VENV)/bin/ekd distill configs/digits/kd_ensemble.yaml
+
+test: $(INSTALLED) system-deps
+	$(PY) -m pytest

@@ -1,0 +1,67 @@
+"""The default teacher-output store: one LMDB environment on local disk.
+
+LMDB gives many concurrent readers and one writer at a time across processes (its lock file does the
+coordination), so several training workers on one host can share a cache directory. A process must open a
+given directory only once. The map size is fixed when opened, not grown automatically: growing it safely needs
+every process to reopen, so a full map is reported with the size to ask for instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+
+from services.cache.store import CacheError, CacheFullError, CacheUnavailableError, TeacherOutputStore
+
+DEFAULT_MAP_SIZE = 8 * 2**30  # 8 GiB of address space; the file only grows as data is written
+
+
+class LmdbStore(TeacherOutputStore):
+    """Teacher outputs in the LMDB environment at directory `path` (created unless `readonly`)."""
+
+    def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
+        super().__init__()
+        if map_size <= 0:
+            raise ValueError(f"map_size must be a positive number of bytes; got {map_size}")
+        self.path = Path(path)
+        self.map_size = map_size
+        self.readonly = readonly
+        try:
+            if not readonly:
+                self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(self.path), map_size=map_size, readonly=readonly, lock=True, create=not readonly,
+                subdir=True, readahead=False,
+            )
+        except (lmdb.Error, OSError) as error:
+            raise CacheUnavailableError(f"cannot open LMDB cache at {self.path}: {error}") from error
+
+    def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
+        with self._env.begin(write=False) as txn:
+            return [txn.get(key) for key in keys]
+
+    def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
+        if self.readonly:
+            raise CacheError(f"LMDB cache at {self.path} is open read-only; reopen with readonly=False to write")
+        try:
+            with self._env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value, overwrite=True)
+        except lmdb.MapFullError as error:
+            needed = sum(len(key) + len(value) for key, value in items)
+            raise CacheFullError(
+                f"LMDB cache at {self.path} is full (map_size={self.map_size} bytes) writing {len(items)} values "
+                f"of {needed} bytes; reopen it with a larger map_size, e.g. map_size={2 * self.map_size}"
+            ) from error
+
+    def _delete_raw(self, keys: list[bytes]) -> None:
+        # A read-only handle cannot delete; the damaged value stays a miss until a writer replaces it.
+        if self.readonly:
+            return
+        with self._env.begin(write=True) as txn:
+            for key in keys:
+                txn.delete(key)
+
+    def close(self) -> None:
+        self._env.close()

@@ -1,0 +1,175 @@
+"""Tensors <-> bytes without pickle: the raw form for the gRPC `Tensor` message and the framed form for cache
+values.
+
+Raw: the payload is the tensor's elements in C order, little-endian; dtype and shape travel beside it (the
+proto's `DType` enum and `shape` field). bfloat16 travels as its 16-bit pattern, since numpy has no bfloat16.
+
+Framed (cache values): one self-describing, checksummed blob, so a truncated or bit-flipped value read back
+from LMDB or Redis is detected instead of being returned as data:
+
+    magic b"EKDT" | version u8 | dtype code u8 | ndim u8 | shape u32 * ndim | payload length u64 |
+    xxh3_64(payload) u64 | payload
+
+All header integers are little-endian.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,
+    "int64": torch.int64,
+}
+"""The dtypes that cross the wire or enter the cache, by their Python name."""
+
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+PROTO_DTYPE_NAMES: dict[str, str] = {name: name.upper() for name in DTYPES}
+"""Python dtype name -> the proto `DType` enum value name (e.g. "bfloat16" -> "BFLOAT16")."""
+
+DTYPES_BY_PROTO_NAME: dict[str, str] = {proto: name for name, proto in PROTO_DTYPE_NAMES.items()}
+"""Proto `DType` enum value name -> Python dtype name; the inverse of `PROTO_DTYPE_NAMES`."""
+
+# How each dtype's elements are laid out on the wire. bfloat16 is carried as its int16 bit pattern.
+_WIRE_NUMPY_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<i2"),
+    "uint8": np.dtype("u1"),
+    "int64": np.dtype("<i8"),
+}
+
+# Framed-format dtype codes. These numbers are part of the stored format: never renumber, only append.
+_DTYPE_CODES: dict[str, int] = {"float32": 1, "float16": 2, "bfloat16": 3, "uint8": 4, "int64": 5}
+_DTYPES_BY_CODE: dict[int, str] = {code: name for name, code in _DTYPE_CODES.items()}
+
+MAGIC = b"EKDT"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sBBB")  # magic, version, dtype code, ndim
+_LENGTH_AND_CHECKSUM = struct.Struct("<QQ")  # payload length, xxh3_64 of the payload
+_MAX_DIM = 2**32 - 1
+_MAX_NDIM = 255
+
+
+class CodecError(ValueError):
+    """A tensor cannot be encoded, or bytes do not describe the tensor they claim to."""
+
+
+class CorruptValueError(CodecError):
+    """A framed value is damaged or foreign: bad magic, unknown version or dtype, wrong length, bad checksum."""
+
+
+def _name_of(dtype: torch.dtype) -> str:
+    """The Python name of a supported torch dtype; CodecError for any other."""
+    if dtype not in DTYPE_NAMES:
+        raise CodecError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def _check_dtype_name(name: str) -> None:
+    if name not in DTYPES:
+        raise CodecError(f"unknown dtype name {name!r}; supported: {', '.join(DTYPES)}")
+
+
+def _payload_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's elements, C order, little-endian."""
+    name = _name_of(tensor.dtype)
+    tensor = tensor.detach().cpu().contiguous()
+    if name == "bfloat16":
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().astype(_WIRE_NUMPY_DTYPES[name], copy=False).tobytes()
+
+
+def _tensor_from_payload(payload: bytes | memoryview, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    wire = _WIRE_NUMPY_DTYPES[name]
+    # One copy: into a writable, native-endian array that the tensor then shares.
+    array = np.frombuffer(payload, dtype=wire).astype(wire.newbyteorder("="), copy=True)
+    tensor = torch.from_numpy(array)
+    if name == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.reshape(shape)
+
+
+def _expected_payload_length(name: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * _WIRE_NUMPY_DTYPES[name].itemsize
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+    """Raw encoding for the gRPC `Tensor` message: (dtype name, shape, little-endian C-order payload)."""
+    return _name_of(tensor.dtype), tuple(tensor.shape), _payload_bytes(tensor)
+
+
+def tensor_from_bytes(data: bytes | memoryview, dtype_name: str, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of `tensor_to_bytes`. CodecError when the dtype is unknown, a dimension is negative, or the
+    byte length does not match dtype x shape."""
+    _check_dtype_name(dtype_name)
+    shape = tuple(int(dim) for dim in shape)
+    if any(dim < 0 for dim in shape):
+        raise CodecError(f"shape {shape} has a negative dimension")
+    expected = _expected_payload_length(dtype_name, shape)
+    if len(data) != expected:
+        raise CodecError(
+            f"{dtype_name} tensor of shape {shape} needs {expected} bytes, got {len(data)}"
+        )
+    return _tensor_from_payload(data, dtype_name, shape)
+
+
+def encode_value(tensor: torch.Tensor) -> bytes:
+    """Framed encoding for cache values: versioned header with dtype, shape, length and checksum."""
+    name = _name_of(tensor.dtype)
+    shape = tuple(tensor.shape)
+    if len(shape) > _MAX_NDIM:
+        raise CodecError(f"tensor has {len(shape)} dimensions; the framed format holds at most {_MAX_NDIM}")
+    if any(dim > _MAX_DIM for dim in shape):
+        raise CodecError(f"shape {shape} has a dimension above {_MAX_DIM}, the framed format's limit")
+    payload = _payload_bytes(tensor)
+    header = (
+        _PREFIX.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[name], len(shape))
+        + struct.pack(f"<{len(shape)}I", *shape)
+        + _LENGTH_AND_CHECKSUM.pack(len(payload), xxhash.xxh3_64_intdigest(payload))
+    )
+    return header + payload
+
+
+def decode_value(data: bytes | memoryview) -> torch.Tensor:
+    """Inverse of `encode_value`. CorruptValueError on anything that is not exactly one intact framed value."""
+    view = memoryview(data)
+    if len(view) < _PREFIX.size:
+        raise CorruptValueError(f"value truncated: {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, code, ndim = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise CorruptValueError(f"bad magic {magic!r}; expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise CorruptValueError(f"unknown format version {version}; this codec reads version {FORMAT_VERSION}")
+    if code not in _DTYPES_BY_CODE:
+        raise CorruptValueError(f"unknown dtype code {code}; known: {sorted(_DTYPES_BY_CODE)}")
+    name = _DTYPES_BY_CODE[code]
+    header_length = _PREFIX.size + 4 * ndim + _LENGTH_AND_CHECKSUM.size
+    if len(view) < header_length:
+        raise CorruptValueError(f"value truncated: {len(view)} bytes is shorter than its {header_length}-byte header")
+    shape = struct.unpack_from(f"<{ndim}I", view, _PREFIX.size)
+    payload_length, checksum = _LENGTH_AND_CHECKSUM.unpack_from(view, _PREFIX.size + 4 * ndim)
+    expected = _expected_payload_length(name, shape)
+    if payload_length != expected:
+        raise CorruptValueError(
+            f"header says {payload_length} payload bytes but a {name} tensor of shape {shape} has {expected}"
+        )
+    if len(view) != header_length + payload_length:
+        problem = "truncated" if len(view) < header_length + payload_length else "has extra bytes"
+        raise CorruptValueError(
+            f"value {problem}: {len(view)} bytes, expected {header_length + payload_length}"
+        )
+    payload = view[header_length:]
+    if xxhash.xxh3_64_intdigest(payload) != checksum:
+        raise CorruptValueError("payload checksum mismatch")
+    return _tensor_from_payload(payload, name, shape)

@@ -1,0 +1,380 @@
+"""Teacher model zoo: one registry, one door.
+
+Follows timm's registry/factory pattern: each architecture is a short entrypoint registered with a decorator
+that records its default preprocessing and feature taps, and `create_teacher` is the only way to build one.
+A built teacher carries a `TeacherSpec` (weights + preprocessing + taps) whose `identity` keys the output
+cache.
+
+Weights are never downloaded: entries use the real torchvision / timm / CIFAR constructors with random
+initialisation, and trained weights come from a local checkpoint file, loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from services.cifar_models import CifarResNet, CifarWideResNet
+
+CHECKPOINT_FORMAT = "ekd.teacher.v1"
+_IDENTITY_VERSION = "ekd.teacher-identity.v1"
+_HASH_CHUNK_BYTES = 1 << 20
+_MISMATCHES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How uint8 images become model input: scale to [0, 1], resize to `input_size` square, normalise."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        # Stored as plain float tuples so that checkpoints' lists and JSON round trips compare and hash equal.
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if self.input_size < 1:
+            raise ValueError(f"input_size must be a positive pixel count, got {self.input_size}")
+        if self.in_chans < 1:
+            raise ValueError(f"in_chans must be at least 1, got {self.in_chans}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean and std need one value per channel (in_chans={self.in_chans}), "
+                             f"got mean={self.mean}, std={self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std}")
+
+    @classmethod
+    def imagenet(cls, input_size: int = 224) -> Preprocessing:
+        """ImageNet channel statistics (torchvision's and timm's defaults)."""
+        return cls(input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+    @classmethod
+    def cifar(cls, input_size: int = 32) -> Preprocessing:
+        """CIFAR-10 training-set channel mean and (population) standard deviation."""
+        return cls(input_size, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        return cls(input_size=int(data["input_size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
+                   in_chans=int(data.get("in_chans", 3)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "in_chans": self.in_chans}
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a teacher is: architecture, classes, weights, preprocessing and the feature taps it exposes.
+
+    `taps` maps a tap name to the dotted path of a submodule whose output is the tap. `weights_sha256` is the
+    sha256 of the checkpoint file; None means randomly initialised weights.
+    """
+
+    name: str
+    num_classes: int
+    preprocessing: Preprocessing
+    taps: dict[str, str] = field(hash=False)
+    weights_sha256: str | None = None
+    checkpoint: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """Stable hex digest of everything that determines the outputs (not where the checkpoint lies)."""
+        payload = {
+            "version": _IDENTITY_VERSION,
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing.to_dict(),
+            "taps": sorted(self.taps.items()),
+        }
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "preprocessing": self.preprocessing.to_dict(),
+            "taps": dict(self.taps),
+            "weights_sha256": self.weights_sha256,
+            "checkpoint": self.checkpoint,
+            "identity": self.identity,
+        }
+
+
+@dataclass
+class Teacher:
+    """A built teacher: the model (eval mode, frozen) and its spec."""
+
+    model: nn.Module
+    spec: TeacherSpec
+
+
+class TeacherCheckpointError(ValueError):
+    """A checkpoint file that cannot provide weights for the requested teacher."""
+
+    def __init__(self, path: str | os.PathLike, architecture: str, problem: str) -> None:
+        super().__init__(
+            f"teacher checkpoint {str(path)!r} (expected architecture {architecture!r}): {problem}")
+        self.path = str(path)
+        self.architecture = architecture
+
+
+TeacherBuilder = Callable[[int, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class _ZooEntry:
+    build: TeacherBuilder
+    preprocessing: Preprocessing
+    taps: tuple[tuple[str, str], ...]
+
+
+_TEACHERS: dict[str, _ZooEntry] = {}
+
+
+def register_teacher(*, preprocessing: Preprocessing, taps: Mapping[str, str]
+                     ) -> Callable[[TeacherBuilder], TeacherBuilder]:
+    """Register `fn(num_classes, in_chans) -> nn.Module` under its function name with its defaults."""
+
+    def register(fn: TeacherBuilder) -> TeacherBuilder:
+        if fn.__name__ in _TEACHERS:
+            raise ValueError(f"teacher {fn.__name__!r} is already registered")
+        _TEACHERS[fn.__name__] = _ZooEntry(fn, preprocessing, tuple(taps.items()))
+        return fn
+
+    return register
+
+
+def list_teachers() -> list[str]:
+    return sorted(_TEACHERS)
+
+
+def create_teacher(name: str, num_classes: int, checkpoint: str | os.PathLike | None = None,
+                   preprocessing: Preprocessing | None = None) -> Teacher:
+    """Build a registered teacher, optionally loading a local checkpoint, frozen and in eval mode.
+
+    Preprocessing precedence: the explicit `preprocessing` argument, then the checkpoint's, then the entry's.
+    """
+    entry = _entry(name)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    loaded = _load_checkpoint(Path(checkpoint), name, num_classes) if checkpoint is not None else None
+    resolved = entry.preprocessing
+    if loaded is not None and loaded.preprocessing is not None:
+        resolved = loaded.preprocessing
+    if preprocessing is not None:
+        resolved = preprocessing
+    model = entry.build(num_classes, resolved.in_chans)
+    taps = dict(entry.taps)
+    for module_path in taps.values():
+        model.get_submodule(module_path)  # a registration error surfaces here, not at the first request
+    if loaded is not None:
+        _load_state_dict(model, loaded.state_dict, Path(checkpoint), name)
+    model.eval().requires_grad_(False)
+    spec = TeacherSpec(
+        name=name,
+        num_classes=num_classes,
+        preprocessing=resolved,
+        taps=taps,
+        weights_sha256=loaded.sha256 if loaded is not None else None,
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+    )
+    return Teacher(model=model, spec=spec)
+
+
+def save_teacher_checkpoint(path: str | os.PathLike, teacher_or_model: Teacher | nn.Module, name: str,
+                            num_classes: int, preprocessing: Preprocessing | None = None) -> str:
+    """Write an `ekd.teacher.v1` checkpoint (tensors and plain data only) and return its sha256.
+
+    `preprocessing` defaults to the entry's; store the one the model was trained with. The file is written
+    to a temporary name and renamed, so a reader never sees half a checkpoint.
+    """
+    entry = _entry(name)
+    model = teacher_or_model.model if isinstance(teacher_or_model, Teacher) else teacher_or_model
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "architecture": name,
+        "num_classes": int(num_classes),
+        "preprocessing": (preprocessing or entry.preprocessing).to_dict(),
+        "state_dict": {key: value.detach().to("cpu") for key, value in model.state_dict().items()},
+    }
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _entry(name: str) -> _ZooEntry:
+    if name not in _TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; available: {', '.join(list_teachers())}")
+    return _TEACHERS[name]
+
+
+@dataclass(frozen=True)
+class _LoadedCheckpoint:
+    state_dict: dict[str, torch.Tensor]
+    preprocessing: Preprocessing | None
+    sha256: str
+
+
+def _load_checkpoint(path: Path, name: str, num_classes: int) -> _LoadedCheckpoint:
+    """Read an `ekd.teacher.v1` checkpoint or a raw state_dict file, checking it against the request."""
+    if not path.is_file():
+        raise TeacherCheckpointError(path, name, "file not found")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to parse untrusted bytes means "not a checkpoint"
+        raise TeacherCheckpointError(
+            path, name, f"not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(content, dict):
+        raise TeacherCheckpointError(path, name, f"holds a {type(content).__name__}, not a checkpoint dict")
+    if "format" not in content:
+        return _LoadedCheckpoint(_tensor_dict(content, path, name), None, file_sha256(path))
+    if content["format"] != CHECKPOINT_FORMAT:
+        raise TeacherCheckpointError(
+            path, name, f"unsupported format {content['format']!r}; expected {CHECKPOINT_FORMAT!r}")
+    if content.get("architecture") != name:
+        raise TeacherCheckpointError(path, name, f"architecture mismatch: checkpoint says "
+                                                 f"{content.get('architecture')!r}, asked for {name!r}")
+    if content.get("num_classes") != num_classes:
+        raise TeacherCheckpointError(path, name, f"num_classes mismatch: checkpoint has "
+                                                 f"{content.get('num_classes')!r}, asked for {num_classes}")
+    stored = content.get("preprocessing")
+    try:
+        preprocessing = Preprocessing.from_dict(stored) if stored is not None else None
+    except (KeyError, TypeError, ValueError) as err:
+        raise TeacherCheckpointError(path, name, f"invalid preprocessing {stored!r}: {err}") from err
+    if "state_dict" not in content:
+        raise TeacherCheckpointError(path, name, "no 'state_dict' entry")
+    state_dict = _tensor_dict(content["state_dict"], path, name)
+    return _LoadedCheckpoint(state_dict, preprocessing, file_sha256(path))
+
+
+def _tensor_dict(candidate: Any, path: Path, name: str) -> dict[str, torch.Tensor]:
+    if not isinstance(candidate, dict) or not candidate or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()):
+        raise TeacherCheckpointError(
+            path, name, f"neither an {CHECKPOINT_FORMAT} checkpoint nor a state_dict of named tensors")
+    return candidate
+
+
+def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    findings = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+    for label, keys in findings:
+        if keys:
+            more = f" (+{len(keys) - _MISMATCHES_SHOWN} more)" if len(keys) > _MISMATCHES_SHOWN else ""
+            problems.append(f"{label} {', '.join(keys[:_MISMATCHES_SHOWN])}{more}")
+    if problems:
+        raise TeacherCheckpointError(path, name, "state_dict does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict)
+
+
+# ---- entries -------------------------------------------------------------------------------------------
+
+IMAGENET_RESNET_TAPS = {f"layer{i}": f"layer{i}" for i in (1, 2, 3, 4)}
+SENET_TAPS = {"layer3": "layer3", "layer4": "layer4"}
+CIFAR_TAPS = {f"layer{i}": f"layer{i}" for i in (1, 2, 3)}
+
+
+def _torchvision_resnet(builder: Callable[..., nn.Module], num_classes: int, in_chans: int) -> nn.Module:
+    model = builder(weights=None, num_classes=num_classes)
+    if in_chans != 3:  # torchvision hard-codes RGB; swap the stem conv for one of the same geometry
+        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@register_teacher(preprocessing=Preprocessing.imagenet(), taps=IMAGENET_RESNET_TAPS)
+def resnet18(num_classes: int, in_chans: int) -> nn.Module:
+    return _torchvision_resnet(torchvision.models.resnet18, num_classes, in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.imagenet(), taps=IMAGENET_RESNET_TAPS)
+def resnet34(num_classes: int, in_chans: int) -> nn.Module:
+    return _torchvision_resnet(torchvision.models.resnet34, num_classes, in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.imagenet(), taps=IMAGENET_RESNET_TAPS)
+def resnet50(num_classes: int, in_chans: int) -> nn.Module:
+    return _torchvision_resnet(torchvision.models.resnet50, num_classes, in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.imagenet(), taps=IMAGENET_RESNET_TAPS)
+def resnet152(num_classes: int, in_chans: int) -> nn.Module:
+    return _torchvision_resnet(torchvision.models.resnet152, num_classes, in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.imagenet(), taps=SENET_TAPS)
+def senet154(num_classes: int, in_chans: int) -> nn.Module:
+    return timm.create_model("senet154", pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+def cifar_resnet20(num_classes: int, in_chans: int) -> nn.Module:
+    return CifarResNet(20, num_classes, in_chans=in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+def cifar_resnet32(num_classes: int, in_chans: int) -> nn.Module:
+    return CifarResNet(32, num_classes, in_chans=in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+def cifar_resnet56(num_classes: int, in_chans: int) -> nn.Module:
+    return CifarResNet(56, num_classes, in_chans=in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+def cifar_resnet110(num_classes: int, in_chans: int) -> nn.Module:
+    return CifarResNet(110, num_classes, in_chans=in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+def cifar_wrn16_2(num_classes: int, in_chans: int) -> nn.Module:
+    return CifarWideResNet(16, 2, num_classes, in_chans=in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+def cifar_wrn16_4(num_classes: int, in_chans: int) -> nn.Module:
+    return CifarWideResNet(16, 4, num_classes, in_chans=in_chans)
+
+
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+def cifar_wrn28_10(num_classes: int, in_chans: int) -> nn.Module:
+    return CifarWideResNet(28, 10, num_classes, in_chans=in_chans)

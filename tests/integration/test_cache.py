@@ -1,0 +1,367 @@
+"""The teacher-output cache against real backends: LMDB in tmp_path and a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import lmdb
+import pytest
+import redis
+import torch
+
+from services.cache import (
+    CacheError,
+    CacheFullError,
+    CacheStats,
+    CacheUnavailableError,
+    input_digest,
+    input_digests,
+    open_store,
+    output_key,
+)
+from services.cache.lmdb_store import LmdbStore
+from services.cache.redis_store import RedisStore
+from services.codec import encode_value
+
+pytestmark = pytest.mark.integration
+
+
+def image(seed: int, shape: tuple[int, ...] = (3, 16, 16)) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def key_for(seed: int, teacher: str = "resnet20@sha256:abc") -> bytes:
+    return output_key(teacher, "logits", "float16", 0, input_digest(image(seed)))
+
+
+def logits(seed: int, classes: int = 10) -> torch.Tensor:
+    return torch.randn(classes, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+
+
+# --- keys -------------------------------------------------------------------------------------------------
+
+
+def test_input_digest_depends_on_exact_bytes_and_shape_not_layout():
+    batch = torch.stack([image(0), image(1), image(0)])
+    digests = input_digests(batch)
+    assert digests == [input_digest(sample) for sample in batch]
+    assert digests[0] == digests[2] != digests[1]
+    assert all(len(digest) == 16 for digest in digests)
+    channels_last = image(0).permute(1, 2, 0).contiguous().permute(2, 0, 1)  # same values, other strides
+    assert input_digest(channels_last) == digests[0]
+    one_byte_changed = image(0).clone()
+    one_byte_changed[2, 15, 15] ^= 1
+    assert input_digest(one_byte_changed) != digests[0]
+    assert input_digest(image(0).reshape(3, 8, 32)) != digests[0]  # same buffer, other shape
+
+
+def test_input_digest_rejects_anything_but_uint8_images():
+    with pytest.raises(ValueError, match=r"uint8 \[B, C, H, W\] batch; got torch.float32"):
+        input_digests(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"one uint8 \[C, H, W\] sample; got shape \(2, 3, 4, 4\)"):
+        input_digest(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+
+
+def test_output_key_differs_in_every_field_and_is_unambiguous():
+    digest = input_digest(image(0))
+    base = ("resnet20@sha256:abc", "logits", "float16", 0, digest)
+    variants = [
+        base,
+        ("resnet20@sha256:abd", *base[1:]),
+        (base[0], "layer3", *base[2:]),
+        (*base[:2], "float32", *base[3:]),
+        (*base[:3], 5, base[4]),
+        (*base[:4], input_digest(image(1))),
+        # Concatenation would make these two equal; length prefixes keep them apart.
+        ("resnet20@sha256:ab", "clogits", *base[2:]),
+        ("resnet20@sha256:abc", "logits", "float16", 0, digest),
+    ]
+    keys = [output_key(*fields) for fields in variants]
+    assert len(set(keys)) == len(keys) - 1 and keys[0] == keys[-1]
+    assert all(key.startswith(b"ekd:v1:") and len(key) == len(b"ekd:v1:") + 32 for key in keys)
+
+
+def test_output_key_names_bad_fields():
+    digest = input_digest(image(0))
+    with pytest.raises(ValueError, match="teacher_identity"):
+        output_key("", "logits", "float16", 0, digest)
+    with pytest.raises(ValueError, match="output"):
+        output_key("t", "", "float16", 0, digest)
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp16'; allowed: float32, float16"):
+        output_key("t", "logits", "fp16", 0, digest)
+    with pytest.raises(ValueError, match=r"top_k must be a non-negative int; got -1"):
+        output_key("t", "logits", "float16", -1, digest)
+    with pytest.raises(ValueError, match="16-byte"):
+        output_key("t", "logits", "float16", 0, digest[:8])
+
+
+KEY_PROGRAM = """
+import torch
+from services.cache import input_digests, output_key
+batch = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(2, 3, 16, 16)
+print(output_key("resnet20@sha256:abc", "logits", "float16", 5, input_digests(batch)[1]).decode())
+"""
+
+
+def test_keys_are_identical_across_processes():
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", KEY_PROGRAM],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for seed in ("1", "2")
+    ]
+    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    batch = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(2, 3, 16, 16)
+    expected = output_key("resnet20@sha256:abc", "logits", "float16", 5, input_digest(batch[1])).decode()
+    assert outputs == [expected, expected]
+
+
+# --- behaviour every backend shares ------------------------------------------------------------------------
+
+
+class LmdbBackend:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def open(self) -> LmdbStore:
+        return LmdbStore(self.path, map_size=2**24)
+
+    def write_raw(self, key: bytes, value: bytes) -> None:
+        """Write bytes under a key behind the store's back; the store must be closed (one env per process)."""
+        with lmdb.open(str(self.path), map_size=2**24) as env, env.begin(write=True) as txn:
+            txn.put(key, value)
+
+
+class RedisBackend:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def open(self) -> RedisStore:
+        return RedisStore(self.url)
+
+    def write_raw(self, key: bytes, value: bytes) -> None:
+        with redis.Redis.from_url(self.url) as client:
+            client.set(key, value)
+
+
+@pytest.fixture(params=["lmdb", "redis"])
+def backend(request, tmp_path):
+    if request.param == "lmdb":
+        return LmdbBackend(tmp_path / "cache")
+    return RedisBackend(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+def teacher(request) -> str:
+    """A teacher identity of this test's own, so tests sharing the session's redis-server never share keys."""
+    return f"test-teacher:{request.node.nodeid}"
+
+
+def test_put_and_get_many_in_order_with_hits_and_misses(backend, teacher):
+    seeds = [0, 1, 2, 3]
+    keys = [key_for(seed, teacher) for seed in seeds]
+    with backend.open() as store:
+        assert store.get_many([]) == []
+        store.put_many([])
+        store.put_many([(keys[0], logits(seeds[0])), (keys[2], logits(seeds[2]))])
+        values = store.get_many([keys[3], keys[2], keys[1], keys[0]])
+        assert values[0] is None and values[2] is None
+        assert torch.equal(values[1], logits(seeds[2])) and torch.equal(values[3], logits(seeds[0]))
+        assert values[1].dtype == torch.float16
+        encoded_size = len(encode_value(logits(0)))
+        assert store.stats == CacheStats(
+            hits=2, misses=2, corrupt=0, puts=2, bytes_read=2 * encoded_size, bytes_written=2 * encoded_size
+        )
+
+
+def test_put_overwrites_and_values_persist_after_reopening(backend, teacher):
+    seed = 0
+    key = key_for(seed, teacher)
+    with backend.open() as store:
+        store.put_many([(key, logits(seed))])
+        store.put_many([(key, torch.arange(4, dtype=torch.float32))])
+    with backend.open() as store:
+        assert store.get_many([key])[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_corrupt_values_are_misses_counted_deleted_then_replaced(backend, teacher):
+    seeds = [0, 1, 2]
+    good, garbage, truncated = (key_for(seed, teacher) for seed in seeds)
+    with backend.open() as store:
+        store.put_many([(good, logits(seeds[0]))])
+    backend.write_raw(garbage, b"not a tensor at all")
+    backend.write_raw(truncated, encode_value(logits(seeds[2]))[:-3])
+    with backend.open() as store:
+        values = store.get_many([garbage, good, truncated])
+        assert values[0] is None and values[2] is None
+        assert torch.equal(values[1], logits(seeds[0]))
+        assert (store.stats.hits, store.stats.misses, store.stats.corrupt) == (1, 2, 2)
+        # Deleted on sight: a second read is a plain miss, not another corrupt value.
+        assert store.get_many([garbage, truncated]) == [None, None]
+        assert (store.stats.misses, store.stats.corrupt) == (4, 2)
+        store.put_many([(garbage, logits(seeds[1]))])
+        assert torch.equal(store.get_many([garbage])[0], logits(seeds[1]))
+
+
+def test_keys_must_be_bytes(backend):
+    with backend.open() as store, pytest.raises(TypeError, match="cache keys are bytes from output_key; got str"):
+        store.get_many(["ekd:v1:abc"])
+
+
+def test_stats_stay_exact_under_concurrent_readers(tmp_path):
+    key = key_for(0)
+    with LmdbStore(tmp_path / "cache", map_size=2**24) as store:
+        store.put_many([(key, logits(0))])
+
+        def read() -> None:
+            for _ in range(25):
+                store.get_many([key, b"ekd:v1:absent"])
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert (store.stats.hits, store.stats.misses) == (100, 100)
+
+
+# --- LMDB ------------------------------------------------------------------------------------------------
+
+READER_PROGRAM = """
+import sys
+from services.cache import open_store
+with open_store("lmdb://" + sys.argv[1], readonly=True) as store:
+    for value in store.get_many([bytes.fromhex(key) for key in sys.argv[2:]]):
+        print(None if value is None else value.tolist())
+"""
+
+
+def test_lmdb_is_readable_from_another_process_while_open_for_writing(tmp_path):
+    keys = [key_for(0), key_for(1)]
+    with LmdbStore(tmp_path / "cache", map_size=2**24) as store:
+        store.put_many([(keys[0], torch.tensor([1.5, -2.0], dtype=torch.float16))])
+        reader = subprocess.run(
+            [sys.executable, "-c", READER_PROGRAM, str(tmp_path / "cache"), *(key.hex() for key in keys)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert reader.returncode == 0, reader.stderr
+    assert reader.stdout.splitlines() == ["[1.5, -2.0]", "None"]
+
+
+def test_lmdb_full_map_says_to_raise_map_size(tmp_path):
+    with LmdbStore(tmp_path / "cache", map_size=2**16) as store:
+        with pytest.raises(CacheFullError, match=r"is full \(map_size=65536 bytes\).*map_size=131072"):
+            store.put_many([(key_for(0), torch.zeros(2**16, dtype=torch.uint8))])
+        store.put_many([(key_for(1), logits(1))])  # the failed write left the store usable
+        assert torch.equal(store.get_many([key_for(1)])[0], logits(1))
+
+
+def test_lmdb_readonly_refuses_writes_and_missing_dir_is_unavailable(tmp_path):
+    with LmdbStore(tmp_path / "nested" / "cache"):
+        pass
+    with LmdbStore(tmp_path / "nested" / "cache", readonly=True) as store:
+        with pytest.raises(CacheError, match="read-only; reopen with readonly=False"):
+            store.put_many([(key_for(0), logits(0))])
+    with pytest.raises(CacheUnavailableError, match=r"cannot open LMDB cache at .*absent"):
+        LmdbStore(tmp_path / "absent", readonly=True)
+
+
+# --- Redis -----------------------------------------------------------------------------------------------
+
+
+def test_redis_ttl_and_key_prefix(redis_url, teacher):
+    seeds = [0, 1]
+    keys = [key_for(seed, teacher) for seed in seeds]
+    with RedisStore(redis_url, ttl_seconds=600, key_prefix="exp7:") as store, redis.Redis.from_url(redis_url) as raw:
+        store.put_many([(key, logits(seed)) for key, seed in zip(keys, seeds)])
+        assert [raw.exists(key) for key in keys] == [0, 0]
+        assert all(0 < raw.ttl(b"exp7:" + key) <= 600 for key in keys)
+    with RedisStore(redis_url) as store, redis.Redis.from_url(redis_url) as raw:
+        store.put_many([(keys[0], logits(seeds[0]))])
+        assert raw.ttl(keys[0]) == -1  # no TTL: kept until evicted
+
+
+def test_redis_ttl_must_be_positive(redis_url):
+    with pytest.raises(ValueError, match=r"ttl_seconds must be a positive int or None; got 0"):
+        RedisStore(redis_url, ttl_seconds=0)
+
+
+def test_redis_eviction_turns_entries_into_misses(start_redis_server):
+    server = start_redis_server("--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")
+    keys = [key_for(seed) for seed in range(200)]
+    value = torch.zeros(8192, dtype=torch.float16)  # 16 KiB; 200 of them are well past 2 MB
+    with RedisStore(server.url) as store:
+        for start in range(0, len(keys), 10):
+            store.put_many([(key, value + start) for key in keys[start:start + 10]])
+        values = store.get_many(keys)
+    with redis.Redis.from_url(server.url) as raw:
+        assert raw.info("stats")["evicted_keys"] > 0
+    hits = [index for index, cached in enumerate(values) if cached is not None]
+    assert 0 < len(hits) < len(keys)
+    assert all(torch.equal(values[index], value + index // 10 * 10) for index in hits)
+    assert store.stats.misses == len(keys) - len(hits) and store.stats.corrupt == 0
+
+
+def test_redis_down_is_unavailable_with_redacted_url(free_tcp_port):
+    port = free_tcp_port
+    with pytest.raises(CacheUnavailableError, match=rf"Redis cache at redis://:\*\*\*@127.0.0.1:{port}/0 is unavailable") as caught:
+        RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_redis_server_going_away_is_unavailable(start_redis_server):
+    server = start_redis_server()
+    with RedisStore(server.url) as store:
+        store.put_many([(key_for(0), logits(0))])
+        server.stop()
+        with pytest.raises(CacheUnavailableError, match=f"Redis cache at {server.url} is unavailable"):
+            store.get_many([key_for(0)])
+        with pytest.raises(CacheUnavailableError):
+            store.put_many([(key_for(0), logits(0))])
+
+
+def test_redis_out_of_memory_without_eviction_is_cache_full(start_redis_server):
+    server = start_redis_server("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")
+    with RedisStore(server.url) as store, pytest.raises(CacheFullError, match="set maxmemory-policy to allkeys-lru"):
+        for seed in range(100):
+            store.put_many([(key_for(seed), torch.zeros(16384, dtype=torch.uint8))])
+
+
+# --- open_store -----------------------------------------------------------------------------------------
+
+
+def test_open_store_picks_the_backend_from_the_uri(tmp_path, redis_url, monkeypatch):
+    with open_store(f"lmdb://{tmp_path}/a", map_size=2**20) as store:
+        assert isinstance(store, LmdbStore) and store.path == tmp_path / "a" and store.map_size == 2**20
+    with open_store(str(tmp_path / "b")) as store:
+        assert isinstance(store, LmdbStore) and store.path == tmp_path / "b"
+    monkeypatch.chdir(tmp_path)
+    with open_store("relative/c") as store:
+        assert isinstance(store, LmdbStore) and (tmp_path / "relative" / "c" / "data.mdb").exists()
+    with open_store(redis_url, ttl_seconds=30) as store:
+        assert isinstance(store, RedisStore) and store.ttl_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "empty cache URI; allowed forms: lmdb:///absolute/path"),
+        ("s3://bucket/cache", r"unsupported cache URI 's3://bucket/cache'; allowed forms: lmdb:///absolute/path, "
+                              r"a plain filesystem path, redis://\[:password@\]host:port/db"),
+        ("memcached://:pw@host:1/0", r"unsupported cache URI 'memcached://:\*\*\*@host:1/0'"),
+        ("lmdb://relative/path", "use lmdb:///absolute/path"),
+        ("redis://:pw@host:notaport/0", r"bad Redis cache URL 'redis://:\*\*\*@host:notaport/0'"),
+    ],
+)
+def test_open_store_rejects_other_uris(uri, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        open_store(uri)
+    assert ":pw@" not in str(caught.value)

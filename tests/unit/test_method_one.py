@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from trainer.methods.base import TeacherInfo, TrainingClock
+from trainer.methods.one import OnTheFlyNativeEnsemble, ONEParams, build_one, sigmoid_rampup
+
+NUM_CLASSES = 10
+
+
+@pytest.fixture
+def method() -> OnTheFlyNativeEnsemble:
+    torch.manual_seed(0)
+    return build_one(ONEParams(depth=8, rampup_epochs=10.0), num_classes=NUM_CLASSES, in_chans=3, teachers=[])
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 16, 16, generator=generator), torch.tensor([0, 3, 7, 3])
+
+
+def test_rampup_rises_from_exp_minus_5_to_one():
+    assert sigmoid_rampup(0.0, 80.0) == pytest.approx(math.exp(-5.0))
+    assert sigmoid_rampup(40.0, 80.0) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(80.0, 80.0) == 1.0
+    assert sigmoid_rampup(200.0, 80.0) == 1.0
+    assert sigmoid_rampup(3.0, 0.0) == 1.0
+
+
+def test_gate_weights_are_a_distribution_per_sample(method, batch):
+    images, _ = batch
+    _, gate = method.network.forward_parts(images)
+    assert gate.shape == (4, 3)
+    assert (gate >= 0).all()
+    torch.testing.assert_close(gate.sum(1), torch.ones(4))
+
+
+def test_training_loss_matches_the_paper_equation_by_hand(method, batch):
+    images, labels = batch
+    with torch.no_grad():  # train-mode BN uses batch statistics, so a second forward gives the same values
+        outputs, gate = method.network.forward_parts(images)
+    logits = outputs.logits
+    ensemble = sum(gate[:, i:i + 1] * logits[i] for i in range(3))
+    temperature = 3.0
+    target = F.softmax(ensemble / temperature, dim=1)
+    kl = sum((target * (target.log() - F.log_softmax(z / temperature, dim=1))).sum(1).mean() for z in logits)
+    weight = math.exp(-5.0 * (1.0 - 5.0 / 10.0) ** 2)
+    expected = (sum(F.cross_entropy(z, labels) for z in logits) + F.cross_entropy(ensemble, labels)
+                + weight * temperature**2 * kl)
+
+    result = method.training_loss(images, labels, None, TrainingClock(epoch=5.0, total_epochs=20))
+
+    torch.testing.assert_close(result.loss.detach(), expected)
+    assert result.terms["kl_weight"] == pytest.approx(weight)
+    torch.testing.assert_close(method.predict(images).detach(), ensemble)
+
+
+def test_kl_target_is_detached_so_the_gate_learns_only_from_the_ensemble_ce(method, batch):
+    images, labels = batch
+    gate_params = list(method.network.gate.parameters())
+    clock = TrainingClock(epoch=100.0, total_epochs=100)  # ramp-up done: KL at full weight
+    method.training_loss(images, labels, None, clock).loss.backward()
+    from_loss = [p.grad.clone() for p in gate_params]
+
+    method.zero_grad()
+    outputs, gate = method.network.forward_parts(images)
+    ensemble = method.network.ensemble_logits(outputs.logits, gate)
+    F.cross_entropy(ensemble, labels).backward()
+    from_ensemble_ce = [p.grad.clone() for p in gate_params]
+
+    for got, want in zip(from_loss, from_ensemble_ce, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_every_parameter_receives_gradient(method, batch):
+    images, labels = batch
+    method.training_loss(images, labels, None, TrainingClock(epoch=1.0, total_epochs=20)).loss.backward()
+    for name, parameter in method.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_param_groups_hold_every_parameter_at_lr(method):
+    groups = method.param_groups(0.1)
+    assert [g["lr"] for g in groups] == [0.1]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in method.parameters()}
+
+
+def test_exported_students_run_alone(method, batch):
+    images, _ = batch
+    exported = method.exported_students()
+    assert sorted(exported) == ["branch_0", "branch_1", "branch_2", "one_ensemble"]
+    for network in exported.values():
+        network.eval()
+        with torch.no_grad():
+            assert network(images).shape == (4, NUM_CLASSES)
+
+
+def test_builder_refuses_external_teachers():
+    teacher = TeacherInfo(name="resnet56", num_classes=NUM_CLASSES, feature_shapes={})
+    with pytest.raises(ValueError, match="uses no external teachers.*resnet56"):
+        build_one(ONEParams(depth=8), num_classes=NUM_CLASSES, in_chans=3, teachers=[teacher])
+
+
+@pytest.mark.parametrize("bad", [{"branches": 1}, {"depth": 9}, {"temperature": 0.0}, {"rampup_epochs": -1.0},
+                                 {"gate": "softmax"}])
+def test_params_reject_bad_values(bad):
+    with pytest.raises(ValidationError):
+        ONEParams(**bad)
+
+
+def test_params_defaults_follow_the_paper():
+    params = ONEParams()
+    assert (params.depth, params.branches, params.temperature, params.rampup_epochs) == (32, 3, 3.0, 80.0)

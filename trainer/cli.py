@@ -1,0 +1,106 @@
+"""`ekd`: the command line (Typer + rich). Progress and logs go to stderr, tables to stdout.
+
+Errors a user can fix (a bad config, a missing file or dataset, a wrong option) print one short message and
+exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trainer.config import ConfigError, ExperimentConfig, load_experiment
+
+app = typer.Typer(name="ekd", help="Ensemble knowledge distillation: served teachers, cached outputs, compact students.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+teachers_app = typer.Typer(help="Train and inspect the teachers ekd distills from.", no_args_is_help=True)
+app.add_typer(teachers_app, name="teachers")
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML, e.g. configs/digits/kd.yaml", show_default=False)]
+
+
+def user_errors(fn):
+    """Turn the errors a user can fix into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def make_progress() -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err_console, transient=False)
+
+
+def parse_seeds(seeds: str | None, default: int) -> list[int]:
+    if seeds is None:
+        return [default]
+    try:
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers like 0,1,2, got {seeds!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"--seeds takes non-negative integers like 0,1,2, got {seeds!r}")
+    return values
+
+
+@teachers_app.command("train")
+@user_errors
+def teachers_train(config: ConfigArg,
+                   force: Annotated[bool, typer.Option(help="retrain even when a checkpoint exists")] = False) -> None:
+    """Train the teachers an experiment names and save their local checkpoints."""
+    from trainer.experiment import ensure_teachers, load_splits
+    from trainer.loop import resolve_device
+
+    cfg = load_experiment(config)
+    if not cfg.teachers:
+        raise ValueError(f"{config} names no teachers (method {cfg.method.name!r} uses none)")
+    splits = load_splits(cfg.data)
+    with make_progress() as progress:
+        ensure_teachers(cfg, splits, resolve_device(cfg.device), err_console.print, progress, force=force)
+    for t in cfg.teachers:
+        out_console.print(f"{t.name}: {t.checkpoint}")
+
+
+@app.command()
+@user_errors
+def distill(config: ConfigArg,
+            seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")] = None,
+            output_dir: Annotated[Path | None, typer.Option(help="where results go (default: the config's)")] = None,
+            ) -> None:
+    """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
+    from trainer.experiment import run_experiment
+    from trainer.report import plot_results, results_table, teacher_table, write_results_json
+
+    cfg = load_experiment(config)
+    results = []
+    with make_progress() as progress:
+        for seed in parse_seeds(seeds, cfg.seed):
+            update = {"seed": seed} | ({"output_dir": str(output_dir)} if output_dir else {})
+            run_cfg = ExperimentConfig.model_validate(cfg.model_dump() | update)
+            results.append(run_experiment(run_cfg, log=err_console.print, progress=progress))
+    run_dir = Path(results[0].students[0].path).parent.parent
+    out_console.print(results_table(results, title=f"ekd distill {config}"))
+    if (teachers := teacher_table(results)) is not None:
+        out_console.print(teachers)
+    json_path = write_results_json(results, run_dir / "results.json")
+    plot_path = plot_results(results, run_dir / "accuracy_vs_params.png")
+    err_console.print(f"results: {json_path}\nplot: {plot_path}")
+
+
+def main() -> None:
+    app()

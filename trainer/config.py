@@ -1,0 +1,144 @@
+"""The experiment schema: one YAML file validated by pydantic, split by concern.
+
+A wrong field gets an error naming the field, the value and what is allowed (`load_experiment` turns pydantic's
+errors into one short `ConfigError` message for the CLI). YAML is data only: it never imports code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.zoo import list_teachers
+from trainer.methods.ce import CEParams
+from trainer.methods.ekd import EKDParams
+from trainer.methods.feed import FeedParams
+from trainer.methods.kd import KDParams
+from trainer.methods.okd import OKDParams
+from trainer.methods.one import ONEParams
+from trainer.methods.student_ensemble import StudentEnsembleParams
+
+
+class ConfigError(ValueError):
+    """An experiment file that cannot be used; the message is meant for a person, without a traceback."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "fake"] = Field(
+        "digits", description="dataset; digits is scikit-learn's, the others read a local root")
+    root: str | None = Field(None, description="local dataset root for cifar10/cifar100/imagefolder (never downloaded)")
+    image_size: int = Field(16, ge=8, le=512, description="side of the square uint8 images every model sees")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of the training data held out for validation")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="share held out for test (digits only)")
+    split_seed: int = Field(0, ge=0, description="seed of the train/val/test split; fixed so that teachers and "
+                            "students of every experiment see the same held-out data")
+    replay_seed: int = Field(0, ge=0, description="seed of the augmentation replay; experiments sharing it (and "
+                             "views, pad, hflip) feed teachers identical inputs, so cached outputs are reused")
+    views: int = Field(4, ge=0, le=1024, description="augmented views replayed per sample (0: no augmentation); "
+                       "view of sample i at epoch e is a pure function of (seed, i, e mod views)")
+    pad: int = Field(2, ge=0, le=64, description="zero padding of the replayed random crop, in pixels")
+    hflip: bool = Field(False, description="horizontal flips in the replayed views (off for digits)")
+    batch_size: int = Field(64, ge=1, le=4096)
+    fake_samples: int = Field(512, ge=16, description="images in the fake dataset")
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(20, ge=1, le=10_000)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0, lt=1)
+    schedule: Literal["cosine", "multistep", "constant"] = Field(
+        "cosine", description="learning-rate schedule, stepped per batch")
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75],
+                                    description="multistep: fractions of training where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, milestones: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in milestones) or milestones != sorted(milestones):
+            raise ValueError(f"milestones must be increasing fractions in (0, 1), got {milestones}")
+        return milestones
+
+
+class TeacherConfig(_Section):
+    name: str = Field(description="teacher architecture from the zoo (services.zoo.list_teachers())")
+    checkpoint: str = Field(description="local checkpoint path; trained first when missing (nothing is downloaded)")
+    seed: int = Field(0, ge=0, description="seed for training this teacher when its checkpoint is missing")
+    train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=30),
+                               description="how to train this teacher when its checkpoint is missing")
+
+    @field_validator("name")
+    @classmethod
+    def _known_teacher(cls, name: str) -> str:
+        if name not in list_teachers():
+            raise ValueError(f"unknown teacher {name!r}; allowed: {', '.join(list_teachers())}")
+        return name
+
+
+class TeacherSourceConfig(_Section):
+    kind: Literal["in_process"] = Field(
+        "in_process", description="where teacher outputs come from: in_process runs the teachers in this process")
+
+
+MethodConfig = Annotated[
+    CEParams | KDParams | StudentEnsembleParams | EKDParams | ONEParams | OKDParams | FeedParams,
+    Field(discriminator="name"),
+]
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(description="experiment name; results go to <output_dir>/<name>")
+    seed: int = Field(0, ge=0, description="seed of the student's initialization and batch order")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="the teacher ensemble, in order")
+    method: MethodConfig
+    train: OptimConfig = Field(default_factory=OptimConfig, description="student optimization")
+    teacher_source: TeacherSourceConfig = Field(default_factory=TeacherSourceConfig)
+    output_dir: str = Field("runs", description="where results, plots and exported students are written")
+
+    @model_validator(mode="after")
+    def _teachers_fit_method(self) -> ExperimentConfig:
+        uses_teachers = self.method.name not in ("ce", "one", "okd")
+        if uses_teachers and not self.teachers:
+            raise ValueError(f"method {self.method.name!r} distills from teachers: list at least one under `teachers`")
+        if not uses_teachers and self.teachers:
+            raise ValueError(f"method {self.method.name!r} uses no external teacher: remove `teachers`")
+        return self
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {where}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML; every problem becomes one ConfigError naming the file and fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of experiment fields, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: invalid experiment\n{format_validation_error(err)}") from None

@@ -1,0 +1,313 @@
+"""Datasets as uint8 pixels, and deterministic augmentation replay.
+
+Everything the student and the teachers see is a uint8 image [3, S, S] (grayscale replicated to three
+channels), so that a teacher's output can be keyed by a content hash of the exact input bytes and reused
+across epochs and experiments. Normalization happens last, on the student's side only (`normalize`).
+
+`ReplayedViews` follows the idea of FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
+Recognition", ECCV 2022): the augmented view of sample i at epoch e is a pure function of (seed, i, e mod V),
+so the same V views recur byte for byte: their teacher outputs are computed once, then read from the cache.
+
+Nothing here downloads: CIFAR and ImageFolder data are read from a local root, and a missing root raises
+`DatasetNotFoundError` saying what to put where.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import InterpolationMode, v2
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
+
+# Resizing a whole dataset at once would hold a float copy of it; chunks bound that copy.
+_RESIZE_CHUNK = 1024
+_FAKE_NUM_CLASSES = 10
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not under the given root; the message says what to place where."""
+
+
+class ImageTensorDataset(Dataset):
+    """In-memory images: uint8 [N, 3, S, S] and int64 labels [N]; yields (uint8 [3, S, S], int label)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images.contiguous()
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """Train/val/test splits of one dataset; each yields (uint8 tensor [3, S, S], int label).
+
+    `mean` and `std` are per channel, in [0, 1] pixel units, computed on the train split: the student's
+    normalization (see `normalize`).
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+    name: str
+
+
+def load_dataset(name: str, *, root: str | os.PathLike | None = None, image_size: int, seed: int,
+                 val_fraction: float = 0.15, test_fraction: float = 0.2,
+                 fake_samples: int = 512) -> DatasetSplits:
+    """Load dataset `name` as uint8 [3, image_size, image_size] splits, split deterministically by `seed`.
+
+    `val_fraction` is the share of the training pool held out for validation (stratified by class).
+    `test_fraction` applies only where a dataset has no official test split (digits, fake): the share of all
+    samples held out for testing. CIFAR and ImageFolder keep their own test split. `fake_samples` is the total
+    number of FakeData images.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:  # sklearn's random_state range
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    for label, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"{label} must lie strictly between 0 and 1, got {fraction!r}")
+    if name == "digits":
+        return _load_digits(image_size, seed, val_fraction, test_fraction)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, root, image_size, seed, val_fraction)
+    if name == "imagefolder":
+        return _load_imagefolder(root, image_size, seed, val_fraction)
+    return _load_fake(image_size, seed, val_fraction, test_fraction, fake_samples)
+
+
+def _load_digits(image_size: int, seed: int, val_fraction: float, test_fraction: float) -> DatasetSplits:
+    digits = load_digits()
+    # load_digits pixels are counts 0..16 (of a 4x4 block of the original 32x32 bitmap); scale them to 0..255.
+    pixels = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0))).to(torch.uint8)
+    images = _resize(pixels.unsqueeze(1), image_size).expand(-1, 3, -1, -1)
+    pool = ImageTensorDataset(images, torch.from_numpy(digits.target))
+    indices = np.arange(len(pool))
+    rest, test = _stratified_split(indices, digits.target, test_fraction, seed)
+    train, val = _stratified_split(rest, digits.target[rest], val_fraction, seed)
+    return _splits("digits", Subset(pool, train), Subset(pool, val), Subset(pool, test), image_size,
+                   tuple(str(name) for name in digits.target_names))
+
+
+def _load_cifar(name: str, root: str | os.PathLike | None, image_size: int, seed: int,
+                val_fraction: float) -> DatasetSplits:
+    dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    expected = [dataset_class.meta["filename"]]
+    expected += [file for file, _ in dataset_class.train_list + dataset_class.test_list]
+    how_to = (f"extract {dataset_class.filename} ({dataset_class.url}) into <root> so that "
+              f"<root>/{dataset_class.base_folder}/ holds {', '.join(expected)}; ekd never downloads")
+    if root is None:
+        raise DatasetNotFoundError(f"{name} needs root=<folder>: {how_to}")
+    folder = Path(root) / dataset_class.base_folder
+    missing = [file for file in expected if not (folder / file).is_file()]
+    if missing:
+        raise DatasetNotFoundError(f"{name} not found: {folder} lacks {', '.join(missing)}; "
+                                   f"{how_to.replace('<root>', str(root))}")
+    try:
+        train_pool, test = (dataset_class(root, train=train, download=False) for train in (True, False))
+    except RuntimeError as error:  # torchvision's md5 check of the batch files
+        raise DatasetNotFoundError(f"{name} files under {folder} failed torchvision's checksum check; "
+                                   f"{how_to.replace('<root>', str(root))}") from error
+    pool = _cifar_tensors(train_pool, image_size)
+    train, val = _stratified_split(np.arange(len(pool)), np.asarray(train_pool.targets), val_fraction, seed)
+    return _splits(name, Subset(pool, train), Subset(pool, val), _cifar_tensors(test, image_size), image_size,
+                   tuple(train_pool.classes))
+
+
+def _cifar_tensors(dataset: torchvision.datasets.CIFAR10, image_size: int) -> ImageTensorDataset:
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # torchvision keeps CIFAR as uint8 NHWC
+    return ImageTensorDataset(_resize(images, image_size), torch.as_tensor(dataset.targets))
+
+
+def _load_imagefolder(root: str | os.PathLike | None, image_size: int, seed: int,
+                      val_fraction: float) -> DatasetSplits:
+    layout = ("expected <root>/train/<class>/<image> and <root>/test/<class>/<image> with the same class "
+              "folders (validation is carved from train)")
+    if root is None:
+        raise DatasetNotFoundError(f"imagefolder needs root=<folder>: {layout}")
+    missing = [str(Path(root) / split) for split in ("train", "test") if not (Path(root) / split).is_dir()]
+    if missing:
+        raise DatasetNotFoundError(f"imagefolder: missing {', '.join(missing)}; {layout}")
+    to_uint8 = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
+    # torchvision's default loader converts every image to RGB, so grayscale images arrive replicated.
+    train_pool, test = (torchvision.datasets.ImageFolder(Path(root) / split, transform=to_uint8)
+                        for split in ("train", "test"))
+    if train_pool.classes != test.classes:
+        raise ValueError(f"imagefolder: train classes {train_pool.classes} differ from test classes "
+                         f"{test.classes} under {root}; {layout}")
+    train, val = _stratified_split(np.arange(len(train_pool)), np.asarray(train_pool.targets), val_fraction,
+                                   seed)
+    return _splits("imagefolder", Subset(train_pool, train), Subset(train_pool, val), test, image_size,
+                   tuple(train_pool.classes))
+
+
+def _load_fake(image_size: int, seed: int, val_fraction: float, test_fraction: float,
+               fake_samples: int) -> DatasetSplits:
+    num_test = round(fake_samples * test_fraction)
+    num_val = round((fake_samples - num_test) * val_fraction)
+    sizes = (fake_samples - num_test - num_val, num_val, num_test)
+    if min(sizes) < 1:
+        raise ValueError(f"fake_samples={fake_samples} leaves an empty split (train, val, test = {sizes}); "
+                         "use more samples")
+    # FakeData draws image k from torch.manual_seed(k + random_offset): disjoint offsets give disjoint splits,
+    # and the seed shifts them all.
+    offsets = np.cumsum((seed * fake_samples,) + sizes[:-1])
+    train, val, test = (
+        _materialize(torchvision.datasets.FakeData(size=size, image_size=(3, image_size, image_size),
+                                                   num_classes=_FAKE_NUM_CLASSES, transform=v2.PILToTensor(),
+                                                   random_offset=int(offset)))
+        for size, offset in zip(sizes, offsets))
+    return _splits("fake", train, val, test, image_size, tuple(str(c) for c in range(_FAKE_NUM_CLASSES)))
+
+
+def _materialize(dataset: Dataset) -> ImageTensorDataset:
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return ImageTensorDataset(torch.stack(images), torch.as_tensor(labels))
+
+
+def _stratified_split(indices: np.ndarray, labels: np.ndarray, held_fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held) index arrays: a seeded split that keeps each class's share in both parts."""
+    kept, held = train_test_split(indices, test_size=held_fraction, stratify=labels, random_state=seed)
+    return np.sort(kept), np.sort(held)
+
+
+def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinear (antialiased) resize of uint8 [N, C, H, W] to square `image_size`; a no-op at that size."""
+    if images.shape[-2:] == (image_size, image_size):
+        return images
+    return torch.cat([
+        v2.functional.resize(chunk, [image_size, image_size], interpolation=InterpolationMode.BILINEAR,
+                             antialias=True)
+        for chunk in images.split(_RESIZE_CHUNK)])
+
+
+def _splits(name: str, train: Dataset, val: Dataset, test: Dataset, image_size: int,
+            class_names: tuple[str, ...]) -> DatasetSplits:
+    mean, std = _channel_mean_std(train)
+    return DatasetSplits(train=train, val=val, test=test, num_classes=len(class_names), in_chans=3,
+                         image_size=image_size, mean=mean, std=std, class_names=class_names, name=name)
+
+
+def _channel_mean_std(dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of a uint8 image dataset, in [0, 1] pixel units."""
+    total = total_sq = None
+    count = 0
+    for images, _ in DataLoader(dataset, batch_size=512):
+        pixels = images.to(torch.float64) / 255.0
+        batch_sum, batch_sq = pixels.sum(dim=(0, 2, 3)), pixels.square().sum(dim=(0, 2, 3))
+        total = batch_sum if total is None else total + batch_sum
+        total_sq = batch_sq if total_sq is None else total_sq + batch_sq
+        count += pixels.numel() // pixels.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0.0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+class ReplayedViews(Dataset):
+    """A train split whose augmented views replay exactly: view v of sample i depends only on (seed, i, v).
+
+    At epoch e the view index is v = e mod `views`, so epochs e and e + `views` see identical bytes, in any
+    process (the generator is seeded by a `numpy.random.SeedSequence` hash of (seed, i, v), never by Python's
+    per-process salted `hash`). A view is a random crop of the image zero-padded by `pad` pixels on each
+    side, then, when `hflip`, a horizontal flip with probability 1/2 (the CIFAR recipe; off for digits).
+    `views=0`, or `pad=0` with `hflip=False`, means no augmentation: every view is the image itself, v = 0.
+
+    Items are (view uint8 [C, H, W], label, i, v). DataLoader workers copy the dataset when an iterator
+    starts, so call `set_epoch` before iterating each epoch (and do not use `persistent_workers`).
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, views: int, pad: int, hflip: bool) -> None:
+        for label, value in (("seed", seed), ("views", views), ("pad", pad)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{label} must be a non-negative int, got {value!r}")
+        self.dataset = dataset
+        self.seed = seed
+        self.views = views
+        self.pad = pad
+        self.hflip = hflip
+        self.augments = views > 0 and (pad > 0 or hflip)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = epoch
+
+    def view_index(self, epoch: int) -> int:
+        """The view every sample shows at `epoch`."""
+        return epoch % self.views if self.augments else 0
+
+    def view(self, index: int, view: int) -> torch.Tensor:
+        """View `view` of sample `index`: uint8 [C, H, W], contiguous."""
+        image, _ = self.dataset[index]
+        return self._augment(image, index, view)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        image, label = self.dataset[index]
+        view = self.view_index(self.epoch)
+        return self._augment(image, index, view), label, index, view
+
+    def _augment(self, image: torch.Tensor, index: int, view: int) -> torch.Tensor:
+        if not self.augments:
+            return image.contiguous()
+        seed = np.random.SeedSequence([self.seed, index, view]).generate_state(1, dtype=np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        channels, height, width = image.shape
+        padded = image.new_zeros(channels, height + 2 * self.pad, width + 2 * self.pad)
+        padded[:, self.pad:self.pad + height, self.pad:self.pad + width] = image
+        top, left = torch.randint(0, 2 * self.pad + 1, (2,), generator=generator).tolist()
+        crop = padded[:, top:top + height, left:left + width]
+        if self.hflip and torch.randint(0, 2, (1,), generator=generator).item() == 1:
+            crop = crop.flip(-1)
+        return crop.contiguous()
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The student's input: uint8 images [..., C, H, W] → float32 `(x / 255 − mean) / std` per channel."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize expects uint8 images, got {images.dtype}")
+    channels = images.shape[-3]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need {channels} values (one per channel), "
+                         f"got {len(mean)} and {len(std)}")
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean_t) / std_t
+
+
+def describe(splits: DatasetSplits) -> str:
+    """One line: name, split sizes, classes, image shape."""
+    return (f"{splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+            f"{splits.num_classes} classes, {splits.in_chans}x{splits.image_size}x{splits.image_size} uint8")

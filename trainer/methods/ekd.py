@@ -1,0 +1,141 @@
+"""Ensemble Knowledge Distillation (Asif, Tang, Harrer, 2019): a compact student with parallel branches, one
+per teacher, trained with the labels and each branch's own teacher, the branches coupled by their ensemble.
+
+Only the abstract is public; this is ekd's reading of it (shared/methods.md, "EKD"). The student is a CIFAR
+ResNet of `depth` whose stem and first `shared_stages` stages are shared and whose remaining stages and
+classifier are copied once per teacher, every branch at full width. With b_i the logits of branch i, t_i those
+of teacher i and b̄ = mean_i b_i:
+
+    L = Σ_i [ λ·CE(b_i, y) + (1−λ)·T²·KL(softmax(t_i/T) ‖ softmax(b_i/T)) ]  +  CE(b̄, y)
+        [ + β·Σ_i MSE(pool_i(A_i(F_{b_i})), F_{t_i}.detach()) ]
+
+The per-branch "CE + KD" is the Hinton combination from `kd` (λ = alpha weighs the branch's CE, 1−λ its KD
+term), so each branch sees exactly Hinton KD from its own teacher alone; the ensemble's CE carries weight 1.
+Defaults: depth 20, shared_stages 1, T=4, λ=0.5. Inference: the ensemble, the mean of the branch logits (what
+`MultiBranchResNet.forward` computes), exported whole as "ekd_student".
+
+The bracketed feature term is off by default (feature_weight β=0, feature_tap None). When on, F_{b_i} is
+branch i's last-stage map, A_i a 1×1 conv adapter (with bias) to teacher i's channel count at `feature_tap`,
+pool_i an adaptive average pool to the teacher map's spatial size, and MSE is the mean over all elements. The
+adapters train with the student and are not exported. Teacher maps larger than the student's are upsampled by
+the same adaptive pooling (repetition).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from trainer.losses import hinton_kd_loss, soft_targets
+from trainer.methods import register_method
+from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.kd import check_teachers, require_teacher_logits
+from trainer.students import MultiBranchResNet
+
+
+class EKDParams(BaseModel):
+    """A multi-branch CIFAR ResNet student, branch i distilled from teacher i, trained as an ensemble."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["ekd"] = "ekd"
+    depth: int = Field(20, ge=8, description="CIFAR ResNet depth of the student (6n+2: 8, 14, 20, 32, ...)")
+    shared_stages: int = Field(1, ge=0, le=2, description="stages shared by all branches after the stem")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of each branch's KD term")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight λ of each branch's CE; its KD term gets 1−λ")
+    feature_tap: str | None = Field(None, description="teacher feature tap matched by each branch's "
+                                                      "last-stage map; None: no feature term")
+    feature_weight: float = Field(0.0, ge=0, description="weight β of the per-branch feature MSE term")
+
+    @field_validator("depth")
+    @classmethod
+    def _cifar_resnet_depth(cls, depth: int) -> int:
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
+        return depth
+
+    @model_validator(mode="after")
+    def _feature_term_complete(self) -> EKDParams:
+        if (self.feature_tap is None) != (self.feature_weight == 0):
+            raise ValueError(f"feature_tap={self.feature_tap!r} with feature_weight={self.feature_weight}: "
+                             "the feature term needs both a tap and a positive weight, or neither")
+        return self
+
+
+class EnsembleKnowledgeDistillation(Method):
+    name = "ekd"
+
+    def __init__(self, student: MultiBranchResNet, temperature: float, alpha: float, feature_tap: str | None,
+                 feature_weight: float, teacher_channels: list[int]) -> None:
+        super().__init__()
+        self.student = student
+        self.temperature = temperature
+        self.alpha = alpha
+        self.feature_tap = feature_tap
+        self.feature_weight = feature_weight
+        branch_channels = [branch.fc.in_features for branch in student.branches]
+        self.adapters = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, kernel_size=1) for c_in, c_out in zip(branch_channels, teacher_channels)
+        )
+
+    def teacher_outputs(self) -> list[list[str]]:
+        wanted = ["logits"] if self.feature_tap is None else ["logits", self.feature_tap]
+        return [list(wanted) for _ in range(self.student.num_branches)]
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
+                      clock: TrainingClock) -> LossResult:
+        teacher_logits = require_teacher_logits(self.name, teachers, self.student.num_branches)
+        out = self.student.forward_branches(images)
+        total = images.new_zeros(())
+        terms: dict[str, float] = {}
+        for i, (branch_logits, t) in enumerate(zip(out.logits, teacher_logits)):
+            target = soft_targets([t], self.temperature)
+            branch_loss, branch_terms = hinton_kd_loss(branch_logits, labels, target, self.temperature,
+                                                       self.alpha)
+            total = total + branch_loss
+            terms[f"ce_{i}"], terms[f"kd_{i}"] = branch_terms["ce"], branch_terms["kd"]
+        ensemble_ce = F.cross_entropy(torch.stack(out.logits).mean(0), labels)
+        total = total + ensemble_ce
+        terms["ce_ensemble"] = ensemble_ce.item()
+        if self.feature_tap is not None:
+            teacher_maps = self._teacher_maps(teachers)
+            for i, (branch_features, adapter, t_map) in enumerate(
+                    zip(out.stage_features, self.adapters, teacher_maps)):
+                adapted = F.adaptive_avg_pool2d(adapter(branch_features[-1]), t_map.shape[-2:])
+                feature_mse = F.mse_loss(adapted, t_map.detach())
+                total = total + self.feature_weight * feature_mse
+                terms[f"feature_{i}"] = feature_mse.item()
+        return LossResult(total, terms)
+
+    def _teacher_maps(self, teachers: TeacherOutputs) -> list[torch.Tensor]:
+        if len(teachers.features) != self.student.num_branches or any(
+                self.feature_tap not in f for f in teachers.features):
+            raise ValueError(f"ekd needs feature map {self.feature_tap!r} from each of its "
+                             f"{self.student.num_branches} teachers for every batch")
+        return [f[self.feature_tap] for f in teachers.features]
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images)
+
+    def exported_students(self) -> dict[str, nn.Module]:
+        return {"ekd_student": self.student}
+
+
+@register_method("ekd")
+def build_ekd(params: EKDParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
+    check_teachers("ekd", teachers, num_classes, min_teachers=2)
+    teacher_channels: list[int] = []
+    if params.feature_tap is not None:
+        for teacher in teachers:
+            if params.feature_tap not in teacher.feature_shapes:
+                raise ValueError(f"ekd: teacher {teacher.name!r} has no feature tap {params.feature_tap!r}; "
+                                 f"its taps: {', '.join(sorted(teacher.feature_shapes)) or 'none'}")
+            teacher_channels.append(teacher.feature_shapes[params.feature_tap][0])
+    student = MultiBranchResNet(params.depth, num_classes, branch_widths=[1.0] * len(teachers),
+                                shared_stages=params.shared_stages, in_chans=in_chans)
+    return EnsembleKnowledgeDistillation(student, params.temperature, params.alpha, params.feature_tap,
+                                         params.feature_weight, teacher_channels)

@@ -1,0 +1,62 @@
+"""ekd's own teachers: trained on the labels when no checkpoint exists (nothing can be downloaded), saved as
+local checkpoints the zoo loads with `weights_only=True`, then loaded for distillation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.zoo import Preprocessing, Teacher, create_teacher, save_teacher_checkpoint
+from trainer.config import DataConfig, TeacherConfig
+from trainer.data import DatasetSplits, ReplayedViews
+from trainer.loop import eval_loader, evaluate, make_optimizer, make_scheduler, train_epoch, train_loader
+from trainer.methods.ce import CrossEntropyTraining
+
+EpochCallback = Callable[[int, int, float], None]  # (epoch done, total epochs, val accuracy)
+
+
+@dataclass
+class TeacherTrainingResult:
+    name: str
+    checkpoint: str
+    val_accuracy: float
+    seconds: float
+
+
+def dataset_preprocessing(splits: DatasetSplits) -> Preprocessing:
+    """The preprocessing a teacher trained on `splits` expects: the dataset's size and normalization."""
+    return Preprocessing(input_size=splits.image_size, mean=tuple(splits.mean), std=tuple(splits.std),
+                         in_chans=splits.in_chans)
+
+
+def train_teacher(cfg: TeacherConfig, splits: DatasetSplits, data: DataConfig, *, device: torch.device,
+                  on_epoch: EpochCallback | None = None) -> TeacherTrainingResult:
+    seed = cfg.seed
+    torch.manual_seed(seed)
+    preprocessing = dataset_preprocessing(splits)
+    model = create_teacher(cfg.name, splits.num_classes, preprocessing=preprocessing).model
+    model.requires_grad_(True)
+    method = CrossEntropyTraining(model).to(device)
+    views = ReplayedViews(splits.train, seed=data.replay_seed, views=data.views, pad=data.pad, hflip=data.hflip)
+    optimizer = make_optimizer(method.param_groups(cfg.train.lr), cfg.train)
+    steps_per_epoch = -(-len(views) // data.batch_size)
+    scheduler = make_scheduler(optimizer, cfg.train, cfg.train.epochs * steps_per_epoch)
+    seconds, val_accuracy = 0.0, 0.0
+    for epoch in range(cfg.train.epochs):
+        stats = train_epoch(method, train_loader(views, data.batch_size, seed, epoch), None, optimizer, scheduler,
+                            epoch=epoch, total_epochs=cfg.train.epochs, mean=splits.mean, std=splits.std,
+                            device=device)
+        seconds += stats.seconds
+        val_accuracy = evaluate(method.predict, method, eval_loader(splits.val, 256), splits.mean, splits.std, device)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, cfg.train.epochs, val_accuracy)
+    Path(cfg.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    save_teacher_checkpoint(cfg.checkpoint, model.cpu(), cfg.name, splits.num_classes, preprocessing)
+    return TeacherTrainingResult(cfg.name, cfg.checkpoint, val_accuracy, seconds)
+
+
+def load_teachers(cfgs: list[TeacherConfig], num_classes: int) -> list[Teacher]:
+    return [create_teacher(c.name, num_classes, checkpoint=c.checkpoint) for c in cfgs]
