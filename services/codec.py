@@ -49,8 +49,9 @@ _WIRE_NUMPY_DTYPES: dict[str, np.dtype] = {
     "int64": np.dtype("<i8"),
 }
 
-# Framed-format dtype codes. These numbers are part of the stored format: never renumber, only append.
-_DTYPE_CODES: dict[str, int] = {"float32": 1, "float16": 2, "bfloat16": 3, "uint8": 4, "int64": 5}
+# Framed-format dtype codes, the same numbers as the proto's DType enum. They are part of the stored format:
+# never renumber, only append.
+_DTYPE_CODES: dict[str, int] = {"uint8": 1, "float32": 2, "float16": 3, "bfloat16": 4, "int64": 5}
 _DTYPES_BY_CODE: dict[int, str] = {code: name for name, code in _DTYPE_CODES.items()}
 
 MAGIC = b"EKDT"
@@ -66,7 +67,7 @@ class CodecError(ValueError):
 
 
 class CorruptValueError(CodecError):
-    """A framed value is damaged or foreign: bad magic, unknown version or dtype, wrong length, bad checksum."""
+    """A framed value is damaged or foreign: bad magic, unknown version or dtype, wrong length or checksum."""
 
 
 def _name_of(dtype: torch.dtype) -> str:
@@ -142,21 +143,27 @@ def encode_value(tensor: torch.Tensor) -> bytes:
 
 
 def decode_value(data: bytes | memoryview) -> torch.Tensor:
-    """Inverse of `encode_value`. CorruptValueError on anything that is not exactly one intact framed value."""
+    """Inverse of `encode_value`. CorruptValueError for anything but exactly one intact framed value."""
     view = memoryview(data)
     if len(view) < _PREFIX.size:
-        raise CorruptValueError(f"value truncated: {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+        raise CorruptValueError(
+            f"value truncated: {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix"
+        )
     magic, version, code, ndim = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CorruptValueError(f"bad magic {magic!r}; expected {MAGIC!r}")
     if version != FORMAT_VERSION:
-        raise CorruptValueError(f"unknown format version {version}; this codec reads version {FORMAT_VERSION}")
+        raise CorruptValueError(
+            f"unknown format version {version}; this codec reads version {FORMAT_VERSION}"
+        )
     if code not in _DTYPES_BY_CODE:
         raise CorruptValueError(f"unknown dtype code {code}; known: {sorted(_DTYPES_BY_CODE)}")
     name = _DTYPES_BY_CODE[code]
     header_length = _PREFIX.size + 4 * ndim + _LENGTH_AND_CHECKSUM.size
     if len(view) < header_length:
-        raise CorruptValueError(f"value truncated: {len(view)} bytes is shorter than its {header_length}-byte header")
+        raise CorruptValueError(
+            f"value truncated: {len(view)} bytes is shorter than its {header_length}-byte header"
+        )
     shape = struct.unpack_from(f"<{ndim}I", view, _PREFIX.size)
     payload_length, checksum = _LENGTH_AND_CHECKSUM.unpack_from(view, _PREFIX.size + 4 * ndim)
     expected = _expected_payload_length(name, shape)

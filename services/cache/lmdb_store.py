@@ -43,7 +43,9 @@ class LmdbStore(TeacherOutputStore):
 
     def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
         if self.readonly:
-            raise CacheError(f"LMDB cache at {self.path} is open read-only; reopen with readonly=False to write")
+            raise CacheError(
+                f"LMDB cache at {self.path} is open read-only; reopen with readonly=False to write"
+            )
         try:
             with self._env.begin(write=True) as txn:
                 for key, value in items:
@@ -51,8 +53,9 @@ class LmdbStore(TeacherOutputStore):
         except lmdb.MapFullError as error:
             needed = sum(len(key) + len(value) for key, value in items)
             raise CacheFullError(
-                f"LMDB cache at {self.path} is full (map_size={self.map_size} bytes) writing {len(items)} values "
-                f"of {needed} bytes; reopen it with a larger map_size, e.g. map_size={2 * self.map_size}"
+                f"LMDB cache at {self.path} is full (map_size={self.map_size} bytes) writing "
+                f"{len(items)} values of {needed} bytes; reopen it with a larger map_size, "
+                f"e.g. map_size={2 * self.map_size}"
             ) from error
 
     def _delete_raw(self, keys: list[bytes]) -> None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import OutOfMemoryError
 from redis.retry import Retry
 
 from services.cache.store import (
@@ -65,13 +66,11 @@ class RedisStore(TeacherOutputStore):
             yield
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise CacheUnavailableError(f"Redis cache at {self.url} is unavailable: {error}") from error
-        except redis.ResponseError as error:
-            if str(error).startswith("OOM"):
-                raise CacheFullError(
-                    f"Redis cache at {self.url} is out of memory and refuses writes ({error}); "
-                    "set maxmemory-policy to allkeys-lru so old entries are evicted, or raise maxmemory"
-                ) from error
-            raise CacheError(f"Redis cache at {self.url} refused a command: {error}") from error
+        except OutOfMemoryError as error:
+            raise CacheFullError(
+                f"Redis cache at {self.url} is out of memory and refuses writes ({error}); "
+                "set maxmemory-policy to allkeys-lru so old entries are evicted, or raise maxmemory"
+            ) from error
         except redis.RedisError as error:
             raise CacheError(f"Redis cache at {self.url} failed: {error}") from error
 

@@ -61,7 +61,8 @@ def input_digests(batch: torch.Tensor) -> list[bytes]:
     two samples collide only if they are the same image (a reshaped buffer hashes differently)."""
     if batch.dtype != torch.uint8 or batch.dim() != 4:
         raise ValueError(
-            f"input digests need a uint8 [B, C, H, W] batch; got {batch.dtype} with shape {tuple(batch.shape)}"
+            "input digests need a uint8 [B, C, H, W] batch; "
+            f"got {batch.dtype} with shape {tuple(batch.shape)}"
         )
     samples = batch.detach().cpu().contiguous().numpy()
     sample_header = _length_prefixed(
@@ -94,7 +95,9 @@ def output_key(teacher_identity: str, output: str, dtype: str, top_k: int, diges
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
     if not isinstance(digest, bytes) or len(digest) != INPUT_DIGEST_SIZE:
-        raise ValueError(f"digest must be the {INPUT_DIGEST_SIZE}-byte bytes from input_digest; got {digest!r}")
+        raise ValueError(
+            f"digest must be the {INPUT_DIGEST_SIZE}-byte bytes from input_digest; got {digest!r}"
+        )
     fields = _length_prefixed(
         teacher_identity.encode(), output.encode(), dtype.encode(), struct.pack("<Q", top_k), digest
     )
@@ -205,7 +208,9 @@ class TeacherOutputStore(ABC):
         self.close()
 
 
-_ALLOWED_URIS = "lmdb:///absolute/path, a plain filesystem path, redis://[:password@]host:port/db or rediss://..."
+_ALLOWED_URIS = (
+    "lmdb:///absolute/path, a plain filesystem path, redis://[:password@]host:port/db or rediss://..."
+)
 
 
 def open_store(uri: str, **options) -> TeacherOutputStore:

@@ -20,10 +20,13 @@ REDIS_PORT_ATTEMPTS = 3
 
 
 def redis_server_binary() -> str:
-    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    binary = shutil.which("redis-server")
+    if binary is None and Path("/usr/bin/redis-server").exists():
+        binary = "/usr/bin/redis-server"
     if binary is None:
         pytest.fail(
-            "redis-server not found on PATH or at /usr/bin/redis-server; the integration tests run a real one. "
+            "redis-server not found on PATH or at /usr/bin/redis-server; the integration tests run a "
+            "real one. "
             "Install it: `apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` (macOS).",
             pytrace=False,
         )
@@ -67,7 +70,8 @@ def _wait_for_ping(server: RedisServer, log_path: Path) -> bool:
         client.close()
     server.stop()
     pytest.fail(
-        f"redis-server did not answer PING within {REDIS_START_TIMEOUT_SECONDS} s; log:\n{log_path.read_text()}",
+        f"redis-server did not answer PING within {REDIS_START_TIMEOUT_SECONDS} s; "
+        f"log:\n{log_path.read_text()}",
         pytrace=False,
     )
 

@@ -119,7 +119,7 @@ def test_keys_are_identical_across_processes():
     ]
     outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
     assert [process.returncode for process in processes] == [0, 0]
-    batch = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(2, 3, 16, 16)
+    batch = torch.arange(2 * 3 * 16 * 16).remainder(251).to(torch.uint8).reshape(2, 3, 16, 16)
     expected = output_key("resnet20@sha256:abc", "logits", "float16", 5, input_digest(batch[1])).decode()
     assert outputs == [expected, expected]
 
@@ -212,8 +212,9 @@ def test_corrupt_values_are_misses_counted_deleted_then_replaced(backend, teache
 
 
 def test_keys_must_be_bytes(backend):
-    with backend.open() as store, pytest.raises(TypeError, match="cache keys are bytes from output_key; got str"):
-        store.get_many(["ekd:v1:abc"])
+    with backend.open() as store:
+        with pytest.raises(TypeError, match="cache keys are bytes from output_key; got str"):
+            store.get_many(["ekd:v1:abc"])
 
 
 def test_stats_stay_exact_under_concurrent_readers(tmp_path):
@@ -280,12 +281,13 @@ def test_lmdb_readonly_refuses_writes_and_missing_dir_is_unavailable(tmp_path):
 def test_redis_ttl_and_key_prefix(redis_url, teacher):
     seeds = [0, 1]
     keys = [key_for(seed, teacher) for seed in seeds]
-    with RedisStore(redis_url, ttl_seconds=600, key_prefix="exp7:") as store, redis.Redis.from_url(redis_url) as raw:
-        store.put_many([(key, logits(seed)) for key, seed in zip(keys, seeds)])
+    with redis.Redis.from_url(redis_url) as raw:
+        with RedisStore(redis_url, ttl_seconds=600, key_prefix="exp7:") as store:
+            store.put_many([(key, logits(seed)) for key, seed in zip(keys, seeds)])
         assert [raw.exists(key) for key in keys] == [0, 0]
         assert all(0 < raw.ttl(b"exp7:" + key) <= 600 for key in keys)
-    with RedisStore(redis_url) as store, redis.Redis.from_url(redis_url) as raw:
-        store.put_many([(keys[0], logits(seeds[0]))])
+        with RedisStore(redis_url) as store:
+            store.put_many([(keys[0], logits(seeds[0]))])
         assert raw.ttl(keys[0]) == -1  # no TTL: kept until evicted
 
 
@@ -312,7 +314,8 @@ def test_redis_eviction_turns_entries_into_misses(start_redis_server):
 
 def test_redis_down_is_unavailable_with_redacted_url(free_tcp_port):
     port = free_tcp_port
-    with pytest.raises(CacheUnavailableError, match=rf"Redis cache at redis://:\*\*\*@127.0.0.1:{port}/0 is unavailable") as caught:
+    redacted = rf"redis://:\*\*\*@127.0.0.1:{port}/0"
+    with pytest.raises(CacheUnavailableError, match=rf"Redis cache at {redacted} is unavailable") as caught:
         RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0")
     assert "s3cret" not in str(caught.value)
 
@@ -330,9 +333,10 @@ def test_redis_server_going_away_is_unavailable(start_redis_server):
 
 def test_redis_out_of_memory_without_eviction_is_cache_full(start_redis_server):
     server = start_redis_server("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")
-    with RedisStore(server.url) as store, pytest.raises(CacheFullError, match="set maxmemory-policy to allkeys-lru"):
-        for seed in range(100):
-            store.put_many([(key_for(seed), torch.zeros(16384, dtype=torch.uint8))])
+    with RedisStore(server.url) as store:
+        with pytest.raises(CacheFullError, match="set maxmemory-policy to allkeys-lru"):
+            for seed in range(100):
+                store.put_many([(key_for(seed), torch.zeros(16384, dtype=torch.uint8))])
 
 
 # --- open_store -----------------------------------------------------------------------------------------
@@ -354,8 +358,11 @@ def test_open_store_picks_the_backend_from_the_uri(tmp_path, redis_url, monkeypa
     ("uri", "message"),
     [
         ("", "empty cache URI; allowed forms: lmdb:///absolute/path"),
-        ("s3://bucket/cache", r"unsupported cache URI 's3://bucket/cache'; allowed forms: lmdb:///absolute/path, "
-                              r"a plain filesystem path, redis://\[:password@\]host:port/db"),
+        (
+            "s3://bucket/cache",
+            r"unsupported cache URI 's3://bucket/cache'; allowed forms: lmdb:///absolute/path, "
+            r"a plain filesystem path, redis://\[:password@\]host:port/db",
+        ),
         ("memcached://:pw@host:1/0", r"unsupported cache URI 'memcached://:\*\*\*@host:1/0'"),
         ("lmdb://relative/path", "use lmdb:///absolute/path"),
         ("redis://:pw@host:notaport/0", r"bad Redis cache URL 'redis://:\*\*\*@host:notaport/0'"),

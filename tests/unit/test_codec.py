@@ -117,7 +117,7 @@ def test_proto_name_tables_are_inverse_and_cover_every_dtype():
 def test_framed_header_layout():
     value = encode_value(torch.tensor([[1, 2, 3]], dtype=torch.uint8))
     assert value[:4] == b"EKDT"
-    assert value[4:7] == bytes([1, 4, 2])  # version 1, uint8 code 4, two dims
+    assert value[4:7] == bytes([1, 1, 2])  # version 1, dtype code 1 (the proto's UINT8), two dims
     assert struct.unpack_from("<2IQ", value, 7) == (1, 3, 3)
     assert value[-3:] == b"\x01\x02\x03"
 
@@ -143,7 +143,7 @@ def replaced(data: bytes, offset: int, new: bytes) -> bytes:
         (replaced(FRAMED, 0, b"EKDX"), r"bad magic b'EKDX'"),
         (replaced(FRAMED, 4, b"\x02"), "unknown format version 2"),
         (replaced(FRAMED, 5, b"\x09"), "unknown dtype code 9"),
-        (replaced(FRAMED, 7, struct.pack("<I", 3)), "header says 12 payload bytes but a float16 tensor of shape"),
+        (replaced(FRAMED, 7, struct.pack("<I", 3)), "header says 12 payload bytes but a float16 tensor"),
         (b"\x80\x04\x95garbage that a pickle would start with", "bad magic"),
     ],
     ids=[
