@@ -22,7 +22,8 @@ teachers_app = typer.Typer(help="Train and inspect the teachers ekd distills fro
 app.add_typer(teachers_app, name="teachers")
 
 err_console = Console(stderr=True)
-out_console = Console()
+# Tables stay readable when stdout is a pipe or a file (rich would otherwise squeeze them to 80 columns).
+out_console = Console(width=None if Console().is_terminal else 140)
 
 ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML, e.g. configs/digits/kd.yaml", show_default=False)]
 
@@ -93,7 +94,7 @@ def distill(config: ConfigArg,
             update = {"seed": seed} | ({"output_dir": str(output_dir)} if output_dir else {})
             run_cfg = ExperimentConfig.model_validate(cfg.model_dump() | update)
             results.append(run_experiment(run_cfg, log=err_console.print, progress=progress))
-    run_dir = Path(results[0].students[0].path).parent.parent
+    run_dir = Path(results[0].run_dir)
     out_console.print(results_table(results, title=f"ekd distill {config}"))
     if (teachers := teacher_table(results)) is not None:
         out_console.print(teachers)

@@ -51,6 +51,7 @@ class ExperimentResult:
     students: list[ExportedStudent]
     seconds: float
     stall_seconds: float
+    run_dir: str
     counters: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -161,6 +162,6 @@ def run_experiment(cfg: ExperimentConfig, *, log: Log = print, progress: Progres
         val_accuracy=val_accuracy,
         student_params=_unique_parameter_count(method.exported_students().values()),
         teachers=teacher_summaries, students=exported, seconds=time.perf_counter() - started,
-        stall_seconds=stall, counters=source.counters() if teachers else {}, history=history)
+        stall_seconds=stall, run_dir=str(run_dir), counters=source.counters() if teachers else {}, history=history)
     (run_dir / f"results_seed{cfg.seed}.json").write_text(json.dumps(result.to_json(), indent=2))
     return result

@@ -1,0 +1,476 @@
+"""TeacherClient: teacher outputs for a batch of uint8 images, from the shared output cache first and the teacher
+service (proto/ekd/v1/teacher.proto) for the rest, returned in input order.
+
+One `fetch` digests every image once, looks up every (teacher, output, image) key in ONE `get_many`, and sends
+only the images a teacher missed to the service. Teachers whose miss sets and outputs are equal share an Infer
+request. Requests are split under the server's `max_batch_size` and `max_message_bytes`, and the streamed chunks
+are put back by (teacher, start) into the caller's order.
+
+The client only reads the cache: the service writes every output it computes, under the same key
+(`output_key(identity, output, output_dtype, top_k=0, digest)`, one value per image, no batch dimension), so a
+second client, or a second epoch, finds it. Teachers with an empty `weights_sha256` (random weights) are never
+looked up, because the service never caches them.
+
+Every RPC has a deadline (`timeout_seconds`). UNAVAILABLE is retried with exponential backoff (and
+DEADLINE_EXCEEDED too for ListTeachers, which is cheap and idempotent; an Infer that ran out of time is not
+repeated); other status codes raise `TeacherServiceError` at once.
+
+Thread safety: a TeacherClient is meant for one thread at a time (its stats and the cached teacher list are
+unguarded); give each thread that fetches, e.g. a prefetching worker, its own client.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import torch
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from services._generated import teacher_pb2, teacher_pb2_grpc
+from services.cache import TeacherOutputStore, input_digests, output_key
+from services.codec import DTYPES_BY_PROTO_NAME, PROTO_DTYPE_NAMES, CodecError, tensor_from_bytes, tensor_to_bytes
+
+LOGITS = "logits"
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # the server default, used until ListTeachers reports the real one
+DEFAULT_MAX_BATCH_SIZE = 512  # the server default, used when ListTeachers leaves max_batch_size at 0
+# Bytes an InferRequest may gain beyond its measured empty form once image bytes go in: the data field's tag
+# and length varint (at most 11 bytes) and the growth of the images message's own length varint (at most 5).
+_IMAGE_FIELD_OVERHEAD_BYTES = 16
+
+_Result = TypeVar("_Result")
+
+
+class TeacherServiceError(RuntimeError):
+    """A teacher-service call failed: the message names the address, the RPC, the status code and the server's
+    detail."""
+
+    def __init__(self, message: str, *, address: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+        self.code = code
+
+
+class TeacherServiceUnavailable(TeacherServiceError):
+    """The teacher service could not be reached at its address, even after the bounded retries."""
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """The images a teacher expects (proto `InputSpec`): `channels`, and the square `input_size` it resizes to
+    before normalizing with `mean` and `std`; `dtype` is what the images must be ("uint8")."""
+
+    channels: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TeacherDescription:
+    """One hosted teacher as ListTeachers describes it; `taps` maps each tap to its per-sample (C, H, W)."""
+
+    name: str
+    architecture: str
+    num_classes: int
+    identity: str
+    weights_sha256: str
+    input: TeacherInput
+    taps: dict[str, tuple[int, int, int]] = field(hash=False)
+    output_dtypes: tuple[str, ...]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every output name the teacher can return."""
+        return (LOGITS, *self.taps)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the service caches this teacher's outputs: only for weights loaded from a file."""
+        return bool(self.weights_sha256)
+
+    def output_shape(self, output: str) -> tuple[int, ...]:
+        """The per-sample shape of an output: (num_classes,) for logits, (C, H, W) for a tap."""
+        return (self.num_classes,) if output == LOGITS else self.taps[output]
+
+    @classmethod
+    def from_proto(cls, info: teacher_pb2.TeacherInfo) -> TeacherDescription:
+        return cls(
+            name=info.name,
+            architecture=info.architecture,
+            num_classes=info.num_classes,
+            identity=info.identity,
+            weights_sha256=info.weights_sha256,
+            input=TeacherInput(
+                channels=info.input.channels,
+                input_size=info.input.input_size,
+                mean=tuple(info.input.mean),
+                std=tuple(info.input.std),
+                dtype=_dtype_name(info.input.dtype),
+            ),
+            taps={tap.name: (tap.channels, tap.height, tap.width) for tap in info.taps},
+            output_dtypes=tuple(_dtype_name(dtype) for dtype in info.output_dtypes),
+        )
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """Totals since the client was made. `samples` counts images passed to `fetch`; `cache_hits`,
+    `cache_misses` and `remote_samples` count (teacher, image) pairs: a hit has every requested output in the
+    cache, a miss lacks one, and remote pairs were answered by the service (the misses plus every pair of a
+    teacher the cache does not hold). `requests` counts Infer requests answered; `retries` counts repeated
+    attempts of any RPC."""
+
+    samples: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    remote_samples: int = 0
+    requests: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class _ServiceLimits:
+    teachers: dict[str, TeacherDescription]
+    max_batch_size: int
+    max_message_bytes: int
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One streamed InferResponse, decoded: outputs [count, ...] for samples start .. start + count - 1."""
+
+    teacher: str
+    start: int
+    count: int
+    values: dict[str, torch.Tensor]
+
+
+def _dtype_name(proto_dtype: int) -> str:
+    return DTYPES_BY_PROTO_NAME[teacher_pb2.DType.Name(proto_dtype)]
+
+
+def _proto_dtype(name: str) -> int:
+    return teacher_pb2.DType.Value(PROTO_DTYPE_NAMES[name])
+
+
+def _is_status(codes: Collection[grpc.StatusCode]) -> Callable[[BaseException], bool]:
+    return lambda error: isinstance(error, grpc.RpcError) and error.code() in codes
+
+
+class TeacherClient:
+    """Fetches teacher outputs for uint8 images: cache first, misses over gRPC, results in input order.
+
+    `store` is read only and not closed by the client. `output_dtype` is the wire dtype and the dtype in the
+    cache keys (fp16 by default, what the service caches); `fetch` returns float32 either way. `retries` is the
+    number of repeated attempts after the first (so at most retries + 1), waiting `backoff_seconds`, then
+    twice that, and so on. `max_request_samples` caps the images per Infer request below the server's limits.
+    """
+
+    def __init__(self, address: str, *, store: TeacherOutputStore | None = None, output_dtype: str = "float16",
+                 timeout_seconds: float = 60.0, retries: int = 3, backoff_seconds: float = 0.2,
+                 max_request_samples: int | None = None) -> None:
+        if not address:
+            raise ValueError("address must be a non-empty host:port")
+        if output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}; got {output_dtype!r}")
+        if not timeout_seconds > 0:
+            raise ValueError(f"timeout_seconds must be positive; got {timeout_seconds!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int; got {retries!r}")
+        if backoff_seconds < 0:
+            raise ValueError(f"backoff_seconds must be >= 0; got {backoff_seconds!r}")
+        if max_request_samples is not None and max_request_samples < 1:
+            raise ValueError(f"max_request_samples must be at least 1 or None; got {max_request_samples!r}")
+        self.address = address
+        self.store = store
+        self.output_dtype = output_dtype
+        self.timeout_seconds = timeout_seconds
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+        self.max_request_samples = max_request_samples
+        self._stats = ClientStats()
+        self._limits: _ServiceLimits | None = None
+        self._channel, self._stub = self._open_channel(DEFAULT_MAX_MESSAGE_BYTES)
+        self._channel_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+
+    # --- public -----------------------------------------------------------------------------------------
+
+    def teachers(self) -> dict[str, TeacherDescription]:
+        """Every teacher the service hosts, by name (ListTeachers, asked once per client and again only when
+        `fetch` names a teacher not in the list)."""
+        return dict(self._service_limits().teachers)
+
+    def fetch(self, images: torch.Tensor, teachers: Sequence[str],
+              outputs: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Outputs of `teachers` for uint8 images [B, C, H, W]: teacher -> output -> float32 [B, ...] in input
+        order. `outputs` is one list of output names ("logits", tap names) for every teacher, or a mapping
+        teacher -> list that names every teacher (an empty list returns {} for that teacher)."""
+        limits = self._limits_knowing(teachers)
+        requested = self._requested_outputs(teachers, outputs, limits)
+        digests = input_digests(images)  # also checks that images are uint8 [B, C, H, W]
+        if not digests:
+            raise ValueError(f"images must hold at least one sample; got shape {tuple(images.shape)}")
+        images = images.detach().cpu().contiguous()
+        results = {teacher: {output: torch.empty((len(digests), *limits.teachers[teacher].output_shape(output)))
+                             for output in names}
+                   for teacher, names in requested.items()}
+        misses = self._read_cache(requested, digests, limits, results)
+
+        # Teachers that miss the same images and want the same outputs share one request.
+        groups: dict[tuple[tuple[int, ...], tuple[str, ...]], list[str]] = {}
+        for teacher, missed in misses.items():
+            if missed:
+                groups.setdefault((tuple(missed), tuple(requested[teacher])), []).append(teacher)
+        for (missed, names), group_teachers in groups.items():
+            positions = torch.tensor(missed)
+            per_request = self._samples_per_request(images, group_teachers, list(names), limits)
+            for first in range(0, len(positions), per_request):
+                request_positions = positions[first:first + per_request]
+                for chunk in self._infer(images[request_positions], group_teachers, list(names), limits):
+                    for output, values in chunk.values.items():
+                        results[chunk.teacher][output][request_positions[chunk.start:chunk.start + chunk.count]] \
+                            = values
+
+        self._count(samples=len(digests), remote_samples=sum(len(missed) for missed in misses.values()))
+        return results
+
+    @property
+    def stats(self) -> ClientStats:
+        return self._stats
+
+    def close(self) -> None:
+        """Close the channel (the store belongs to the caller)."""
+        self._channel.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- fetch steps ------------------------------------------------------------------------------------
+
+    def _limits_knowing(self, teachers: Sequence[str]) -> _ServiceLimits:
+        """The service description, asked again once if it lacks one of `teachers` (the service may have
+        been redeployed with more); a teacher still unknown is NOT_FOUND, as the service itself would say."""
+        if isinstance(teachers, str):
+            raise ValueError(f"teachers must be a list of teacher names; got the string {teachers!r}")
+        if not teachers or len(set(teachers)) != len(teachers):
+            raise ValueError(f"teachers must be a non-empty list of distinct names; got {list(teachers)}")
+        limits = self._service_limits()
+        if not set(teachers) <= set(limits.teachers):
+            self._limits = None
+            limits = self._service_limits()
+        unknown = [teacher for teacher in teachers if teacher not in limits.teachers]
+        if unknown:
+            raise TeacherServiceError(
+                f"teacher service at {self.address}: NOT_FOUND: no teacher named {', '.join(map(repr, unknown))}; "
+                f"it hosts {', '.join(limits.teachers) or 'none'}",
+                address=self.address, code=grpc.StatusCode.NOT_FOUND)
+        return limits
+
+    def _requested_outputs(self, teachers: Sequence[str], outputs: Sequence[str] | Mapping[str, Sequence[str]],
+                           limits: _ServiceLimits) -> dict[str, list[str]]:
+        """teacher -> its deduplicated output names in the caller's order, each one the teacher provides."""
+        if isinstance(outputs, Mapping):
+            if set(outputs) != set(teachers):
+                raise ValueError(f"the outputs mapping must name exactly the teachers {list(teachers)}; "
+                                 f"got {list(outputs)}")
+            per_teacher = {teacher: outputs[teacher] for teacher in teachers}
+        else:
+            per_teacher = {teacher: outputs for teacher in teachers}
+        requested = {}
+        for teacher, names in per_teacher.items():
+            if isinstance(names, str):
+                raise ValueError(f"outputs for teacher {teacher!r} must be a list of output names; got the "
+                                 f"string {names!r} (did you mean [{names!r}]?)")
+            description = limits.teachers[teacher]
+            unknown = [name for name in names if name not in description.outputs]
+            if unknown:
+                raise ValueError(f"teacher {teacher!r} has no outputs {unknown}; it provides "
+                                 f"{', '.join(description.outputs)}")
+            if names and self.output_dtype not in description.output_dtypes:
+                raise ValueError(f"teacher {teacher!r} cannot return output_dtype {self.output_dtype!r}; it "
+                                 f"returns {', '.join(description.output_dtypes)}")
+            requested[teacher] = list(dict.fromkeys(names))
+        return requested
+
+    def _read_cache(self, requested: dict[str, list[str]], digests: list[bytes], limits: _ServiceLimits,
+                    results: dict[str, dict[str, torch.Tensor]]) -> dict[str, list[int]]:
+        """Fill in every (teacher, image) whose requested outputs are all in the store, with one multi-get;
+        return, per teacher, the batch positions the service must answer."""
+        everything = list(range(len(digests)))
+        misses = {teacher: everything if names else [] for teacher, names in requested.items()}
+        looked_up = [teacher for teacher, names in requested.items()
+                     if names and self.store is not None and limits.teachers[teacher].cached]
+        if not looked_up:
+            return misses
+        keys = [output_key(limits.teachers[teacher].identity, output, self.output_dtype, 0, digest)
+                for teacher in looked_up for output in requested[teacher] for digest in digests]
+        values = iter(self.store.get_many(keys))
+        hits = 0
+        for teacher in looked_up:
+            by_output = {output: [next(values) for _ in digests] for output in requested[teacher]}
+            hit = [i for i in everything if all(cached[i] is not None for cached in by_output.values())]
+            if hit:
+                positions = torch.tensor(hit)
+                for output, cached in by_output.items():
+                    results[teacher][output][positions] = torch.stack([cached[i] for i in hit]).float()
+            hit_set = set(hit)
+            misses[teacher] = [i for i in everything if i not in hit_set]
+            hits += len(hit)
+        self._count(cache_hits=hits, cache_misses=len(looked_up) * len(digests) - hits)
+        return misses
+
+    def _samples_per_request(self, images: torch.Tensor, teachers: list[str], outputs: list[str],
+                             limits: _ServiceLimits) -> int:
+        """Most images one request may carry: within max_batch_size and max_request_samples, and with the
+        serialized request under max_message_bytes."""
+        bound = limits.max_batch_size
+        if self.max_request_samples is not None:
+            bound = min(bound, self.max_request_samples)
+        sample_bytes = math.prod(images.shape[1:])
+        empty = self._request(teachers, outputs, images[:0], request_id=uuid.uuid4().hex)
+        empty.images.shape[0] = bound  # the widest batch-size varint this request can carry
+        room = limits.max_message_bytes - empty.ByteSize() - _IMAGE_FIELD_OVERHEAD_BYTES
+        if room < sample_bytes:
+            raise ValueError(
+                f"one image of shape {tuple(images.shape[1:])} ({sample_bytes} bytes) does not fit in a request "
+                f"under the server's max_message_bytes={limits.max_message_bytes} at {self.address}")
+        return min(bound, room // sample_bytes)
+
+    def _request(self, teachers: list[str], outputs: list[str], images: torch.Tensor, *,
+                 request_id: str) -> teacher_pb2.InferRequest:
+        dtype, shape, data = tensor_to_bytes(images)
+        return teacher_pb2.InferRequest(
+            teachers=teachers,
+            outputs=outputs,
+            output_dtype=_proto_dtype(self.output_dtype),
+            images=teacher_pb2.Tensor(dtype=_proto_dtype(dtype), shape=shape, data=data),
+            request_id=request_id,
+        )
+
+    def _infer(self, images: torch.Tensor, teachers: list[str], outputs: list[str], limits: _ServiceLimits
+               ) -> list[_Chunk]:
+        """One Infer request, its whole stream decoded and checked to cover every image of every teacher
+        exactly once. A retry repeats the whole stream."""
+        request_id = uuid.uuid4().hex
+        request = self._request(teachers, outputs, images, request_id=request_id)
+
+        def call() -> list[teacher_pb2.InferResponse]:
+            return list(self._stub.Infer(request, timeout=self.timeout_seconds))
+
+        responses = self._call(f"Infer (request {request_id})", call, {grpc.StatusCode.UNAVAILABLE})
+        batch_size = images.shape[0]
+        covered = {teacher: torch.zeros(batch_size, dtype=torch.int32) for teacher in teachers}
+        chunks = []
+        for response in responses:
+            if response.teacher not in covered:
+                raise self._malformed(request_id, f"a chunk for teacher {response.teacher!r}, not one of "
+                                                  f"{teachers}")
+            chunk = self._decode(response, batch_size, outputs, limits.teachers[response.teacher], request_id)
+            covered[chunk.teacher][chunk.start:chunk.start + chunk.count] += 1
+            chunks.append(chunk)
+        for teacher, times in covered.items():
+            if not bool((times == 1).all()):
+                raise self._malformed(request_id, f"the chunks of teacher {teacher!r} cover samples "
+                                                  f"{times.tolist()} times each; each must be covered once")
+        self._count(requests=1)
+        return chunks
+
+    def _decode(self, response: teacher_pb2.InferResponse, batch_size: int, outputs: list[str],
+                description: TeacherDescription, request_id: str) -> _Chunk:
+        if response.count < 1 or response.start + response.count > batch_size:
+            raise self._malformed(request_id, f"chunk start={response.start} count={response.count} outside "
+                                              f"the request's {batch_size} samples")
+        if sorted(response.outputs) != sorted(outputs):
+            raise self._malformed(request_id, f"chunk outputs {sorted(response.outputs)}, asked for {outputs}")
+        values = {}
+        for name, message in response.outputs.items():
+            try:
+                tensor = tensor_from_bytes(message.data, _dtype_name(message.dtype), message.shape)
+            except (CodecError, KeyError, ValueError) as error:
+                raise self._malformed(request_id, f"output {name!r}: {error}") from error
+            expected = (response.count, *description.output_shape(name))
+            if tuple(tensor.shape) != expected:
+                raise self._malformed(request_id, f"output {name!r} of teacher {response.teacher!r} has shape "
+                                                  f"{tuple(tensor.shape)}, expected {expected}")
+            values[name] = tensor.float()
+        return _Chunk(response.teacher, response.start, response.count, values)
+
+    def _malformed(self, request_id: str, problem: str) -> TeacherServiceError:
+        return TeacherServiceError(
+            f"teacher service at {self.address}: Infer (request {request_id}) answered a malformed stream: "
+            f"{problem}", address=self.address)
+
+    # --- service description, channel, retries ----------------------------------------------------------
+
+    def _service_limits(self) -> _ServiceLimits:
+        if self._limits is None:
+            response = self._call(
+                "ListTeachers",
+                lambda: self._stub.ListTeachers(teacher_pb2.ListTeachersRequest(), timeout=self.timeout_seconds),
+                {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED},
+            )
+            limits = _ServiceLimits(
+                teachers={info.name: TeacherDescription.from_proto(info) for info in response.teachers},
+                max_batch_size=response.max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+                max_message_bytes=response.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+            )
+            if limits.max_message_bytes != self._channel_message_bytes:
+                # Responses up to the server's limit must be receivable: reopen the channel sized for them.
+                self._channel.close()
+                self._channel, self._stub = self._open_channel(limits.max_message_bytes)
+                self._channel_message_bytes = limits.max_message_bytes
+            self._limits = limits
+        return self._limits
+
+    def _open_channel(self, max_message_bytes: int
+                      ) -> tuple[grpc.Channel, teacher_pb2_grpc.TeacherServiceStub]:
+        backoff_ms = max(1, round(self.backoff_seconds * 1000))
+        channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Reconnect on the same schedule as the retries, so that a service back up is found by the next
+            # retry rather than after gRPC's default reconnect backoff (1 s growing to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms * 2 ** self.retries),
+        ])
+        return channel, teacher_pb2_grpc.TeacherServiceStub(channel)
+
+    def _call(self, rpc: str, call: Callable[[], _Result], retry_codes: Collection[grpc.StatusCode]) -> _Result:
+        """Run `call`, repeating it with exponential backoff while it fails with one of `retry_codes`."""
+        attempts = Retrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential(multiplier=self.backoff_seconds),
+            retry=retry_if_exception(_is_status(retry_codes)),
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        try:
+            return attempts(call)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details()
+            if code in retry_codes:
+                raise TeacherServiceUnavailable(
+                    f"teacher service at {self.address} unavailable: {rpc} failed {self.retries + 1} times, "
+                    f"last with {code.name}: {details}", address=self.address, code=code) from error
+            raise TeacherServiceError(f"teacher service at {self.address}: {rpc} failed with {code.name}: "
+                                      f"{details}", address=self.address, code=code) from error
+
+    def _count_retry(self, _: RetryCallState) -> None:
+        self._count(retries=1)
+
+    def _count(self, **increments: int) -> None:
+        current = self._stats
+        self._stats = ClientStats(**{name: getattr(current, name) + increments.get(name, 0)
+                                     for name in ClientStats.__dataclass_fields__})

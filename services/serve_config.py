@@ -1,0 +1,181 @@
+"""The teacher-service schema: one YAML file (e.g. configs/serve/digits.yaml) validated by pydantic.
+
+It says which teachers to host and how each is deployed on Ray Serve (replicas, dynamic batching, resources,
+precision), where the gRPC ingress listens and with what limits, which output cache it shares, and where the
+Prometheus metrics are exposed. A wrong field gets one `ServeConfigError` naming the field, the value and what
+is allowed. YAML is data only: it never imports code.
+
+Paths are resolved when the file is loaded: relative checkpoint and cache paths against the working directory
+of the process that loads it (Ray replicas may run elsewhere), and `${VAR}` in the cache URI from the
+environment, so that one file serves a laptop and a cluster (e.g. `uri: ${EKD_CACHE_URI}`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.engine import PRECISIONS
+from services.zoo import list_teachers
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServeConfigError(ValueError):
+    """A service config that cannot be used; the message is meant for a person, without a traceback."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
+class TeacherDeploymentConfig(_Section):
+    """One hosted teacher and the Ray Serve deployment that runs it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="unique name on the server; what InferRequest.teachers refers to")
+    architecture: str = Field(description="architecture from the model zoo (services.zoo.list_teachers())")
+    num_classes: int = Field(ge=1, description="number of classes the checkpoint was trained for")
+    checkpoint: str = Field(description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative paths "
+                            "are resolved against the working directory")
+    num_replicas: int = Field(1, ge=1, description="replicas of this teacher's deployment")
+    max_batch_size: int = Field(64, ge=1, description="most samples one forward pass runs: @serve.batch merges "
+                                "concurrent requests up to this many samples (changeable at run time)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="how long a partial batch waits for more "
+                                        "requests before it runs (changeable at run time)")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="requests one replica holds at once; "
+                                             "default 4 x max_batch_size, so that batches can fill")
+    num_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
+        "auto", description="GPUs per replica; 'auto' is 1 where CUDA is visible to the deploying process, else 0")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
+    precision: str = Field("auto", description=f"engine precision: {', '.join(PRECISIONS)} ('auto' is bf16 "
+                           "autocast on CUDA, fp32 on CPU)")
+    compile: bool = Field(False, description="torch.compile the model in each replica")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, architecture: str) -> str:
+        if architecture not in list_teachers():
+            raise ValueError(f"unknown architecture {architecture!r}; allowed: {', '.join(list_teachers())}")
+        return architecture
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, checkpoint: str) -> str:
+        if not checkpoint:
+            raise ValueError("checkpoint must be a file path")
+        return _absolute(checkpoint)
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, precision: str) -> str:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        return precision
+
+    @model_validator(mode="after")
+    def _default_max_ongoing_requests(self) -> TeacherDeploymentConfig:
+        if self.max_ongoing_requests is None:
+            self.max_ongoing_requests = 4 * self.max_batch_size
+        return self
+
+    def batching(self) -> dict[str, float | int]:
+        """The deployment's `user_config`: the batching knobs that `reconfigure` applies at run time."""
+        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+
+
+class GrpcConfig(_Section):
+    """Where the gRPC ingress listens and the limits it announces in ListTeachers."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="interface to bind; 0.0.0.0 in a container")
+    port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one (reported when ready)")
+    max_batch_size: int = Field(512, ge=1, description="most samples one InferRequest may carry")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024,
+                                   description="gRPC message size limit for requests and responses, in bytes")
+    default_chunk_size: int = Field(256, ge=1, description="samples per streamed InferResponse when the request "
+                                    "leaves chunk_size at 0")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class CacheConfig(_Section):
+    """The content-keyed output cache the ingress reads before and writes after a forward pass."""
+
+    uri: str | None = Field(None, description="lmdb:///abs/path, a plain path (LMDB; relative to the working "
+                            "directory), or redis://host:port/db; ${VAR} expands from the environment; "
+                            "absent: no cache")
+    output_dtype: Literal["float16", "float32", "bfloat16"] = Field(
+        "float16", description="dtype the outputs are stored in")
+
+    @field_validator("uri")
+    @classmethod
+    def _expanded_uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        missing = [name for name in _ENV_REFERENCE.findall(uri) if name not in os.environ]
+        if missing:
+            raise ValueError(f"cache URI {uri!r} refers to unset environment variables: {', '.join(missing)}")
+        uri = _ENV_REFERENCE.sub(lambda match: os.environ[match.group(1)], uri)
+        if not uri:
+            raise ValueError("cache URI is empty; leave uri out to run without a cache")
+        return uri if "://" in uri else _absolute(uri)
+
+
+class ServeConfig(_Section):
+    """Everything `ekd serve` and `serve deploy` need to bring up the teacher service."""
+
+    teachers: list[TeacherDeploymentConfig] = Field(min_length=1, description="teachers to host, one deployment "
+                                                    "each")
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="port of the ingress's Prometheus "
+                                     "endpoint (/metrics); absent: not exposed")
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_names(cls, teachers: list[TeacherDeploymentConfig]) -> list[TeacherDeploymentConfig]:
+        names = [teacher.name for teacher in teachers]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"teacher names must be unique on the server; repeated: {', '.join(repeated)}")
+        return teachers
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: the field's dotted location, what is wrong, and the offending value."""
+    lines = []
+    for error in err.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {where}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_serve_config(path: str | os.PathLike) -> ServeConfig:
+    """Read and validate a service config YAML; every problem becomes one ServeConfigError naming the fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ServeConfigError(f"service config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ServeConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ServeConfigError(f"{path} must hold a mapping of service config fields, got {type(raw).__name__}")
+    try:
+        return ServeConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ServeConfigError(f"{path}: invalid service config\n{format_validation_error(err)}") from None

@@ -1,0 +1,73 @@
+"""The `ekd` console script as a user runs it: a real process, real files, real exit codes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+EKD = str(Path(sys.executable).parent / "ekd")
+
+TINY = """
+name: tiny-kd
+seed: 0
+data: {{dataset: digits, image_size: 8, views: 2, pad: 1, batch_size: 128}}
+teachers:
+  - {{name: cifar_resnet20, checkpoint: {checkpoint}, train: {{epochs: 2, lr: 0.05}}}}
+method: {{name: kd, student: {{arch: cifar_resnet8}}}}
+train: {{epochs: 2, lr: 0.05}}
+output_dir: {output}
+"""
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([EKD, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_distill_trains_missing_teacher_then_reuses_it(tmp_path):
+    checkpoint = tmp_path / "teachers" / "r20.pt"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(checkpoint=checkpoint, output=tmp_path / "runs"))
+
+    first = run("distill", str(config), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "no checkpoint at" in first.stderr and "training it" in first.stderr
+    assert checkpoint.is_file()
+    assert "tiny-kd" in first.stdout and "test accuracy" in first.stdout
+
+    run_dir = tmp_path / "runs" / "tiny-kd"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results[0]["method"] == "kd" and 0.0 <= results[0]["test_accuracy"] <= 1.0
+    assert results[0]["teachers"][0]["name"] == "cifar_resnet20"
+    assert (run_dir / "accuracy_vs_params.png").stat().st_size > 1000
+    exported = torch.load(run_dir / "students" / "student.pt", weights_only=True)
+    assert exported["format"] == "ekd.student.v1" and exported["state_dict"]
+
+    second = run("distill", str(config), "--seeds", "1", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "training it" not in second.stderr
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmethod: {name: kd, temperature: 0}\nteachers: []\n")
+    cases = [
+        ("distill", str(tmp_path / "missing.yaml")),
+        ("distill", str(bad)),
+        ("teachers", "train", str(bad)),
+    ]
+    for args in cases:
+        result = run(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "error:" in result.stderr and "Traceback" not in result.stderr
+    assert "method.kd.temperature" in run("distill", str(bad), cwd=tmp_path).stderr
+
+
+def test_teachers_train_saves_checkpoints(tmp_path):
+    checkpoint = tmp_path / "r20.pt"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(checkpoint=checkpoint, output=tmp_path / "runs"))
+    result = run("teachers", "train", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert str(checkpoint) in result.stdout and checkpoint.is_file()
