@@ -39,6 +39,20 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
+MaxBatchSize = Annotated[int, Field(ge=1, description="most samples one forward pass runs: @serve.batch merges "
+                                  "concurrent requests up to this many samples (changeable at run time)")]
+BatchWaitTimeout = Annotated[float, Field(ge=0, le=10, description="seconds a partial batch waits for more "
+                                          "requests before it runs (changeable at run time)")]
+
+
+class BatchingConfig(_Section):
+    """A teacher deployment's `user_config`: the dynamic-batching knobs `reconfigure` applies at run time, so
+    that a Serve config update (e.g. a RayService's serveConfigV2) retunes them without restarting replicas."""
+
+    max_batch_size: MaxBatchSize
+    batch_wait_timeout_s: BatchWaitTimeout
+
+
 class TeacherDeploymentConfig(_Section):
     """One hosted teacher and the Ray Serve deployment that runs it."""
 
@@ -49,10 +63,8 @@ class TeacherDeploymentConfig(_Section):
     checkpoint: str = Field(description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative paths "
                             "are resolved against the working directory")
     num_replicas: int = Field(1, ge=1, description="replicas of this teacher's deployment")
-    max_batch_size: int = Field(64, ge=1, description="most samples one forward pass runs: @serve.batch merges "
-                                "concurrent requests up to this many samples (changeable at run time)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="how long a partial batch waits for more "
-                                        "requests before it runs (changeable at run time)")
+    max_batch_size: MaxBatchSize = 64
+    batch_wait_timeout_s: BatchWaitTimeout = 0.01
     max_ongoing_requests: int | None = Field(None, ge=1, description="requests one replica holds at once; "
                                              "default 4 x max_batch_size, so that batches can fill")
     num_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
@@ -89,9 +101,8 @@ class TeacherDeploymentConfig(_Section):
             self.max_ongoing_requests = 4 * self.max_batch_size
         return self
 
-    def batching(self) -> dict[str, float | int]:
-        """The deployment's `user_config`: the batching knobs that `reconfigure` applies at run time."""
-        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
 
 
 class GrpcConfig(_Section):

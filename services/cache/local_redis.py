@@ -1,0 +1,97 @@
+"""A private redis-server process on a free 127.0.0.1 port: for tests, benchmarks and local demos.
+
+Production points the cache at a managed Redis by URL; this only starts the Debian `redis-server` binary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+START_TIMEOUT_SECONDS = 10.0
+PORT_ATTEMPTS = 3
+
+
+class RedisServerError(RuntimeError):
+    """redis-server is missing or did not start."""
+
+
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists()
+                                              else None)
+    if binary is None:
+        raise RedisServerError("redis-server not found on PATH or at /usr/bin/redis-server; install it: "
+                               "`apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` (macOS)")
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _wait_for_ping(server: RedisServer, log_path: Path) -> bool:
+    """True once the server answers PING; False if it exited (e.g. the port was taken meanwhile)."""
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                return False
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                if client.ping():
+                    return True
+            time.sleep(0.05)
+    finally:
+        client.close()
+    server.stop()
+    raise RedisServerError(f"redis-server did not answer PING within {START_TIMEOUT_SECONDS} s; "
+                           f"log:\n{log_path.read_text()}")
+
+
+@contextlib.contextmanager
+def running_redis_server(directory: Path, *config_args: str) -> Iterator[RedisServer]:
+    """A redis-server on a free 127.0.0.1 port, persisting nothing, with extra `--option value` args."""
+    binary = redis_server_binary()
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "redis.log"
+    for _ in range(PORT_ATTEMPTS):
+        port = free_port()
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+             "--appendonly", "no", "--logfile", str(log_path), *config_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        server = RedisServer(url=f"redis://127.0.0.1:{port}/0", process=process)
+        if _wait_for_ping(server, log_path):
+            break
+    else:
+        raise RedisServerError(f"redis-server exited at start {PORT_ATTEMPTS} times; log:\n{log_path.read_text()}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,487 @@
+"""The gRPC TeacherService of proto/ekd/v1/teacher.proto on grpc.aio: validation, the output cache, streaming.
+
+An Infer request is validated completely before any work starts; a bad one ends with the status code the proto
+names and a message saying what is allowed. Then every requested teacher runs concurrently: cache lookups for
+all its (sample, output) entries, one forward pass over the samples with any miss, a cast to the requested
+dtype, and messages of at most `chunk_size` samples (fewer where they would not fit under the message size
+limit) put on one queue that the response stream drains, so the first teacher's results leave before the last
+teacher is done. Computed outputs are written back to the cache before the stream ends, so the next identical
+request is a hit. The cache only ever saves work: when it fails, the request is computed and still answered.
+
+Cache entries, one per sample and output (shared with `services.client`, which reads the same store directly):
+
+    output_key(identity, "logits", dtype, 0, digest)  -> logits [num_classes], in dtype
+    output_key(identity, tap, dtype, 0, digest)       -> tap [channels, height, width], in dtype
+    output_key(identity, "logits", dtype, k, digest)  -> top-k (k > 0): the k largest logits [k], descending
+    output_key(identity, "logits", "int64", k, digest) -> top-k: their class indices [k], int64
+
+Top-k is taken on the float32 logits and only its values are cast, so the indices do not depend on the output
+dtype and one entry holds them for every dtype. A teacher without `weights_sha256` (random initialisation) is
+never cached: its identity does not pin its weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from services._generated import teacher_pb2, teacher_pb2_grpc
+from services.backends import BackendUnavailableError, TeacherBackend
+from services.cache import CacheError, TeacherOutputStore, input_digests, output_key
+from services.codec import DTYPES, DTYPES_BY_PROTO_NAME, PROTO_DTYPE_NAMES, tensor_from_bytes, tensor_to_bytes
+from services.engine import LOGITS
+from services.metrics import NO_TEACHER, Metrics
+from services.zoo import TeacherSpec
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+"""The dtypes outputs can be served in (InferRequest.output_dtype), by their Python names."""
+
+DEFAULT_MAX_BATCH_SIZE = 512
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 64
+
+# Room in each InferResponse for everything but the tensor payloads and `cached` flags: the teacher name and
+# output names (added per message), start and count, each Tensor's dtype, shape and length prefixes.
+_MESSAGE_FRAMING_BYTES = 512
+_TENSOR_FRAMING_BYTES = 64
+
+_INDICES_DTYPE = "int64"
+
+
+class _RequestError(Exception):
+    """Ends an RPC with `code` and `message` (the status the client sees)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Hosted:
+    """A hosted teacher as the servicer needs it: spec and tap shapes, read once from the backend."""
+
+    spec: TeacherSpec
+    feature_shapes: dict[str, tuple[int, int, int]]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [LOGITS, *self.spec.taps]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One tensor of one sample's answer: what it is, its cache key fields and its per-sample shape.
+
+    `role` is "output" (a logits or tap map entry), "top_k_values" or "top_k_indices".
+    """
+
+    role: str
+    output: str
+    dtype: str
+    top_k: int
+    shape: tuple[int, ...]
+
+    @property
+    def sample_bytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    def key(self, identity: str, digest: bytes) -> bytes:
+        return output_key(identity, self.output, self.dtype, self.top_k, digest)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated Infer request."""
+
+    teachers: list[str]
+    outputs: list[str]
+    images: torch.Tensor
+    parts: dict[str, list[_Part]]
+    chunk_sizes: dict[str, int]
+    request_id: str
+
+
+class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
+    """Serves the teachers of `backend`, caching their outputs in `store` (None: no cache).
+
+    The hosted teachers are read from the backend once, here. `max_message_bytes` must equal the server's
+    gRPC message length limits (`services.server.create_server` sets both).
+    """
+
+    def __init__(self, backend: TeacherBackend, store: TeacherOutputStore | None, metrics: Metrics, *,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 default_chunk_size: int = DEFAULT_CHUNK_SIZE, default_dtype: str = "float16") -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_message_bytes <= _MESSAGE_FRAMING_BYTES:
+            raise ValueError(f"max_message_bytes must exceed {_MESSAGE_FRAMING_BYTES}, got {max_message_bytes}")
+        if default_chunk_size < 1:
+            raise ValueError(f"default_chunk_size must be at least 1, got {default_chunk_size}")
+        if default_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"default_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {default_dtype!r}")
+        self._backend = backend
+        self._store = store
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_message_bytes = max_message_bytes
+        self.default_chunk_size = default_chunk_size
+        self.default_dtype = default_dtype
+        self._hosted = {name: _Hosted(spec, backend.feature_shapes(name))
+                        for name, spec in sorted(backend.specs().items())}
+        if not self._hosted:
+            raise ValueError("the backend hosts no teachers")
+        self._teacher_list = self._list_teachers_response()
+        # Corrupt values are only visible as a change in the store's stats; reading them around each lookup
+        # under one lock attributes every corrupt value to the teacher whose lookup found it.
+        self._cache_read_lock = threading.Lock()
+
+    # ---- RPCs -----------------------------------------------------------------------------------------
+
+    async def ListTeachers(self, request: teacher_pb2.ListTeachersRequest,
+                           context: grpc.aio.ServicerContext) -> teacher_pb2.ListTeachersResponse:
+        with self.metrics.request_seconds.labels("ListTeachers").time():
+            return self._teacher_list
+
+    async def Infer(self, request: teacher_pb2.InferRequest, context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[teacher_pb2.InferResponse]:
+        started = time.perf_counter()
+        labels = [name for name in dict.fromkeys(request.teachers) if name in self._hosted] or [NO_TEACHER]
+        for label in labels:
+            self.metrics.requests.labels(label).inc()
+        try:
+            plan = self._validate(request)
+            async for response in self._stream(plan):
+                yield response
+        except _RequestError as error:
+            for label in labels:
+                self.metrics.request_errors.labels(label, error.code.name).inc()
+            await context.abort(error.code, error.message)
+        finally:
+            self.metrics.request_seconds.labels("Infer").observe(time.perf_counter() - started)
+
+    # ---- validation -----------------------------------------------------------------------------------
+
+    def _validate(self, request: teacher_pb2.InferRequest) -> _Plan:
+        hosted_names = ", ".join(self._hosted)
+        teachers = list(request.teachers)
+        if not teachers:
+            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"no teachers requested; hosted teachers: {hosted_names}")
+        _reject_duplicates(teachers, "teachers")
+        unknown = [name for name in teachers if name not in self._hosted]
+        if unknown:
+            raise _RequestError(grpc.StatusCode.NOT_FOUND,
+                                f"unknown teachers {unknown}; hosted teachers: {hosted_names}")
+        outputs = list(request.outputs) or [LOGITS]
+        _reject_duplicates(outputs, "outputs")
+        for name in teachers:
+            available = self._hosted[name].outputs
+            missing = [output for output in outputs if output not in available]
+            if missing:
+                raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"teacher {name!r} has no outputs {missing}; available outputs of "
+                                    f"{name!r}: {', '.join(available)}")
+        dtype = self._output_dtype(request.output_dtype)
+        top_k = request.top_k
+        fewest_classes = min(self._hosted[name].spec.num_classes for name in teachers)
+        if top_k > fewest_classes:
+            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"top_k={top_k} exceeds the number of classes; allowed: 0 (full logits) to "
+                                f"{fewest_classes} (the fewest classes of the requested teachers)")
+        images = self._images(request.images, teachers)
+        top_k = top_k if LOGITS in outputs else 0
+        parts = {name: self._parts(self._hosted[name], outputs, dtype, top_k) for name in teachers}
+        chunk_size = request.chunk_size or self.default_chunk_size
+        chunk_sizes = {name: self._fitting_chunk_size(name, parts[name], chunk_size) for name in teachers}
+        return _Plan(teachers, outputs, images, parts, chunk_sizes, request.request_id)
+
+    def _output_dtype(self, value: int) -> str:
+        if value == teacher_pb2.DTYPE_UNSPECIFIED:
+            return self.default_dtype
+        name = DTYPES_BY_PROTO_NAME.get(_proto_dtype_name(value))
+        if name not in OUTPUT_DTYPES:
+            allowed = ", ".join(PROTO_DTYPE_NAMES[dtype] for dtype in OUTPUT_DTYPES)
+            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"output_dtype {_proto_dtype_name(value)} is not allowed; allowed: {allowed} "
+                                f"(or DTYPE_UNSPECIFIED for the server default, "
+                                f"{PROTO_DTYPE_NAMES[self.default_dtype]})")
+        return name
+
+    def _images(self, images: teacher_pb2.Tensor, teachers: Sequence[str]) -> torch.Tensor:
+        channels = {name: self._hosted[name].spec.preprocessing.in_chans for name in teachers}
+        if len(set(channels.values())) > 1:
+            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the requested teachers take different channel counts {channels}; "
+                                f"ask them in separate requests")
+        expected_channels = channels[teachers[0]]
+        sizes = ", ".join(f"{name!r} resizes to {self._hosted[name].spec.preprocessing.input_size}px"
+                          for name in teachers)
+        spec = (f"expected images uint8 [B, {expected_channels}, H, W] with 1 <= B <= {self.max_batch_size} "
+                f"and H, W >= 1, as B*{expected_channels}*H*W bytes of raw pixels ({sizes})")
+        shape = list(images.shape)
+        problem = None
+        if images.dtype != teacher_pb2.UINT8:
+            problem = f"dtype {_proto_dtype_name(images.dtype)}"
+        elif len(shape) != 4:
+            problem = f"{len(shape)} dimensions (shape {shape})"
+        elif any(dim < 0 for dim in shape):
+            problem = f"a negative dimension (shape {shape})"
+        elif shape[1] != expected_channels:
+            problem = f"{shape[1]} channels (shape {shape})"
+        elif shape[0] == 0 or shape[2] == 0 or shape[3] == 0:
+            problem = f"an empty batch (shape {shape})"
+        if problem:
+            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{spec}; got {problem}")
+        if shape[0] > self.max_batch_size:
+            raise _RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"batch of {shape[0]} images exceeds max_batch_size={self.max_batch_size}; "
+                                f"split it into requests of at most {self.max_batch_size} images")
+        if len(images.data) != math.prod(shape):
+            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{spec}; got {len(images.data)} bytes for shape {shape}, "
+                                f"which needs {math.prod(shape)}")
+        return tensor_from_bytes(images.data, "uint8", shape)
+
+    @staticmethod
+    def _parts(hosted: _Hosted, outputs: Sequence[str], dtype: str, top_k: int) -> list[_Part]:
+        parts = []
+        for output in outputs:
+            if output != LOGITS:
+                parts.append(_Part("output", output, dtype, 0, hosted.feature_shapes[output]))
+            elif top_k == 0:
+                parts.append(_Part("output", LOGITS, dtype, 0, (hosted.spec.num_classes,)))
+            else:
+                parts.append(_Part("top_k_values", LOGITS, dtype, top_k, (top_k,)))
+                parts.append(_Part("top_k_indices", LOGITS, _INDICES_DTYPE, top_k, (top_k,)))
+        return parts
+
+    def _fitting_chunk_size(self, teacher: str, parts: Sequence[_Part], chunk_size: int) -> int:
+        """The requested chunk size, shrunk until a message of that many samples fits the size limit."""
+        framing = (_MESSAGE_FRAMING_BYTES + len(teacher.encode())
+                   + sum(_TENSOR_FRAMING_BYTES + len(part.output.encode()) for part in parts))
+        sample_bytes = sum(part.sample_bytes for part in parts) + 1  # + its `cached` flag
+        fitting = (self.max_message_bytes - framing) // sample_bytes
+        if fitting < 1:
+            raise _RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"one sample's outputs of teacher {teacher!r} take {sample_bytes} bytes, more "
+                                f"than fit in max_message_bytes={self.max_message_bytes}; request fewer "
+                                f"outputs or a smaller output_dtype")
+        return min(chunk_size, fitting)
+
+    # ---- computing and streaming ----------------------------------------------------------------------
+
+    async def _stream(self, plan: _Plan) -> AsyncIterator[teacher_pb2.InferResponse]:
+        cached_teachers = [name for name in plan.teachers if self._is_cached(name)]
+        digests = await asyncio.to_thread(input_digests, plan.images) if cached_teachers else None
+        queue: asyncio.Queue[teacher_pb2.InferResponse | _RequestError | str] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._serve_teacher(name, plan, digests, queue)) for name in plan.teachers]
+        try:
+            unfinished = set(plan.teachers)
+            while unfinished:
+                item = await queue.get()
+                if isinstance(item, _RequestError):
+                    raise item
+                if isinstance(item, str):  # that teacher has sent everything
+                    unfinished.discard(item)
+                    continue
+                self.metrics.served_bytes.labels(item.teacher).inc(item.ByteSize())
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _is_cached(self, name: str) -> bool:
+        return self._store is not None and self._hosted[name].spec.weights_sha256 is not None
+
+    async def _serve_teacher(self, name: str, plan: _Plan, digests: list[bytes] | None,
+                             queue: asyncio.Queue) -> None:
+        """Put teacher `name`'s messages on `queue`, then its name once they are all there (or an error)."""
+        try:
+            parts = plan.parts[name]
+            batch = plan.images.shape[0]
+            identity = self._hosted[name].spec.identity
+            keys = ({part: [part.key(identity, digest) for digest in digests] for part in parts}
+                    if digests is not None and self._is_cached(name) else None)
+            found = await self._cache_get(name, parts, keys) if keys is not None else None
+            hit = [found is not None and all(found[part][i] is not None for part in parts) for i in range(batch)]
+            misses = [i for i in range(batch) if not hit[i]]
+            computed = await self._compute(name, plan, parts, misses) if misses else {}
+            responses = await asyncio.to_thread(self._responses, name, plan, parts, found, computed, hit, misses)
+            for response in responses:
+                queue.put_nowait(response)
+            if keys is not None and misses:
+                await self._cache_put(name, [(keys[part][i], computed[part][row])
+                                             for part in parts for row, i in enumerate(misses)])
+            queue.put_nowait(name)
+        except _RequestError as error:
+            queue.put_nowait(error)
+        except BackendUnavailableError as error:
+            logger.warning("teacher %r unavailable (request %r): %s", name, plan.request_id, error)
+            queue.put_nowait(_RequestError(grpc.StatusCode.UNAVAILABLE, f"teacher {name!r} is unavailable: "
+                                                                        f"{error}; retry later"))
+        except Exception as error:  # a failed forward pass fails this request, never the server
+            logger.exception("teacher %r failed (request %r)", name, plan.request_id)
+            queue.put_nowait(_RequestError(grpc.StatusCode.INTERNAL,
+                                           f"teacher {name!r} failed: {type(error).__name__}: {error}"))
+
+    async def _compute(self, name: str, plan: _Plan, parts: Sequence[_Part], misses: list[int]
+                       ) -> dict[_Part, torch.Tensor]:
+        """Forward the missed samples; every part of them as [len(misses), ...] tensors."""
+        images = plan.images if len(misses) == plan.images.shape[0] else plan.images[misses]
+        started = time.perf_counter()
+        outputs = await self._backend.infer(name, images, plan.outputs)
+        self.metrics.inference_seconds.labels(name).observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(name).observe(len(misses))
+        hosted = self._hosted[name]
+        for output in plan.outputs:
+            sample_shape = (hosted.spec.num_classes,) if output == LOGITS else hosted.feature_shapes[output]
+            expected = [len(misses), *sample_shape]
+            if output not in outputs or list(outputs[output].shape) != expected:
+                got = list(outputs[output].shape) if output in outputs else "nothing"
+                raise RuntimeError(f"backend returned {got} for output {output!r}, expected shape {expected}")
+        computed = {}
+        for part in parts:
+            if part.role == "output":
+                computed[part] = outputs[part.output].to(DTYPES[part.dtype])
+                continue
+            # Taken on float32 so that the indices do not depend on the output dtype (see the module doc).
+            values, indices = torch.topk(outputs[LOGITS].float(), part.top_k, dim=1)
+            computed[part] = values.to(DTYPES[part.dtype]) if part.role == "top_k_values" else indices
+        return computed
+
+    def _responses(self, name: str, plan: _Plan, parts: Sequence[_Part],
+                   found: dict[_Part, list[torch.Tensor | None]] | None, computed: dict[_Part, torch.Tensor],
+                   hit: list[bool], misses: list[int]) -> list[teacher_pb2.InferResponse]:
+        """The teacher's answer, cached and computed samples merged in input order, cut into chunks."""
+        batch = len(hit)
+        chunk_size = plan.chunk_sizes[name]
+        whole = {}
+        for part in parts:
+            if not misses:
+                whole[part] = torch.stack(found[part])
+            elif len(misses) == batch:
+                whole[part] = computed[part]
+            else:
+                merged = torch.empty((batch, *part.shape), dtype=DTYPES[part.dtype])
+                for i in range(batch):
+                    if hit[i]:
+                        merged[i] = found[part][i]
+                merged[misses] = computed[part]
+                whole[part] = merged
+        responses = []
+        for start in range(0, batch, chunk_size):
+            end = min(start + chunk_size, batch)
+            response = teacher_pb2.InferResponse(teacher=name, start=start, count=end - start,
+                                                 cached=hit[start:end])
+            for part in parts:
+                if part.role == "output":
+                    target = response.outputs[part.output]
+                elif part.role == "top_k_values":
+                    target = response.logits_top_k.values
+                else:
+                    target = response.logits_top_k.indices
+                _fill_tensor(target, whole[part][start:end])
+            responses.append(response)
+        return responses
+
+    # ---- cache ----------------------------------------------------------------------------------------
+
+    async def _cache_get(self, name: str, parts: Sequence[_Part], keys: dict[_Part, list[bytes]]
+                         ) -> dict[_Part, list[torch.Tensor | None]] | None:
+        """The cached value of every key, None where missing or not of the part's dtype and shape; None
+        altogether when the cache fails."""
+        flat_keys = [key for part in parts for key in keys[part]]
+        try:
+            values, corrupt = await asyncio.to_thread(self._lookup, flat_keys)
+        except Exception as error:  # the cache only saves work: whatever fails in it, compute instead
+            self._cache_failed(name, "get", error)
+            return None
+        found: dict[_Part, list[torch.Tensor | None]] = {}
+        batch = len(flat_keys) // len(parts)
+        for index, part in enumerate(parts):
+            column = values[index * batch:(index + 1) * batch]
+            # A value of another dtype or shape under this key can only be foreign or stale: recompute it.
+            fitting = [value if value is not None and value.dtype == DTYPES[part.dtype]
+                       and tuple(value.shape) == part.shape else None for value in column]
+            corrupt += sum(value is not None for value in column) - sum(value is not None for value in fitting)
+            found[part] = fitting
+        hits = sum(value is not None for column in found.values() for value in column)
+        self.metrics.cache_hits.labels(name).inc(hits)
+        self.metrics.cache_misses.labels(name).inc(len(flat_keys) - hits)
+        self.metrics.cache_corrupt.labels(name).inc(corrupt)
+        return found
+
+    def _lookup(self, keys: list[bytes]) -> tuple[list[torch.Tensor | None], int]:
+        with self._cache_read_lock:
+            corrupt_before = self._store.stats.corrupt
+            values = self._store.get_many(keys)
+            return values, self._store.stats.corrupt - corrupt_before
+
+    async def _cache_put(self, name: str, items: list[tuple[bytes, torch.Tensor]]) -> None:
+        try:
+            await asyncio.to_thread(self._store.put_many, items)
+        except Exception as error:  # the answer is already on its way; a lost write costs one recomputation
+            self._cache_failed(name, "put", error)
+
+    def _cache_failed(self, name: str, operation: str, error: Exception) -> None:
+        self.metrics.cache_errors.labels(name, operation).inc()
+        # A CacheError is an expected outage (server down, disk full); anything else is a bug worth a trace.
+        logger.warning("cache %s for teacher %r failed, serving without the cache: %s", operation, name,
+                       error, exc_info=not isinstance(error, CacheError))
+
+    # ---- teacher list ---------------------------------------------------------------------------------
+
+    def _list_teachers_response(self) -> teacher_pb2.ListTeachersResponse:
+        output_dtypes = [teacher_pb2.DType.Value(PROTO_DTYPE_NAMES[dtype]) for dtype in OUTPUT_DTYPES]
+        teachers = []
+        for name, hosted in self._hosted.items():
+            spec = hosted.spec
+            preprocessing = spec.preprocessing
+            teachers.append(teacher_pb2.TeacherInfo(
+                name=name,
+                architecture=spec.name,
+                num_classes=spec.num_classes,
+                identity=spec.identity,
+                weights_sha256=spec.weights_sha256 or "",
+                input=teacher_pb2.InputSpec(channels=preprocessing.in_chans, input_size=preprocessing.input_size,
+                                            mean=preprocessing.mean, std=preprocessing.std,
+                                            dtype=teacher_pb2.UINT8),
+                taps=[teacher_pb2.Tap(name=tap, channels=channels, height=height, width=width)
+                      for tap in spec.taps for channels, height, width in [hosted.feature_shapes[tap]]],
+                output_dtypes=output_dtypes,
+            ))
+        return teacher_pb2.ListTeachersResponse(teachers=teachers, max_batch_size=self.max_batch_size,
+                                                max_message_bytes=self.max_message_bytes)
+
+
+def _reject_duplicates(names: Sequence[str], field: str) -> None:
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"duplicate {field} {duplicates}; name each at most once")
+
+
+def _proto_dtype_name(value: int) -> str:
+    try:
+        return teacher_pb2.DType.Name(value)
+    except ValueError:
+        return f"<unknown DType value {value}>"
+
+
+def _fill_tensor(target: teacher_pb2.Tensor, tensor: torch.Tensor) -> None:
+    dtype, shape, data = tensor_to_bytes(tensor)
+    target.dtype = teacher_pb2.DType.Value(PROTO_DTYPE_NAMES[dtype])
+    target.shape.extend(shape)
+    target.data = data
