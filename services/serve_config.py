@@ -21,10 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.engine import PRECISIONS
+from services.servicer import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, OUTPUT_DTYPES
 from services.zoo import list_teachers
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class ServeConfigError(ValueError):
@@ -68,7 +68,8 @@ class TeacherDeploymentConfig(_Section):
     max_ongoing_requests: int | None = Field(None, ge=1, description="requests one replica holds at once; "
                                              "default 4 x max_batch_size, so that batches can fill")
     num_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
-        "auto", description="GPUs per replica; 'auto' is 1 where CUDA is visible to the deploying process, else 0")
+        "auto", description="GPUs per replica; 'auto': 0 without CUDA, else 1 or an equal share of the GPUs the "
+        "deploying process sees when the auto teachers' replicas outnumber them")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
     precision: str = Field("auto", description=f"engine precision: {', '.join(PRECISIONS)} ('auto' is bf16 "
                            "autocast on CUDA, fp32 on CPU)")
@@ -110,11 +111,12 @@ class GrpcConfig(_Section):
 
     host: str = Field("127.0.0.1", min_length=1, description="interface to bind; 0.0.0.0 in a container")
     port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one (reported when ready)")
-    max_batch_size: int = Field(512, ge=1, description="most samples one InferRequest may carry")
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024,
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1,
+                                description="most samples one InferRequest may carry (RESOURCE_EXHAUSTED beyond)")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024,
                                    description="gRPC message size limit for requests and responses, in bytes")
-    default_chunk_size: int = Field(256, ge=1, description="samples per streamed InferResponse when the request "
-                                    "leaves chunk_size at 0")
+    default_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="samples per streamed InferResponse "
+                                    "when a request leaves chunk_size at 0")
 
     @property
     def address(self) -> str:
@@ -127,8 +129,15 @@ class CacheConfig(_Section):
     uri: str | None = Field(None, description="lmdb:///abs/path, a plain path (LMDB; relative to the working "
                             "directory), or redis://host:port/db; ${VAR} expands from the environment; "
                             "absent: no cache")
-    output_dtype: Literal["float16", "float32", "bfloat16"] = Field(
-        "float16", description="dtype the outputs are stored in")
+    output_dtype: str = Field("float16", description="dtype outputs are served and cached in when a request "
+                              f"leaves output_dtype unspecified: {', '.join(OUTPUT_DTYPES)}")
+
+    @field_validator("output_dtype")
+    @classmethod
+    def _servable_dtype(cls, output_dtype: str) -> str:
+        if output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"unsupported output_dtype {output_dtype!r}; allowed: {', '.join(OUTPUT_DTYPES)}")
+        return output_dtype
 
     @field_validator("uri")
     @classmethod

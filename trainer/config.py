@@ -90,6 +90,16 @@ class TeacherSourceConfig(_Section):
         "in_process", description="where teacher outputs come from: in_process runs the teachers in this process")
 
 
+class ExecutionConfig(_Section):
+    backend: Literal["local", "ray_train"] = Field(
+        "local", description="local: this process, plain PyTorch; ray_train: Ray Train TorchTrainer workers (DDP)")
+    workers: int = Field(2, ge=1, le=256, description="ray_train: number of training workers, one data shard each")
+    max_failures: int = Field(2, ge=0, le=100,
+                              description="ray_train: worker-group restarts allowed; each resumes from the last "
+                                          "epoch checkpoint")
+    storage_path: str = Field("runs/ray", description="ray_train: where Ray Train keeps run state and checkpoints")
+
+
 MethodConfig = Annotated[
     CEParams | KDParams | StudentEnsembleParams | EKDParams | ONEParams | OKDParams | FeedParams,
     Field(discriminator="name"),
@@ -105,6 +115,7 @@ class ExperimentConfig(_Section):
     method: MethodConfig
     train: OptimConfig = Field(default_factory=OptimConfig, description="student optimization")
     teacher_source: TeacherSourceConfig = Field(default_factory=TeacherSourceConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     output_dir: str = Field("runs", description="where results, plots and exported students are written")
 
     @model_validator(mode="after")

@@ -68,7 +68,11 @@ class EpochStats:
 def train_epoch(method: Method, loader: Iterable, source: TeacherSource | None,
                 optimizer: torch.optim.Optimizer, scheduler, *, epoch: int, total_epochs: int,
                 mean: Sequence[float], std: Sequence[float], device: torch.device,
-                on_step: Callable[[dict[str, float]], None] | None = None) -> EpochStats:
+                on_step: Callable[[dict[str, float]], None] | None = None,
+                step_module: nn.Module | None = None) -> EpochStats:
+    """One epoch over `loader`. `step_module` is what computes the loss: the method itself, or a
+    DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward."""
+    step_module = step_module or method
     method.train()
     wanted = method.teacher_outputs()
     stats = EpochStats()
@@ -83,7 +87,7 @@ def train_epoch(method: Method, loader: Iterable, source: TeacherSource | None,
         inputs = normalize(images, mean, std).to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)
-        result = method.training_loss(inputs, labels, teacher_outputs, clock)
+        result = step_module(inputs, labels, teacher_outputs, clock)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         optimizer.step()

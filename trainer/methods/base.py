@@ -59,6 +59,11 @@ class Method(nn.Module, ABC):
     #: Number of consecutive training stages (FEED sequential trains one stage per teacher).
     num_stages: int = 1
 
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
+                clock: TrainingClock) -> LossResult:
+        """The training step's loss; `forward` so that a DistributedDataParallel wrapper sees every step."""
+        return self.training_loss(images, labels, teachers, clock)
+
     def teacher_outputs(self) -> list[list[str]]:
         """Per teacher, the outputs this method needs ("logits" and/or tap names). Empty: no teachers."""
         return []

@@ -1,0 +1,315 @@
+"""Ray Serve adapters: one deployment per teacher with dynamic batching, and the gRPC ingress in front of them.
+
+`TeacherDeployment` holds one `TeacherEngine`. Concurrent requests are merged by `@serve.batch` (counted in
+samples, up to `max_batch_size`, waiting at most `batch_wait_timeout_s`) into one forward pass over the union of
+the outputs they ask for, and the results are split back per request. Both knobs are the deployment's
+`user_config`, so a Serve config update retunes them through `reconfigure` without restarting replicas.
+
+The gRPC ingress: the contract (proto/ekd/v1/teacher.proto) needs the standard grpc.health.v1 service, server
+reflection and a configurable maximum message size, which Serve's native gRPC proxy does not offer (it has its
+own Healthz and fixed options). So the ingress is our own grpc.aio server (`services.server.create_server`) over
+a `RayServeBackend` that calls the teacher deployments' handles, and it runs as a Serve deployment itself
+(`GrpcIngress`): its async constructor starts the server on the configured port in the replica's event loop,
+so `serve run`/`serve deploy` of `app_builder` (and KubeRay's RayService) bring up the whole service, and the
+ingress also exposes the Prometheus metrics (`services.metrics`) on `metrics_port`. The ingress is one replica:
+it binds a fixed port, so a second one on the same node could not.
+
+Entry points: `build_app(config)` for Python, `app_builder({"config": PATH})` for Serve's import-path form
+(`serve run services.deployments:app_builder config=configs/serve/digits.yaml`, or an application with
+`import_path: services.deployments:app_builder` and `args: {config: PATH}` in a Serve config file; the path is
+read where Serve builds the app, e.g. inside the cluster), and `serve_locally(PATH)` behind `ekd serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve import Application
+from ray.serve.config import ProxyLocation
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from services.backends import BackendUnavailableError
+from services.cache import open_store
+from services.engine import InputSpecError, TeacherEngine, UnknownOutputError
+from services.metrics import Metrics, start_metrics_server
+from services.serve_config import (
+    BatchingConfig,
+    CacheConfig,
+    GrpcConfig,
+    ServeConfig,
+    TeacherDeploymentConfig,
+    load_serve_config,
+)
+from services.server import create_server
+from services.zoo import TeacherSpec, create_teacher
+
+APP_NAME = "ekd"
+INGRESS_DEPLOYMENT = "GrpcIngress"
+# Forward-pass sizes a teacher replica remembers for inspection (tests, debugging); older ones are dropped.
+RECENT_BATCHES = 1024
+STOP_GRACE_SECONDS = 5.0
+
+FeatureShapes = dict[str, tuple[int, int, int]]
+
+
+def teacher_deployment_name(teacher: str) -> str:
+    """The Serve deployment name of a hosted teacher (what a Serve config's `deployments:` entries refer to)."""
+    return f"teacher-{teacher}"
+
+
+@dataclass(frozen=True)
+class _PendingRequest:
+    """One request waiting for its teacher's next forward pass."""
+
+    images: torch.Tensor  # uint8 [B, C, H, W], B >= 1
+    outputs: tuple[str, ...]
+
+
+def _sample_count(requests: list[_PendingRequest]) -> int:
+    return sum(request.images.shape[0] for request in requests)
+
+
+@serve.deployment
+class TeacherDeployment:
+    """One teacher's engine behind Serve's dynamic batching; `infer` is what the ingress calls."""
+
+    def __init__(self, teacher: TeacherDeploymentConfig) -> None:
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        model = create_teacher(teacher.architecture, teacher.num_classes, teacher.checkpoint)
+        self._engine = TeacherEngine(model, device, precision=teacher.precision, compile=teacher.compile)
+        self._feature_shapes = self._engine.feature_shapes(self._engine.spec.preprocessing.input_size)
+        self._batching = teacher.batching()
+        self._batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a `BatchingConfig` from the deployment's user_config (at start and on every config update)."""
+        batching = BatchingConfig.model_validate(user_config)
+        self._forward.set_max_batch_size(batching.max_batch_size)
+        self._forward.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._batching = batching
+
+    def describe(self) -> tuple[TeacherSpec, FeatureShapes]:
+        """The teacher's spec and the (C, H, W) of each tap at its input size."""
+        return self._engine.spec, dict(self._feature_shapes)
+
+    async def infer(self, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
+        """Forward uint8 images [B, C, H, W]; {output: float32 CPU tensor [B, ...]} for each requested output.
+
+        The request joins the next batch; one larger than `max_batch_size` is split into several.
+        """
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+            # Caught here because the batch queue sizes requests by their first dimension.
+            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InputSpecError(f"expected a uint8 image batch [B, C, H, W] with B >= 1, got {shape}")
+        requested = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        pieces = images.split(self._batching.max_batch_size)
+        results = await asyncio.gather(*(self._forward(_PendingRequest(piece, requested)) for piece in pieces))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        if len(results) == 1:
+            return results[0]
+        return {name: torch.cat([result[name] for result in results]) for name in results[0]}
+
+    def forward_count(self) -> int:
+        """Forward passes this replica's engine has run."""
+        return self._engine.calls
+
+    def recent_batch_sizes(self) -> list[int]:
+        """Samples in each of the latest forward passes, oldest first."""
+        return list(self._batch_sizes)
+
+    def batching(self) -> BatchingConfig:
+        """The batching settings in effect."""
+        return self._batching
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_sample_count)
+    async def _forward(self, requests: list[_PendingRequest]) -> list[dict[str, torch.Tensor] | Exception]:
+        # Only requests whose samples have the same dtype and shape can share a forward pass.
+        groups: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault((request.images.dtype, tuple(request.images.shape[1:])), []).append(index)
+        results: list[dict[str, torch.Tensor] | Exception] = [None] * len(requests)  # type: ignore[list-item]
+        for indices in groups.values():
+            for index, result in zip(indices, await self._forward_together([requests[i] for i in indices])):
+                results[index] = result
+        return results
+
+    async def _forward_together(self, requests: list[_PendingRequest]
+                                ) -> list[dict[str, torch.Tensor] | Exception]:
+        """One forward over the requests' samples and the union of their outputs, split back per request; a
+        request the engine rejects fails alone."""
+        outputs = list(dict.fromkeys(name for request in requests for name in request.outputs))
+        images = torch.cat([request.images for request in requests]) if len(requests) > 1 else requests[0].images
+        try:
+            # In a worker thread, so that the replica keeps queueing requests for the next batch meanwhile.
+            merged = await asyncio.to_thread(self._engine.infer, images, outputs)
+        except (InputSpecError, UnknownOutputError) as error:
+            if len(requests) == 1:
+                return [error]
+            return [result for request in requests for result in await self._forward_together([request])]
+        self._batch_sizes.append(images.shape[0])
+        results = []
+        start = 0
+        for request in requests:
+            stop = start + request.images.shape[0]
+            # Cloned: a slice would carry the whole batch's storage across Ray's serialization.
+            results.append({name: merged[name][start:stop].clone() for name in request.outputs})
+            start = stop
+        return results
+
+
+class RayServeBackend:
+    """`services.backends.TeacherBackend` over teacher deployments: each `infer` is a call to the teacher's
+    `DeploymentHandle` (tensors travel in Ray's object store between the ingress and the teacher replicas)."""
+
+    def __init__(self, handles: Mapping[str, DeploymentHandle], specs: Mapping[str, TeacherSpec],
+                 shapes: Mapping[str, FeatureShapes]) -> None:
+        if not handles:
+            raise ValueError("RayServeBackend needs at least one teacher deployment handle, got none")
+        if set(specs) != set(handles) or set(shapes) != set(handles):
+            raise ValueError(f"specs {sorted(specs)} and feature shapes {sorted(shapes)} must name the same "
+                             f"teachers as the handles {sorted(handles)}")
+        self._handles = dict(handles)
+        self._specs = dict(specs)
+        self._shapes = {name: dict(shapes[name]) for name in handles}
+        self._calls = 0
+
+    @classmethod
+    async def connect(cls, handles: Mapping[str, DeploymentHandle]) -> RayServeBackend:
+        """Ask every teacher deployment for its spec and feature shapes (waits for a replica of each)."""
+        names = list(handles)
+        described = await asyncio.gather(*(handles[name].describe.remote() for name in names))
+        return cls(handles, {name: spec for name, (spec, _) in zip(names, described)},
+                   {name: shapes for name, (_, shapes) in zip(names, described)})
+
+    def specs(self) -> dict[str, TeacherSpec]:
+        return dict(self._specs)
+
+    def feature_shapes(self, name: str) -> dict[str, tuple[int, int, int]]:
+        return dict(self._shapes[self._known(name)])
+
+    async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
+        handle = self._handles[self._known(name)]
+        self._calls += 1
+        try:
+            return await handle.infer.remote(images, list(outputs))
+        except (BackPressureError, DeploymentUnavailableError, ActorDiedError, ActorUnavailableError) as error:
+            raise BackendUnavailableError(f"teacher {name!r} cannot serve right now: {error}") from error
+
+    def teacher_calls(self) -> int:
+        """Infer calls sent to the teacher deployments; they may merge several into one forward pass (each
+        deployment's `forward_count` says how many ran)."""
+        return self._calls
+
+    def _known(self, name: str) -> str:
+        if name not in self._handles:
+            raise ValueError(f"unknown teacher {name!r}; hosted: {', '.join(sorted(self._handles))}")
+        return name
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1,
+                  # It waits on the network and the teachers; reserving a CPU would starve teachers on small nodes.
+                  ray_actor_options={"num_cpus": 0})
+class GrpcIngress:
+    """The gRPC server (TeacherService, health, reflection) and the metrics endpoint, inside a Serve replica."""
+
+    async def __init__(self, grpc: GrpcConfig, cache: CacheConfig, metrics_port: int | None,
+                       teachers: dict[str, DeploymentHandle]) -> None:
+        backend = await RayServeBackend.connect(teachers)
+        self._host = grpc.host
+        self._store = open_store(cache.uri) if cache.uri is not None else None
+        self._metrics = Metrics()
+        self._server = create_server(backend, store=self._store, address=grpc.address,
+                                     max_batch_size=grpc.max_batch_size, max_message_bytes=grpc.max_message_bytes,
+                                     metrics=self._metrics)
+        await self._server.start()
+        self._metrics_http = (start_metrics_server(self._metrics, metrics_port, addr=grpc.host)
+                              if metrics_port is not None else None)
+
+    def address(self) -> str:
+        """host:port the gRPC server listens on (the bound port when the config asked for port 0)."""
+        return f"{self._host}:{self._server.port}"
+
+    def metrics_address(self) -> str | None:
+        """host:port of the Prometheus endpoint, None when the config exposes none."""
+        if self._metrics_http is None:
+            return None
+        return f"{self._host}:{self._metrics_http[0].server_port}"
+
+    async def __del__(self) -> None:
+        await self._server.stop(STOP_GRACE_SECONDS)
+        if self._metrics_http is not None:
+            self._metrics_http[0].shutdown()
+        if self._store is not None:
+            self._store.close()
+
+
+def _auto_gpus_per_replica(config: ServeConfig) -> float:
+    """GPUs for each replica of an `num_gpus: auto` teacher: one each where the GPUs visible here suffice,
+    else an equal share, so that e.g. two small teachers on one GPU both start instead of one waiting forever."""
+    if not torch.cuda.is_available():
+        return 0.0
+    replicas = sum(teacher.num_replicas for teacher in config.teachers if teacher.num_gpus == "auto")
+    return min(1.0, torch.cuda.device_count() / max(replicas, 1))
+
+
+def build_app(config: ServeConfig) -> Application:
+    """The Serve application: one `TeacherDeployment` per configured teacher, behind the `GrpcIngress`."""
+    auto_gpus = _auto_gpus_per_replica(config)
+    teachers = {
+        teacher.name: TeacherDeployment.options(
+            name=teacher_deployment_name(teacher.name),
+            num_replicas=teacher.num_replicas,
+            max_ongoing_requests=teacher.max_ongoing_requests,
+            user_config=teacher.batching().model_dump(),
+            ray_actor_options={"num_cpus": teacher.num_cpus,
+                               "num_gpus": auto_gpus if teacher.num_gpus == "auto" else teacher.num_gpus},
+        ).bind(teacher)
+        for teacher in config.teachers
+    }
+    return GrpcIngress.bind(config.grpc, config.cache, config.metrics_port, teachers)
+
+
+def app_builder(args: dict[str, str]) -> Application:
+    """Serve's import-path entry point: `args` is {"config": path of a service config YAML}."""
+    if set(args) != {"config"}:
+        raise ValueError(f"app_builder takes exactly one argument, config=PATH of a service config YAML; "
+                         f"got {sorted(args)}")
+    return build_app(load_serve_config(args["config"]))
+
+
+def serve_locally(config_path: str | os.PathLike, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Start a private local Ray (no dashboard), deploy the service, report the gRPC address (to `on_ready`, or
+    print it), serve until SIGINT or SIGTERM, then shut Serve and Ray down."""
+    config = load_serve_config(config_path)
+    # A cluster of this process alone, on this machine: Ray's token authentication has nothing to protect.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=False)
+    try:
+        serve.start(proxy_location=ProxyLocation.Disabled)
+        ingress = serve.run(build_app(config), name=APP_NAME, route_prefix=None)
+        address = ingress.address.remote().result()
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            (on_ready or print)(address)
+            stop.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,78 @@
+"""The teacher gRPC server: `create_server` builds a grpc.aio server with the TeacherService, the standard
+grpc.health.v1 health service and server reflection, like grpc's examples/python/errors/server.py factory.
+
+    async def main():
+        running = create_server(LocalBackend(engines), store=open_store("/var/cache/ekd"),
+                                address="0.0.0.0:50051")
+        await running.start()
+        await running.wait_for_termination()
+
+Call `create_server` from a coroutine running on the event loop that will serve: grpc.aio binds a server to
+the loop current when it is created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2_grpc
+from services.backends import TeacherBackend
+from services.cache import TeacherOutputStore
+from services.metrics import Metrics
+from services.servicer import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, TeacherServicer
+
+OVERALL_HEALTH = ""
+"""The health-check service name that stands for the whole server."""
+
+
+@dataclass
+class RunningServer:
+    """A created teacher server: serve with `await start()`, end with `await stop(grace)`."""
+
+    server: grpc.aio.Server
+    port: int
+    metrics: Metrics
+    servicer: TeacherServicer
+    health: health.aio.HealthServicer
+
+    async def start(self) -> None:
+        await self.server.start()
+        for service in (OVERALL_HEALTH, TEACHER_SERVICE_FULL_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, then stop, giving running RPCs `grace` seconds (None: cancel them now)."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def create_server(backend: TeacherBackend, *, store: TeacherOutputStore | None = None,
+                  address: str = "127.0.0.1:0", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, metrics: Metrics | None = None
+                  ) -> RunningServer:
+    """A server for `backend`'s teachers on `address` (port 0: a free one, see `.port`), not yet started.
+
+    `max_message_bytes` bounds the messages the server receives and sends; the servicer announces it in
+    ListTeachers and keeps its response chunks under it.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    servicer = TeacherServicer(backend, store, metrics, max_batch_size=max_batch_size,
+                               max_message_bytes=max_message_bytes)
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ])
+    teacher_pb2_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [TEACHER_SERVICE_FULL_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    return RunningServer(server=server, port=port, metrics=metrics, servicer=servicer, health=health_servicer)
