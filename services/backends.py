@@ -1,7 +1,8 @@
 """Where the teacher server's forward passes run: the `TeacherBackend` protocol and its in-process form.
 
 The gRPC servicer only talks to a `TeacherBackend`. `LocalBackend` runs `TeacherEngine`s in this process;
-`services.deployments` implements the same protocol on Ray Serve deployments, so the servicer has no Ray in it.
+`services.deployments` implements the same protocol on Ray Serve deployments, so the servicer has no Ray in
+it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class LocalBackend:
             raise ValueError("LocalBackend needs at least one teacher engine, got none")
         self._engines = dict(engines)
         # Measured once, here: every tap's shape depends only on the model and its input size.
-        self._feature_shapes = {name: _feature_shapes(name, engine) for name, engine in self._engines.items()}
+        self._feature_shapes = {name: engine.feature_shapes(engine.spec.preprocessing.input_size)
+                                for name, engine in self._engines.items()}
 
     def specs(self) -> dict[str, TeacherSpec]:
         return {name: engine.spec for name, engine in self._engines.items()}
@@ -66,11 +68,3 @@ class LocalBackend:
             raise ValueError(f"unknown teacher {name!r}; hosted: {', '.join(sorted(self._engines))}")
         return name
 
-
-def _feature_shapes(name: str, engine: TeacherEngine) -> dict[str, tuple[int, int, int]]:
-    shapes = engine.feature_shapes(engine.spec.preprocessing.input_size)
-    for tap, shape in shapes.items():
-        if len(shape) != 3:
-            raise ValueError(f"tap {tap!r} of teacher {name!r} has per-sample shape {list(shape)}; the wire "
-                             f"format needs feature maps [channels, height, width]")
-    return shapes

@@ -30,7 +30,7 @@ class Metrics:
             "ekd_requests", "Infer requests received, per requested teacher (an ensemble counts for each).",
             ["teacher"], registry=self.registry)
         self.request_errors = Counter(
-            "ekd_request_errors", "Infer requests that ended with a non-OK status, by teacher and status code.",
+            "ekd_request_errors", "Infer requests that ended with a non-OK status, by status code.",
             ["teacher", "code"], registry=self.registry)
         self.request_seconds = Histogram(
             "ekd_request_seconds", "Wall time of whole RPCs, from receipt to the last message, by method.",
@@ -45,13 +45,13 @@ class Metrics:
             "ekd_cache_hits", "Output cache lookups (one per sample and output) answered from the cache.",
             ["teacher"], registry=self.registry)
         self.cache_misses = Counter(
-            "ekd_cache_misses", "Output cache lookups (one per sample and output) the cache could not answer.",
+            "ekd_cache_misses", "Output cache lookups (one per sample and output) not answered.",
             ["teacher"], registry=self.registry)
         self.cache_corrupt = Counter(
             "ekd_cache_corrupt", "Cache misses that were damaged values (deleted and recomputed).",
             ["teacher"], registry=self.registry)
         self.cache_errors = Counter(
-            "ekd_cache_errors", "Cache reads or writes that failed; the request was served without the cache.",
+            "ekd_cache_errors", "Cache reads or writes that failed; requests were served without them.",
             ["teacher", "operation"], registry=self.registry)
         self.served_bytes = Counter(
             "ekd_served_bytes", "Serialized size of the InferResponse messages sent, per teacher.",

@@ -126,11 +126,13 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_message_bytes <= _MESSAGE_FRAMING_BYTES:
-            raise ValueError(f"max_message_bytes must exceed {_MESSAGE_FRAMING_BYTES}, got {max_message_bytes}")
+            raise ValueError(
+                f"max_message_bytes must exceed {_MESSAGE_FRAMING_BYTES}, got {max_message_bytes}")
         if default_chunk_size < 1:
             raise ValueError(f"default_chunk_size must be at least 1, got {default_chunk_size}")
         if default_dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"default_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {default_dtype!r}")
+            raise ValueError(
+                f"default_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {default_dtype!r}")
         self._backend = backend
         self._store = store
         self.metrics = metrics
@@ -138,7 +140,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self.max_message_bytes = max_message_bytes
         self.default_chunk_size = default_chunk_size
         self.default_dtype = default_dtype
-        self._hosted = {name: _Hosted(spec, backend.feature_shapes(name))
+        self._hosted = {name: _hosted(name, spec, backend.feature_shapes(name))
                         for name, spec in sorted(backend.specs().items())}
         if not self._hosted:
             raise ValueError("the backend hosts no teachers")
@@ -160,16 +162,20 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         labels = [name for name in dict.fromkeys(request.teachers) if name in self._hosted] or [NO_TEACHER]
         for label in labels:
             self.metrics.requests.labels(label).inc()
+        failure = None
         try:
             plan = self._validate(request)
             async for response in self._stream(plan):
                 yield response
         except _RequestError as error:
+            failure = error
             for label in labels:
                 self.metrics.request_errors.labels(label, error.code.name).inc()
-            await context.abort(error.code, error.message)
         finally:
+            # Before abort() sends the status, so that a client that has the status sees the metrics too.
             self.metrics.request_seconds.labels("Infer").observe(time.perf_counter() - started)
+        if failure is not None:
+            await context.abort(failure.code, failure.message)
 
     # ---- validation -----------------------------------------------------------------------------------
 
@@ -275,9 +281,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         fitting = (self.max_message_bytes - framing) // sample_bytes
         if fitting < 1:
             raise _RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"one sample's outputs of teacher {teacher!r} take {sample_bytes} bytes, more "
-                                f"than fit in max_message_bytes={self.max_message_bytes}; request fewer "
-                                f"outputs or a smaller output_dtype")
+                                f"one sample's outputs of teacher {teacher!r} take {sample_bytes} "
+                                f"bytes, more than fit in max_message_bytes={self.max_message_bytes}; "
+                                f"request fewer outputs or a smaller output_dtype")
         return min(chunk_size, fitting)
 
     # ---- computing and streaming ----------------------------------------------------------------------
@@ -286,14 +292,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         cached_teachers = [name for name in plan.teachers if self._is_cached(name)]
         digests = await asyncio.to_thread(input_digests, plan.images) if cached_teachers else None
         queue: asyncio.Queue[teacher_pb2.InferResponse | _RequestError | str] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._serve_teacher(name, plan, digests, queue)) for name in plan.teachers]
+        tasks = [asyncio.create_task(self._serve_teacher(name, plan, digests, queue))
+                 for name in plan.teachers]
         try:
             unfinished = set(plan.teachers)
             while unfinished:
                 item = await queue.get()
                 if isinstance(item, _RequestError):
                     raise item
-                if isinstance(item, str):  # that teacher has sent everything
+                if isinstance(item, str):  # a teacher's name: it has sent everything
                     unfinished.discard(item)
                     continue
                 self.metrics.served_bytes.labels(item.teacher).inc(item.ByteSize())
@@ -315,18 +322,18 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             keys = ({part: [part.key(identity, digest) for digest in digests] for part in parts}
                     if digests is not None and self._is_cached(name) else None)
             found = await self._cache_get(name, parts, keys) if keys is not None else None
-            hit = [found is not None and all(found[part][i] is not None for part in parts) for i in range(batch)]
+            hit = [found is not None and all(found[part][i] is not None for part in parts)
+                   for i in range(batch)]
             misses = [i for i in range(batch) if not hit[i]]
             computed = await self._compute(name, plan, parts, misses) if misses else {}
-            responses = await asyncio.to_thread(self._responses, name, plan, parts, found, computed, hit, misses)
+            responses = await asyncio.to_thread(self._responses, name, plan, parts, found, computed, hit,
+                                                misses)
             for response in responses:
                 queue.put_nowait(response)
             if keys is not None and misses:
                 await self._cache_put(name, [(keys[part][i], computed[part][row])
                                              for part in parts for row, i in enumerate(misses)])
             queue.put_nowait(name)
-        except _RequestError as error:
-            queue.put_nowait(error)
         except BackendUnavailableError as error:
             logger.warning("teacher %r unavailable (request %r): %s", name, plan.request_id, error)
             queue.put_nowait(_RequestError(grpc.StatusCode.UNAVAILABLE, f"teacher {name!r} is unavailable: "
@@ -351,14 +358,17 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             if output not in outputs or list(outputs[output].shape) != expected:
                 got = list(outputs[output].shape) if output in outputs else "nothing"
                 raise RuntimeError(f"backend returned {got} for output {output!r}, expected shape {expected}")
+        top_k = max(part.top_k for part in parts)
+        # Taken on float32 so that the indices do not depend on the output dtype (see the module doc).
+        top = torch.topk(outputs[LOGITS].float(), top_k, dim=1) if top_k else None
         computed = {}
         for part in parts:
             if part.role == "output":
                 computed[part] = outputs[part.output].to(DTYPES[part.dtype])
-                continue
-            # Taken on float32 so that the indices do not depend on the output dtype (see the module doc).
-            values, indices = torch.topk(outputs[LOGITS].float(), part.top_k, dim=1)
-            computed[part] = values.to(DTYPES[part.dtype]) if part.role == "top_k_values" else indices
+            elif part.role == "top_k_values":
+                computed[part] = top.values.to(DTYPES[part.dtype])
+            else:
+                computed[part] = top.indices
         return computed
 
     def _responses(self, name: str, plan: _Plan, parts: Sequence[_Part],
@@ -415,7 +425,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             # A value of another dtype or shape under this key can only be foreign or stale: recompute it.
             fitting = [value if value is not None and value.dtype == DTYPES[part.dtype]
                        and tuple(value.shape) == part.shape else None for value in column]
-            corrupt += sum(value is not None for value in column) - sum(value is not None for value in fitting)
+            corrupt += sum(value is not None for value in column) - sum(
+                value is not None for value in fitting)
             found[part] = fitting
         hits = sum(value is not None for column in found.values() for value in column)
         self.metrics.cache_hits.labels(name).inc(hits)
@@ -455,15 +466,22 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 num_classes=spec.num_classes,
                 identity=spec.identity,
                 weights_sha256=spec.weights_sha256 or "",
-                input=teacher_pb2.InputSpec(channels=preprocessing.in_chans, input_size=preprocessing.input_size,
-                                            mean=preprocessing.mean, std=preprocessing.std,
-                                            dtype=teacher_pb2.UINT8),
+                input=teacher_pb2.InputSpec(channels=preprocessing.in_chans,
+                                            input_size=preprocessing.input_size, mean=preprocessing.mean,
+                                            std=preprocessing.std, dtype=teacher_pb2.UINT8),
                 taps=[teacher_pb2.Tap(name=tap, channels=channels, height=height, width=width)
                       for tap in spec.taps for channels, height, width in [hosted.feature_shapes[tap]]],
                 output_dtypes=output_dtypes,
             ))
         return teacher_pb2.ListTeachersResponse(teachers=teachers, max_batch_size=self.max_batch_size,
                                                 max_message_bytes=self.max_message_bytes)
+
+
+def _hosted(name: str, spec: TeacherSpec, feature_shapes: dict[str, Sequence[int]]) -> _Hosted:
+    if set(feature_shapes) != set(spec.taps) or any(len(shape) != 3 for shape in feature_shapes.values()):
+        raise ValueError(f"the backend gives teacher {name!r} feature shapes {feature_shapes}; expected "
+                         f"[channels, height, width] for each of its taps {list(spec.taps)}")
+    return _Hosted(spec, {tap: tuple(int(dim) for dim in shape) for tap, shape in feature_shapes.items()})
 
 
 def _reject_duplicates(names: Sequence[str], field: str) -> None:

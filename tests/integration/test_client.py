@@ -1,0 +1,356 @@
+"""TeacherClient against a real teacher server on 127.0.0.1, with real LMDB stores in tmp_path and a real
+redis-server: results in input order, cache-first fetching, request splitting, status codes and retries.
+
+Each server runs on its own event loop in a background thread, as a deployed server runs apart from the
+trainer; the client under test is the ordinary blocking one. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from services.backends import LocalBackend
+from services.cache import open_store
+from services.client import (
+    ClientStats,
+    TeacherClient,
+    TeacherServiceError,
+    TeacherServiceUnavailable,
+)
+from services.engine import TeacherEngine
+from services.server import RunningServer, create_server
+from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_SECONDS = 20.0
+NUM_CLASSES = 10
+PREPROCESSING = Preprocessing.cifar(16)
+TEACHERS = ["a", "b"]
+
+
+# ---- teachers and servers --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Checkpoints of two randomly initialised cifar_resnet20 teachers, so that each has a weights_sha256."""
+    directory = tmp_path_factory.mktemp("teachers")
+    paths = {}
+    for seed, name in enumerate(TEACHERS):
+        torch.manual_seed(seed)
+        untrained = create_teacher("cifar_resnet20", NUM_CLASSES, preprocessing=PREPROCESSING)
+        paths[name] = directory / f"{name}.pt"
+        save_teacher_checkpoint(paths[name], untrained, "cifar_resnet20", NUM_CLASSES, PREPROCESSING)
+    return paths
+
+
+def load_engines(checkpoints: dict[str, Path]) -> dict[str, TeacherEngine]:
+    return {name: TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=path))
+            for name, path in checkpoints.items()}
+
+
+@pytest.fixture
+def reference(checkpoints) -> dict[str, TeacherEngine]:
+    """Engines of the same teachers apart from the server's, so that computing expected values does not move
+    the server's forward counts."""
+    return load_engines(checkpoints)
+
+
+class RecordingBackend(LocalBackend):
+    """The in-process backend, noting the batch size of every forward pass it runs."""
+
+    def __init__(self, engines: dict[str, TeacherEngine]) -> None:
+        super().__init__(engines)
+        self.forwards: list[tuple[str, int]] = []
+
+    async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
+        self.forwards.append((name, images.shape[0]))
+        return await super().infer(name, images, outputs)
+
+
+class ServerThread:
+    """A teacher server serving on an event loop of its own in a daemon thread."""
+
+    def __init__(self, backend: LocalBackend, **options) -> None:
+        self.backend = backend
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self._run(self._start(backend, options))
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    @staticmethod
+    async def _start(backend: LocalBackend, options) -> RunningServer:
+        running = create_server(backend, **options)  # inside the loop that serves it, as grpc.aio requires
+        await running.start()
+        return running
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=DEADLINE_SECONDS)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self.running.stop(None))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=DEADLINE_SECONDS)
+        self._loop.close()
+
+
+@pytest.fixture
+def serve(checkpoints) -> Iterator[Callable[..., ServerThread]]:
+    """Start servers of fresh engines of the test's teachers: `serve(store=..., max_message_bytes=...)`;
+    all are stopped after the test."""
+    servers = []
+
+    def start(backend: LocalBackend | None = None, **options) -> ServerThread:
+        servers.append(ServerThread(backend or RecordingBackend(load_engines(checkpoints)), **options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def lmdb_store(tmp_path: Path):
+    # One handle shared by server and client: a process opens an LMDB directory only once.
+    store = open_store(str(tmp_path / "cache"))
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["lmdb", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty output store of each backend: LMDB in tmp_path, or the session's redis-server under a key
+    prefix of this test's own."""
+    if request.param == "lmdb":
+        opened = open_store(str(tmp_path / "cache"))
+    else:
+        opened = open_store(request.getfixturevalue("redis_url"), key_prefix=f"{request.node.name}:")
+    yield opened
+    opened.close()
+
+
+def client_of(server: ServerThread, **options) -> TeacherClient:
+    return TeacherClient(server.address, timeout_seconds=DEADLINE_SECONDS, **options)
+
+
+def images(seed: int, batch: int = 8) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def assert_fp16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """The wire carries fp16: within its rounding of the float32 reference."""
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=2e-3, atol=1e-3)
+
+
+# ---- results ---------------------------------------------------------------------------------------------
+
+
+def test_fetch_equals_the_engines_in_input_order_for_two_teachers(serve, reference):
+    server = serve()
+    batch = images(0)
+    with client_of(server) as client:
+        fetched = client.fetch(batch, TEACHERS, ["logits", "layer3"])
+        assert client.stats == ClientStats(samples=8, cache_hits=0, cache_misses=0, remote_samples=16,
+                                           requests=1, retries=0)  # equal miss sets share one request
+    assert set(fetched) == set(TEACHERS)
+    for name in TEACHERS:
+        expected = reference[name].infer(batch, ["logits", "layer3"])
+        assert set(fetched[name]) == {"logits", "layer3"}
+        assert fetched[name]["logits"].shape == (8, NUM_CLASSES)
+        assert fetched[name]["layer3"].shape == (8, 64, 4, 4)
+        for output in ("logits", "layer3"):
+            assert_fp16_close(fetched[name][output], expected[output])
+    # The order is the caller's: a permuted batch gives the same rows permuted.
+    order = torch.tensor([5, 2, 7, 0, 1, 6, 3, 4])
+    with client_of(server) as client:
+        permuted = client.fetch(batch[order], TEACHERS, ["logits"])
+    for name in TEACHERS:
+        torch.testing.assert_close(permuted[name]["logits"], fetched[name]["logits"][order], rtol=0, atol=0)
+    assert not torch.equal(fetched["a"]["logits"], fetched["b"]["logits"])
+
+
+def test_per_teacher_outputs_mapping(serve, reference):
+    server = serve()
+    batch = images(1, batch=4)
+    with client_of(server) as client:
+        fetched = client.fetch(batch, TEACHERS, {"a": ["logits"], "b": ["layer2"]})
+        assert client.stats.requests == 2  # different outputs: one request per teacher
+    assert set(fetched["a"]) == {"logits"} and set(fetched["b"]) == {"layer2"}
+    assert_fp16_close(fetched["a"]["logits"], reference["a"].infer(batch, ["logits"])["logits"])
+    assert_fp16_close(fetched["b"]["layer2"], reference["b"].infer(batch, ["layer2"])["layer2"])
+
+
+# ---- the cache -------------------------------------------------------------------------------------------
+
+
+def test_second_fetch_is_answered_entirely_from_the_cache(serve, store, reference):
+    server = serve(store=store)
+    batch = images(2)
+    with client_of(server, store=store) as client:
+        calls_before = server.backend.teacher_calls()
+        first = client.fetch(batch, TEACHERS, ["logits", "layer1"])
+        calls = server.backend.teacher_calls()
+        assert calls - calls_before == 2  # one forward per teacher
+        assert client.stats == ClientStats(samples=8, cache_hits=0, cache_misses=16, remote_samples=16,
+                                           requests=1, retries=0)
+        second = client.fetch(batch, TEACHERS, ["logits", "layer1"])
+        assert server.backend.teacher_calls() == calls
+        assert client.stats == ClientStats(samples=16, cache_hits=16, cache_misses=16, remote_samples=16,
+                                           requests=1, retries=0)
+    for name in TEACHERS:
+        for output in ("logits", "layer1"):
+            torch.testing.assert_close(second[name][output], first[name][output], rtol=0, atol=0)
+        assert_fp16_close(second[name]["logits"], reference[name].infer(batch, ["logits"])["logits"])
+
+
+def test_half_seen_batch_sends_only_the_unseen_half(serve, lmdb_store, reference):
+    server = serve(store=lmdb_store)
+    seen, unseen = images(3, batch=4), images(4, batch=4)
+    mixed = torch.stack([image for pair in zip(seen, unseen) for image in pair])  # seen, unseen, seen, ...
+    with client_of(server, store=lmdb_store) as client:
+        client.fetch(seen, TEACHERS, ["logits"])
+        before, calls_before = client.stats, server.backend.teacher_calls()
+        fetched = client.fetch(mixed, TEACHERS, ["logits"])
+        after = client.stats
+    assert after.cache_hits - before.cache_hits == 8  # 4 seen images x 2 teachers
+    assert after.cache_misses - before.cache_misses == 8
+    assert after.remote_samples - before.remote_samples == 8
+    assert after.requests - before.requests == 1
+    # One forward per teacher for the seen batch, then one per teacher of only the 4 unseen images.
+    assert sorted(server.backend.forwards) == [("a", 4), ("a", 4), ("b", 4), ("b", 4)]
+    assert server.backend.teacher_calls() - calls_before == 2
+    for name in TEACHERS:
+        assert_fp16_close(fetched[name]["logits"], reference[name].infer(mixed, ["logits"])["logits"])
+
+
+def test_teachers_without_weights_are_never_looked_up(serve, lmdb_store):
+    torch.manual_seed(5)
+    random_engine = TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, preprocessing=PREPROCESSING))
+    server = serve(RecordingBackend({"random": random_engine}), store=lmdb_store)
+    batch = images(5, batch=3)
+    calls_before = server.backend.teacher_calls()
+    with client_of(server, store=lmdb_store) as client:
+        assert client.teachers()["random"].weights_sha256 == ""
+        first = client.fetch(batch, ["random"], ["logits"])
+        second = client.fetch(batch, ["random"], ["logits"])
+        assert client.stats == ClientStats(samples=6, cache_hits=0, cache_misses=0, remote_samples=6,
+                                           requests=2, retries=0)
+    assert server.backend.teacher_calls() - calls_before == 2
+    assert lmdb_store.stats.hits == 0 and lmdb_store.stats.puts == 0
+    torch.testing.assert_close(second["random"]["logits"], first["random"]["logits"], rtol=0, atol=0)
+
+
+# ---- splitting requests ----------------------------------------------------------------------------------
+
+
+def test_max_request_samples_splits_the_batch_and_keeps_the_order(serve, reference):
+    server = serve()
+    batch = images(6)
+    with client_of(server, max_request_samples=3) as client:
+        fetched = client.fetch(batch, ["a"], ["logits"])
+        assert client.stats.requests == 3
+    assert server.backend.forwards == [("a", 3), ("a", 3), ("a", 2)]
+    assert_fp16_close(fetched["a"]["logits"], reference["a"].infer(batch, ["logits"])["logits"])
+
+
+def test_small_server_message_limit_is_respected_by_splitting(serve, reference):
+    # 2048 bytes hold two 768-byte 16x16 RGB images per request, so 8 images take 4 requests.
+    server = serve(max_message_bytes=2048)
+    batch = images(7)
+    with client_of(server) as client:
+        fetched = client.fetch(batch, TEACHERS, ["logits"])
+        assert client.stats.requests == 4
+    for name in TEACHERS:
+        assert_fp16_close(fetched[name]["logits"], reference[name].infer(batch, ["logits"])["logits"])
+
+
+# ---- errors and retries ----------------------------------------------------------------------------------
+
+
+def test_teacher_list_describes_the_hosted_teachers(serve, checkpoints):
+    server = serve(max_batch_size=64)
+    with client_of(server) as client:
+        described = client.teachers()
+    assert sorted(described) == TEACHERS
+    a = described["a"]
+    engine = load_engines(checkpoints)["a"]
+    assert (a.architecture, a.num_classes, a.identity) == ("cifar_resnet20", NUM_CLASSES, engine.spec.identity)
+    assert a.weights_sha256 == engine.spec.weights_sha256 and a.cached
+    assert (a.input.channels, a.input.input_size, a.input.dtype) == (3, 16, "uint8")
+    assert a.taps == {"layer1": (16, 16, 16), "layer2": (32, 8, 8), "layer3": (64, 4, 4)}
+    assert a.outputs == ("logits", "layer1", "layer2", "layer3")
+    assert a.output_dtypes == ("float32", "float16", "bfloat16")
+
+
+def test_unknown_teacher_and_bad_arguments_are_clear_errors(serve):
+    server = serve()
+    batch = images(8, batch=2)
+    with client_of(server) as client:
+        with pytest.raises(TeacherServiceError, match=r"NOT_FOUND.*'nobody'.*hosts a, b") as raised:
+            client.fetch(batch, ["a", "nobody"], ["logits"])
+        assert raised.value.code == grpc.StatusCode.NOT_FOUND
+        assert server.address in str(raised.value)
+        with pytest.raises(ValueError, match=r"teacher 'a' has no outputs \['layer9'\]; it provides logits, "):
+            client.fetch(batch, ["a"], ["layer9"])
+        with pytest.raises(ValueError, match=r"got the string 'logits' \(did you mean \['logits'\]\?\)"):
+            client.fetch(batch, ["a"], "logits")
+        with pytest.raises(ValueError, match=r"must name exactly the teachers \['a', 'b'\]; got \['a'\]"):
+            client.fetch(batch, TEACHERS, {"a": ["logits"]})
+        with pytest.raises(ValueError, match=r"uint8 \[B, C, H, W\] batch; got torch.float32"):
+            client.fetch(batch.float(), ["a"], ["logits"])
+        # A status the server sends (a batch with the wrong channel count) comes back with its code and detail.
+        with pytest.raises(TeacherServiceError, match=r"Infer \(request \w+\) failed with INVALID_ARGUMENT: "
+                                                      r".*got 1 channels") as raised:
+            client.fetch(batch[:, :1], ["a"], ["logits"])
+        assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert client.stats.retries == 0
+
+
+def test_dead_address_is_unavailable_after_the_bounded_retries(free_tcp_port):
+    address = f"127.0.0.1:{free_tcp_port}"
+    with TeacherClient(address, timeout_seconds=5.0, retries=2, backoff_seconds=0.01) as client:
+        with pytest.raises(TeacherServiceUnavailable, match=rf"at {address} unavailable: ListTeachers failed "
+                                                            r"3 times, last with UNAVAILABLE") as raised:
+            client.fetch(images(9, batch=2), ["a"], ["logits"])
+        assert raised.value.address == address
+        assert client.stats.retries == 2
+
+
+def test_a_server_back_on_the_same_port_between_retries_answers(serve, checkpoints, free_tcp_port, reference):
+    address = f"127.0.0.1:{free_tcp_port}"
+    server = serve(address=address)
+    backend_after_restart = RecordingBackend(load_engines(checkpoints))
+    batch = images(10, batch=4)
+    with TeacherClient(address, timeout_seconds=DEADLINE_SECONDS, retries=8, backoff_seconds=0.05) as client:
+        client.teachers()  # connected and described; the next call is an Infer
+        server.close()
+
+        def restart_after_the_first_failure() -> None:
+            deadline = time.monotonic() + DEADLINE_SECONDS
+            while client.stats.retries == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            serve(backend_after_restart, address=address)
+
+        restarter = threading.Thread(target=restart_after_the_first_failure)
+        restarter.start()
+        try:
+            fetched = client.fetch(batch, ["a"], ["logits"])
+        finally:
+            restarter.join(timeout=DEADLINE_SECONDS)
+        assert client.stats.retries >= 1 and client.stats.requests == 1
+    assert backend_after_restart.forwards == [("a", 4)]
+    assert_fp16_close(fetched["a"]["logits"], reference["a"].infer(batch, ["logits"])["logits"])

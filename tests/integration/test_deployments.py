@@ -1,0 +1,385 @@
+"""The teacher service on a real local Ray + Serve: two teacher deployments behind the gRPC ingress, called over
+127.0.0.1 with ordinary blocking stubs, each call with a deadline.
+
+One Ray session serves the whole module. The application is deployed the way `serve run CONFIG.yaml` and
+KubeRay's RayService deploy it, from a Serve config naming `services.deployments:app_builder` (the CLI's
+`serve deploy` needs the dashboard, which stays off here), so that a config update that changes only a teacher's
+`user_config` reaches the running replica through `reconfigure`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import ray
+import torch
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+from ray.serve._private.api import serve_start
+from ray.serve.config import ProxyLocation
+from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeDeploySchema
+
+from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
+from services.codec import DTYPES_BY_PROTO_NAME, tensor_from_bytes
+from services.deployments import APP_NAME, teacher_deployment_name
+from services.engine import TeacherEngine
+from services.serve_config import ServeConfigError, load_serve_config
+from services.zoo import Preprocessing, create_teacher, file_sha256, save_teacher_checkpoint
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_SECONDS = 30.0
+DEPLOY_SECONDS = 90.0
+NUM_CLASSES = 10
+PREPROCESSING = Preprocessing.cifar(16)
+TEACHERS = ("resnet20_a", "resnet20_b")
+MAX_BATCH_SIZE = 16
+# Long enough for requests sent together from several threads to meet in one batch on a busy 2-core machine.
+BATCH_WAIT_TIMEOUT_S = 0.25
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def images(seed: int, count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, 16, 16), generator=generator, dtype=torch.uint8)
+
+
+def save_checkpoints(directory: Path) -> dict[str, Path]:
+    checkpoints = {}
+    for seed, name in enumerate(TEACHERS):
+        torch.manual_seed(seed)
+        checkpoint = directory / f"{name}.pt"
+        untrained = create_teacher("cifar_resnet20", NUM_CLASSES, preprocessing=PREPROCESSING)
+        save_teacher_checkpoint(checkpoint, untrained, "cifar_resnet20", NUM_CLASSES, PREPROCESSING)
+        checkpoints[name] = checkpoint
+    return checkpoints
+
+
+def write_serve_config(path: Path, checkpoints: dict[str, Path], **top_level: Any) -> Path:
+    teachers = [{"name": name, "architecture": "cifar_resnet20", "num_classes": NUM_CLASSES,
+                 "checkpoint": str(checkpoint), "max_batch_size": MAX_BATCH_SIZE,
+                 "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S, "num_cpus": 0.5, "precision": "fp32"}
+                for name, checkpoint in checkpoints.items()]
+    path.write_text(yaml.safe_dump({"teachers": teachers, "grpc": {"port": 0}, **top_level}))
+    return path
+
+
+# ---- the local entry point: its own Ray in a child process, first, before the module's Ray starts --------
+
+
+def test_serve_locally_serves_until_sigterm_then_shuts_down(tmp_path: Path) -> None:
+    config_path = write_serve_config(tmp_path / "serve.yaml", save_checkpoints(tmp_path))
+    script = ("import sys\nfrom services.deployments import serve_locally\n"
+              "serve_locally(sys.argv[1], on_ready=lambda address: print('READY', address, flush=True))\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(config_path)], cwd=REPO_ROOT,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True).start()
+    try:
+        address = None
+        deadline = time.monotonic() + DEPLOY_SECONDS
+        while address is None and time.monotonic() < deadline and child.poll() is None:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line.startswith("READY "):
+                address = line.split()[1]
+        assert address is not None, f"serve_locally never reported its address (exit code {child.poll()})"
+        with grpc.insecure_channel(address) as channel:
+            listed = teacher_pb2_grpc.TeacherServiceStub(channel).ListTeachers(
+                teacher_pb2.ListTeachersRequest(), timeout=DEADLINE_SECONDS)
+        assert [info.name for info in listed.teachers] == list(TEACHERS)
+
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=DEPLOY_SECONDS) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+# ---- the served application ------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """The deployed application: where it listens, its teachers' handles and checkpoints, and a stub."""
+
+    config_path: Path
+    checkpoints: dict[str, Path]
+    ingress: DeploymentHandle
+    teachers: dict[str, DeploymentHandle]
+    address: str
+    stub: teacher_pb2_grpc.TeacherServiceStub
+    channel: grpc.Channel
+    deploy: Callable[[dict[str, dict[str, Any]] | None], None]
+
+    def forward_counts(self) -> dict[str, int]:
+        return {name: handle.forward_count.remote().result(timeout_s=DEADLINE_SECONDS)
+                for name, handle in self.teachers.items()}
+
+    def batch_sizes(self, name: str) -> list[int]:
+        return self.teachers[name].recent_batch_sizes.remote().result(timeout_s=DEADLINE_SECONDS)
+
+
+def serve_deploy_schema(config_path: Path, user_configs: dict[str, dict[str, Any]] | None) -> ServeDeploySchema:
+    """What a Serve config file for the service holds, with optional per-teacher user_config overrides."""
+    application: dict[str, Any] = {"name": APP_NAME, "import_path": "services.deployments:app_builder",
+                                   "route_prefix": None, "args": {"config": str(config_path)}}
+    if user_configs:
+        application["deployments"] = [{"name": teacher_deployment_name(name), "user_config": user_config}
+                                      for name, user_config in user_configs.items()]
+    return ServeDeploySchema.model_validate({"proxy_location": "Disabled", "applications": [application]})
+
+
+def wait_until_running() -> None:
+    deadline = time.monotonic() + DEPLOY_SECONDS
+    while time.monotonic() < deadline:
+        application = serve.status().applications.get(APP_NAME)
+        if application is not None and application.status == "RUNNING":
+            return
+        if application is not None and application.status == "DEPLOY_FAILED":
+            pytest.fail(f"deploying {APP_NAME!r} failed: {application.message}", pytrace=False)
+        time.sleep(0.2)
+    pytest.fail(f"{APP_NAME!r} was not RUNNING within {DEPLOY_SECONDS} s: {serve.status()}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    directory = tmp_path_factory.mktemp("served")
+    checkpoints = save_checkpoints(directory)
+    config_path = write_serve_config(directory / "serve.yaml", checkpoints,
+                                     cache={"uri": str(directory / "cache")}, metrics_port=0)
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False)
+        try:
+            controller = serve_start(proxy_location=ProxyLocation.Disabled)
+
+            def deploy(user_configs: dict[str, dict[str, Any]] | None = None) -> None:
+                controller.deploy_apps(serve_deploy_schema(config_path, user_configs))
+                wait_until_running()
+
+            deploy()
+            ingress = serve.get_app_handle(APP_NAME)
+            address = ingress.address.remote().result(timeout_s=DEADLINE_SECONDS)
+            teachers = {name: serve.get_deployment_handle(teacher_deployment_name(name), APP_NAME)
+                        for name in TEACHERS}
+            with grpc.insecure_channel(address) as channel:
+                yield Served(config_path, checkpoints, ingress, teachers, address,
+                             teacher_pb2_grpc.TeacherServiceStub(channel), channel, deploy)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def infer_request(batch: torch.Tensor, teachers=TEACHERS, outputs=(), output_dtype=teacher_pb2.DTYPE_UNSPECIFIED
+                  ) -> teacher_pb2.InferRequest:
+    tensor = teacher_pb2.Tensor(dtype=teacher_pb2.UINT8, shape=list(batch.shape), data=batch.numpy().tobytes())
+    return teacher_pb2.InferRequest(teachers=list(teachers), outputs=list(outputs), output_dtype=output_dtype,
+                                    images=tensor)
+
+
+def infer(stub, request: teacher_pb2.InferRequest) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list]]:
+    """Reassembled outputs {teacher: {output: [B, ...]}} and per-sample `cached` flags {teacher: [B]}."""
+    chunks: dict[str, list[teacher_pb2.InferResponse]] = {}
+    for response in stub.Infer(request, timeout=DEADLINE_SECONDS):
+        chunks.setdefault(response.teacher, []).append(response)
+    outputs, cached = {}, {}
+    for teacher, responses in chunks.items():
+        responses.sort(key=lambda response: response.start)
+        outputs[teacher] = {
+            name: torch.cat([tensor_from_bytes(r.outputs[name].data, DTYPES_BY_PROTO_NAME[
+                teacher_pb2.DType.Name(r.outputs[name].dtype)], r.outputs[name].shape) for r in responses])
+            for name in responses[0].outputs}
+        cached[teacher] = [flag for response in responses for flag in response.cached]
+    return outputs, cached
+
+
+# ---- the service over gRPC -------------------------------------------------------------------------------
+
+
+def test_list_teachers_describes_every_deployment(served: Served) -> None:
+    listed = served.stub.ListTeachers(teacher_pb2.ListTeachersRequest(), timeout=DEADLINE_SECONDS)
+
+    assert [info.name for info in listed.teachers] == list(TEACHERS)
+    for info in listed.teachers:
+        assert info.architecture == "cifar_resnet20"
+        assert info.num_classes == NUM_CLASSES
+        assert info.weights_sha256 == file_sha256(served.checkpoints[info.name])
+        assert info.input.input_size == 16
+        assert {tap.name: (tap.channels, tap.height, tap.width) for tap in info.taps} == {
+            "layer1": (16, 16, 16), "layer2": (32, 8, 8), "layer3": (64, 4, 4)}
+    assert listed.max_batch_size == 512
+
+
+def test_served_outputs_equal_the_in_process_engine(served: Served) -> None:
+    batch = images(seed=100, count=6)
+
+    outputs, _ = infer(served.stub, infer_request(batch, outputs=["logits", "layer3"]))
+
+    for name in TEACHERS:
+        engine = TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=served.checkpoints[name]),
+                               precision="fp32")
+        expected = engine.infer(batch, ["logits", "layer3"])
+        for output in ("logits", "layer3"):
+            served_output = outputs[name][output]
+            assert served_output.dtype == torch.float16  # the server default output dtype
+            torch.testing.assert_close(served_output.float(), expected[output], atol=2e-2, rtol=1e-2)
+
+
+def test_repeated_request_is_answered_from_the_cache_without_a_forward_pass(served: Served) -> None:
+    request = infer_request(images(seed=200, count=5))
+
+    first, first_cached = infer(served.stub, request)
+    counts_after_first = served.forward_counts()
+    second, second_cached = infer(served.stub, request)
+
+    assert first_cached == {name: [False] * 5 for name in TEACHERS}
+    assert second_cached == {name: [True] * 5 for name in TEACHERS}
+    assert served.forward_counts() == counts_after_first
+    for name in TEACHERS:
+        torch.testing.assert_close(second[name]["logits"], first[name]["logits"], atol=0, rtol=0)
+
+
+def concurrent_infers(served: Served, first_seed: int, requests: int, samples: int) -> list[torch.Tensor]:
+    """Send `requests` Infer calls of `samples` new images each from as many threads at once; their logits."""
+    start_together = threading.Barrier(requests, timeout=DEADLINE_SECONDS)
+
+    def call(seed: int) -> torch.Tensor:
+        request = infer_request(images(seed, samples), teachers=TEACHERS[:1])
+        start_together.wait()
+        outputs, cached = infer(served.stub, request)
+        assert cached[TEACHERS[0]] == [False] * samples
+        return outputs[TEACHERS[0]]["logits"]
+
+    with ThreadPoolExecutor(max_workers=requests) as pool:
+        return list(pool.map(call, range(first_seed, first_seed + requests)))
+
+
+def test_concurrent_requests_share_forward_passes(served: Served) -> None:
+    teacher = TEACHERS[0]
+    before = len(served.batch_sizes(teacher))
+
+    logits = concurrent_infers(served, first_seed=300, requests=8, samples=4)
+
+    assert [tuple(each.shape) for each in logits] == [(4, NUM_CLASSES)] * 8
+    new_batches = served.batch_sizes(teacher)[before:]
+    assert sum(new_batches) == 32
+    assert max(new_batches) > 4  # at least two requests met in one forward pass
+    assert max(new_batches) <= MAX_BATCH_SIZE
+
+
+def test_user_config_update_reconfigures_batching_in_the_running_replica(served: Served) -> None:
+    teacher = TEACHERS[0]
+    counts_before = served.forward_counts()
+
+    served.deploy({teacher: {"max_batch_size": 4, "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S}})
+
+    handle = served.teachers[teacher]
+    deadline = time.monotonic() + DEPLOY_SECONDS
+    while handle.batching.remote().result(timeout_s=DEADLINE_SECONDS).max_batch_size != 4:
+        assert time.monotonic() < deadline, "the user_config update did not reach the replica"
+        time.sleep(0.1)
+    # The same replicas (their forward counts carried on) and the same ingress address: nothing restarted.
+    assert served.forward_counts() == counts_before
+    assert served.ingress.address.remote().result(timeout_s=DEADLINE_SECONDS) == served.address
+
+    before = len(served.batch_sizes(teacher))
+    concurrent_infers(served, first_seed=400, requests=4, samples=2)
+    large = images(seed=500, count=10)  # more samples than the new max_batch_size: split into forward passes
+    outputs, _ = infer(served.stub, infer_request(large, teachers=[teacher], output_dtype=teacher_pb2.FLOAT32))
+
+    new_batches = served.batch_sizes(teacher)[before:]
+    assert sum(new_batches) == 8 + 10
+    assert max(new_batches) <= 4
+    engine = TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=served.checkpoints[teacher]),
+                           precision="fp32")
+    torch.testing.assert_close(outputs[teacher]["logits"], engine.infer(large, ["logits"])["logits"],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_request_errors_keep_their_status_codes(served: Served) -> None:
+    batch = images(seed=600, count=2)
+
+    with pytest.raises(grpc.RpcError) as unknown_teacher:
+        infer(served.stub, infer_request(batch, teachers=["no_such_teacher"]))
+    with pytest.raises(grpc.RpcError) as unknown_output:
+        infer(served.stub, infer_request(batch, outputs=["layer9"]))
+    with pytest.raises(grpc.RpcError) as grayscale:
+        infer(served.stub, infer_request(batch[:, :1]))
+
+    assert unknown_teacher.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no_such_teacher" in unknown_teacher.value.details()
+    assert unknown_output.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "layer9" in unknown_output.value.details()
+    assert grayscale.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The service still answers after the errors.
+    outputs, _ = infer(served.stub, infer_request(batch))
+    assert set(outputs) == set(TEACHERS)
+
+
+def test_health_service_reports_serving(served: Served) -> None:
+    health = health_pb2_grpc.HealthStub(served.channel)
+    for service in ("", TEACHER_SERVICE_FULL_NAME):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE_SECONDS)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_ingress_exposes_prometheus_metrics(served: Served) -> None:
+    infer(served.stub, infer_request(images(seed=700, count=1)))
+    metrics_address = served.ingress.metrics_address.remote().result(timeout_s=DEADLINE_SECONDS)
+
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=DEADLINE_SECONDS) as response:
+        text = response.read().decode()
+
+    assert f'ekd_requests_total{{teacher="{TEACHERS[0]}"}}' in text
+
+
+# ---- the config file -------------------------------------------------------------------------------------
+
+
+def test_digits_serve_config_loads() -> None:
+    config = load_serve_config(REPO_ROOT / "configs" / "serve" / "digits.yaml")
+
+    assert [(teacher.name, teacher.architecture) for teacher in config.teachers] == [
+        ("cifar_resnet56", "cifar_resnet56"), ("cifar_wrn16_4", "cifar_wrn16_4")]
+    assert config.grpc.port == 50051
+    assert Path(config.teachers[0].checkpoint).is_absolute()
+
+
+def test_bad_serve_config_names_the_field_and_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "serve.yaml"
+    monkeypatch.delenv("EKD_UNSET_CACHE_URI", raising=False)
+    path.write_text(yaml.safe_dump({
+        "teachers": [{"name": "a", "architecture": "cifar_resnet999", "num_classes": 10, "checkpoint": "a.pt"},
+                     {"name": "a", "architecture": "cifar_resnet20", "num_classes": 10, "checkpoint": "a.pt",
+                      "max_batch_size": 0, "replicas": 2}],
+        "cache": {"uri": "${EKD_UNSET_CACHE_URI}"}}))
+
+    with pytest.raises(ServeConfigError) as error:
+        load_serve_config(path)
+
+    message = str(error.value)
+    assert "teachers.0.architecture" in message and "cifar_resnet999" in message and "cifar_resnet20" in message
+    assert "teachers.1.max_batch_size" in message
+    assert "teachers.1.replicas" in message  # an unknown field
+    assert "cache.uri" in message and "EKD_UNSET_CACHE_URI" in message
