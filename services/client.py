@@ -1,15 +1,16 @@
-"""TeacherClient: teacher outputs for a batch of uint8 images, from the shared output cache first and the teacher
-service (proto/ekd/v1/teacher.proto) for the rest, returned in input order.
+"""TeacherClient: teacher outputs for a batch of uint8 images, from the shared output cache first and the
+teacher service (proto/ekd/v1/teacher.proto) for the rest, returned in input order.
 
 One `fetch` digests every image once, looks up every (teacher, output, image) key in ONE `get_many`, and sends
 only the images a teacher missed to the service. Teachers whose miss sets and outputs are equal share an Infer
-request. Requests are split under the server's `max_batch_size` and `max_message_bytes`, and the streamed chunks
-are put back by (teacher, start) into the caller's order.
+request. Requests are split under the server's `max_batch_size` and `max_message_bytes`, and the streamed
+chunks are put back by (teacher, start) into the caller's order.
 
 The client only reads the cache: the service writes every output it computes, under the same key
 (`output_key(identity, output, output_dtype, top_k=0, digest)`, one value per image, no batch dimension), so a
 second client, or a second epoch, finds it. Teachers with an empty `weights_sha256` (random weights) are never
-looked up, because the service never caches them.
+looked up, because the service never caches them. The teacher list (identities included) is read once per
+client: after the service is redeployed with other weights under the same names, make a new client.
 
 Every RPC has a deadline (`timeout_seconds`). UNAVAILABLE is retried with exponential backoff (and
 DEADLINE_EXCEEDED too for ListTeachers, which is cheap and idempotent; an Infer that ran out of time is not
@@ -34,7 +35,13 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from services._generated import teacher_pb2, teacher_pb2_grpc
 from services.cache import TeacherOutputStore, input_digests, output_key
-from services.codec import DTYPES_BY_PROTO_NAME, PROTO_DTYPE_NAMES, CodecError, tensor_from_bytes, tensor_to_bytes
+from services.codec import (
+    DTYPES_BY_PROTO_NAME,
+    PROTO_DTYPE_NAMES,
+    CodecError,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 
 LOGITS = "logits"
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -124,8 +131,8 @@ class TeacherDescription:
 class ClientStats:
     """Totals since the client was made. `samples` counts images passed to `fetch`; `cache_hits`,
     `cache_misses` and `remote_samples` count (teacher, image) pairs: a hit has every requested output in the
-    cache, a miss lacks one, and remote pairs were answered by the service (the misses plus every pair of a
-    teacher the cache does not hold). `requests` counts Infer requests answered; `retries` counts repeated
+    cache, a miss lacks one, and remote pairs were answered by the service (the misses plus every pair not
+    looked up: no store, or a teacher without weights_sha256). `requests` counts Infer requests answered; `retries` counts repeated
     attempts of any RPC."""
 
     samples: int = 0
@@ -169,14 +176,14 @@ class TeacherClient:
     """Fetches teacher outputs for uint8 images: cache first, misses over gRPC, results in input order.
 
     `store` is read only and not closed by the client. `output_dtype` is the wire dtype and the dtype in the
-    cache keys (fp16 by default, what the service caches); `fetch` returns float32 either way. `retries` is the
-    number of repeated attempts after the first (so at most retries + 1), waiting `backoff_seconds`, then
+    cache keys (fp16 by default, what the service caches); `fetch` returns float32 either way. `retries` is
+    the number of repeated attempts after the first (so at most retries + 1), waiting `backoff_seconds`, then
     twice that, and so on. `max_request_samples` caps the images per Infer request below the server's limits.
     """
 
-    def __init__(self, address: str, *, store: TeacherOutputStore | None = None, output_dtype: str = "float16",
-                 timeout_seconds: float = 60.0, retries: int = 3, backoff_seconds: float = 0.2,
-                 max_request_samples: int | None = None) -> None:
+    def __init__(self, address: str, *, store: TeacherOutputStore | None = None,
+                 output_dtype: str = "float16", timeout_seconds: float = 60.0, retries: int = 3,
+                 backoff_seconds: float = 0.2, max_request_samples: int | None = None) -> None:
         if not address:
             raise ValueError("address must be a non-empty host:port")
         if output_dtype not in OUTPUT_DTYPES:
@@ -219,7 +226,7 @@ class TeacherClient:
         if not digests:
             raise ValueError(f"images must hold at least one sample; got shape {tuple(images.shape)}")
         images = images.detach().cpu().contiguous()
-        results = {teacher: {output: torch.empty((len(digests), *limits.teachers[teacher].output_shape(output)))
+        results = {teacher: {output: torch.empty(len(digests), *limits.teachers[teacher].output_shape(output))
                              for output in names}
                    for teacher, names in requested.items()}
         misses = self._read_cache(requested, digests, limits, results)
@@ -235,15 +242,16 @@ class TeacherClient:
             for first in range(0, len(positions), per_request):
                 request_positions = positions[first:first + per_request]
                 for chunk in self._infer(images[request_positions], group_teachers, list(names), limits):
+                    chunk_positions = request_positions[chunk.start:chunk.start + chunk.count]
                     for output, values in chunk.values.items():
-                        results[chunk.teacher][output][request_positions[chunk.start:chunk.start + chunk.count]] \
-                            = values
+                        results[chunk.teacher][output][chunk_positions] = values
 
         self._count(samples=len(digests), remote_samples=sum(len(missed) for missed in misses.values()))
         return results
 
     @property
     def stats(self) -> ClientStats:
+        """A snapshot of the totals (see ClientStats)."""
         return self._stats
 
     def close(self) -> None:
@@ -273,12 +281,13 @@ class TeacherClient:
         unknown = [teacher for teacher in teachers if teacher not in limits.teachers]
         if unknown:
             raise TeacherServiceError(
-                f"teacher service at {self.address}: NOT_FOUND: no teacher named {', '.join(map(repr, unknown))}; "
-                f"it hosts {', '.join(limits.teachers) or 'none'}",
+                f"teacher service at {self.address}: NOT_FOUND: no teacher named "
+                f"{', '.join(map(repr, unknown))}; it hosts {', '.join(limits.teachers) or 'none'}",
                 address=self.address, code=grpc.StatusCode.NOT_FOUND)
         return limits
 
-    def _requested_outputs(self, teachers: Sequence[str], outputs: Sequence[str] | Mapping[str, Sequence[str]],
+    def _requested_outputs(self, teachers: Sequence[str],
+                           outputs: Sequence[str] | Mapping[str, Sequence[str]],
                            limits: _ServiceLimits) -> dict[str, list[str]]:
         """teacher -> its deduplicated output names in the caller's order, each one the teacher provides."""
         if isinstance(outputs, Mapping):
@@ -344,8 +353,8 @@ class TeacherClient:
         room = limits.max_message_bytes - empty.ByteSize() - _IMAGE_FIELD_OVERHEAD_BYTES
         if room < sample_bytes:
             raise ValueError(
-                f"one image of shape {tuple(images.shape[1:])} ({sample_bytes} bytes) does not fit in a request "
-                f"under the server's max_message_bytes={limits.max_message_bytes} at {self.address}")
+                f"one image of shape {tuple(images.shape[1:])} ({sample_bytes} bytes) does not fit in a "
+                f"request under the server's max_message_bytes={limits.max_message_bytes} at {self.address}")
         return min(bound, room // sample_bytes)
 
     def _request(self, teachers: list[str], outputs: list[str], images: torch.Tensor, *,
@@ -393,7 +402,8 @@ class TeacherClient:
             raise self._malformed(request_id, f"chunk start={response.start} count={response.count} outside "
                                               f"the request's {batch_size} samples")
         if sorted(response.outputs) != sorted(outputs):
-            raise self._malformed(request_id, f"chunk outputs {sorted(response.outputs)}, asked for {outputs}")
+            raise self._malformed(request_id, f"chunk outputs {sorted(response.outputs)}, asked for "
+                                              f"{outputs}")
         values = {}
         for name, message in response.outputs.items():
             try:
@@ -402,8 +412,8 @@ class TeacherClient:
                 raise self._malformed(request_id, f"output {name!r}: {error}") from error
             expected = (response.count, *description.output_shape(name))
             if tuple(tensor.shape) != expected:
-                raise self._malformed(request_id, f"output {name!r} of teacher {response.teacher!r} has shape "
-                                                  f"{tuple(tensor.shape)}, expected {expected}")
+                raise self._malformed(request_id, f"output {name!r} of teacher {response.teacher!r} has "
+                                                  f"shape {tuple(tensor.shape)}, expected {expected}")
             values[name] = tensor.float()
         return _Chunk(response.teacher, response.start, response.count, values)
 
@@ -416,9 +426,10 @@ class TeacherClient:
 
     def _service_limits(self) -> _ServiceLimits:
         if self._limits is None:
+            request = teacher_pb2.ListTeachersRequest()
             response = self._call(
                 "ListTeachers",
-                lambda: self._stub.ListTeachers(teacher_pb2.ListTeachersRequest(), timeout=self.timeout_seconds),
+                lambda: self._stub.ListTeachers(request, timeout=self.timeout_seconds),
                 {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED},
             )
             limits = _ServiceLimits(
@@ -447,7 +458,8 @@ class TeacherClient:
         ])
         return channel, teacher_pb2_grpc.TeacherServiceStub(channel)
 
-    def _call(self, rpc: str, call: Callable[[], _Result], retry_codes: Collection[grpc.StatusCode]) -> _Result:
+    def _call(self, rpc: str, call: Callable[[], _Result],
+              retry_codes: Collection[grpc.StatusCode]) -> _Result:
         """Run `call`, repeating it with exponential backoff while it fails with one of `retry_codes`."""
         attempts = Retrying(
             stop=stop_after_attempt(self.retries + 1),

@@ -34,10 +34,10 @@ from typing import Any
 import ray
 import torch
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.config import ProxyLocation
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from services.backends import BackendUnavailableError
@@ -90,12 +90,15 @@ class TeacherDeployment:
         model = create_teacher(teacher.architecture, teacher.num_classes, teacher.checkpoint)
         self._engine = TeacherEngine(model, device, precision=teacher.precision, compile=teacher.compile)
         self._feature_shapes = self._engine.feature_shapes(self._engine.spec.preprocessing.input_size)
-        self._batching = teacher.batching()
         self._batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)
+        self._apply(teacher.batching())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply a `BatchingConfig` from the deployment's user_config (at start and on every config update)."""
-        batching = BatchingConfig.model_validate(user_config)
+        """Apply the deployment's user_config (at start and on every Serve config update): a `BatchingConfig`,
+        whose missing fields keep their current values."""
+        self._apply(BatchingConfig.model_validate({**self._batching.model_dump(), **user_config}))
+
+    def _apply(self, batching: BatchingConfig) -> None:
         self._forward.set_max_batch_size(batching.max_batch_size)
         self._forward.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._batching = batching
@@ -206,7 +209,7 @@ class RayServeBackend:
         self._calls += 1
         try:
             return await handle.infer.remote(images, list(outputs))
-        except (BackPressureError, DeploymentUnavailableError, ActorDiedError, ActorUnavailableError) as error:
+        except (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError) as error:
             raise BackendUnavailableError(f"teacher {name!r} cannot serve right now: {error}") from error
 
     def teacher_calls(self) -> int:

@@ -21,7 +21,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.engine import PRECISIONS
-from services.servicer import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, OUTPUT_DTYPES
+from services.servicer import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    OUTPUT_DTYPES,
+)
 from services.zoo import list_teachers
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -39,15 +44,16 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
-MaxBatchSize = Annotated[int, Field(ge=1, description="most samples one forward pass runs: @serve.batch merges "
-                                  "concurrent requests up to this many samples (changeable at run time)")]
+MaxBatchSize = Annotated[int, Field(ge=1, description="most samples one forward pass runs: @serve.batch "
+                                   "merges concurrent requests up to this many samples (changeable at run time)")]
 BatchWaitTimeout = Annotated[float, Field(ge=0, le=10, description="seconds a partial batch waits for more "
                                           "requests before it runs (changeable at run time)")]
 
 
 class BatchingConfig(_Section):
-    """A teacher deployment's `user_config`: the dynamic-batching knobs `reconfigure` applies at run time, so
-    that a Serve config update (e.g. a RayService's serveConfigV2) retunes them without restarting replicas."""
+    """A teacher deployment's `user_config`: the dynamic-batching knobs `reconfigure` applies at run time,
+    so that a Serve config update (e.g. a RayService's serveConfigV2) retunes them without restarting
+    replicas."""
 
     max_batch_size: MaxBatchSize
     batch_wait_timeout_s: BatchWaitTimeout
@@ -60,16 +66,16 @@ class TeacherDeploymentConfig(_Section):
                       description="unique name on the server; what InferRequest.teachers refers to")
     architecture: str = Field(description="architecture from the model zoo (services.zoo.list_teachers())")
     num_classes: int = Field(ge=1, description="number of classes the checkpoint was trained for")
-    checkpoint: str = Field(description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative paths "
-                            "are resolved against the working directory")
+    checkpoint: str = Field(description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative "
+                            "paths are resolved against the working directory")
     num_replicas: int = Field(1, ge=1, description="replicas of this teacher's deployment")
     max_batch_size: MaxBatchSize = 64
     batch_wait_timeout_s: BatchWaitTimeout = 0.01
     max_ongoing_requests: int | None = Field(None, ge=1, description="requests one replica holds at once; "
                                              "default 4 x max_batch_size, so that batches can fill")
     num_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
-        "auto", description="GPUs per replica; 'auto': 0 without CUDA, else 1 or an equal share of the GPUs the "
-        "deploying process sees when the auto teachers' replicas outnumber them")
+        "auto", description="GPUs per replica; 'auto': 0 without CUDA, else 1, or an equal share of the GPUs "
+        "the deploying process sees when the replicas of 'auto' teachers outnumber them")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
     precision: str = Field("auto", description=f"engine precision: {', '.join(PRECISIONS)} ('auto' is bf16 "
                            "autocast on CUDA, fp32 on CPU)")
@@ -103,7 +109,8 @@ class TeacherDeploymentConfig(_Section):
         return self
 
     def batching(self) -> BatchingConfig:
-        return BatchingConfig(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
+        return BatchingConfig(max_batch_size=self.max_batch_size,
+                              batch_wait_timeout_s=self.batch_wait_timeout_s)
 
 
 class GrpcConfig(_Section):
@@ -111,12 +118,12 @@ class GrpcConfig(_Section):
 
     host: str = Field("127.0.0.1", min_length=1, description="interface to bind; 0.0.0.0 in a container")
     port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one (reported when ready)")
-    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1,
-                                description="most samples one InferRequest may carry (RESOURCE_EXHAUSTED beyond)")
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, description="most samples one InferRequest may "
+                                "carry (RESOURCE_EXHAUSTED beyond)")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024,
                                    description="gRPC message size limit for requests and responses, in bytes")
-    default_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="samples per streamed InferResponse "
-                                    "when a request leaves chunk_size at 0")
+    default_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="samples per streamed "
+                                    "InferResponse when a request leaves chunk_size at 0")
 
     @property
     def address(self) -> str:
@@ -136,7 +143,8 @@ class CacheConfig(_Section):
     @classmethod
     def _servable_dtype(cls, output_dtype: str) -> str:
         if output_dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"unsupported output_dtype {output_dtype!r}; allowed: {', '.join(OUTPUT_DTYPES)}")
+            allowed = ", ".join(OUTPUT_DTYPES)
+            raise ValueError(f"unsupported output_dtype {output_dtype!r}; allowed: {allowed}")
         return output_dtype
 
     @field_validator("uri")
@@ -156,8 +164,8 @@ class CacheConfig(_Section):
 class ServeConfig(_Section):
     """Everything `ekd serve` and `serve deploy` need to bring up the teacher service."""
 
-    teachers: list[TeacherDeploymentConfig] = Field(min_length=1, description="teachers to host, one deployment "
-                                                    "each")
+    teachers: list[TeacherDeploymentConfig] = Field(min_length=1,
+                                                    description="teachers to host, one deployment each")
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="port of the ingress's Prometheus "
@@ -185,7 +193,7 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def load_serve_config(path: str | os.PathLike) -> ServeConfig:
-    """Read and validate a service config YAML; every problem becomes one ServeConfigError naming the fields."""
+    """Read and validate a service config YAML; all problems become one ServeConfigError naming the fields."""
     path = Path(path)
     if not path.is_file():
         raise ServeConfigError(f"service config file not found: {path}")
@@ -194,7 +202,8 @@ def load_serve_config(path: str | os.PathLike) -> ServeConfig:
     except yaml.YAMLError as err:
         raise ServeConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ServeConfigError(f"{path} must hold a mapping of service config fields, got {type(raw).__name__}")
+        raise ServeConfigError(
+            f"{path} must hold a mapping of service config fields, got {type(raw).__name__}")
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as err:

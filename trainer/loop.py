@@ -1,4 +1,8 @@
-"""Training and evaluation steps and epochs, in plain PyTorch (the Ray Train adapter wraps these)."""
+"""Training and evaluation steps and epochs, in plain PyTorch (the Ray Train adapter wraps these).
+
+Data-parallel training (one process per worker, a torch.distributed process group between them) shards each
+epoch's batches with `Shard` and averages each epoch's statistics with `all_reduce_epoch_stats`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch import distributed
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.config import OptimConfig
 from trainer.data import ReplayedViews, normalize
@@ -45,11 +50,57 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def train_loader(views: ReplayedViews, batch_size: int, seed: int, epoch: int) -> DataLoader:
-    """The epoch's batches: the replayed view of each sample for this epoch, in a seeded order."""
+@dataclass(frozen=True)
+class Shard:
+    """This worker's place among `world_size` data-parallel workers."""
+
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"a shard needs world_size >= 1 and 0 <= rank < world_size, "
+                             f"got rank {self.rank} of {self.world_size}")
+
+
+class ShardSampler(Sampler[int]):
+    """Worker `shard.rank`'s share of one seeded permutation: positions rank, rank + W, rank + 2W, ...
+
+    Every worker draws the same permutation from the same seed, so the shards are disjoint and together cover
+    every sample. The permutation is padded by wrapping around to a multiple of W, as torch's
+    DistributedSampler does, so that all workers take the same number of steps (DDP needs each step on every
+    worker). With per-worker batches of B / W, step k of the W workers together sees exactly the permutation's
+    k-th batch of B: the batches a single process would see.
+    """
+
+    def __init__(self, size: int, shard: Shard, generator: torch.Generator) -> None:
+        self.size = size
+        self.shard = shard
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return -(-self.size // self.shard.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=self.generator)  # what shuffle=True draws from the generator
+        total = len(self) * self.shard.world_size
+        padded = order.repeat(-(-total // self.size))[:total]
+        return iter(padded[self.shard.rank::self.shard.world_size].tolist())
+
+
+def train_loader(views: ReplayedViews, batch_size: int, seed: int, epoch: int,
+                 shard: Shard | None = None) -> DataLoader:
+    """The epoch's batches: the replayed view of each sample for this epoch, in a seeded order.
+
+    With a `shard`, this worker's part of the same order (`ShardSampler`) in batches of
+    ceil(batch_size / world_size), so that a step of all workers together covers one batch of `batch_size`.
+    """
     views.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(views, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    if shard is None:
+        return DataLoader(views, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    return DataLoader(views, batch_size=-(-batch_size // shard.world_size),
+                      sampler=ShardSampler(len(views), shard, generator), drop_last=False)
 
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
@@ -103,6 +154,28 @@ def train_epoch(method: Method, loader: Iterable, source: TeacherSource | None,
     stats.loss /= max(stats.samples, 1)
     stats.terms = {k: v / max(stats.samples, 1) for k, v in stats.terms.items()}
     return stats
+
+
+def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
+    """The epoch's statistics over all workers of the process group: loss and terms averaged per sample,
+    samples summed, seconds and stall seconds averaged per worker. Every worker must call it."""
+    names = sorted(stats.terms)
+    sums = torch.tensor([stats.loss * stats.samples, *(stats.terms[k] * stats.samples for k in names),
+                         stats.samples, stats.seconds, stats.stall_seconds], dtype=torch.float64)
+    distributed.all_reduce(sums)
+    *weighted, samples, seconds, stall = sums.tolist()
+    workers = distributed.get_world_size()
+    per_sample = [w / max(samples, 1) for w in weighted]
+    return EpochStats(loss=per_sample[0], terms=dict(zip(names, per_sample[1:])), samples=int(samples),
+                      seconds=seconds / workers, stall_seconds=stall / workers)
+
+
+def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Counts summed over all workers of the process group (every worker must call it, with the same keys)."""
+    names = sorted(counts)
+    totals = torch.tensor([counts[k] for k in names], dtype=torch.int64)
+    distributed.all_reduce(totals)
+    return dict(zip(names, totals.tolist()))
 
 
 @torch.no_grad()

@@ -288,7 +288,8 @@ def test_teacher_list_describes_the_hosted_teachers(serve, checkpoints):
     assert sorted(described) == TEACHERS
     a = described["a"]
     engine = load_engines(checkpoints)["a"]
-    assert (a.architecture, a.num_classes, a.identity) == ("cifar_resnet20", NUM_CLASSES, engine.spec.identity)
+    assert (a.architecture, a.num_classes) == ("cifar_resnet20", NUM_CLASSES)
+    assert a.identity == engine.spec.identity
     assert a.weights_sha256 == engine.spec.weights_sha256 and a.cached
     assert (a.input.channels, a.input.input_size, a.input.dtype) == (3, 16, "uint8")
     assert a.taps == {"layer1": (16, 16, 16), "layer2": (32, 8, 8), "layer3": (64, 4, 4)}
@@ -304,7 +305,8 @@ def test_unknown_teacher_and_bad_arguments_are_clear_errors(serve):
             client.fetch(batch, ["a", "nobody"], ["logits"])
         assert raised.value.code == grpc.StatusCode.NOT_FOUND
         assert server.address in str(raised.value)
-        with pytest.raises(ValueError, match=r"teacher 'a' has no outputs \['layer9'\]; it provides logits, "):
+        with pytest.raises(ValueError, match=r"teacher 'a' has no outputs \['layer9'\]; it provides "
+                                             r"logits, layer1, layer2, layer3"):
             client.fetch(batch, ["a"], ["layer9"])
         with pytest.raises(ValueError, match=r"got the string 'logits' \(did you mean \['logits'\]\?\)"):
             client.fetch(batch, ["a"], "logits")
@@ -312,7 +314,7 @@ def test_unknown_teacher_and_bad_arguments_are_clear_errors(serve):
             client.fetch(batch, TEACHERS, {"a": ["logits"]})
         with pytest.raises(ValueError, match=r"uint8 \[B, C, H, W\] batch; got torch.float32"):
             client.fetch(batch.float(), ["a"], ["logits"])
-        # A status the server sends (a batch with the wrong channel count) comes back with its code and detail.
+        # A status the server sends (for images with the wrong channel count) keeps its code and detail.
         with pytest.raises(TeacherServiceError, match=r"Infer \(request \w+\) failed with INVALID_ARGUMENT: "
                                                       r".*got 1 channels") as raised:
             client.fetch(batch[:, :1], ["a"], ["logits"])

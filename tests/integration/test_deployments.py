@@ -9,11 +9,6 @@ KubeRay's RayService deploy it, from a Serve config naming `services.deployments
 
 from __future__ import annotations
 
-import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -78,42 +73,6 @@ def write_serve_config(path: Path, checkpoints: dict[str, Path], **top_level: An
                 for name, checkpoint in checkpoints.items()]
     path.write_text(yaml.safe_dump({"teachers": teachers, "grpc": {"port": 0}, **top_level}))
     return path
-
-
-# ---- the local entry point: its own Ray in a child process, first, before the module's Ray starts --------
-
-
-def test_serve_locally_serves_until_sigterm_then_shuts_down(tmp_path: Path) -> None:
-    config_path = write_serve_config(tmp_path / "serve.yaml", save_checkpoints(tmp_path))
-    script = ("import sys\nfrom services.deployments import serve_locally\n"
-              "serve_locally(sys.argv[1], on_ready=lambda address: print('READY', address, flush=True))\n")
-    child = subprocess.Popen([sys.executable, "-c", script, str(config_path)], cwd=REPO_ROOT,
-                             env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout], daemon=True).start()
-    try:
-        address = None
-        deadline = time.monotonic() + DEPLOY_SECONDS
-        while address is None and time.monotonic() < deadline and child.poll() is None:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line.startswith("READY "):
-                address = line.split()[1]
-        assert address is not None, f"serve_locally never reported its address (exit code {child.poll()})"
-        with grpc.insecure_channel(address) as channel:
-            listed = teacher_pb2_grpc.TeacherServiceStub(channel).ListTeachers(
-                teacher_pb2.ListTeachersRequest(), timeout=DEADLINE_SECONDS)
-        assert [info.name for info in listed.teachers] == list(TEACHERS)
-
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(timeout=DEPLOY_SECONDS) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 # ---- the served application ------------------------------------------------------------------------------
@@ -292,13 +251,14 @@ def test_user_config_update_reconfigures_batching_in_the_running_replica(served:
     teacher = TEACHERS[0]
     counts_before = served.forward_counts()
 
-    served.deploy({teacher: {"max_batch_size": 4, "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S}})
+    served.deploy({teacher: {"max_batch_size": 4}})  # the wait timeout keeps its value
 
     handle = served.teachers[teacher]
     deadline = time.monotonic() + DEPLOY_SECONDS
-    while handle.batching.remote().result(timeout_s=DEADLINE_SECONDS).max_batch_size != 4:
+    while (batching := handle.batching.remote().result(timeout_s=DEADLINE_SECONDS)).max_batch_size != 4:
         assert time.monotonic() < deadline, "the user_config update did not reach the replica"
         time.sleep(0.1)
+    assert batching.batch_wait_timeout_s == BATCH_WAIT_TIMEOUT_S
     # The same replicas (their forward counts carried on) and the same ingress address: nothing restarted.
     assert served.forward_counts() == counts_before
     assert served.ingress.address.remote().result(timeout_s=DEADLINE_SECONDS) == served.address
