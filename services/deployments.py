@@ -1,23 +1,23 @@
-"""Ray Serve adapters: one deployment per teacher with dynamic batching, and the gRPC ingress in front of them.
+"""Ray Serve adapters: one deployment per teacher with dynamic batching, and the gRPC ingress in front.
 
-`TeacherDeployment` holds one `TeacherEngine`. Concurrent requests are merged by `@serve.batch` (counted in
-samples, up to `max_batch_size`, waiting at most `batch_wait_timeout_s`) into one forward pass over the union of
-the outputs they ask for, and the results are split back per request. Both knobs are the deployment's
+`TeacherDeployment` holds one `TeacherEngine`. `@serve.batch` merges concurrent requests (counted in samples,
+up to `max_batch_size`, waiting at most `batch_wait_timeout_s`) into one forward pass over the union of the
+outputs they ask for, and the results are split back per request. Both knobs are the deployment's
 `user_config`, so a Serve config update retunes them through `reconfigure` without restarting replicas.
 
-The gRPC ingress: the contract (proto/ekd/v1/teacher.proto) needs the standard grpc.health.v1 service, server
-reflection and a configurable maximum message size, which Serve's native gRPC proxy does not offer (it has its
-own Healthz and fixed options). So the ingress is our own grpc.aio server (`services.server.create_server`) over
-a `RayServeBackend` that calls the teacher deployments' handles, and it runs as a Serve deployment itself
-(`GrpcIngress`): its async constructor starts the server on the configured port in the replica's event loop,
-so `serve run`/`serve deploy` of `app_builder` (and KubeRay's RayService) bring up the whole service, and the
-ingress also exposes the Prometheus metrics (`services.metrics`) on `metrics_port`. The ingress is one replica:
-it binds a fixed port, so a second one on the same node could not.
+The gRPC ingress. The contract (proto/ekd/v1/teacher.proto) needs the standard grpc.health.v1 service, server
+reflection and a configurable maximum message size; Serve's native gRPC proxy offers none of them (it has its
+own Healthz). So the ingress is our grpc.aio server (`services.server.create_server`) over a `RayServeBackend`
+that calls the teacher deployments' handles, and it is a Serve deployment itself (`GrpcIngress`): its async
+constructor starts the server on the configured port in the replica's event loop, which then serves it. So
+`serve run`/`serve deploy` of `app_builder`, and KubeRay's RayService, bring up the whole service. The
+ingress also exposes the Prometheus metrics (`services.metrics`) on `metrics_port`. It is one replica, because
+it binds a fixed port.
 
-Entry points: `build_app(config)` for Python, `app_builder({"config": PATH})` for Serve's import-path form
+Entry points: `build_app(config)` from Python; `app_builder({"config": PATH})` for Serve's import-path form
 (`serve run services.deployments:app_builder config=configs/serve/digits.yaml`, or an application with
-`import_path: services.deployments:app_builder` and `args: {config: PATH}` in a Serve config file; the path is
-read where Serve builds the app, e.g. inside the cluster), and `serve_locally(PATH)` behind `ekd serve`.
+`import_path: services.deployments:app_builder` and `args: {config: PATH}` in a Serve config file, where PATH
+is read where Serve builds the app, e.g. inside the cluster); `serve_locally(PATH)` behind `ekd serve`.
 """
 
 from __future__ import annotations
@@ -62,10 +62,12 @@ RECENT_BATCHES = 1024
 STOP_GRACE_SECONDS = 5.0
 
 FeatureShapes = dict[str, tuple[int, int, int]]
+# What a teacher call raises when no replica can take it now (overloaded, restarting, failed to deploy).
+_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)
 
 
 def teacher_deployment_name(teacher: str) -> str:
-    """The Serve deployment name of a hosted teacher (what a Serve config's `deployments:` entries refer to)."""
+    """The Serve deployment name of a hosted teacher (what a Serve config's `deployments:` entries name)."""
     return f"teacher-{teacher}"
 
 
@@ -94,8 +96,8 @@ class TeacherDeployment:
         self._apply(teacher.batching())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply the deployment's user_config (at start and on every Serve config update): a `BatchingConfig`,
-        whose missing fields keep their current values."""
+        """Apply the deployment's user_config (at start and on every Serve config update): a
+        `BatchingConfig`, whose missing fields keep their current values."""
         self._apply(BatchingConfig.model_validate({**self._batching.model_dump(), **user_config}))
 
     def _apply(self, batching: BatchingConfig) -> None:
@@ -108,7 +110,7 @@ class TeacherDeployment:
         return self._engine.spec, dict(self._feature_shapes)
 
     async def infer(self, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
-        """Forward uint8 images [B, C, H, W]; {output: float32 CPU tensor [B, ...]} for each requested output.
+        """Forward uint8 images [B, C, H, W]: {output: float32 CPU tensor [B, ...]} per requested output.
 
         The request joins the next batch; one larger than `max_batch_size` is split into several.
         """
@@ -118,7 +120,8 @@ class TeacherDeployment:
             raise InputSpecError(f"expected a uint8 image batch [B, C, H, W] with B >= 1, got {shape}")
         requested = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         pieces = images.split(self._batching.max_batch_size)
-        results = await asyncio.gather(*(self._forward(_PendingRequest(piece, requested)) for piece in pieces))
+        results = await asyncio.gather(
+            *(self._forward(_PendingRequest(piece, requested)) for piece in pieces))
         for result in results:
             if isinstance(result, Exception):
                 raise result
@@ -155,7 +158,7 @@ class TeacherDeployment:
         """One forward over the requests' samples and the union of their outputs, split back per request; a
         request the engine rejects fails alone."""
         outputs = list(dict.fromkeys(name for request in requests for name in request.outputs))
-        images = torch.cat([request.images for request in requests]) if len(requests) > 1 else requests[0].images
+        images = torch.cat([request.images for request in requests])
         try:
             # In a worker thread, so that the replica keeps queueing requests for the next batch meanwhile.
             merged = await asyncio.to_thread(self._engine.infer, images, outputs)
@@ -209,7 +212,7 @@ class RayServeBackend:
         self._calls += 1
         try:
             return await handle.infer.remote(images, list(outputs))
-        except (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError) as error:
+        except _UNAVAILABLE as error:
             raise BackendUnavailableError(f"teacher {name!r} cannot serve right now: {error}") from error
 
     def teacher_calls(self) -> int:
@@ -223,23 +226,23 @@ class RayServeBackend:
         return name
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1,
-                  # It waits on the network and the teachers; reserving a CPU would starve teachers on small nodes.
-                  ray_actor_options={"num_cpus": 0})
+# The ingress waits on the network and the teachers; a reserved CPU would starve teachers on small nodes.
+@serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
 class GrpcIngress:
-    """The gRPC server (TeacherService, health, reflection) and the metrics endpoint, inside a Serve replica."""
+    """The gRPC server (TeacherService, health, reflection) and the metrics endpoint, in a Serve replica."""
 
-    async def __init__(self, grpc: GrpcConfig, cache: CacheConfig, metrics_port: int | None,
+    async def __init__(self, grpc_config: GrpcConfig, cache_config: CacheConfig, metrics_port: int | None,
                        teachers: dict[str, DeploymentHandle]) -> None:
         backend = await RayServeBackend.connect(teachers)
-        self._host = grpc.host
-        self._store = open_store(cache.uri) if cache.uri is not None else None
+        self._host = grpc_config.host
+        self._store = open_store(cache_config.uri) if cache_config.uri is not None else None
         self._metrics = Metrics()
-        self._server = create_server(backend, store=self._store, address=grpc.address,
-                                     max_batch_size=grpc.max_batch_size, max_message_bytes=grpc.max_message_bytes,
-                                     metrics=self._metrics)
+        # Created here, in the coroutine of the loop that will serve it, as grpc.aio requires.
+        self._server = create_server(backend, store=self._store, address=grpc_config.address,
+                                     max_batch_size=grpc_config.max_batch_size,
+                                     max_message_bytes=grpc_config.max_message_bytes, metrics=self._metrics)
         await self._server.start()
-        self._metrics_http = (start_metrics_server(self._metrics, metrics_port, addr=grpc.host)
+        self._metrics_http = (start_metrics_server(self._metrics, metrics_port, addr=grpc_config.host)
                               if metrics_port is not None else None)
 
     def address(self) -> str:
@@ -261,8 +264,8 @@ class GrpcIngress:
 
 
 def _auto_gpus_per_replica(config: ServeConfig) -> float:
-    """GPUs for each replica of an `num_gpus: auto` teacher: one each where the GPUs visible here suffice,
-    else an equal share, so that e.g. two small teachers on one GPU both start instead of one waiting forever."""
+    """GPUs for each replica of a `num_gpus: auto` teacher: one where the GPUs visible here suffice, else an
+    equal share, so that e.g. two small teachers on one GPU both start instead of one waiting forever."""
     if not torch.cuda.is_available():
         return 0.0
     replicas = sum(teacher.num_replicas for teacher in config.teachers if teacher.num_gpus == "auto")
@@ -295,8 +298,8 @@ def app_builder(args: dict[str, str]) -> Application:
 
 
 def serve_locally(config_path: str | os.PathLike, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Start a private local Ray (no dashboard), deploy the service, report the gRPC address (to `on_ready`, or
-    print it), serve until SIGINT or SIGTERM, then shut Serve and Ray down."""
+    """Start a private local Ray (no dashboard), deploy the service, report the gRPC address (to `on_ready`,
+    or print it), serve until SIGINT or SIGTERM, then shut Serve and Ray down."""
     config = load_serve_config(config_path)
     # A cluster of this process alone, on this machine: Ray's token authentication has nothing to protect.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

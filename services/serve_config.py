@@ -44,10 +44,12 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
-MaxBatchSize = Annotated[int, Field(ge=1, description="most samples one forward pass runs: @serve.batch "
-                                   "merges concurrent requests up to this many samples (changeable at run time)")]
-BatchWaitTimeout = Annotated[float, Field(ge=0, le=10, description="seconds a partial batch waits for more "
-                                          "requests before it runs (changeable at run time)")]
+MaxBatchSize = Annotated[int, Field(
+    ge=1, description="most samples one forward pass runs: @serve.batch merges concurrent requests up to "
+    "this many samples (changeable at run time)")]
+BatchWaitTimeout = Annotated[float, Field(
+    ge=0, le=10, description="seconds a partial batch waits for more requests before it runs (changeable at "
+    "run time)")]
 
 
 class BatchingConfig(_Section):

@@ -13,6 +13,8 @@ the loop current when it is created.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -76,3 +78,39 @@ def create_server(backend: TeacherBackend, *, store: TeacherOutputStore | None =
         [TEACHER_SERVICE_FULL_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(address)
     return RunningServer(server=server, port=port, metrics=metrics, servicer=servicer, health=health_servicer)
+
+
+class BackgroundServer:
+    """A started server on an event loop of its own in a daemon thread, for synchronous callers (tests,
+    benchmarks, in-process stacks): `with BackgroundServer(backend, store=...) as server: server.address`."""
+
+    def __init__(self, backend: TeacherBackend, *, timeout_seconds: float = 30.0, **options) -> None:
+        self._timeout = timeout_seconds
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ekd-teacher-server", daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self._run(self._start(backend, options))
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    @staticmethod
+    async def _start(backend: TeacherBackend, options) -> RunningServer:
+        running = create_server(backend, **options)  # inside the loop that serves it, as grpc.aio requires
+        await running.start()
+        return running
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=self._timeout)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self.running.stop(None))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=self._timeout)
+        self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,9 +1,16 @@
 """One experiment, start to end, in plain PyTorch: data, teachers (trained first when missing), the teacher
-source, the method, its training stages, evaluation, export, and the result record."""
+source, the method, its training stages, evaluation, export, and the result record.
+
+`run_experiment` runs it in this process (`execution.backend: local`) or hands it to the Ray Train adapter
+(`ray_train`, trainer/ray_train.py, imported only then). Both run an `ExperimentSession`: one process's share
+of the experiment, built once, then `fit` (stages × epochs, on all data or on one worker's shard, resumable
+from a `training_state`) and `finish` (evaluate, export the students, write the record).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -11,17 +18,23 @@ from pathlib import Path
 
 import torch
 from rich.progress import Progress
+from torch import nn
 
 from trainer.config import DataConfig, ExperimentConfig, TeacherConfig
 from trainer.data import DatasetSplits, ReplayedViews, load_dataset
-from trainer.loop import (eval_loader, evaluate, make_optimizer, make_scheduler, resolve_device, train_epoch,
-                          train_loader)
+from trainer.loop import (Shard, all_reduce_counts, all_reduce_epoch_stats, eval_loader, evaluate,
+                          make_optimizer, make_scheduler, resolve_device, train_epoch, train_loader)
 from trainer.methods import create_method
+from trainer.methods.base import Method
 from trainer.sources import InProcessTeacherSource, TeacherSource
 from trainer.students import count_parameters
 from trainer.teachers import load_teachers, train_teacher
 
 Log = Callable[[str], None]
+EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
+StepModuleFactory = Callable[[Method], nn.Module]  # the module computing each step's loss in the current stage
+
+TRAINING_STATE_FORMAT = "ekd.training_state.v1"
 
 
 @dataclass
@@ -57,6 +70,11 @@ class ExperimentResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ExperimentResult:
+        return cls(**{**data, "teachers": [TeacherSummary(**t) for t in data["teachers"]],
+                      "students": [ExportedStudent(**s) for s in data["students"]]})
 
 
 def _unique_parameter_count(modules) -> int:
@@ -104,64 +122,174 @@ def teacher_test_accuracies(source: TeacherSource, count: int, splits: DatasetSp
     return [c / total for c in correct]
 
 
+class ExperimentSession:
+    """One process's share of an experiment whose teachers have checkpoints: the method, its teacher source
+    and its data, trained by `fit` and evaluated, exported and recorded by `finish`.
+
+    With a `shard`, this process is worker `shard.rank` of a data-parallel group (a torch.distributed process
+    group must exist): it trains on its shard of every epoch, the epoch statistics and source counters are
+    summed over the workers, and worker 0 alone evaluates the test split, exports and writes the record.
+    `started` is the wall-clock time (`time.time()`) the experiment started, on whichever process started it.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, splits: DatasetSplits, device: torch.device, started: float,
+                 source: TeacherSource | None = None, shard: Shard | None = None) -> None:
+        self.cfg = cfg
+        self.splits = splits
+        self.device = device
+        self.started = started
+        self.shard = shard
+        self.teachers = load_teachers(cfg.teachers, splits.num_classes) if cfg.teachers else []
+        self.source = source or (InProcessTeacherSource(self.teachers, device) if self.teachers else None)
+        infos = self.source.describe(splits.image_size) if self.teachers else []
+        torch.manual_seed(cfg.seed)
+        self.method = create_method(cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans,
+                                    teachers=infos).to(device)
+        self.views = ReplayedViews(splits.train, seed=cfg.data.replay_seed, views=cfg.data.views,
+                                   pad=cfg.data.pad, hflip=cfg.data.hflip)
+        self.history: list[dict[str, float]] = []
+        self.stall_seconds = 0.0
+        self.val_accuracy = 0.0
+        self.resumes = 0  # times this run resumed from a training state
+        # Where training stands: the last epoch completed in `stage`, with that stage's optimizer and schedule.
+        self.stage, self.epoch = 0, -1
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    @property
+    def is_primary(self) -> bool:
+        """Whether this process evaluates the test split, exports and records (worker 0, or the only one)."""
+        return self.shard is None or self.shard.rank == 0
+
+    def _train_loader(self, epoch: int):
+        return train_loader(self.views, self.cfg.data.batch_size, self.cfg.seed, epoch, self.shard)
+
+    def fit(self, *, resume: dict | None = None, step_module: StepModuleFactory | None = None,
+            on_epoch_end: EpochEndCallback | None = None, progress: Progress | None = None) -> None:
+        """Train every stage for `train.epochs` epochs, continuing after the epoch `resume` recorded.
+
+        `step_module(method)` builds what computes each step's loss (e.g. a DistributedDataParallel wrapper);
+        it is called after each stage is entered, since a stage may change which parameters train.
+        """
+        if resume is not None:
+            self._restore(resume)
+        method, epochs = self.method, self.cfg.train.epochs
+        steps_per_epoch = len(self._train_loader(0))
+        task = None
+        if progress is not None:
+            done = (self.stage * epochs + self.epoch + 1) * steps_per_epoch
+            task = progress.add_task(self.cfg.name, total=epochs * method.num_stages * steps_per_epoch,
+                                     completed=done)
+        on_step = (lambda metrics: progress.advance(task)) if progress is not None else None
+        for stage in range(self.stage, method.num_stages):
+            method.set_stage(stage)
+            optimizer = make_optimizer(method.param_groups(self.cfg.train.lr), self.cfg.train)
+            scheduler = make_scheduler(optimizer, self.cfg.train, epochs * steps_per_epoch)
+            if resume is not None and stage == self.stage:
+                optimizer.load_state_dict(resume["optimizer"])
+                scheduler.load_state_dict(resume["scheduler"])
+            else:
+                self.epoch = -1
+            self.stage, self.optimizer, self.scheduler = stage, optimizer, scheduler
+            stepper = step_module(method) if step_module is not None else method
+            for epoch in range(self.epoch + 1, epochs):
+                stats = train_epoch(method, self._train_loader(epoch), self.source, optimizer, scheduler,
+                                    epoch=epoch, total_epochs=epochs, mean=self.splits.mean, std=self.splits.std,
+                                    device=self.device, on_step=on_step, step_module=stepper)
+                if self.shard is not None and self.shard.world_size > 1:
+                    stats = all_reduce_epoch_stats(stats)
+                self.stall_seconds += stats.stall_seconds
+                self.val_accuracy = evaluate(method.predict, method, eval_loader(self.splits.val, 256),
+                                             self.splits.mean, self.splits.std, self.device)
+                self.epoch = epoch
+                row = {"stage": stage, "epoch": epoch, "loss": stats.loss, "val_accuracy": self.val_accuracy,
+                       "resumes": self.resumes, **stats.terms}
+                self.history.append(row)
+                if progress is not None:
+                    progress.update(task, description=f"{self.cfg.name} stage {stage + 1}/{method.num_stages} "
+                                                      f"epoch {epoch + 1}/{epochs} val {self.val_accuracy:.1%}")
+                if on_epoch_end is not None:
+                    on_epoch_end(row)
+
+    def training_state(self) -> dict:
+        """Where training stands after the last completed epoch, as tensors and plain data only (so that
+        `torch.load(..., weights_only=True)` reads it back): what `fit(resume=...)` continues from."""
+        if self.optimizer is None:
+            raise ValueError("no training state before the first epoch of fit has run")
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": TRAINING_STATE_FORMAT, "stage": self.stage, "epoch": self.epoch,
+                "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "history": self.history,
+                "stall_seconds": self.stall_seconds, "val_accuracy": self.val_accuracy, "resumes": self.resumes,
+                "rng": rng}
+
+    def _restore(self, state: dict) -> None:
+        if state.get("format") != TRAINING_STATE_FORMAT:
+            raise ValueError(f"training state format {state.get('format')!r} is not {TRAINING_STATE_FORMAT!r}")
+        if not 0 <= state["stage"] < self.method.num_stages:
+            raise ValueError(f"training state is at stage {state['stage']}, but {self.cfg.method.name} has "
+                             f"stages 0..{self.method.num_stages - 1}")
+        self.method.load_state_dict(state["method"])
+        self.stage, self.epoch = state["stage"], state["epoch"]
+        self.history = list(state["history"])
+        self.stall_seconds, self.val_accuracy = state["stall_seconds"], state["val_accuracy"]
+        self.resumes = state["resumes"] + 1
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def finish(self) -> ExperimentResult | None:
+        """Evaluate on the test split, export the students and write the record; the result on the primary
+        process, None on the other workers (every worker must call it: the counters are summed over them)."""
+        counters = self.source.counters() if self.teachers else {}
+        if self.shard is not None and self.shard.world_size > 1:
+            counters = all_reduce_counts(counters)
+        if not self.is_primary:
+            return None
+        cfg, splits, method, device = self.cfg, self.splits, self.method, self.device
+        test_loader = eval_loader(splits.test, 256)
+        test_accuracy = evaluate(method.predict, method, test_loader, splits.mean, splits.std, device)
+        run_dir = Path(cfg.output_dir) / cfg.name
+        (run_dir / "students").mkdir(parents=True, exist_ok=True)
+        exported = []
+        for name, student in method.exported_students().items():
+            path = run_dir / "students" / f"{name}.pt"
+            torch.save({"format": "ekd.student.v1", "method": cfg.method.name, "name": name,
+                        "state_dict": {k: v.cpu() for k, v in student.state_dict().items()}}, path)
+            acc = evaluate(student, student, test_loader, splits.mean, splits.std, device)
+            exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))
+        teacher_accuracies = (teacher_test_accuracies(self.source, len(self.teachers), splits)
+                              if self.teachers else [])
+        teacher_summaries = [TeacherSummary(t.spec.name, count_parameters(t.model), acc)
+                             for t, acc in zip(self.teachers, teacher_accuracies)]
+        result = ExperimentResult(
+            name=cfg.name, method=cfg.method.name, seed=cfg.seed, test_accuracy=test_accuracy,
+            val_accuracy=self.val_accuracy,
+            student_params=_unique_parameter_count(method.exported_students().values()),
+            teachers=teacher_summaries, students=exported, seconds=time.time() - self.started,
+            stall_seconds=self.stall_seconds, run_dir=str(run_dir),
+            counters={**counters, "resumes": self.resumes}, history=self.history)
+        (run_dir / f"results_seed{cfg.seed}.json").write_text(json.dumps(result.to_json(), indent=2))
+        return result
+
+
 def run_experiment(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
                    source: TeacherSource | None = None) -> ExperimentResult:
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces the in-process teachers."""
+    if cfg.execution.backend == "ray_train":
+        if source is not None:
+            raise ValueError("a teacher source cannot be handed to backend 'ray_train': each worker builds its "
+                             "own from the config; pass source only with backend 'local'")
+        from trainer.ray_train import run_on_ray_train  # Ray is imported only by the backend that uses it
+
+        return run_on_ray_train(cfg, log=log, progress=progress)
+    started = time.time()
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data)
-    teachers = []
     if cfg.teachers:
         ensure_teachers(cfg, splits, device, log, progress)
-        teachers = load_teachers(cfg.teachers, splits.num_classes)
-        source = source or InProcessTeacherSource(teachers, device)
-    infos = source.describe(splits.image_size) if teachers else []
-    torch.manual_seed(cfg.seed)
-    method = create_method(cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans,
-                           teachers=infos).to(device)
-    views = ReplayedViews(splits.train, seed=cfg.data.replay_seed, views=cfg.data.views, pad=cfg.data.pad,
-                          hflip=cfg.data.hflip)
-    steps_per_epoch = -(-len(views) // cfg.data.batch_size)
-    epochs = cfg.train.epochs
-    task = (progress.add_task(f"{cfg.name}", total=epochs * method.num_stages * steps_per_epoch)
-            if progress else None)
-    history, stall, val_accuracy = [], 0.0, 0.0
-    for stage in range(method.num_stages):
-        method.set_stage(stage)
-        optimizer = make_optimizer(method.param_groups(cfg.train.lr), cfg.train)
-        scheduler = make_scheduler(optimizer, cfg.train, epochs * steps_per_epoch)
-        for epoch in range(epochs):
-            on_step = (lambda m: progress.advance(task)) if progress is not None else None
-            stats = train_epoch(method, train_loader(views, cfg.data.batch_size, cfg.seed, epoch), source,
-                                optimizer, scheduler, epoch=epoch, total_epochs=epochs, mean=splits.mean,
-                                std=splits.std, device=device, on_step=on_step)
-            stall += stats.stall_seconds
-            val_accuracy = evaluate(method.predict, method, eval_loader(splits.val, 256), splits.mean,
-                                    splits.std, device)
-            history.append({"stage": stage, "epoch": epoch, "loss": stats.loss, "val_accuracy": val_accuracy,
-                            **stats.terms})
-            if progress is not None:
-                progress.update(task, description=f"{cfg.name} stage {stage + 1}/{method.num_stages} "
-                                                  f"epoch {epoch + 1}/{epochs} val {val_accuracy:.1%}")
-    test_loader = eval_loader(splits.test, 256)
-    test_accuracy = evaluate(method.predict, method, test_loader, splits.mean, splits.std, device)
-    run_dir = Path(cfg.output_dir) / cfg.name
-    (run_dir / "students").mkdir(parents=True, exist_ok=True)
-    exported = []
-    for name, student in method.exported_students().items():
-        path = run_dir / "students" / f"{name}.pt"
-        torch.save({"format": "ekd.student.v1", "method": cfg.method.name, "name": name,
-                    "state_dict": {k: v.cpu() for k, v in student.state_dict().items()}}, path)
-        acc = evaluate(student, student, test_loader, splits.mean, splits.std, device)
-        exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))
-    teacher_accuracies = teacher_test_accuracies(source, len(teachers), splits) if teachers else []
-    teacher_summaries = [TeacherSummary(t.spec.name, count_parameters(t.model), acc)
-                         for t, acc in zip(teachers, teacher_accuracies)]
-    result = ExperimentResult(
-        name=cfg.name, method=cfg.method.name, seed=cfg.seed, test_accuracy=test_accuracy,
-        val_accuracy=val_accuracy,
-        student_params=_unique_parameter_count(method.exported_students().values()),
-        teachers=teacher_summaries, students=exported, seconds=time.perf_counter() - started,
-        stall_seconds=stall, run_dir=str(run_dir), counters=source.counters() if teachers else {}, history=history)
-    (run_dir / f"results_seed{cfg.seed}.json").write_text(json.dumps(result.to_json(), indent=2))
-    return result
+    session = ExperimentSession(cfg, splits=splits, device=device, started=started, source=source)
+    session.fit(progress=progress)
+    return session.finish()

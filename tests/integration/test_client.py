@@ -7,7 +7,6 @@ trainer; the client under test is the ordinary blocking one. Every wait is bound
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from services.client import (
     TeacherServiceUnavailable,
 )
 from services.engine import TeacherEngine
-from services.server import RunningServer, create_server
+from services.server import BackgroundServer
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -77,33 +76,10 @@ class RecordingBackend(LocalBackend):
         return await super().infer(name, images, outputs)
 
 
-class ServerThread:
-    """A teacher server serving on an event loop of its own in a daemon thread."""
-
+class ServerThread(BackgroundServer):
     def __init__(self, backend: LocalBackend, **options) -> None:
+        super().__init__(backend, timeout_seconds=DEADLINE_SECONDS, **options)
         self.backend = backend
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.running: RunningServer = self._run(self._start(backend, options))
-        self.address = f"127.0.0.1:{self.running.port}"
-
-    @staticmethod
-    async def _start(backend: LocalBackend, options) -> RunningServer:
-        running = create_server(backend, **options)  # inside the loop that serves it, as grpc.aio requires
-        await running.start()
-        return running
-
-    def _run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=DEADLINE_SECONDS)
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._run(self.running.stop(None))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=DEADLINE_SECONDS)
-        self._loop.close()
 
 
 @pytest.fixture

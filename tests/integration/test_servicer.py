@@ -7,9 +7,7 @@ clients; the tests talk to it through ordinary blocking stubs, each call with a 
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from services.cache import input_digest, open_store, output_key
 from services.codec import DTYPES, DTYPES_BY_PROTO_NAME, tensor_from_bytes
 from services.engine import TeacherEngine
 from services.metrics import start_metrics_server
-from services.server import RunningServer, create_server
+from services.server import BackgroundServer
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -59,36 +57,21 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TeacherEngine
     return engines
 
 
-class ServerThread:
-    """A teacher server serving on an event loop of its own in a daemon thread, and a blocking stub to it."""
+class ServerThread(BackgroundServer):
+    """A background teacher server and a blocking stub to it."""
 
     def __init__(self, backend, **options) -> None:
+        super().__init__(backend, timeout_seconds=DEADLINE_SECONDS, **options)
         self.backend = backend
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.running: RunningServer = self._run(self._start(backend, options))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
+        self.channel = grpc.insecure_channel(self.address)
         self.stub = teacher_pb2_grpc.TeacherServiceStub(self.channel)
-
-    @staticmethod
-    async def _start(backend, options) -> RunningServer:
-        running = create_server(backend, **options)  # inside the loop that serves it, as grpc.aio requires
-        await running.start()
-        return running
-
-    def _run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=DEADLINE_SECONDS)
 
     def metric(self, name: str, **labels: str) -> float:
         return self.running.metrics.registry.get_sample_value(name, labels) or 0.0
 
     def close(self) -> None:
         self.channel.close()
-        self._run(self.running.stop(None))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=DEADLINE_SECONDS)
-        self._loop.close()
+        super().close()
 
 
 @pytest.fixture
