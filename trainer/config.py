@@ -72,7 +72,9 @@ class OptimConfig(_Section):
 
 class TeacherConfig(_Section):
     name: str = Field(description="teacher architecture from the zoo (services.zoo.list_teachers())")
-    checkpoint: str = Field(description="local checkpoint path; trained first when missing (nothing is downloaded)")
+    checkpoint: str = Field(description="local checkpoint path; trained first when missing (nothing is downloaded); "
+                            "with a served source, used (when present) to check the service hosts this teacher")
+    served_as: str | None = Field(None, description="the teacher's name on the teacher service (default: `name`)")
     seed: int = Field(0, ge=0, description="seed for training this teacher when its checkpoint is missing")
     train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=30),
                                description="how to train this teacher when its checkpoint is missing")
@@ -86,8 +88,24 @@ class TeacherConfig(_Section):
 
 
 class TeacherSourceConfig(_Section):
-    kind: Literal["in_process"] = Field(
-        "in_process", description="where teacher outputs come from: in_process runs the teachers in this process")
+    kind: Literal["in_process", "served"] = Field(
+        "in_process", description="where teacher outputs come from: in_process runs the teachers in this process "
+                                  "(the baseline); served reads the shared cache first and asks the teacher "
+                                  "service for the misses")
+    address: str | None = Field(None, description="served: the teacher service's gRPC address, host:port "
+                                "(`ekd distill --teacher-service` sets it)")
+    cache: str | None = Field(None, description="served: URI of the output cache the service writes "
+                              "(lmdb:///path or redis://host:port/db; ${VAR} expands from the environment); "
+                              "None: ask the service for everything")
+    prefetch_batches: int = Field(2, ge=0, le=64, description="batches of teacher outputs fetched ahead while the "
+                                  "student trains (0: fetch in the training thread)")
+    timeout_seconds: float = Field(120.0, gt=0, description="served: deadline of each call to the service")
+
+    @model_validator(mode="after")
+    def _served_needs_address(self) -> TeacherSourceConfig:
+        if self.kind == "served" and not self.address:
+            raise ValueError("teacher_source.kind 'served' needs `address` (host:port of the teacher service)")
+        return self
 
 
 class ExecutionConfig(_Section):

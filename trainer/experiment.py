@@ -10,7 +10,6 @@ from a `training_state`) and `finish` (evaluate, export the students, write the 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -181,11 +180,12 @@ class ExperimentSession:
             task = progress.add_task(self.cfg.name, total=epochs * method.num_stages * steps_per_epoch,
                                      completed=done)
         on_step = (lambda metrics: progress.advance(task)) if progress is not None else None
-        for stage in range(self.stage, method.num_stages):
+        first_stage = self.stage
+        for stage in range(first_stage, method.num_stages):
             method.set_stage(stage)
             optimizer = make_optimizer(method.param_groups(self.cfg.train.lr), self.cfg.train)
             scheduler = make_scheduler(optimizer, self.cfg.train, epochs * steps_per_epoch)
-            if resume is not None and stage == self.stage:
+            if resume is not None and stage == first_stage:
                 optimizer.load_state_dict(resume["optimizer"])
                 scheduler.load_state_dict(resume["scheduler"])
             else:

@@ -99,8 +99,10 @@ def train_loader(views: ReplayedViews, batch_size: int, seed: int, epoch: int,
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if shard is None:
         return DataLoader(views, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    # The loader draws its workers' base seed from `generator` before the sampler's permutation, as with
+    # shuffle=True: the same generator in both places keeps every worker on the single-process permutation.
     return DataLoader(views, batch_size=-(-batch_size // shard.world_size),
-                      sampler=ShardSampler(len(views), shard, generator), drop_last=False)
+                      sampler=ShardSampler(len(views), shard, generator), generator=generator, drop_last=False)
 
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:

@@ -6,11 +6,14 @@ that the served path is measured against.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
+from services.cache import open_store
+from services.client import TeacherClient
 from services.engine import TeacherEngine
 from services.zoo import Teacher
 from trainer.methods.base import TeacherInfo, TeacherOutputs
@@ -53,3 +56,55 @@ class InProcessTeacherSource(TeacherSource):
 
     def counters(self) -> dict[str, int]:
         return {"teacher_calls": sum(e.calls for e in self.engines)}
+
+
+class ServedTeacherSource(TeacherSource):
+    """Teacher outputs from the shared cache first and the teacher service for the misses (`TeacherClient`).
+
+    `teachers[i]` is teacher i's name on the service. When `expected_identities[i]` is given (the identity of a
+    local checkpoint of the same teacher), the service must host exactly that teacher: same architecture,
+    weights and preprocessing; a mismatch is an error, not silently different targets.
+    """
+
+    def __init__(self, address: str, teachers: Sequence[str], *, cache_uri: str | None = None,
+                 expected_identities: Sequence[str | None] | None = None, timeout_seconds: float = 120.0) -> None:
+        self.names = list(teachers)
+        self.store = open_store(os.path.expandvars(cache_uri)) if cache_uri else None
+        self.client = TeacherClient(address, store=self.store, timeout_seconds=timeout_seconds)
+        hosted = self.client.teachers()
+        for i, name in enumerate(self.names):
+            if name not in hosted:
+                raise ValueError(f"the teacher service at {address} hosts no teacher {name!r}; it hosts: "
+                                 f"{', '.join(sorted(hosted))}")
+            expected = (expected_identities or [None] * len(self.names))[i]
+            if expected is not None and hosted[name].identity != expected:
+                raise ValueError(f"the teacher service's {name!r} is not the local checkpoint's teacher (identity "
+                                 f"{hosted[name].identity[:12]}… ≠ {expected[:12]}…): other weights or "
+                                 "preprocessing; point the experiment at the checkpoint the service loaded")
+        self.descriptions = [hosted[n] for n in self.names]
+
+    def describe(self, image_size: int) -> list[TeacherInfo]:
+        # The service resizes every image to the teacher's input size, so tap shapes do not depend on image_size.
+        return [TeacherInfo(name=d.name, num_classes=d.num_classes, feature_shapes=dict(d.taps))
+                for d in self.descriptions]
+
+    def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
+        asked = [(name, list(outputs)) for name, outputs in zip(self.names, wanted, strict=True) if outputs]
+        names = list(dict.fromkeys(name for name, _ in asked))
+        result = self.client.fetch(images, names, {name: outputs for name, outputs in asked}) if asked else {}
+        logits, features = [], []
+        for name, outputs in zip(self.names, wanted):
+            got = result.get(name, {}) if outputs else {}
+            logits.append(got.get("logits"))
+            features.append({k: v for k, v in got.items() if k != "logits"})
+        return TeacherOutputs(logits=logits, features=features)
+
+    def counters(self) -> dict[str, int]:
+        stats = self.client.stats
+        return {"teacher_calls": stats.requests, "cache_hits": stats.cache_hits,
+                "cache_misses": stats.cache_misses, "remote_samples": stats.remote_samples}
+
+    def close(self) -> None:
+        self.client.close()
+        if self.store is not None:
+            self.store.close()

@@ -1,10 +1,10 @@
-"""The teacher service on a real local Ray + Serve: two teacher deployments behind the gRPC ingress, called over
-127.0.0.1 with ordinary blocking stubs, each call with a deadline.
+"""The teacher service on a real local Ray + Serve: two teacher deployments behind the gRPC ingress, called
+over 127.0.0.1 with ordinary blocking stubs, each call with a deadline.
 
 One Ray session serves the whole module. The application is deployed the way `serve run CONFIG.yaml` and
 KubeRay's RayService deploy it, from a Serve config naming `services.deployments:app_builder` (the CLI's
-`serve deploy` needs the dashboard, which stays off here), so that a config update that changes only a teacher's
-`user_config` reaches the running replica through `reconfigure`.
+`serve deploy` needs the dashboard, which stays off here), so that a config update that changes only a
+teacher's `user_config` reaches the running replica through `reconfigure`.
 """
 
 from __future__ import annotations
@@ -66,12 +66,14 @@ def save_checkpoints(directory: Path) -> dict[str, Path]:
     return checkpoints
 
 
-def write_serve_config(path: Path, checkpoints: dict[str, Path], **top_level: Any) -> Path:
+def write_serve_config(path: Path, checkpoints: dict[str, Path], cache_uri: str) -> Path:
+    """Both teachers at half a CPU each (Ray has 2 here), gRPC and metrics on free ports, an LMDB cache."""
     teachers = [{"name": name, "architecture": "cifar_resnet20", "num_classes": NUM_CLASSES,
                  "checkpoint": str(checkpoint), "max_batch_size": MAX_BATCH_SIZE,
                  "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S, "num_cpus": 0.5, "precision": "fp32"}
                 for name, checkpoint in checkpoints.items()]
-    path.write_text(yaml.safe_dump({"teachers": teachers, "grpc": {"port": 0}, **top_level}))
+    path.write_text(yaml.safe_dump({"teachers": teachers, "grpc": {"port": 0}, "cache": {"uri": cache_uri},
+                                    "metrics_port": 0}))
     return path
 
 
@@ -82,7 +84,6 @@ def write_serve_config(path: Path, checkpoints: dict[str, Path], **top_level: An
 class Served:
     """The deployed application: where it listens, its teachers' handles and checkpoints, and a stub."""
 
-    config_path: Path
     checkpoints: dict[str, Path]
     ingress: DeploymentHandle
     teachers: dict[str, DeploymentHandle]
@@ -99,7 +100,8 @@ class Served:
         return self.teachers[name].recent_batch_sizes.remote().result(timeout_s=DEADLINE_SECONDS)
 
 
-def serve_deploy_schema(config_path: Path, user_configs: dict[str, dict[str, Any]] | None) -> ServeDeploySchema:
+def serve_deploy_schema(config_path: Path, user_configs: dict[str, dict[str, Any]] | None
+                        ) -> ServeDeploySchema:
     """What a Serve config file for the service holds, with optional per-teacher user_config overrides."""
     application: dict[str, Any] = {"name": APP_NAME, "import_path": "services.deployments:app_builder",
                                    "route_prefix": None, "args": {"config": str(config_path)}}
@@ -125,8 +127,7 @@ def wait_until_running() -> None:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     directory = tmp_path_factory.mktemp("served")
     checkpoints = save_checkpoints(directory)
-    config_path = write_serve_config(directory / "serve.yaml", checkpoints,
-                                     cache={"uri": str(directory / "cache")}, metrics_port=0)
+    config_path = write_serve_config(directory / "serve.yaml", checkpoints, str(directory / "cache"))
     with pytest.MonkeyPatch.context() as environment:
         environment.setenv("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=2, include_dashboard=False)
@@ -143,21 +144,28 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             teachers = {name: serve.get_deployment_handle(teacher_deployment_name(name), APP_NAME)
                         for name in TEACHERS}
             with grpc.insecure_channel(address) as channel:
-                yield Served(config_path, checkpoints, ingress, teachers, address,
+                yield Served(checkpoints, ingress, teachers, address,
                              teacher_pb2_grpc.TeacherServiceStub(channel), channel, deploy)
         finally:
             serve.shutdown()
             ray.shutdown()
 
 
-def infer_request(batch: torch.Tensor, teachers=TEACHERS, outputs=(), output_dtype=teacher_pb2.DTYPE_UNSPECIFIED
-                  ) -> teacher_pb2.InferRequest:
-    tensor = teacher_pb2.Tensor(dtype=teacher_pb2.UINT8, shape=list(batch.shape), data=batch.numpy().tobytes())
+def infer_request(batch: torch.Tensor, teachers=TEACHERS, outputs=(),
+                  output_dtype=teacher_pb2.DTYPE_UNSPECIFIED) -> teacher_pb2.InferRequest:
+    tensor = teacher_pb2.Tensor(dtype=teacher_pb2.UINT8, shape=list(batch.shape),
+                                data=batch.numpy().tobytes())
     return teacher_pb2.InferRequest(teachers=list(teachers), outputs=list(outputs), output_dtype=output_dtype,
                                     images=tensor)
 
 
-def infer(stub, request: teacher_pb2.InferRequest) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list]]:
+def decode(tensor: teacher_pb2.Tensor) -> torch.Tensor:
+    return tensor_from_bytes(tensor.data, DTYPES_BY_PROTO_NAME[teacher_pb2.DType.Name(tensor.dtype)],
+                             tensor.shape)
+
+
+def infer(stub, request: teacher_pb2.InferRequest
+          ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[bool]]]:
     """Reassembled outputs {teacher: {output: [B, ...]}} and per-sample `cached` flags {teacher: [B]}."""
     chunks: dict[str, list[teacher_pb2.InferResponse]] = {}
     for response in stub.Infer(request, timeout=DEADLINE_SECONDS):
@@ -165,12 +173,15 @@ def infer(stub, request: teacher_pb2.InferRequest) -> tuple[dict[str, dict[str, 
     outputs, cached = {}, {}
     for teacher, responses in chunks.items():
         responses.sort(key=lambda response: response.start)
-        outputs[teacher] = {
-            name: torch.cat([tensor_from_bytes(r.outputs[name].data, DTYPES_BY_PROTO_NAME[
-                teacher_pb2.DType.Name(r.outputs[name].dtype)], r.outputs[name].shape) for r in responses])
-            for name in responses[0].outputs}
+        outputs[teacher] = {name: torch.cat([decode(response.outputs[name]) for response in responses])
+                            for name in responses[0].outputs}
         cached[teacher] = [flag for response in responses for flag in response.cached]
     return outputs, cached
+
+
+def in_process_engine(checkpoint: Path) -> TeacherEngine:
+    teacher = create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=checkpoint)
+    return TeacherEngine(teacher, precision="fp32")
 
 
 # ---- the service over gRPC -------------------------------------------------------------------------------
@@ -196,9 +207,7 @@ def test_served_outputs_equal_the_in_process_engine(served: Served) -> None:
     outputs, _ = infer(served.stub, infer_request(batch, outputs=["logits", "layer3"]))
 
     for name in TEACHERS:
-        engine = TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=served.checkpoints[name]),
-                               precision="fp32")
-        expected = engine.infer(batch, ["logits", "layer3"])
+        expected = in_process_engine(served.checkpoints[name]).infer(batch, ["logits", "layer3"])
         for output in ("logits", "layer3"):
             served_output = outputs[name][output]
             assert served_output.dtype == torch.float16  # the server default output dtype
@@ -266,15 +275,14 @@ def test_user_config_update_reconfigures_batching_in_the_running_replica(served:
     before = len(served.batch_sizes(teacher))
     concurrent_infers(served, first_seed=400, requests=4, samples=2)
     large = images(seed=500, count=10)  # more samples than the new max_batch_size: split into forward passes
-    outputs, _ = infer(served.stub, infer_request(large, teachers=[teacher], output_dtype=teacher_pb2.FLOAT32))
+    outputs, _ = infer(served.stub,
+                       infer_request(large, teachers=[teacher], output_dtype=teacher_pb2.FLOAT32))
 
     new_batches = served.batch_sizes(teacher)[before:]
     assert sum(new_batches) == 8 + 10
     assert max(new_batches) <= 4
-    engine = TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=served.checkpoints[teacher]),
-                           precision="fp32")
-    torch.testing.assert_close(outputs[teacher]["logits"], engine.infer(large, ["logits"])["logits"],
-                               atol=1e-4, rtol=1e-4)
+    expected = in_process_engine(served.checkpoints[teacher]).infer(large, ["logits"])["logits"]
+    torch.testing.assert_close(outputs[teacher]["logits"], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_request_errors_keep_their_status_codes(served: Served) -> None:
@@ -330,7 +338,8 @@ def test_bad_serve_config_names_the_field_and_value(tmp_path: Path, monkeypatch:
     path = tmp_path / "serve.yaml"
     monkeypatch.delenv("EKD_UNSET_CACHE_URI", raising=False)
     path.write_text(yaml.safe_dump({
-        "teachers": [{"name": "a", "architecture": "cifar_resnet999", "num_classes": 10, "checkpoint": "a.pt"},
+        "teachers": [{"name": "a", "architecture": "cifar_resnet999", "num_classes": 10,
+                      "checkpoint": "a.pt"},
                      {"name": "a", "architecture": "cifar_resnet20", "num_classes": 10, "checkpoint": "a.pt",
                       "max_batch_size": 0, "replicas": 2}],
         "cache": {"uri": "${EKD_UNSET_CACHE_URI}"}}))
@@ -339,7 +348,8 @@ def test_bad_serve_config_names_the_field_and_value(tmp_path: Path, monkeypatch:
         load_serve_config(path)
 
     message = str(error.value)
-    assert "teachers.0.architecture" in message and "cifar_resnet999" in message and "cifar_resnet20" in message
+    assert "teachers.0.architecture" in message and "'cifar_resnet999'" in message
+    assert "allowed: " in message and "cifar_resnet20" in message
     assert "teachers.1.max_batch_size" in message
     assert "teachers.1.replicas" in message  # an unknown field
     assert "cache.uri" in message and "EKD_UNSET_CACHE_URI" in message

@@ -1,0 +1,166 @@
+"""The Ray Train adapter (`execution.backend: ray_train`): the experiment's student training run by a
+`TorchTrainer` over `execution.workers` workers, data-parallel (DistributedDataParallel over gloo on CPU,
+NCCL on GPU), checkpointed every epoch and resumed from the last checkpoint when a worker fails.
+
+The driver (`run_on_ray_train`) trains missing teachers first (once, before any worker reads their
+checkpoints), makes every path in the config absolute (Ray workers run in a directory of Ray's own), and
+starts the trainer. Each worker runs the plain-PyTorch `ExperimentSession` of trainer/experiment.py on its
+shard of every epoch with its own in-process teacher source; after each epoch every worker calls
+`ray.train.report`, worker 0 with a checkpoint holding `ExperimentSession.training_state()` (tensors and plain
+data, read back with `torch.load(..., weights_only=True)`). A restarted worker group (up to
+`execution.max_failures` times) resumes from the last checkpoint Ray Train committed, so no finished epoch is
+trained twice; `counters["resumes"]` in the result, and the `resumes` field of each history row, count the
+resumes. At the end worker 0 evaluates, exports the students and writes the record exactly as the local
+backend does, and returns the result to the driver (Ray Train's `Result.return_value`, as plain data).
+GPUs are used when `device` resolves to cuda on the driver: one per worker.
+
+Failure injection, to check recovery: with `EKD_FAIL_ONCE_AT_EPOCH=<k>` (k ≥ 1) and `EKD_FAIL_MARKER=<path>`
+in the environment of the process that calls `run_on_ray_train`, the last worker (rank 1 of 2) exits with
+`os._exit(1)` at the start of epoch k (counted over all stages from 0: stage s, epoch e is s · epochs + e),
+after the checkpoint of epoch k − 1 is committed, unless the marker file exists; it creates the marker first,
+so the run fails exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device
+from rich.progress import Progress
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.config import ExperimentConfig
+from trainer.experiment import ExperimentResult, ExperimentSession, Log, ensure_teachers, load_splits
+from trainer.loop import Shard, resolve_device
+from trainer.methods.base import Method
+
+FAIL_AT_EPOCH_ENV = "EKD_FAIL_ONCE_AT_EPOCH"
+FAIL_MARKER_ENV = "EKD_FAIL_MARKER"
+TRAINING_STATE_FILE = "training_state.pt"
+CHECKPOINTS_KEPT = 2
+
+
+def run_on_ray_train(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
+                     ray_address: str | None = None) -> ExperimentResult:
+    """Run `cfg` on Ray Train. Uses the Ray instance this process is already connected to, else connects to
+    `ray_address`, else starts a local one (shut down again at the end)."""
+    started = time.time()
+    cfg = _with_absolute_paths(cfg)
+    failure = _failure_injection()
+    device = resolve_device(cfg.device)
+    if cfg.teachers:
+        ensure_teachers(cfg, load_splits(cfg.data), device, log, progress)
+    run_name = f"{cfg.name}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if ray_address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
+        ray.init(address=ray_address, include_dashboard=False)
+    try:
+        log(f"ray_train: {cfg.execution.workers} workers on {device.type}, run {run_name} under "
+            f"{cfg.execution.storage_path}")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"experiment": cfg.model_dump(mode="json"), "started": started, "failure": failure},
+            scaling_config=ScalingConfig(num_workers=cfg.execution.workers, use_gpu=device.type == "cuda"),
+            run_config=RunConfig(name=run_name, storage_path=cfg.execution.storage_path,
+                                 failure_config=FailureConfig(max_failures=cfg.execution.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
+        outcome = trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if outcome.return_value is None:
+        raise RuntimeError(f"ray_train run {run_name} ended without a result from worker 0 "
+                           f"(run state under {outcome.path})")
+    return ExperimentResult.from_json(outcome.return_value)
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """One Ray Train worker: its shard of the experiment; worker 0 returns the result as plain data."""
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    context = ray.train.get_context()
+    shard = Shard(context.get_world_rank(), context.get_world_size())
+    device = get_device()
+    session = ExperimentSession(cfg, splits=load_splits(cfg.data), device=device, started=config["started"],
+                                shard=shard)
+    failure = config["failure"]
+
+    def on_epoch_end(row: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if session.is_primary:
+                torch.save(session.training_state(), Path(directory) / TRAINING_STATE_FILE)
+                checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(row, checkpoint=checkpoint)
+        next_epoch = session.stage * cfg.train.epochs + session.epoch + 1
+        if failure is not None and shard.rank == shard.world_size - 1 and next_epoch == failure["epoch"]:
+            _fail_once(Path(failure["marker"]))
+
+    session.fit(resume=_last_training_state(), step_module=lambda method: _data_parallel(method, device),
+                on_epoch_end=on_epoch_end)
+    result = session.finish()
+    return result.to_json() if result is not None else None
+
+
+def _data_parallel(method: Method, device: torch.device) -> DistributedDataParallel:
+    # A method may leave some of its trainable parameters out of a step's graph (an optional term switched
+    # off, a branch a loss does not reach); DDP then needs find_unused_parameters, or it waits for their
+    # gradients forever. The cost is one graph traversal per step.
+    return DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _last_training_state() -> dict | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _fail_once(marker: Path) -> None:
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    # Wait until Ray Train has committed the checkpoint just reported: the failure then comes after it, and
+    # the restarted workers resume from it.
+    ray.train.get_all_reported_checkpoints()
+    os._exit(1)
+
+
+def _failure_injection() -> dict | None:
+    """The driver's EKD_FAIL_ONCE_AT_EPOCH / EKD_FAIL_MARKER, checked, for the workers' config (a Ray
+    instance started earlier would not hand the driver's current environment to its workers)."""
+    epoch = os.environ.get(FAIL_AT_EPOCH_ENV)
+    if epoch is None:
+        return None
+    marker = os.environ.get(FAIL_MARKER_ENV)
+    if not marker:
+        raise ValueError(f"{FAIL_AT_EPOCH_ENV}={epoch} needs {FAIL_MARKER_ENV}=<path>: the file that records "
+                         "that the injected failure has happened")
+    if not epoch.isdigit() or int(epoch) < 1:
+        raise ValueError(f"{FAIL_AT_EPOCH_ENV} must be an epoch index >= 1 (the failure follows the checkpoint "
+                         f"of the epoch before), got {epoch!r}")
+    return {"epoch": int(epoch), "marker": str(Path(marker).absolute())}
+
+
+def _with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with every path made absolute against this process's working directory."""
+    data = cfg.model_dump(mode="json")
+    data["output_dir"] = str(Path(cfg.output_dir).absolute())
+    data["execution"]["storage_path"] = str(Path(cfg.execution.storage_path).absolute())
+    if cfg.data.root is not None:
+        data["data"]["root"] = str(Path(cfg.data.root).absolute())
+    for teacher in data["teachers"]:
+        teacher["checkpoint"] = str(Path(teacher["checkpoint"]).absolute())
+    return ExperimentConfig.model_validate(data)
