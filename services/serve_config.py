@@ -21,12 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.engine import PRECISIONS
-from services.servicer import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    OUTPUT_DTYPES,
-)
+from services.servicer import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES
 from services.zoo import list_teachers
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -124,8 +119,6 @@ class GrpcConfig(_Section):
                                 "carry (RESOURCE_EXHAUSTED beyond)")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024,
                                    description="gRPC message size limit for requests and responses, in bytes")
-    default_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="samples per streamed "
-                                    "InferResponse when a request leaves chunk_size at 0")
 
     @property
     def address(self) -> str:
@@ -138,16 +131,6 @@ class CacheConfig(_Section):
     uri: str | None = Field(None, description="lmdb:///abs/path, a plain path (LMDB; relative to the working "
                             "directory), or redis://host:port/db; ${VAR} expands from the environment; "
                             "absent: no cache")
-    output_dtype: str = Field("float16", description="dtype outputs are served and cached in when a request "
-                              f"leaves output_dtype unspecified: {', '.join(OUTPUT_DTYPES)}")
-
-    @field_validator("output_dtype")
-    @classmethod
-    def _servable_dtype(cls, output_dtype: str) -> str:
-        if output_dtype not in OUTPUT_DTYPES:
-            allowed = ", ".join(OUTPUT_DTYPES)
-            raise ValueError(f"unsupported output_dtype {output_dtype!r}; allowed: {allowed}")
-        return output_dtype
 
     @field_validator("uri")
     @classmethod

@@ -103,5 +103,18 @@ def distill(config: ConfigArg,
     err_console.print(f"results: {json_path}\nplot: {plot_path}")
 
 
+@app.command()
+@user_errors
+def serve(config: Annotated[Path, typer.Argument(help="service config YAML, e.g. configs/serve/digits.yaml",
+                                                 show_default=False)]) -> None:
+    """Serve teachers locally: a local Ray, one Serve deployment per teacher, the gRPC ingress; Ctrl-C stops it."""
+    from services.deployments import serve_locally
+
+    def ready(address: str) -> None:
+        out_console.print(f"teacher service ready at {address} (gRPC; Ctrl-C stops it)")
+
+    serve_locally(config, on_ready=ready)
+
+
 def main() -> None:
     app()
