@@ -240,7 +240,9 @@ class GrpcIngress:
         # Created here, in the coroutine of the loop that will serve it, as grpc.aio requires.
         self._server = create_server(backend, store=self._store, address=grpc_config.address,
                                      max_batch_size=grpc_config.max_batch_size,
-                                     max_message_bytes=grpc_config.max_message_bytes, metrics=self._metrics)
+                                     max_message_bytes=grpc_config.max_message_bytes, metrics=self._metrics,
+                                     default_chunk_size=grpc_config.default_chunk_size,
+                                     default_dtype=grpc_config.default_dtype)
         await self._server.start()
         self._metrics_http = (start_metrics_server(self._metrics, metrics_port, addr=grpc_config.host)
                               if metrics_port is not None else None)

@@ -13,18 +13,17 @@ environment, so that one file serves a laptop and a cluster (e.g. `uri: ${EKD_CA
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.engine import PRECISIONS
-from services.servicer import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES
+from services.servicer import (DEFAULT_CHUNK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES,
+                               DEFAULT_OUTPUT_DTYPE)
+from services.yaml_config import expand_environment, load_yaml_model
 from services.zoo import list_teachers
 
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ServeConfigError(ValueError):
@@ -119,6 +118,11 @@ class GrpcConfig(_Section):
                                 "carry (RESOURCE_EXHAUSTED beyond)")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024,
                                    description="gRPC message size limit for requests and responses, in bytes")
+    default_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="samples per streamed response when "
+                                    "a request leaves chunk_size at 0")
+    default_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        DEFAULT_OUTPUT_DTYPE, description="output dtype when a request leaves output_dtype unspecified; what the "
+                                          "cache stores by default")
 
     @property
     def address(self) -> str:
@@ -137,10 +141,7 @@ class CacheConfig(_Section):
     def _expanded_uri(cls, uri: str | None) -> str | None:
         if uri is None:
             return None
-        missing = [name for name in _ENV_REFERENCE.findall(uri) if name not in os.environ]
-        if missing:
-            raise ValueError(f"cache URI {uri!r} refers to unset environment variables: {', '.join(missing)}")
-        uri = _ENV_REFERENCE.sub(lambda match: os.environ[match.group(1)], uri)
+        uri = expand_environment(uri)
         if not uri:
             raise ValueError("cache URI is empty; leave uri out to run without a cache")
         return uri if "://" in uri else _absolute(uri)
@@ -166,30 +167,6 @@ class ServeConfig(_Section):
         return teachers
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: the field's dotted location, what is wrong, and the offending value."""
-    lines = []
-    for error in err.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        value = error.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {where}: {error['msg']}{shown}")
-    return "\n".join(lines)
-
-
 def load_serve_config(path: str | os.PathLike) -> ServeConfig:
     """Read and validate a service config YAML; all problems become one ServeConfigError naming the fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise ServeConfigError(f"service config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ServeConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ServeConfigError(
-            f"{path} must hold a mapping of service config fields, got {type(raw).__name__}")
-    try:
-        return ServeConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ServeConfigError(f"{path}: invalid service config\n{format_validation_error(err)}") from None
+    return load_yaml_model(path, ServeConfig, what="service config", error=ServeConfigError)

@@ -25,7 +25,8 @@ from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2_grpc
 from services.backends import TeacherBackend
 from services.cache import TeacherOutputStore
 from services.metrics import Metrics
-from services.servicer import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, TeacherServicer
+from services.servicer import (DEFAULT_CHUNK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES,
+                               DEFAULT_OUTPUT_DTYPE, TeacherServicer)
 
 OVERALL_HEALTH = ""
 """The health-check service name that stands for the whole server."""
@@ -57,7 +58,8 @@ class RunningServer:
 
 def create_server(backend: TeacherBackend, *, store: TeacherOutputStore | None = None,
                   address: str = "127.0.0.1:0", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, metrics: Metrics | None = None
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, metrics: Metrics | None = None,
+                  default_chunk_size: int = DEFAULT_CHUNK_SIZE, default_dtype: str = DEFAULT_OUTPUT_DTYPE
                   ) -> RunningServer:
     """A server for `backend`'s teachers on `address` (port 0: a free one, see `.port`), not yet started.
 
@@ -66,7 +68,8 @@ def create_server(backend: TeacherBackend, *, store: TeacherOutputStore | None =
     """
     metrics = metrics if metrics is not None else Metrics()
     servicer = TeacherServicer(backend, store, metrics, max_batch_size=max_batch_size,
-                               max_message_bytes=max_message_bytes)
+                               max_message_bytes=max_message_bytes, default_chunk_size=default_chunk_size,
+                               default_dtype=default_dtype)
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -49,6 +49,7 @@ OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MAX_BATCH_SIZE = 512
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 64
+DEFAULT_OUTPUT_DTYPE = "float16"
 
 # Room in each InferResponse for everything but the tensor payloads and `cached` flags: the teacher name and
 # output names (added per message), start and count, each Tensor's dtype, shape and length prefixes.
@@ -122,7 +123,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
     def __init__(self, backend: TeacherBackend, store: TeacherOutputStore | None, metrics: Metrics, *,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 default_chunk_size: int = DEFAULT_CHUNK_SIZE, default_dtype: str = "float16") -> None:
+                 default_chunk_size: int = DEFAULT_CHUNK_SIZE, default_dtype: str = DEFAULT_OUTPUT_DTYPE) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_message_bytes <= _MESSAGE_FRAMING_BYTES:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.yaml_config import expand_environment, load_yaml_model
 from services.zoo import list_teachers
 from trainer.methods.ce import CEParams
 from trainer.methods.ekd import EKDParams
@@ -101,6 +101,11 @@ class TeacherSourceConfig(_Section):
                                   "student trains (0: fetch in the training thread)")
     timeout_seconds: float = Field(120.0, gt=0, description="served: deadline of each call to the service")
 
+    @field_validator("cache")
+    @classmethod
+    def _expanded_cache(cls, uri: str | None) -> str | None:
+        return expand_environment(uri) if uri else None
+
     @model_validator(mode="after")
     def _served_needs_address(self) -> TeacherSourceConfig:
         if self.kind == "served" and not self.address:
@@ -146,28 +151,6 @@ class ExperimentConfig(_Section):
         return self
 
 
-def format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {where}: {e['msg']}{shown}")
-    return "\n".join(lines)
-
-
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML; every problem becomes one ConfigError naming the file and fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of experiment fields, got {type(raw).__name__}")
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"{path}: invalid experiment\n{format_validation_error(err)}") from None
+    return load_yaml_model(path, ExperimentConfig, what="experiment", error=ConfigError)

@@ -6,7 +6,6 @@ that the served path is measured against.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -69,7 +68,7 @@ class ServedTeacherSource(TeacherSource):
     def __init__(self, address: str, teachers: Sequence[str], *, cache_uri: str | None = None,
                  expected_identities: Sequence[str | None] | None = None, timeout_seconds: float = 120.0) -> None:
         self.names = list(teachers)
-        self.store = open_store(os.path.expandvars(cache_uri)) if cache_uri else None
+        self.store = open_store(cache_uri) if cache_uri else None
         self.client = TeacherClient(address, store=self.store, timeout_seconds=timeout_seconds)
         hosted = self.client.teachers()
         for i, name in enumerate(self.names):
