@@ -299,6 +299,13 @@ def app_builder(args: dict[str, str]) -> Application:
     return build_app(load_serve_config(args["config"]))
 
 
+def deploy(config: ServeConfig) -> str:
+    """Deploy the service on the Ray this process is connected to and return the ingress's gRPC address."""
+    serve.start(proxy_location=ProxyLocation.Disabled)
+    ingress = serve.run(build_app(config), name=APP_NAME, route_prefix=None)
+    return ingress.address.remote().result()
+
+
 def serve_locally(config_path: str | os.PathLike, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Start a private local Ray (no dashboard), deploy the service, report the gRPC address (to `on_ready`,
     or print it), serve until SIGINT or SIGTERM, then shut Serve and Ray down."""
@@ -307,9 +314,7 @@ def serve_locally(config_path: str | os.PathLike, *, on_ready: Callable[[str], N
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False)
     try:
-        serve.start(proxy_location=ProxyLocation.Disabled)
-        ingress = serve.run(build_app(config), name=APP_NAME, route_prefix=None)
-        address = ingress.address.remote().result()
+        address = deploy(config)
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:

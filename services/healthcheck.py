@@ -2,10 +2,10 @@
 
     python -m services.healthcheck HOST:PORT [--service NAME] [--timeout SECONDS]
 
-Exits 0 when the server answers SERVING, 1 otherwise (NOT_SERVING, an unknown service, unreachable, too slow),
-and prints one line saying which. It is the probe of the images' HEALTHCHECK and of docker-compose, which cannot
-speak gRPC themselves (Kubernetes probes gRPC natively). An empty service name, the default, asks about the
-whole server; `ekd.v1.TeacherService` asks about the teacher service alone.
+Exits 0 when the server answers SERVING, 1 otherwise (NOT_SERVING, an unknown service, unreachable, too
+slow), and prints one line saying which. It is the probe of the images' HEALTHCHECK and of docker-compose,
+which cannot speak gRPC themselves (Kubernetes probes gRPC natively). An empty service name, the default, asks
+about the whole server; `ekd.v1.TeacherService` asks about the teacher service alone.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ DEFAULT_TIMEOUT_S = 5.0
 
 
 def probe(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
-    """(serving, one-line message) for `service` on the server at `address`, waiting at most `timeout` seconds.
-
-    The call does not wait for a connection: a refused connection fails at once, a silent host at the deadline.
-    """
+    """(serving, one-line message) for `service` on the server at `address`, waiting at most `timeout`
+    seconds. The call does not wait for a connection: a refused connection fails at once, a silent host at the
+    deadline."""
     if timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     shown = repr(service) if service else "the server"

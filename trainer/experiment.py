@@ -31,7 +31,7 @@ from trainer.teachers import load_teachers, train_teacher
 
 Log = Callable[[str], None]
 EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
-StepModuleFactory = Callable[[Method], nn.Module]  # the module computing each step's loss in the current stage
+StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in the current stage
 
 TRAINING_STATE_FORMAT = "ekd.training_state.v1"
 
@@ -150,7 +150,7 @@ class ExperimentSession:
         self.stall_seconds = 0.0
         self.val_accuracy = 0.0
         self.resumes = 0  # times this run resumed from a training state
-        # Where training stands: the last epoch completed in `stage`, with that stage's optimizer and schedule.
+        # Where training stands: the last epoch completed in `stage`, with that stage's optimizer and lr schedule.
         self.stage, self.epoch = 0, -1
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
@@ -163,12 +163,12 @@ class ExperimentSession:
     def _train_loader(self, epoch: int):
         return train_loader(self.views, self.cfg.data.batch_size, self.cfg.seed, epoch, self.shard)
 
-    def fit(self, *, resume: dict | None = None, step_module: StepModuleFactory | None = None,
+    def fit(self, *, resume: dict | None = None, make_step_module: StepModuleFactory | None = None,
             on_epoch_end: EpochEndCallback | None = None, progress: Progress | None = None) -> None:
         """Train every stage for `train.epochs` epochs, continuing after the epoch `resume` recorded.
 
-        `step_module(method)` builds what computes each step's loss (e.g. a DistributedDataParallel wrapper);
-        it is called after each stage is entered, since a stage may change which parameters train.
+        `make_step_module(method)` builds what computes each step's loss (e.g. a DistributedDataParallel
+        wrapper); it is called after each stage is entered, since a stage may change which parameters train.
         """
         if resume is not None:
             self._restore(resume)
@@ -191,11 +191,12 @@ class ExperimentSession:
             else:
                 self.epoch = -1
             self.stage, self.optimizer, self.scheduler = stage, optimizer, scheduler
-            stepper = step_module(method) if step_module is not None else method
+            step_module = make_step_module(method) if make_step_module is not None else method
             for epoch in range(self.epoch + 1, epochs):
                 stats = train_epoch(method, self._train_loader(epoch), self.source, optimizer, scheduler,
-                                    epoch=epoch, total_epochs=epochs, mean=self.splits.mean, std=self.splits.std,
-                                    device=self.device, on_step=on_step, step_module=stepper)
+                                    epoch=epoch, total_epochs=epochs, mean=self.splits.mean,
+                                    std=self.splits.std, device=self.device, on_step=on_step,
+                                    step_module=step_module)
                 if self.shard is not None and self.shard.world_size > 1:
                     stats = all_reduce_epoch_stats(stats)
                 self.stall_seconds += stats.stall_seconds
@@ -206,8 +207,8 @@ class ExperimentSession:
                        "resumes": self.resumes, **stats.terms}
                 self.history.append(row)
                 if progress is not None:
-                    progress.update(task, description=f"{self.cfg.name} stage {stage + 1}/{method.num_stages} "
-                                                      f"epoch {epoch + 1}/{epochs} val {self.val_accuracy:.1%}")
+                    progress.update(task, description=f"{self.cfg.name} stage {stage + 1}/{method.num_stages}"
+                                                      f" epoch {epoch + 1}/{epochs} val {self.val_accuracy:.1%}")
                 if on_epoch_end is not None:
                     on_epoch_end(row)
 
@@ -222,12 +223,13 @@ class ExperimentSession:
         return {"format": TRAINING_STATE_FORMAT, "stage": self.stage, "epoch": self.epoch,
                 "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "history": self.history,
-                "stall_seconds": self.stall_seconds, "val_accuracy": self.val_accuracy, "resumes": self.resumes,
-                "rng": rng}
+                "stall_seconds": self.stall_seconds, "val_accuracy": self.val_accuracy,
+                "resumes": self.resumes, "rng": rng}
 
     def _restore(self, state: dict) -> None:
         if state.get("format") != TRAINING_STATE_FORMAT:
-            raise ValueError(f"training state format {state.get('format')!r} is not {TRAINING_STATE_FORMAT!r}")
+            raise ValueError(f"training state format {state.get('format')!r} is not "
+                             f"{TRAINING_STATE_FORMAT!r}")
         if not 0 <= state["stage"] < self.method.num_stages:
             raise ValueError(f"training state is at stage {state['stage']}, but {self.cfg.method.name} has "
                              f"stages 0..{self.method.num_stages - 1}")
@@ -277,11 +279,11 @@ class ExperimentSession:
 
 def run_experiment(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
                    source: TeacherSource | None = None) -> ExperimentResult:
-    """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces the in-process teachers."""
+    """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces in-process teachers."""
     if cfg.execution.backend == "ray_train":
         if source is not None:
-            raise ValueError("a teacher source cannot be handed to backend 'ray_train': each worker builds its "
-                             "own from the config; pass source only with backend 'local'")
+            raise ValueError("a teacher source cannot be handed to backend 'ray_train': each worker builds "
+                             "its own from the config; pass source only with backend 'local'")
         from trainer.ray_train import run_on_ray_train  # Ray is imported only by the backend that uses it
 
         return run_on_ray_train(cfg, log=log, progress=progress)

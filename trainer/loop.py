@@ -82,7 +82,7 @@ class ShardSampler(Sampler[int]):
         return -(-self.size // self.shard.world_size)
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=self.generator)  # what shuffle=True draws from the generator
+        order = torch.randperm(self.size, generator=self.generator)  # what shuffle=True draws
         total = len(self) * self.shard.world_size
         padded = order.repeat(-(-total // self.size))[:total]
         return iter(padded[self.shard.rank::self.shard.world_size].tolist())
@@ -102,7 +102,8 @@ def train_loader(views: ReplayedViews, batch_size: int, seed: int, epoch: int,
     # The loader draws its workers' base seed from `generator` before the sampler's permutation, as with
     # shuffle=True: the same generator in both places keeps every worker on the single-process permutation.
     return DataLoader(views, batch_size=-(-batch_size // shard.world_size),
-                      sampler=ShardSampler(len(views), shard, generator), generator=generator, drop_last=False)
+                      sampler=ShardSampler(len(views), shard, generator), generator=generator,
+                      drop_last=False)
 
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:

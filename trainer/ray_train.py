@@ -12,7 +12,9 @@ data, read back with `torch.load(..., weights_only=True)`). A restarted worker g
 trained twice; `counters["resumes"]` in the result, and the `resumes` field of each history row, count the
 resumes. At the end worker 0 evaluates, exports the students and writes the record exactly as the local
 backend does, and returns the result to the driver (Ray Train's `Result.return_value`, as plain data).
-GPUs are used when `device` resolves to cuda on the driver: one per worker.
+GPUs are used when `device` resolves to cuda on the driver: one per worker. On a cluster of several nodes
+(`ray_address`), the teacher checkpoints, `output_dir` and a local `storage_path` must lie on a filesystem
+that every node shares.
 
 Failure injection, to check recovery: with `EKD_FAIL_ONCE_AT_EPOCH=<k>` (k ≥ 1) and `EKD_FAIL_MARKER=<path>`
 in the environment of the process that calls `run_on_ray_train`, the last worker (rank 1 of 2) exits with
@@ -69,7 +71,8 @@ def run_on_ray_train(cfg: ExperimentConfig, *, log: Log = print, progress: Progr
             f"{cfg.execution.storage_path}")
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"experiment": cfg.model_dump(mode="json"), "started": started, "failure": failure},
+            train_loop_config={"experiment": cfg.model_dump(mode="json"), "started": started,
+                               "failure": failure},
             scaling_config=ScalingConfig(num_workers=cfg.execution.workers, use_gpu=device.type == "cuda"),
             run_config=RunConfig(name=run_name, storage_path=cfg.execution.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.execution.max_failures),
@@ -105,7 +108,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if failure is not None and shard.rank == shard.world_size - 1 and next_epoch == failure["epoch"]:
             _fail_once(Path(failure["marker"]))
 
-    session.fit(resume=_last_training_state(), step_module=lambda method: _data_parallel(method, device),
+    session.fit(resume=_last_training_state(), make_step_module=lambda method: _data_parallel(method, device),
                 on_epoch_end=on_epoch_end)
     result = session.finish()
     return result.to_json() if result is not None else None
@@ -149,8 +152,8 @@ def _failure_injection() -> dict | None:
         raise ValueError(f"{FAIL_AT_EPOCH_ENV}={epoch} needs {FAIL_MARKER_ENV}=<path>: the file that records "
                          "that the injected failure has happened")
     if not epoch.isdigit() or int(epoch) < 1:
-        raise ValueError(f"{FAIL_AT_EPOCH_ENV} must be an epoch index >= 1 (the failure follows the checkpoint "
-                         f"of the epoch before), got {epoch!r}")
+        raise ValueError(f"{FAIL_AT_EPOCH_ENV} must be an epoch index >= 1 (the failure follows the "
+                         f"checkpoint of the epoch before), got {epoch!r}")
     return {"epoch": int(epoch), "marker": str(Path(marker).absolute())}
 
 
@@ -158,7 +161,8 @@ def _with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """`cfg` with every path made absolute against this process's working directory."""
     data = cfg.model_dump(mode="json")
     data["output_dir"] = str(Path(cfg.output_dir).absolute())
-    data["execution"]["storage_path"] = str(Path(cfg.execution.storage_path).absolute())
+    if "://" not in cfg.execution.storage_path:  # Ray Train also takes URIs (s3://, gs://) as storage
+        data["execution"]["storage_path"] = str(Path(cfg.execution.storage_path).absolute())
     if cfg.data.root is not None:
         data["data"]["root"] = str(Path(cfg.data.root).absolute())
     for teacher in data["teachers"]:
