@@ -31,7 +31,7 @@ from trainer.teachers import load_teachers, train_teacher
 
 Log = Callable[[str], None]
 EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
-StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in the current stage
+StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in a stage
 
 TRAINING_STATE_FORMAT = "ekd.training_state.v1"
 
@@ -139,6 +139,7 @@ class ExperimentSession:
         self.started = started
         self.shard = shard
         self.teachers = load_teachers(cfg.teachers, splits.num_classes) if cfg.teachers else []
+        self.owns_source = source is None  # a source handed in stays open for its owner
         self.source = source or (InProcessTeacherSource(self.teachers, device) if self.teachers else None)
         infos = self.source.describe(splits.image_size) if self.teachers else []
         torch.manual_seed(cfg.seed)
@@ -150,7 +151,7 @@ class ExperimentSession:
         self.stall_seconds = 0.0
         self.val_accuracy = 0.0
         self.resumes = 0  # times this run resumed from a training state
-        # Where training stands: the last epoch completed in `stage`, with that stage's optimizer and lr schedule.
+        # Where training stands: the last epoch completed in `stage`, and that stage's optimizer and schedule.
         self.stage, self.epoch = 0, -1
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
@@ -207,8 +208,9 @@ class ExperimentSession:
                        "resumes": self.resumes, **stats.terms}
                 self.history.append(row)
                 if progress is not None:
-                    progress.update(task, description=f"{self.cfg.name} stage {stage + 1}/{method.num_stages}"
-                                                      f" epoch {epoch + 1}/{epochs} val {self.val_accuracy:.1%}")
+                    progress.update(task, description=f"{self.cfg.name} stage {stage + 1}/"
+                                                      f"{method.num_stages} epoch {epoch + 1}/{epochs} "
+                                                      f"val {self.val_accuracy:.1%}")
                 if on_epoch_end is not None:
                     on_epoch_end(row)
 
@@ -249,6 +251,7 @@ class ExperimentSession:
         if self.shard is not None and self.shard.world_size > 1:
             counters = all_reduce_counts(counters)
         if not self.is_primary:
+            self._close_source()
             return None
         cfg, splits, method, device = self.cfg, self.splits, self.method, self.device
         test_loader = eval_loader(splits.test, 256)
@@ -266,6 +269,7 @@ class ExperimentSession:
                               if self.teachers else [])
         teacher_summaries = [TeacherSummary(t.spec.name, count_parameters(t.model), acc)
                              for t, acc in zip(self.teachers, teacher_accuracies)]
+        self._close_source()
         result = ExperimentResult(
             name=cfg.name, method=cfg.method.name, seed=cfg.seed, test_accuracy=test_accuracy,
             val_accuracy=self.val_accuracy,
@@ -275,6 +279,10 @@ class ExperimentSession:
             counters={**counters, "resumes": self.resumes}, history=self.history)
         (run_dir / f"results_seed{cfg.seed}.json").write_text(json.dumps(result.to_json(), indent=2))
         return result
+
+    def _close_source(self) -> None:
+        if self.owns_source and self.source is not None:
+            self.source.close()
 
 
 def run_experiment(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
