@@ -7,6 +7,7 @@ exit with status 2, without a traceback.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pydantic import ValidationError
+
+from services.yaml_config import format_validation_error
 from trainer.config import ConfigError, ExperimentConfig, load_experiment
 
 app = typer.Typer(name="ekd", help="Ensemble knowledge distillation: served teachers, cached outputs, compact students.",
@@ -59,6 +63,23 @@ def parse_seeds(seeds: str | None, default: int) -> list[int]:
     return values
 
 
+def with_cli_overrides(cfg: ExperimentConfig, *, output_dir: Path | None, teacher_service: str | None,
+                       ray_address: str | None) -> ExperimentConfig:
+    """The experiment with what the command line says instead of the file, validated again."""
+    data = cfg.model_dump()
+    if output_dir is not None:
+        data["output_dir"] = str(output_dir)
+    if teacher_service is not None:
+        source = data["teacher_source"]
+        source.update(kind="served", address=teacher_service, cache=source["cache"] or os.environ.get("EKD_CACHE_URI"))
+    if ray_address is not None:
+        data["execution"]["backend"] = "ray_train"
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid command-line override\n{format_validation_error(err)}") from None
+
+
 @teachers_app.command("train")
 @user_errors
 def teachers_train(config: ConfigArg,
@@ -82,18 +103,24 @@ def teachers_train(config: ConfigArg,
 def distill(config: ConfigArg,
             seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")] = None,
             output_dir: Annotated[Path | None, typer.Option(help="where results go (default: the config's)")] = None,
+            teacher_service: Annotated[str | None, typer.Option(
+                help="HOST:PORT of a running teacher service: teachers come from it, cache first "
+                     "(cache URI from the config, else $EKD_CACHE_URI)")] = None,
+            address: Annotated[str | None, typer.Option(
+                help="address of a running Ray cluster: train there with Ray Train (execution.backend ray_train)"
+            )] = None,
             ) -> None:
     """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
     from trainer.experiment import run_experiment
     from trainer.report import plot_results, results_table, teacher_table, write_results_json
 
-    cfg = load_experiment(config)
+    cfg = with_cli_overrides(load_experiment(config), output_dir=output_dir, teacher_service=teacher_service,
+                             ray_address=address)
     results = []
     with make_progress() as progress:
         for seed in parse_seeds(seeds, cfg.seed):
-            update = {"seed": seed} | ({"output_dir": str(output_dir)} if output_dir else {})
-            run_cfg = ExperimentConfig.model_validate(cfg.model_dump() | update)
-            results.append(run_experiment(run_cfg, log=err_console.print, progress=progress))
+            run_cfg = cfg.model_copy(update={"seed": seed})
+            results.append(run_experiment(run_cfg, log=err_console.print, progress=progress, ray_address=address))
     run_dir = Path(results[0].run_dir)
     out_console.print(results_table(results, title=f"ekd distill {config}"))
     if (teachers := teacher_table(results)) is not None:
@@ -114,6 +141,30 @@ def serve(config: Annotated[Path, typer.Argument(help="service config YAML, e.g.
         out_console.print(f"teacher service ready at {address} (gRPC; Ctrl-C stops it)")
 
     serve_locally(config, on_ready=ready)
+
+
+@app.command()
+@user_errors
+def demo(output_dir: Annotated[Path, typer.Option(help="where results, plots and students go")] = Path("runs/demo"),
+         workers: Annotated[int, typer.Option(min=1, help="Ray Train workers per experiment")] = 2,
+         epochs: Annotated[int | None, typer.Option(min=1, help="epochs per experiment (default: the configs')")]
+         = None,
+         configs: Annotated[Path, typer.Option(help="the digits experiment configs")] = Path("configs/digits"),
+         serve_config: Annotated[Path, typer.Option(help="the teacher service config")] = Path(
+             "configs/serve/digits.yaml"),
+         ) -> None:
+    """The whole system on digits: train (or reuse) teachers, serve them, distill seven ways on Ray Train."""
+    from trainer.demo import demo_table, run_demo
+    from trainer.report import plot_results, write_results_json
+
+    with make_progress() as progress:
+        rows = run_demo(configs_dir=configs, serve_config=serve_config, output_dir=output_dir, workers=workers,
+                        epochs=epochs, log=err_console.print, progress=progress)
+    out_console.print(demo_table(rows))
+    results = [row.result for row in rows]
+    json_path = write_results_json(results, output_dir / "results.json")
+    plot_path = plot_results(results, output_dir / "accuracy_vs_params.png")
+    err_console.print(f"results: {json_path}\nplot: {plot_path}")
 
 
 def main() -> None:

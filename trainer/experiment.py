@@ -25,9 +25,9 @@ from trainer.loop import (Shard, all_reduce_counts, all_reduce_epoch_stats, eval
                           make_optimizer, make_scheduler, resolve_device, train_epoch, train_loader)
 from trainer.methods import create_method
 from trainer.methods.base import Method
-from trainer.sources import InProcessTeacherSource, TeacherSource
+from trainer.sources import TeacherSource, build_teacher_source
 from trainer.students import count_parameters
-from trainer.teachers import load_teachers, train_teacher
+from trainer.teachers import train_teacher
 
 Log = Callable[[str], None]
 EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
@@ -138,10 +138,9 @@ class ExperimentSession:
         self.device = device
         self.started = started
         self.shard = shard
-        self.teachers = load_teachers(cfg.teachers, splits.num_classes) if cfg.teachers else []
         self.owns_source = source is None  # a source handed in stays open for its owner
-        self.source = source or (InProcessTeacherSource(self.teachers, device) if self.teachers else None)
-        infos = self.source.describe(splits.image_size) if self.teachers else []
+        self.source = source or (build_teacher_source(cfg, splits.num_classes, device) if cfg.teachers else None)
+        infos = self.source.describe(splits.image_size) if self.source is not None else []
         torch.manual_seed(cfg.seed)
         self.method = create_method(cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans,
                                     teachers=infos).to(device)
@@ -197,7 +196,8 @@ class ExperimentSession:
                 stats = train_epoch(method, self._train_loader(epoch), self.source, optimizer, scheduler,
                                     epoch=epoch, total_epochs=epochs, mean=self.splits.mean,
                                     std=self.splits.std, device=self.device, on_step=on_step,
-                                    step_module=step_module)
+                                    step_module=step_module,
+                                    prefetch_batches=self.cfg.teacher_source.prefetch_batches)
                 if self.shard is not None and self.shard.world_size > 1:
                     stats = all_reduce_epoch_stats(stats)
                 self.stall_seconds += stats.stall_seconds
@@ -247,7 +247,7 @@ class ExperimentSession:
     def finish(self) -> ExperimentResult | None:
         """Evaluate on the test split, export the students and write the record; the result on the primary
         process, None on the other workers (every worker must call it: the counters are summed over them)."""
-        counters = self.source.counters() if self.teachers else {}
+        counters = self.source.counters() if self.source is not None else {}
         if self.shard is not None and self.shard.world_size > 1:
             counters = all_reduce_counts(counters)
         if not self.is_primary:
@@ -265,10 +265,11 @@ class ExperimentSession:
                         "state_dict": {k: v.cpu() for k, v in student.state_dict().items()}}, path)
             acc = evaluate(student, student, test_loader, splits.mean, splits.std, device)
             exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))
-        teacher_accuracies = (teacher_test_accuracies(self.source, len(self.teachers), splits)
-                              if self.teachers else [])
-        teacher_summaries = [TeacherSummary(t.spec.name, count_parameters(t.model), acc)
-                             for t, acc in zip(self.teachers, teacher_accuracies)]
+        teacher_summaries = []
+        if self.source is not None:
+            accuracies = teacher_test_accuracies(self.source, len(cfg.teachers), splits)
+            teacher_summaries = [TeacherSummary(t.name, params, acc) for t, params, acc
+                                 in zip(cfg.teachers, self.source.parameter_counts(), accuracies)]
         self._close_source()
         result = ExperimentResult(
             name=cfg.name, method=cfg.method.name, seed=cfg.seed, test_accuracy=test_accuracy,
@@ -286,19 +287,20 @@ class ExperimentSession:
 
 
 def run_experiment(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
-                   source: TeacherSource | None = None) -> ExperimentResult:
-    """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces in-process teachers."""
+                   source: TeacherSource | None = None, ray_address: str | None = None) -> ExperimentResult:
+    """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces the configured teacher
+    source; `ray_address` (ray_train only) is a running Ray cluster to train on."""
     if cfg.execution.backend == "ray_train":
         if source is not None:
             raise ValueError("a teacher source cannot be handed to backend 'ray_train': each worker builds "
                              "its own from the config; pass source only with backend 'local'")
         from trainer.ray_train import run_on_ray_train  # Ray is imported only by the backend that uses it
 
-        return run_on_ray_train(cfg, log=log, progress=progress)
+        return run_on_ray_train(cfg, log=log, progress=progress, ray_address=ray_address)
     started = time.time()
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data)
-    if cfg.teachers:
+    if cfg.teachers and cfg.teacher_source.kind == "in_process":
         ensure_teachers(cfg, splits, device, log, progress)
     session = ExperimentSession(cfg, splits=splits, device=device, started=started, source=source)
     session.fit(progress=progress)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from trainer.config import OptimConfig
 from trainer.data import ReplayedViews, normalize
 from trainer.methods.base import Method, TrainingClock
+from trainer.prefetch import prepared_batches
 from trainer.sources import TeacherSource
 
 ProgressCallback = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, latest metrics)
@@ -123,21 +124,20 @@ def train_epoch(method: Method, loader: Iterable, source: TeacherSource | None,
                 optimizer: torch.optim.Optimizer, scheduler, *, epoch: int, total_epochs: int,
                 mean: Sequence[float], std: Sequence[float], device: torch.device,
                 on_step: Callable[[dict[str, float]], None] | None = None,
-                step_module: nn.Module | None = None) -> EpochStats:
+                step_module: nn.Module | None = None, prefetch_batches: int = 0) -> EpochStats:
     """One epoch over `loader`. `step_module` is what computes the loss: the method itself, or a
-    DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward."""
+    DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward.
+    Teacher outputs are fetched `prefetch_batches` batches ahead (trainer.prefetch)."""
     step_module = step_module or method
     method.train()
     wanted = method.teacher_outputs()
     stats = EpochStats()
     batches = len(loader)  # type: ignore[arg-type]
     start = time.perf_counter()
-    for step, (images, labels, *_ids) in enumerate(loader):
-        teacher_outputs = None
-        if wanted and source is not None:
-            wait = time.perf_counter()
-            teacher_outputs = source.fetch(images, wanted).to(device)
-            stats.stall_seconds += time.perf_counter() - wait
+    for step, batch in enumerate(prepared_batches(loader, source, wanted, prefetch_batches)):
+        images, labels = batch.images, batch.labels
+        teacher_outputs = batch.teachers.to(device) if batch.teachers is not None else None
+        stats.stall_seconds += batch.stall_seconds
         inputs = normalize(images, mean, std).to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)

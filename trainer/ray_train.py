@@ -58,7 +58,7 @@ def run_on_ray_train(cfg: ExperimentConfig, *, log: Log = print, progress: Progr
     cfg = _with_absolute_paths(cfg)
     failure = _failure_injection()
     device = resolve_device(cfg.device)
-    if cfg.teachers:
+    if cfg.teachers and cfg.teacher_source.kind == "in_process":
         ensure_teachers(cfg, load_splits(cfg.data), device, log, progress)
     run_name = f"{cfg.name}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     started_ray = not ray.is_initialized()

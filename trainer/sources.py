@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from services.cache import open_store
 from services.client import TeacherClient
 from services.engine import TeacherEngine
-from services.zoo import Teacher
+from services.zoo import Teacher, create_teacher
+from trainer.config import ExperimentConfig
 from trainer.methods.base import TeacherInfo, TeacherOutputs
 
 
@@ -28,6 +30,10 @@ class TeacherSource(ABC):
     @abstractmethod
     def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
         """Outputs for uint8 images [B, C, H, W]; `wanted[i]` names teacher i's outputs ([] skips it)."""
+
+    @abstractmethod
+    def parameter_counts(self) -> list[int]:
+        """Parameters of each teacher, for the results table."""
 
     @abstractmethod
     def counters(self) -> dict[str, int]:
@@ -52,6 +58,9 @@ class InProcessTeacherSource(TeacherSource):
             logits.append(result.get("logits"))
             features.append({k: v for k, v in result.items() if k != "logits"})
         return TeacherOutputs(logits=logits, features=features)
+
+    def parameter_counts(self) -> list[int]:
+        return [sum(p.numel() for p in e.model.parameters()) for e in self.engines]
 
     def counters(self) -> dict[str, int]:
         return {"teacher_calls": sum(e.calls for e in self.engines)}
@@ -98,6 +107,11 @@ class ServedTeacherSource(TeacherSource):
             features.append({k: v for k, v in got.items() if k != "logits"})
         return TeacherOutputs(logits=logits, features=features)
 
+    def parameter_counts(self) -> list[int]:
+        # The service does not say; the architecture does (built with random weights, never run).
+        return [sum(p.numel() for p in create_teacher(d.architecture, d.num_classes).model.parameters())
+                for d in self.descriptions]
+
     def counters(self) -> dict[str, int]:
         stats = self.client.stats
         return {"teacher_calls": stats.requests, "cache_hits": stats.cache_hits,
@@ -107,3 +121,20 @@ class ServedTeacherSource(TeacherSource):
         self.client.close()
         if self.store is not None:
             self.store.close()
+
+
+def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> TeacherSource:
+    """The experiment's teacher source, as `teacher_source.kind` says.
+
+    in_process loads every teacher's checkpoint here. served names each teacher by `served_as` (default: its
+    zoo name) and, where the checkpoint is present locally, requires the service to host exactly that teacher.
+    """
+    settings = cfg.teacher_source
+    if settings.kind == "in_process":
+        return InProcessTeacherSource([create_teacher(t.name, num_classes, checkpoint=t.checkpoint)
+                                       for t in cfg.teachers], device)
+    expected = [create_teacher(t.name, num_classes, checkpoint=t.checkpoint).spec.identity
+                if Path(t.checkpoint).is_file() else None for t in cfg.teachers]
+    return ServedTeacherSource(settings.address, [t.served_as or t.name for t in cfg.teachers],
+                               cache_uri=settings.cache, expected_identities=expected,
+                               timeout_seconds=settings.timeout_seconds)

@@ -1,5 +1,5 @@
-"""ekd's own teachers: trained on the labels when no checkpoint exists (nothing can be downloaded), saved as
-local checkpoints the zoo loads with `weights_only=True`, then loaded for distillation."""
+"""ekd's own teachers: trained on the labels when no checkpoint exists (nothing can be downloaded) and saved as
+local checkpoints that the zoo loads with `weights_only=True`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from services.zoo import Preprocessing, Teacher, create_teacher, save_teacher_checkpoint
+from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 from trainer.config import DataConfig, TeacherConfig
 from trainer.data import DatasetSplits, ReplayedViews
 from trainer.loop import eval_loader, evaluate, make_optimizer, make_scheduler, train_epoch, train_loader
@@ -56,7 +56,3 @@ def train_teacher(cfg: TeacherConfig, splits: DatasetSplits, data: DataConfig, *
     Path(cfg.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     save_teacher_checkpoint(cfg.checkpoint, model.cpu(), cfg.name, splits.num_classes, preprocessing)
     return TeacherTrainingResult(cfg.name, cfg.checkpoint, val_accuracy, seconds)
-
-
-def load_teachers(cfgs: list[TeacherConfig], num_classes: int) -> list[Teacher]:
-    return [create_teacher(c.name, num_classes, checkpoint=c.checkpoint) for c in cfgs]
