@@ -1,13 +1,16 @@
 """The default teacher-output store: one LMDB environment on local disk.
 
 LMDB gives many concurrent readers and one writer at a time across processes (its lock file does the
-coordination), so several training workers on one host can share a cache directory. A process must open a
-given directory only once. The map size is fixed when opened, not grown automatically: growing it safely needs
+coordination), so several training workers on one host can share a cache directory. LMDB allows one open
+environment per directory per process, so stores on the same directory in one process (a service and a client
+side by side, say) share it, reference-counted. The map size is fixed when opened, not grown automatically: growing it safely needs
 every process to reopen, so a full map is reported with the size to ask for instead.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -15,6 +18,46 @@ import lmdb
 from services.cache.store import CacheError, CacheFullError, CacheUnavailableError, TeacherOutputStore
 
 DEFAULT_MAP_SIZE = 8 * 2**30  # 8 GiB of address space; the file only grows as data is written
+
+
+
+@dataclass
+class _SharedEnvironment:
+    env: lmdb.Environment
+    readonly: bool
+    users: int
+
+
+_OPEN: dict[str, _SharedEnvironment] = {}  # by resolved directory; guarded by _OPEN_LOCK
+_OPEN_LOCK = threading.Lock()
+
+
+def _acquire(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
+    key = str(path.resolve())
+    with _OPEN_LOCK:
+        if key in _OPEN:
+            entry = _OPEN[key]
+            if entry.readonly and not readonly:
+                raise CacheUnavailableError(f"LMDB cache at {path} is already open read-only in this process; "
+                                            "open it for writing first")
+            entry.users += 1
+            return entry.env
+        env = lmdb.open(key, map_size=map_size, readonly=readonly, lock=True, create=not readonly, subdir=True,
+                        readahead=False)
+        _OPEN[key] = _SharedEnvironment(env, readonly, users=1)
+        return env
+
+
+def _release(path: Path) -> None:
+    key = str(path.resolve())
+    with _OPEN_LOCK:
+        entry = _OPEN.get(key)
+        if entry is None:
+            return
+        entry.users -= 1
+        if entry.users == 0:
+            entry.env.close()
+            del _OPEN[key]
 
 
 class LmdbStore(TeacherOutputStore):
@@ -30,10 +73,7 @@ class LmdbStore(TeacherOutputStore):
         try:
             if not readonly:
                 self.path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(
-                str(self.path), map_size=map_size, readonly=readonly, lock=True, create=not readonly,
-                subdir=True, readahead=False,
-            )
+            self._env = _acquire(self.path, map_size, readonly)
         except (lmdb.Error, OSError) as error:
             raise CacheUnavailableError(f"cannot open LMDB cache at {self.path}: {error}") from error
 
@@ -67,4 +107,6 @@ class LmdbStore(TeacherOutputStore):
                 txn.delete(key)
 
     def close(self) -> None:
-        self._env.close()
+        if self._env is not None:
+            _release(self.path)
+            self._env = None

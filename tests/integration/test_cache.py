@@ -372,3 +372,15 @@ def test_open_store_rejects_other_uris(uri, message):
     with pytest.raises(ValueError, match=message) as caught:
         open_store(uri)
     assert ":pw@" not in str(caught.value)
+
+
+def test_lmdb_stores_on_one_directory_share_it_within_a_process(tmp_path):
+    """LMDB allows one environment per directory per process: a service and a client side by side share it."""
+    first, second = LmdbStore(tmp_path / "shared"), LmdbStore(tmp_path / "shared")
+    key = output_key("teacher", "logits", "float16", 0, input_digest(torch.zeros(3, 2, 2, dtype=torch.uint8)))
+    first.put_many([(key, torch.ones(4, dtype=torch.float16))])
+    first.close()
+    assert torch.equal(second.get_many([key])[0], torch.ones(4, dtype=torch.float16))
+    second.close()
+    with LmdbStore(tmp_path / "shared") as reopened:
+        assert reopened.get_many([key])[0] is not None
