@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -48,6 +49,7 @@ FAIL_AT_EPOCH_ENV = "EKD_FAIL_ONCE_AT_EPOCH"
 FAIL_MARKER_ENV = "EKD_FAIL_MARKER"
 TRAINING_STATE_FILE = "training_state.pt"
 CHECKPOINTS_KEPT = 2
+PROGRESS_POLL_SECONDS = 1.0
 
 
 def run_on_ray_train(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
@@ -69,15 +71,17 @@ def run_on_ray_train(cfg: ExperimentConfig, *, log: Log = print, progress: Progr
     try:
         log(f"ray_train: {cfg.execution.workers} workers on {device.type}, run {run_name} under "
             f"{cfg.execution.storage_path}")
+        progress_file = Path(cfg.execution.storage_path) / f"{run_name}.progress"
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"experiment": cfg.model_dump(mode="json"), "started": started,
-                               "failure": failure},
+                               "failure": failure, "progress_file": str(progress_file)},
             scaling_config=ScalingConfig(num_workers=cfg.execution.workers, use_gpu=device.type == "cuda"),
             run_config=RunConfig(name=run_name, storage_path=cfg.execution.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.execution.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
-        outcome = trainer.fit()
+        outcome = _fit_showing_progress(trainer, progress_file, cfg, progress)
     finally:
         if started_ray:
             ray.shutdown()
@@ -98,6 +102,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     failure = config["failure"]
 
     def on_epoch_end(row: dict[str, float]) -> None:
+        if session.is_primary:
+            with open(config["progress_file"], "a") as progress_file:
+                progress_file.write(f"{row['stage']} {row['epoch']} {row['val_accuracy']:.6f}\n")
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if session.is_primary:
@@ -112,6 +119,36 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 on_epoch_end=on_epoch_end)
     result = session.finish()
     return result.to_json() if result is not None else None
+
+
+def _fit_showing_progress(trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig,
+                          progress: Progress | None):
+    """`trainer.fit()`, while a progress bar follows the epochs worker 0 appends to `progress_file` (a line
+    "stage epoch val_accuracy" per epoch: the driver cannot see into the workers otherwise)."""
+    if progress is None:
+        return trainer.fit()
+    task = progress.add_task(f"{cfg.name} (ray_train)", total=cfg.train.epochs)
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the calling thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=fit, name="ekd-ray-train-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=PROGRESS_POLL_SECONDS)
+        lines = progress_file.read_text().split() if progress_file.exists() else []
+        if len(lines) >= 3:
+            stage, epoch, accuracy = int(lines[-3]), int(lines[-2]), float(lines[-1])
+            progress.update(task, completed=epoch + 1,
+                            description=f"{cfg.name} (ray_train) stage {stage + 1} epoch {epoch + 1}/"
+                                        f"{cfg.train.epochs} val {accuracy:.1%}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _data_parallel(method: Method, device: torch.device) -> DistributedDataParallel:

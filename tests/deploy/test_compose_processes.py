@@ -1,0 +1,92 @@
+"""The compose stack's services run as local processes with their own commands and environment (no Docker
+engine here): redis-server with the compose flags, `ekd serve` on the compose serve config, and the trainer's
+`ekd distill` against them. The trainer must finish and the Redis cache must fill.
+
+Container paths map onto a temporary tree (/app -> the repository's configs, /models -> teacher checkpoints
+this test saves with random weights: the plumbing is under test, not accuracy), and service host names onto
+127.0.0.1 ports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from services.cache.local_redis import free_port, running_redis_server
+from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SERVE_READY_SECONDS = 240  # beyond the compose healthcheck's start_period (180 s): this machine is slow
+
+
+def localize(value: str, mapping: dict[str, str]) -> str:
+    for container, local in mapping.items():
+        value = value.replace(container, local)
+    return value
+
+
+@pytest.mark.slow
+def test_compose_services_run_as_local_processes(tmp_path):
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    app, models = tmp_path / "app", tmp_path / "models"
+    shutil.copytree(REPO / "configs", app / "configs")
+    (models / "digits").mkdir(parents=True)
+    (app / "checkpoints").symlink_to(models, target_is_directory=True)  # as in the image
+    preprocessing = Preprocessing(input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    for name in ("cifar_resnet56", "cifar_wrn16_4"):
+        save_teacher_checkpoint(models / "digits" / f"{name}.pt", create_teacher(name, 10).model, name, 10,
+                                preprocessing)
+
+    grpc_port = free_port()
+    with running_redis_server(tmp_path / "redis", *compose["redis"]["command"][1:]) as redis_server:
+        redis_port = redis_server.url.rsplit(":", 1)[1].split("/")[0]
+        mapping = {"/app/": f"{app}/", "/models/": f"{models}/", "redis:6379": f"127.0.0.1:{redis_port}",
+                   "ray-head:50051": f"127.0.0.1:{grpc_port}"}
+        serve_config = app / "configs" / "serve" / "compose.yaml"
+        config = yaml.safe_load(localize(serve_config.read_text(), mapping))
+        config["grpc"].update(host="127.0.0.1", port=grpc_port)  # loopback only, on a free port
+        serve_config.write_text(yaml.safe_dump(config))
+
+        def service_env(service: str) -> dict[str, str]:
+            env = {k: localize(str(v), mapping) for k, v in compose[service].get("environment", {}).items()}
+            return {**os.environ, **env, "RAY_AUTH_MODE": "disabled"}
+
+        def command(service: str) -> list[str]:
+            program, *args = compose[service]["command"]
+            return [str(BIN / program), *(localize(a, mapping) for a in args)]
+
+        server = subprocess.Popen(command("ray-head"), env=service_env("ray-head"), cwd=app,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            probe = [localize(a, {"127.0.0.1:50051": f"127.0.0.1:{grpc_port}"})
+                     for a in compose["ray-head"]["healthcheck"]["test"][1:]]
+            probe[0] = sys.executable if probe[0] == "python" else probe[0]
+            deadline = time.monotonic() + SERVE_READY_SECONDS
+            while subprocess.run(probe, cwd=REPO, capture_output=True, timeout=30).returncode != 0:
+                assert server.poll() is None, f"ekd serve exited early:\n{server.stdout.read()}"
+                assert time.monotonic() < deadline, "ekd serve did not become healthy in time"
+                time.sleep(2)
+
+            trainer = subprocess.run(command("trainer"), env=service_env("trainer"), cwd=app,
+                                     capture_output=True, text=True, timeout=900)
+            assert trainer.returncode == 0, trainer.stderr[-3000:]
+            assert (app / "runs" / "digits-kd-ensemble" / "results.json").is_file()
+            assert redis.Redis.from_url(redis_server.url).dbsize() > 0  # the service filled the cache
+        finally:
+            server.send_signal(signal.SIGINT)  # what `docker stop` sends first (as SIGTERM); Ctrl-C locally
+            try:
+                server.wait(timeout=60)
+            finally:
+                if server.poll() is None:
+                    server.kill()
+        assert server.returncode == 0, server.stdout.read()[-3000:]
