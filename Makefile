@@ -16,7 +16,7 @@ system-deps:
 	bash scripts/install_system_deps.sh
 
 demo: $(INSTALLED)
-	$(VENV)/bin/ekd distill configs/digits/kd_ensemble.yaml
+	$(VENV)/bin/ekd demo
 
 test: $(INSTALLED) system-deps
 	$(PY) -m pytest

@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from _timing import rate  # benchmarks/ is the script's folder, first on sys.path
 from services.cache import input_digests, open_store, output_key
 from services.cache.local_redis import running_redis_server
 from services.codec import decode_value, encode_value
 
 SIZES = {"4 KB (logits)": 2048, "200 KB (feature map)": 100 * 1024}  # fp16 elements
 BATCH = 64
-
-
-def rate(fn: Callable[[], int], seconds: float) -> float:
-    """Units per second of `fn` (which returns how many units it did), best of repeated rounds."""
-    fn()  # warm up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        done += fn()
-    return done / (time.perf_counter() - start)
 
 
 def codec_rows(seconds: float) -> list[tuple[str, float, float]]:
