@@ -70,18 +70,22 @@ class TeacherEngine:
         """Forward uint8 images [B, C, H, W]; return {name: float32 CPU tensor} for each requested output."""
         self._check_images(images)
         requested = self._check_outputs(outputs)
-        with self._lock, torch.inference_mode():
-            x = self._preprocess(self._to_device(images))
-            self._recording = frozenset(requested) - {LOGITS}
-            try:
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
-                    logits = self._forward(x)
-                self.calls += 1
-                produced = {LOGITS: logits, **self._captured}
-                return {name: produced[name].float().to("cpu").contiguous() for name in requested}
-            finally:
-                self._recording = frozenset()
-                self._captured = {}
+        with self._lock:
+            with torch.inference_mode():
+                x = self._preprocess(self._to_device(images))
+                self._recording = frozenset(requested) - {LOGITS}
+                try:
+                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+                        logits = self._forward(x)
+                    self.calls += 1
+                    produced = {LOGITS: logits, **self._captured}
+                    results = {name: produced[name].float().to("cpu") for name in requested}
+                finally:
+                    self._recording = frozenset()
+                    self._captured = {}
+            # Cloned outside inference mode: inference tensors cannot be saved for backward, and a caller's
+            # loss may well save a teacher's map (an MSE against it, an encoder run on it).
+            return {name: tensor.contiguous().clone() for name, tensor in results.items()}
 
     def feature_shapes(self, image_size: int | tuple[int, int]) -> dict[str, tuple[int, ...]]:
         """(C, H, W) of every tap for inputs of `image_size` (one forward of a single blank image)."""

@@ -261,7 +261,10 @@ class ExperimentSession:
         exported = []
         for name, student in method.exported_students().items():
             path = run_dir / "students" / f"{name}.pt"
-            torch.save({"format": "ekd.student.v1", "method": cfg.method.name, "name": name,
+            # Plain data beside the tensors: enough to rebuild the network with create_method (the method's
+            # config, classes, channels) and pick this student out of it by name.
+            torch.save({"format": "ekd.student.v1", "method": cfg.method.model_dump(mode="json"), "name": name,
+                        "num_classes": splits.num_classes, "in_chans": splits.in_chans,
                         "state_dict": {k: v.cpu() for k, v in student.state_dict().items()}}, path)
             acc = evaluate(student, student, test_loader, splits.mean, splits.std, device)
             exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))

@@ -70,8 +70,8 @@ class ShardSampler(Sampler[int]):
     Every worker draws the same permutation from the same seed, so the shards are disjoint and together cover
     every sample. The permutation is padded by wrapping around to a multiple of W, as torch's
     DistributedSampler does, so that all workers take the same number of steps (DDP needs each step on every
-    worker). With per-worker batches of B / W, step k of the W workers together sees exactly the permutation's
-    k-th batch of B: the batches a single process would see.
+    worker). With per-worker batches of B / W (W dividing B), step k of the W workers together sees exactly
+    the permutation's k-th batch of B: the batches a single process would see.
     """
 
     def __init__(self, size: int, shard: Shard, generator: torch.Generator) -> None:
@@ -94,17 +94,23 @@ def train_loader(views: ReplayedViews, batch_size: int, seed: int, epoch: int,
     """The epoch's batches: the replayed view of each sample for this epoch, in a seeded order.
 
     With a `shard`, this worker's part of the same order (`ShardSampler`) in batches of
-    ceil(batch_size / world_size), so that a step of all workers together covers one batch of `batch_size`.
+    ceil(batch_size / world_size), so that a step of all workers together covers about one batch of
+    `batch_size` (exactly when world_size divides it).
+
+    A last batch of a single sample is dropped: BatchNorm in training mode (ONE's gate, every student's BN)
+    cannot normalize one value per channel.
     """
     views.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if shard is None:
-        return DataLoader(views, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+        return DataLoader(views, batch_size=batch_size, shuffle=True, generator=generator,
+                          drop_last=len(views) % batch_size == 1)
+    per_worker_batch = -(-batch_size // shard.world_size)
+    sampler = ShardSampler(len(views), shard, generator)
     # The loader draws its workers' base seed from `generator` before the sampler's permutation, as with
     # shuffle=True: the same generator in both places keeps every worker on the single-process permutation.
-    return DataLoader(views, batch_size=-(-batch_size // shard.world_size),
-                      sampler=ShardSampler(len(views), shard, generator), generator=generator,
-                      drop_last=False)
+    return DataLoader(views, batch_size=per_worker_batch, sampler=sampler, generator=generator,
+                      drop_last=len(sampler) % per_worker_batch == 1)
 
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:

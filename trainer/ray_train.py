@@ -104,7 +104,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     def on_epoch_end(row: dict[str, float]) -> None:
         if session.is_primary:
             with open(config["progress_file"], "a") as progress_file:
-                progress_file.write(f"{row['stage']} {row['epoch']} {row['val_accuracy']:.6f}\n")
+                progress_file.write(f"{session.method.num_stages} {row['stage']} {row['epoch']} "
+                                    f"{row['val_accuracy']:.6f}\n")
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if session.is_primary:
@@ -124,7 +125,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 def _fit_showing_progress(trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig,
                           progress: Progress | None):
     """`trainer.fit()`, while a progress bar follows the epochs worker 0 appends to `progress_file` (a line
-    "stage epoch val_accuracy" per epoch: the driver cannot see into the workers otherwise)."""
+    "stages stage epoch val_accuracy" per epoch: the driver cannot see into the workers otherwise)."""
     if progress is None:
         return trainer.fit()
     task = progress.add_task(f"{cfg.name} (ray_train)", total=cfg.train.epochs)
@@ -140,12 +141,13 @@ def _fit_showing_progress(trainer: TorchTrainer, progress_file: Path, cfg: Exper
     worker.start()
     while worker.is_alive():
         worker.join(timeout=PROGRESS_POLL_SECONDS)
-        lines = progress_file.read_text().split() if progress_file.exists() else []
-        if len(lines) >= 3:
-            stage, epoch, accuracy = int(lines[-3]), int(lines[-2]), float(lines[-1])
-            progress.update(task, completed=epoch + 1,
-                            description=f"{cfg.name} (ray_train) stage {stage + 1} epoch {epoch + 1}/"
-                                        f"{cfg.train.epochs} val {accuracy:.1%}")
+        fields = progress_file.read_text().split() if progress_file.exists() else []
+        if len(fields) >= 4:
+            stages, stage, epoch, accuracy = int(fields[-4]), int(fields[-3]), int(fields[-2]), float(fields[-1])
+            epochs = cfg.train.epochs
+            progress.update(task, total=stages * epochs, completed=stage * epochs + epoch + 1,
+                            description=f"{cfg.name} (ray_train) stage {stage + 1}/{stages} epoch {epoch + 1}/"
+                                        f"{epochs} val {accuracy:.1%}")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

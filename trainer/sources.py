@@ -133,8 +133,12 @@ def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.
     if settings.kind == "in_process":
         return InProcessTeacherSource([create_teacher(t.name, num_classes, checkpoint=t.checkpoint)
                                        for t in cfg.teachers], device)
+    names = [t.served_as or t.name for t in cfg.teachers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"teachers {names} share a name on the service, so they would give identical outputs; "
+                         "give each its own `served_as`")
     expected = [create_teacher(t.name, num_classes, checkpoint=t.checkpoint).spec.identity
                 if Path(t.checkpoint).is_file() else None for t in cfg.teachers]
-    return ServedTeacherSource(settings.address, [t.served_as or t.name for t in cfg.teachers],
+    return ServedTeacherSource(settings.address, names,
                                cache_uri=settings.cache, expected_identities=expected,
                                timeout_seconds=settings.timeout_seconds)

@@ -177,3 +177,17 @@ def test_single_channel_teacher():
     gray = Preprocessing(16, (0.5,), (0.25,), in_chans=1)
     engine = TeacherEngine(create_teacher("cifar_resnet20", 2, preprocessing=gray))
     assert engine.infer(images(channels=1), ["logits"])["logits"].shape == (3, 2)
+
+
+def test_outputs_can_be_saved_for_backward_by_a_training_loss():
+    """Engine outputs leave inference mode: a loss may save a teacher map for backward (EKD's feature term,
+    FEED's paraphraser), which inference tensors forbid."""
+    torch.manual_seed(0)
+    engine = TeacherEngine(create_teacher("cifar_resnet20", 10, preprocessing=Preprocessing.cifar(16)))
+    outputs = engine.infer(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), ["logits", "layer3"])
+    assert not any(t.is_inference() for t in outputs.values())
+    adapter = torch.nn.Conv2d(64, 64, 1)
+    loss = torch.nn.functional.mse_loss(adapter(outputs["layer3"]), outputs["layer3"]) + (
+        adapter.weight.sum() * outputs["logits"].sum())
+    loss.backward()
+    assert adapter.weight.grad is not None

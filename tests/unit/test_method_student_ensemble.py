@@ -53,12 +53,13 @@ def build(num_classes: int = NUM_CLASSES, teachers: int = 1, **fields) -> Studen
                                   teachers=teacher_infos(teachers, num_classes))
 
 
-def test_loss_is_the_sum_of_each_students_hand_computed_cross_entropies_on_2x3_logits():
+@pytest.mark.parametrize("soft_term_t2", [False, True])
+def test_loss_is_the_sum_of_each_students_hand_computed_cross_entropies_on_2x3_logits(soft_term_t2):
     students = [[[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]], [[0.3, 0.0, -0.4], [2.0, 1.0, 0.0]]]
     teacher = [[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]]
     labels = [1, 2]
     temperature, alpha = 2.0, 0.75
-    method = build(num_classes=3, temperature=temperature, alpha=alpha)
+    method = build(num_classes=3, temperature=temperature, alpha=alpha, soft_term_t2=soft_term_t2)
     method.students = nn.ModuleList(FixedLogits(s) for s in students)
 
     expected_total = 0.0
@@ -66,7 +67,7 @@ def test_loss_is_the_sum_of_each_students_hand_computed_cross_entropies_on_2x3_l
     for i, student in enumerate(students):
         hard = sum(-math.log(softmax(s)[y]) for s, y in zip(student, labels)) / 2
         soft = sum(-sum(p * math.log(q) for p, q in zip(softmax(t, temperature), softmax(s, temperature)))
-                   for s, t in zip(student, teacher)) / 2 * temperature**2
+                   for s, t in zip(student, teacher)) / 2 * (temperature**2 if soft_term_t2 else 1.0)
         expected_total += alpha * hard + (1 - alpha) * soft
         expected_terms |= {f"ce_{i}": hard, f"soft_ce_{i}": soft}
 
@@ -109,7 +110,7 @@ def test_students_train_independently_and_every_parameter_gets_a_gradient():
     target = (F.softmax(teachers.logits[0] / 10, 1) + F.softmax(teachers.logits[1] / 10, 1)) / 2
     s = method.students[0](images)
     soft_ce = -(target * F.log_softmax(s / 10, 1)).sum(1).mean()
-    alone = 0.75 * F.cross_entropy(s, labels) + 0.25 * 100 * soft_ce
+    alone = 0.75 * F.cross_entropy(s, labels) + 0.25 * soft_ce  # the paper's loss: no T² by default
     alone.backward()
     for from_sum, param in zip(grads_from_sum, method.students[0].parameters()):
         torch.testing.assert_close(param.grad, from_sum)
