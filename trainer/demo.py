@@ -38,7 +38,7 @@ class DemoRow:
 
 
 def demo_experiments(configs_dir: Path, *, address: str, cache_uri: str | None, workers: int,
-                     output_dir: Path, epochs: int | None) -> list[ExperimentConfig]:
+                     output_dir: Path, epochs: int) -> list[ExperimentConfig]:
     """The demo's experiments: the shipped digits configs, on served teachers and Ray Train."""
     experiments = []
     for name in SERVED_EXPERIMENTS + TEACHER_FREE_EXPERIMENTS:
@@ -50,13 +50,12 @@ def demo_experiments(configs_dir: Path, *, address: str, cache_uri: str | None, 
         }
         if cfg.teachers:
             update["teacher_source"] = TeacherSourceConfig(kind="served", address=address, cache=cache_uri)
-        if epochs is not None:
-            update["train"] = cfg.train.model_copy(update={"epochs": epochs})
+        update["train"] = cfg.train.model_copy(update={"epochs": epochs})
         experiments.append(cfg.model_copy(update=update))
     return experiments
 
 
-def run_demo(*, configs_dir: Path, serve_config: Path, output_dir: Path, workers: int, epochs: int | None,
+def run_demo(*, configs_dir: Path, serve_config: Path, output_dir: Path, workers: int, epochs: int,
              log: Log, progress: Progress) -> list[DemoRow]:
     first = load_experiment(configs_dir / f"{SERVED_EXPERIMENTS[1]}.yaml")  # names the whole ensemble
     ensure_teachers(first, load_splits(first.data), resolve_device(first.device), log, progress)

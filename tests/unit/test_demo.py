@@ -1,0 +1,22 @@
+"""What `ekd demo` runs: the shipped digits experiments, on served teachers and Ray Train."""
+
+from pathlib import Path
+
+from trainer.demo import SERVED_EXPERIMENTS, TEACHER_FREE_EXPERIMENTS, demo_experiments
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_runs_every_method_on_served_teachers_through_ray_train(tmp_path):
+    experiments = demo_experiments(REPO / "configs" / "digits", address="127.0.0.1:50051",
+                                   cache_uri="lmdb:///tmp/x", workers=2, output_dir=tmp_path, epochs=3)
+    assert len(experiments) == len(SERVED_EXPERIMENTS) + len(TEACHER_FREE_EXPERIMENTS)
+    assert {e.method.name for e in experiments} == {"kd", "student_ensemble", "ekd", "feed", "one", "okd"}
+    for cfg in experiments:
+        assert cfg.execution.backend == "ray_train" and cfg.execution.workers == 2
+        assert cfg.train.epochs == 3 and cfg.output_dir == str(tmp_path)
+        if cfg.teachers:
+            assert cfg.teacher_source.kind == "served"
+            assert (cfg.teacher_source.address, cfg.teacher_source.cache) == ("127.0.0.1:50051", "lmdb:///tmp/x")
+        else:
+            assert cfg.method.name in ("one", "okd")
