@@ -1,4 +1,4 @@
-"""Throughput timing shared by the benchmarks: units per second of a callable that reports the units it did."""
+"""Throughput timing for the benchmarks: units per second of a callable that says how many units it did."""
 
 from __future__ import annotations
 
