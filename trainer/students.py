@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from services.cifar_models import (
@@ -24,6 +24,16 @@ from services.cifar_models import (
 )
 
 _STUDENTS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def _cifar_resnet_depth(depth: int) -> int:
+    if (depth - 2) % 6 != 0:
+        raise ValueError(f"depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
+    return depth
+
+
+#: A CIFAR ResNet depth (6n+2) in a method's params, validated where the config is read.
+CifarResNetDepth = Annotated[int, Field(ge=8), AfterValidator(_cifar_resnet_depth)]
 
 
 def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from trainer.methods import register_method
-from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.base import (LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock,
+                                  require_no_teachers)
 from trainer.students import StudentConfig
 
 
@@ -46,6 +47,5 @@ class CrossEntropyTraining(Method):
 
 @register_method("ce")
 def build_ce(params: CEParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
-    if teachers:
-        raise ValueError("method 'ce' trains on labels only: remove `teachers`")
+    require_no_teachers("ce", teachers)
     return CrossEntropyTraining(params.student.build(num_classes, in_chans))

@@ -27,14 +27,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from trainer.losses import hinton_kd_loss, soft_targets
 from trainer.methods import register_method
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import check_teachers, require_teacher_logits
-from trainer.students import MultiBranchResNet
+from trainer.students import CifarResNetDepth, MultiBranchResNet
 
 
 class EKDParams(BaseModel):
@@ -43,20 +43,13 @@ class EKDParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["ekd"] = "ekd"
-    depth: int = Field(20, ge=8, description="CIFAR ResNet depth of the student (6n+2: 8, 14, 20, 32, ...)")
+    depth: CifarResNetDepth = Field(20, description="CIFAR ResNet depth of the student (6n+2: 8, 14, 20, ...)")
     shared_stages: int = Field(1, ge=0, le=2, description="stages shared by all branches after the stem")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of each branch's KD term")
     alpha: float = Field(0.5, ge=0, le=1, description="weight λ of each branch's CE; its KD term gets 1−λ")
     feature_tap: str | None = Field(None, description="teacher feature tap matched by each branch's "
                                                       "last-stage map; None: no feature term")
     feature_weight: float = Field(0.0, ge=0, description="weight β of the per-branch feature MSE term")
-
-    @field_validator("depth")
-    @classmethod
-    def _cifar_resnet_depth(cls, depth: int) -> int:
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
-        return depth
 
     @model_validator(mode="after")
     def _feature_term_complete(self) -> EKDParams:

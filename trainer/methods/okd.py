@@ -36,14 +36,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from services.cifar_models import CIFAR_RESNET_WIDTHS, scaled_width
 from trainer.losses import distillation_kl
 from trainer.methods import register_method
-from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
-from trainer.students import MultiBranchResNet
+from trainer.methods.base import (LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock,
+                                  require_no_teachers)
+from trainer.students import CifarResNetDepth, MultiBranchResNet
 
 
 class OKDParams(BaseModel):
@@ -52,7 +53,7 @@ class OKDParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["okd"] = "okd"
-    depth: int = Field(20, ge=8, description="CIFAR ResNet depth of every student, 6n+2")
+    depth: CifarResNetDepth = Field(20, description="CIFAR ResNet depth of every student, 6n+2")
     num_students: int = Field(
         5, ge=2, le=16, description="N students; student j keeps (N-j)/N of the channels (0: pseudo teacher)")
     alpha: float = Field(0.7, ge=0.0, description="weight α of the students' cross-entropy")
@@ -60,13 +61,6 @@ class OKDParams(BaseModel):
     gamma: float = Field(0.15, ge=0.0, description="weight γ of the students' KL to the ensemble teacher")
     temperature: float = Field(2.0, gt=0.0, description="softmax temperature T of the KL")
     adaptation_lr_scale: float = Field(0.5, gt=0.0, description="adaptation layers' learning rate, × lr")
-
-    @field_validator("depth")
-    @classmethod
-    def _cifar_depth(cls, depth: int) -> int:
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
-        return depth
 
 
 def student_widths(num_students: int) -> list[float]:
@@ -130,7 +124,5 @@ class OnlineEnsembleCompression(Method):
 
 @register_method("okd")
 def build_okd(params: OKDParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
-    if teachers:
-        raise ValueError(f"method 'okd' uses no external teachers, got {len(teachers)} "
-                         f"({', '.join(t.name for t in teachers)}); configure none")
+    require_no_teachers("okd", teachers)
     return OnlineEnsembleCompression(params, num_classes=num_classes, in_chans=in_chans)

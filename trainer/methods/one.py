@@ -34,13 +34,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from trainer.losses import distillation_kl
 from trainer.methods import register_method
-from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
-from trainer.students import BranchOutputs, MultiBranchResNet
+from trainer.methods.base import (LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock,
+                                  require_no_teachers)
+from trainer.students import BranchOutputs, CifarResNetDepth, MultiBranchResNet
 
 
 class ONEParams(BaseModel):
@@ -49,18 +50,11 @@ class ONEParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["one"] = "one"
-    depth: int = Field(32, ge=8, description="CIFAR ResNet depth, 6n+2 (the paper uses 32 and 110)")
+    depth: CifarResNetDepth = Field(32, description="CIFAR ResNet depth, 6n+2 (the paper uses 32 and 110)")
     branches: int = Field(3, ge=2, le=16, description="number of branches m sharing conv1, layer1 and layer2")
     temperature: float = Field(3.0, gt=0.0, description="softmax temperature T of the branch-to-ensemble KL")
     rampup_epochs: float = Field(
         80.0, ge=0.0, description="epochs over which the KL weight w(t) rises to 1 (0: 1 throughout)")
-
-    @field_validator("depth")
-    @classmethod
-    def _cifar_depth(cls, depth: int) -> int:
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
-        return depth
 
 
 def sigmoid_rampup(epoch: float, rampup_epochs: float) -> float:
@@ -146,7 +140,5 @@ class OnTheFlyNativeEnsemble(Method):
 
 @register_method("one")
 def build_one(params: ONEParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
-    if teachers:
-        raise ValueError(f"method 'one' uses no external teachers, got {len(teachers)} "
-                         f"({', '.join(t.name for t in teachers)}); configure none")
+    require_no_teachers("one", teachers)
     return OnTheFlyNativeEnsemble(params, num_classes=num_classes, in_chans=in_chans)
