@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from services.cache.local_redis import free_port
+
 EKD = str(Path(sys.executable).parent / "ekd")
 
 TINY = """
@@ -62,6 +64,15 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert "error:" in result.stderr and "Traceback" not in result.stderr
     assert "method.kd.temperature" in run("distill", str(bad), cwd=tmp_path).stderr
+
+
+def test_a_dead_teacher_service_or_cache_is_a_clear_error(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(checkpoint=tmp_path / "r20.pt", output=tmp_path / "runs"))
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = run("distill", str(config), "--teacher-service", dead, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"teacher service at {dead} unavailable" in result.stderr
 
 
 def test_teachers_train_saves_checkpoints(tmp_path):

@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pydantic import ValidationError
 
+from services.cache import CacheError
+from services.client import TeacherServiceError
 from services.yaml_config import format_validation_error
 from trainer.config import ConfigError, ExperimentConfig, load_experiment
 
@@ -39,7 +41,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
+        except (ConfigError, ValueError, FileNotFoundError, PermissionError, TeacherServiceError,
+                CacheError) as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False)
             raise typer.Exit(2) from None
 
