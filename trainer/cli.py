@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from pydantic import ValidationError
 
 from services.cache import CacheError
 from services.client import TeacherServiceError
@@ -24,7 +23,7 @@ from trainer.config import ConfigError, ExperimentConfig, load_experiment
 
 app = typer.Typer(name="ekd", help="Ensemble knowledge distillation: served teachers, cached outputs, compact students.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-teachers_app = typer.Typer(help="Train and inspect the teachers ekd distills from.", no_args_is_help=True)
+teachers_app = typer.Typer(help="Train the teachers ekd distills from.", no_args_is_help=True)
 app.add_typer(teachers_app, name="teachers")
 
 err_console = Console(stderr=True)
