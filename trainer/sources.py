@@ -97,9 +97,8 @@ class ServedTeacherSource(TeacherSource):
                 for d in self.descriptions]
 
     def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
-        asked = [(name, list(outputs)) for name, outputs in zip(self.names, wanted, strict=True) if outputs]
-        names = list(dict.fromkeys(name for name, _ in asked))
-        result = self.client.fetch(images, names, {name: outputs for name, outputs in asked}) if asked else {}
+        asked = {name: list(outputs) for name, outputs in zip(self.names, wanted, strict=True) if outputs}
+        result = self.client.fetch(images, list(asked), asked) if asked else {}
         logits, features = [], []
         for name, outputs in zip(self.names, wanted):
             got = result.get(name, {}) if outputs else {}
