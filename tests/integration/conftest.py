@@ -1,4 +1,4 @@
-"""Real servers for integration tests: redis-server processes on free 127.0.0.1 ports, in temp dirs."""
+"""Real servers and stores for integration tests: redis-server processes on free 127.0.0.1 ports, LMDB in temp dirs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from services.cache import open_store
 from services.cache.local_redis import RedisServer, RedisServerError, free_port
 from services.cache.local_redis import running_redis_server as _running_redis_server
 
@@ -47,3 +48,15 @@ def start_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
             return servers.enter_context(running_redis_server(directory, *config_args))
 
         yield start
+
+
+@pytest.fixture(params=["lmdb", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty output store of each backend: LMDB in tmp_path, or the session's redis-server under a key
+    prefix of this test's own."""
+    if request.param == "lmdb":
+        opened = open_store(str(tmp_path / "cache"))
+    else:
+        opened = open_store(request.getfixturevalue("redis_url"), key_prefix=f"{request.node.name}:")
+    yield opened
+    opened.close()

@@ -105,18 +105,6 @@ def lmdb_store(tmp_path: Path):
     store.close()
 
 
-@pytest.fixture(params=["lmdb", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    """An empty output store of each backend: LMDB in tmp_path, or the session's redis-server under a key
-    prefix of this test's own."""
-    if request.param == "lmdb":
-        opened = open_store(str(tmp_path / "cache"))
-    else:
-        opened = open_store(request.getfixturevalue("redis_url"), key_prefix=f"{request.node.name}:")
-    yield opened
-    opened.close()
-
-
 def client_of(server: ServerThread, **options) -> TeacherClient:
     return TeacherClient(server.address, timeout_seconds=DEADLINE_SECONDS, **options)
 

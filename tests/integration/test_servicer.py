@@ -88,18 +88,6 @@ def serve(engines) -> Iterator[Callable[..., ServerThread]]:
         server.close()
 
 
-@pytest.fixture(params=["lmdb", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    """An empty output store of each backend: LMDB in tmp_path, or the session's redis-server under a key
-    prefix of this test's own."""
-    if request.param == "lmdb":
-        opened = open_store(str(tmp_path / "cache"))
-    else:
-        opened = open_store(request.getfixturevalue("redis_url"), key_prefix=f"{request.node.name}:")
-    yield opened
-    opened.close()
-
-
 # ---- requests and responses ------------------------------------------------------------------------------
 
 

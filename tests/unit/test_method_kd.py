@@ -6,36 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from torch import nn
 
+from method_support import FixedLogits, softmax, teacher_infos
 from trainer.methods import create_method
-from trainer.methods.base import TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.base import TeacherOutputs, TrainingClock
 from trainer.methods.kd import KDParams, KnowledgeDistillation, build_kd
 from trainer.students import StudentConfig
 
 NUM_CLASSES = 10
 CLOCK = TrainingClock(epoch=0.0, total_epochs=1)
 TINY_STUDENT = StudentConfig(arch="cifar_resnet8")
-
-
-def teacher_infos(count: int, num_classes: int = NUM_CLASSES) -> list[TeacherInfo]:
-    return [TeacherInfo(name=f"teacher{i}", num_classes=num_classes, feature_shapes={}) for i in range(count)]
-
-
-class FixedLogits(nn.Module):
-    """A stand-in student whose logits are a learnable tensor, whatever the images."""
-
-    def __init__(self, logits: list[list[float]]) -> None:
-        super().__init__()
-        self.logits = nn.Parameter(torch.tensor(logits))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits
-
-
-def softmax(row: list[float], temperature: float = 1.0) -> list[float]:
-    exps = [math.exp(v / temperature) for v in row]
-    return [e / sum(exps) for e in exps]
 
 
 def test_loss_matches_hand_computation_on_2x3_logits_with_weighted_teachers():

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
+from method_support import FixedLogits, softmax, teacher_infos
 from trainer.methods import create_method
-from trainer.methods.base import TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.base import TeacherOutputs, TrainingClock
 from trainer.methods.student_ensemble import (
     StudentEnsemble,
     StudentEnsembleParams,
@@ -25,26 +26,6 @@ TWO_TINY_STUDENTS = [
     StudentConfig(arch="small_cnn", options={"channels": [4, 8], "kernel_size": 3, "fc_width": 16}),
     StudentConfig(arch="small_cnn", options={"channels": [6, 6], "kernel_size": 5, "fc_width": 8}),
 ]
-
-
-def teacher_infos(count: int, num_classes: int = NUM_CLASSES) -> list[TeacherInfo]:
-    return [TeacherInfo(name=f"teacher{i}", num_classes=num_classes, feature_shapes={}) for i in range(count)]
-
-
-class FixedLogits(nn.Module):
-    """A stand-in student whose logits are a learnable tensor, whatever the images."""
-
-    def __init__(self, logits: list[list[float]]) -> None:
-        super().__init__()
-        self.logits = nn.Parameter(torch.tensor(logits))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits
-
-
-def softmax(row: list[float], temperature: float = 1.0) -> list[float]:
-    exps = [math.exp(v / temperature) for v in row]
-    return [e / sum(exps) for e in exps]
 
 
 def build(num_classes: int = NUM_CLASSES, teachers: int = 1, **fields) -> StudentEnsemble:

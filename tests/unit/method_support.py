@@ -1,0 +1,32 @@
+"""Helpers shared by the method tests: teacher descriptions, a fixed-logits student, a plain softmax."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainer.methods.base import TeacherInfo
+
+
+def teacher_infos(count: int, num_classes: int = 10, feature_shapes: dict | None = None) -> list[TeacherInfo]:
+    return [TeacherInfo(name=f"teacher{i}", num_classes=num_classes, feature_shapes=dict(feature_shapes or {}))
+            for i in range(count)]
+
+
+class FixedLogits(nn.Module):
+    """A stand-in student whose logits are a learnable tensor, whatever the images."""
+
+    def __init__(self, logits: list[list[float]]) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+def softmax(row: list[float], temperature: float = 1.0) -> list[float]:
+    """Plain-Python softmax, for hand-computed expected values."""
+    exps = [math.exp(v / temperature) for v in row]
+    return [e / sum(exps) for e in exps]
