@@ -1,4 +1,5 @@
-"""Real servers and stores for integration tests: redis-server processes on free 127.0.0.1 ports, LMDB in temp dirs."""
+"""Real servers and stores for integration tests: redis-server processes on free 127.0.0.1 ports, LMDB in
+temporary directories."""
 
 from __future__ import annotations
 
