@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _timing import rate  # benchmarks/ is the script's folder, first on sys.path
 from rich.console import Console
 from rich.table import Table
 
-from _timing import rate  # benchmarks/ is the script's folder, first on sys.path
 from services.cache import input_digests, open_store, output_key
 from services.cache.local_redis import running_redis_server
 from services.codec import decode_value, encode_value

@@ -90,13 +90,15 @@ class Bench:
     batch_size: int
     device: torch.device
 
-    def train(self, params: CEParams | KDParams, source: TeacherSource | None, epochs: int,
-              prefetch: int) -> list[Timed]:
+    def train(
+        self, params: CEParams | KDParams, source: TeacherSource | None, epochs: int, prefetch: int
+    ) -> list[Timed]:
         """Train a freshly seeded student for `epochs` epochs with `train_epoch`; one `Timed` per epoch."""
         torch.manual_seed(SEED)
         teachers = source.describe(self.splits.image_size) if source is not None else []
-        method = create_method(params, num_classes=self.splits.num_classes, in_chans=self.splits.in_chans,
-                               teachers=teachers).to(self.device)
+        method = create_method(
+            params, num_classes=self.splits.num_classes, in_chans=self.splits.in_chans, teachers=teachers
+        ).to(self.device)
         optim = OptimConfig(epochs=epochs, lr=LR)
         optimizer = make_optimizer(method.param_groups(optim.lr), optim)
         steps_per_epoch = len(train_loader(self.views, self.batch_size, SEED, 0))
@@ -104,12 +106,23 @@ class Bench:
         timed = []
         for epoch in range(epochs):
             before = source.counters() if source is not None else {}
-            stats = train_epoch(method, train_loader(self.views, self.batch_size, SEED, epoch), source,
-                                optimizer, scheduler, epoch=epoch, total_epochs=epochs, mean=self.splits.mean,
-                                std=self.splits.std, device=self.device, prefetch_batches=prefetch)
+            stats = train_epoch(
+                method,
+                train_loader(self.views, self.batch_size, SEED, epoch),
+                source,
+                optimizer,
+                scheduler,
+                epoch=epoch,
+                total_epochs=epochs,
+                mean=self.splits.mean,
+                std=self.splits.std,
+                device=self.device,
+                prefetch_batches=prefetch,
+            )
             after = source.counters() if source is not None else {}
-            hits, misses = (after.get(name, 0) - before.get(name, 0)
-                            for name in ("cache_hits", "cache_misses"))
+            hits, misses = (
+                after.get(name, 0) - before.get(name, 0) for name in ("cache_hits", "cache_misses")
+            )
             timed.append(Timed(steps_per_epoch, stats.seconds, stats.stall_seconds, hits, hits + misses))
         return timed
 
@@ -134,14 +147,16 @@ def teacher_checkpoints(splits: DatasetSplits, directory: Path) -> tuple[list[Pa
     return saved, f"random-weight checkpoints ({TRAINED_CHECKPOINTS} lacks {', '.join(TEACHERS)})"
 
 
-def served_run(bench: Bench, backend: LocalBackend, identities: list[str], cache_uri: str, epochs: int,
-               prefetch: int) -> list[Timed]:
+def served_run(
+    bench: Bench, backend: LocalBackend, identities: list[str], cache_uri: str, epochs: int, prefetch: int
+) -> list[Timed]:
     """KD from the served teachers, starting with an empty cache at `cache_uri`."""
     store = open_store(cache_uri)
     try:
         with BackgroundServer(backend, store=store) as server:
-            source = ServedTeacherSource(server.address, list(backend.specs()), cache_uri=cache_uri,
-                                         expected_identities=identities)
+            source = ServedTeacherSource(
+                server.address, list(backend.specs()), cache_uri=cache_uri, expected_identities=identities
+            )
             try:
                 return bench.train(KDParams(student=STUDENT), source, epochs, prefetch)
             finally:
@@ -156,8 +171,12 @@ def measure(bench: Bench, checkpoints: list[Path], warm_epochs: range, rounds: i
     num_classes, device = bench.splits.num_classes, bench.device
     teachers = [create_teacher(name, num_classes, path) for name, path in zip(TEACHERS, checkpoints)]
     in_process = InProcessTeacherSource(teachers, device)
-    backend = LocalBackend({name: TeacherEngine(create_teacher(name, num_classes, path), device)
-                            for name, path in zip(TEACHERS, checkpoints)})
+    backend = LocalBackend(
+        {
+            name: TeacherEngine(create_teacher(name, num_classes, path), device)
+            for name, path in zip(TEACHERS, checkpoints)
+        }
+    )
     identities = [teacher.spec.identity for teacher in teachers]
     best: dict[str, Timed] = {}
 
@@ -177,8 +196,10 @@ def measure(bench: Bench, checkpoints: list[Path], warm_epochs: range, rounds: i
                 warm = over(timed, warm_epochs)
                 if warm.cache_hits != warm.cache_lookups:
                     missed = warm.cache_lookups - warm.cache_hits
-                    raise RuntimeError(f"warm epochs {list(warm_epochs)} missed the cache {missed} times: "
-                                       "they were not all hits")
+                    raise RuntimeError(
+                        f"warm epochs {list(warm_epochs)} missed the cache {missed} times: "
+                        "they were not all hits"
+                    )
                 keep_fastest(f"cold/{prefetch}", over(timed, COLD_EPOCHS))
                 keep_fastest(f"warm/{prefetch}", warm)
             print(f"round {round_index + 1}/{rounds} done", flush=True)
@@ -192,12 +213,17 @@ def epochs_label(epochs: range) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warm-epochs", type=int, default=2, help="epochs timed after the cold one")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds; each figure is the fastest")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; each figure is the fastest"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 keeps figures steady on a shared machine, where one busy core "
-                             "stalls every multi-threaded op")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 keeps figures steady on a shared machine, where one busy core "
+        "stalls every multi-threaded op",
+    )
     args = parser.parse_args()
     for name in ("warm_epochs", "rounds", "batch_size", "threads"):
         if getattr(args, name) < 1:
@@ -214,21 +240,31 @@ def main() -> None:
         checkpoints, teachers_note = teacher_checkpoints(splits, Path(tmp))
         best = measure(bench, checkpoints, warm_epochs, args.rounds)
 
-    table = Table(title=f"{STUDENT.arch} student, digits {IMAGE_SIZE}x{IMAGE_SIZE}, batch {args.batch_size}, "
-                        f"{device}, {args.threads} torch threads; KD teachers {' + '.join(TEACHERS)}")
+    table = Table(
+        title=f"{STUDENT.arch} student, digits {IMAGE_SIZE}x{IMAGE_SIZE}, batch {args.batch_size}, "
+        f"{device}, {args.threads} torch threads; KD teachers {' + '.join(TEACHERS)}"
+    )
     table.add_column("configuration")
     for column in ("prefetch", "epochs", "steps/s", "stall", "cache hits"):
         table.add_column(column, justify="right")
     rows = [("CE, no teachers", "ce", "-", warm_epochs)]
     for prefetch in PREFETCH_DEPTHS:
-        rows += [("KD, in-process teachers", f"in_process/{prefetch}", str(prefetch), COLD_EPOCHS),
-                 ("KD, served, cold", f"cold/{prefetch}", str(prefetch), COLD_EPOCHS),
-                 ("KD, served, warm", f"warm/{prefetch}", str(prefetch), warm_epochs)]
+        rows += [
+            ("KD, in-process teachers", f"in_process/{prefetch}", str(prefetch), COLD_EPOCHS),
+            ("KD, served, cold", f"cold/{prefetch}", str(prefetch), COLD_EPOCHS),
+            ("KD, served, warm", f"warm/{prefetch}", str(prefetch), warm_epochs),
+        ]
     for label, name, prefetch, epochs in rows:
         timed = best[name]
         hits = f"{timed.cache_hits / timed.cache_lookups:.0%}" if timed.cache_lookups else "-"
-        table.add_row(label, prefetch, epochs_label(epochs), f"{timed.steps_per_second:.2f}",
-                      f"{timed.stall_fraction:.0%}", hits)
+        table.add_row(
+            label,
+            prefetch,
+            epochs_label(epochs),
+            f"{timed.steps_per_second:.2f}",
+            f"{timed.stall_fraction:.0%}",
+            hits,
+        )
     console.print(table)
 
     def ratio(numerator: str, denominator: str) -> str:
@@ -239,12 +275,15 @@ def main() -> None:
     for prefetch in PREFETCH_DEPTHS:
         ratios.add_column(f"prefetch {prefetch}", justify="right")
     ratios.add_row("warm served ÷ CE (goal ≥ 0.95)", *(ratio(f"warm/{p}", "ce") for p in PREFETCH_DEPTHS))
-    ratios.add_row("cold served ÷ in-process",
-                   *(ratio(f"cold/{p}", f"in_process/{p}") for p in PREFETCH_DEPTHS))
+    ratios.add_row(
+        "cold served ÷ in-process", *(ratio(f"cold/{p}", f"in_process/{p}") for p in PREFETCH_DEPTHS)
+    )
     console.print(ratios)
     console.print(f"teachers: {teachers_note}")
-    console.print(f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-                  f"({os.cpu_count()} CPUs); a load above the CPU count means other work shared them.")
+    console.print(
+        f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"({os.cpu_count()} CPUs); a load above the CPU count means other work shared them."
+    )
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import ray
 import torch
+from _timing import interleaved_rates  # benchmarks/ is the script's folder, first on sys.path
 from ray import serve
 from rich.console import Console
 from rich.table import Table
 
-from _timing import interleaved_rates  # benchmarks/ is the script's folder, first on sys.path
 from services.backends import LocalBackend
 from services.cache import open_store
 from services.client import TeacherClient
@@ -68,12 +68,15 @@ def check_same_outputs(label: str, served: torch.Tensor, local: torch.Tensor) ->
     (not bit for bit, since the service may batch the samples differently)."""
     scale = local.abs().max().item()
     if not torch.allclose(served, local, rtol=0.0, atol=0.02 * max(scale, 1.0)):
-        raise RuntimeError(f"{label} returned other logits than the in-process engine: max difference "
-                           f"{(served - local).abs().max().item():.4g} (logits up to {scale:.4g})")
+        raise RuntimeError(
+            f"{label} returned other logits than the in-process engine: max difference "
+            f"{(served - local).abs().max().item():.4g} (logits up to {scale:.4g})"
+        )
 
 
-def path_rates(engine: TeacherEngine, clients: dict[str, TeacherClient], images: torch.Tensor,
-               seconds: float) -> dict[str, float]:
+def path_rates(
+    engine: TeacherEngine, clients: dict[str, TeacherClient], images: torch.Tensor, seconds: float
+) -> dict[str, float]:
     """Images per second of every path in `PATHS` on `images`: the engine in-process, the others through their
     client (`clients` by path)."""
 
@@ -87,8 +90,9 @@ def path_rates(engine: TeacherEngine, clients: dict[str, TeacherClient], images:
         check_same_outputs(PATHS[path], logits(path), reference)
     sent = clients["cache_hits"].stats.remote_samples
     batch_size = images.shape[0]
-    rates = interleaved_rates({path: (lambda path=path: (logits(path), batch_size)[1]) for path in PATHS},
-                              seconds, ROUNDS)
+    rates = interleaved_rates(
+        {path: (lambda path=path: (logits(path), batch_size)[1]) for path in PATHS}, seconds, ROUNDS
+    )
     if clients["cache_hits"].stats.remote_samples != sent:
         raise RuntimeError("the cache-hit path sent samples to the service: it was not all hits")
     return rates
@@ -97,16 +101,31 @@ def path_rates(engine: TeacherEngine, clients: dict[str, TeacherClient], images:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cifar_resnet56", help="teacher architecture from the zoo")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="side of the uint8 images (default: the model's input size)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the uint8 images (default: the model's input size)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--seconds", type=float, default=6.0,
-                        help=f"measuring time per path and batch size, over {ROUNDS} interleaved rounds")
-    parser.add_argument("--full", action="store_true",
-                        help="resnet152 at 224x224 with 1000 classes (GPU-oriented; slow on a CPU)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 keeps figures steady on a shared machine, where one busy core "
-                             "stalls every multi-threaded op")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=6.0,
+        help=f"measuring time per path and batch size, over {ROUNDS} interleaved rounds",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="resnet152 at 224x224 with 1000 classes (GPU-oriented; slow on a CPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 keeps figures steady on a shared machine, where one busy core "
+        "stalls every multi-threaded op",
+    )
     args = parser.parse_args()
     model, image_size, num_classes = args.model, args.image_size, 10
     if args.full:
@@ -125,22 +144,32 @@ def main() -> None:
         engine = TeacherEngine(create_teacher(model, num_classes, checkpoint), device)
         image_size = image_size or engine.spec.preprocessing.input_size
         backend = LocalBackend({TEACHER: engine})
-        teacher_config = TeacherDeploymentConfig(name=TEACHER, architecture=model, num_classes=num_classes,
-                                                 checkpoint=str(checkpoint), num_cpus=args.threads)
+        teacher_config = TeacherDeploymentConfig(
+            name=TEACHER,
+            architecture=model,
+            num_classes=num_classes,
+            checkpoint=str(checkpoint),
+            num_cpus=args.threads,
+        )
         store = open_store(f"lmdb://{tmp}/cache")
         # This benchmark's own single-process cluster: token authentication has nothing to protect.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=max(os.cpu_count() or 1, args.threads), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, args.threads), include_dashboard=False, log_to_driver=False
+        )
         try:
-            ray_address = deploy(ServeConfig(teachers=[teacher_config], grpc=GrpcConfig(port=0),
-                                             cache=CacheConfig()))
-            with (BackgroundServer(backend) as local_server,
-                  BackgroundServer(backend, store=store) as caching_server,
-                  TeacherClient(ray_address, output_dtype=OUTPUT_DTYPE) as ray_client,
-                  TeacherClient(local_server.address, output_dtype=OUTPUT_DTYPE) as local_client,
-                  TeacherClient(caching_server.address, store=store,
-                                output_dtype=OUTPUT_DTYPE) as cached_client):
+            ray_address = deploy(
+                ServeConfig(teachers=[teacher_config], grpc=GrpcConfig(port=0), cache=CacheConfig())
+            )
+            with (
+                BackgroundServer(backend) as local_server,
+                BackgroundServer(backend, store=store) as caching_server,
+                TeacherClient(ray_address, output_dtype=OUTPUT_DTYPE) as ray_client,
+                TeacherClient(local_server.address, output_dtype=OUTPUT_DTYPE) as local_client,
+                TeacherClient(
+                    caching_server.address, store=store, output_dtype=OUTPUT_DTYPE
+                ) as cached_client,
+            ):
                 clients = {"ray_serve": ray_client, "local_server": local_client, "cache_hits": cached_client}
                 rates = {}
                 # Timed from a worker thread, where the servers and the trainer's prefetching call from too:
@@ -148,19 +177,23 @@ def main() -> None:
                 # memory to the kernel, so every batch faults it back in), which would handicap (a) alone.
                 with ThreadPoolExecutor(max_workers=1) as worker:
                     for batch_size in args.batch_sizes:
-                        images = torch.randint(0, 256, (batch_size, 3, image_size, image_size),
-                                               dtype=torch.uint8)
-                        rates[batch_size] = worker.submit(path_rates, engine, clients, images,
-                                                          args.seconds).result()
+                        images = torch.randint(
+                            0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8
+                        )
+                        rates[batch_size] = worker.submit(
+                            path_rates, engine, clients, images, args.seconds
+                        ).result()
         finally:
             serve.shutdown()
             ray.shutdown()
             store.close()
 
     batching = teacher_config.batching()
-    table = Table(title=f"{model} at {image_size}x{image_size}, {num_classes} classes, logits, {device}, "
-                        f"{args.threads} torch threads; Ray Serve batching: up to {batching.max_batch_size} "
-                        f"samples, wait {batching.batch_wait_timeout_s * 1000:.0f} ms")
+    table = Table(
+        title=f"{model} at {image_size}x{image_size}, {num_classes} classes, logits, {device}, "
+        f"{args.threads} torch threads; Ray Serve batching: up to {batching.max_batch_size} "
+        f"samples, wait {batching.batch_wait_timeout_s * 1000:.0f} ms"
+    )
     table.add_column("batch", justify="right")
     table.add_column("path")
     for column in ("images/s", "÷ in-process"):
@@ -171,8 +204,10 @@ def main() -> None:
             images_per_second = f"{by_path[path]:,.0f}" if by_path[path] >= 100 else f"{by_path[path]:.3g}"
             table.add_row(str(batch_size), label, images_per_second, ratio)
     console.print(table)
-    console.print(f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-                  f"({os.cpu_count()} CPUs); a load above the CPU count means other work shared them.")
+    console.print(
+        f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"({os.cpu_count()} CPUs); a load above the CPU count means other work shared them."
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ class LocalBackend:
             raise ValueError("LocalBackend needs at least one teacher engine, got none")
         self._engines = dict(engines)
         # Measured once, here: every tap's shape depends only on the model and its input size.
-        self._feature_shapes = {name: engine.feature_shapes(engine.spec.preprocessing.input_size)
-                                for name, engine in self._engines.items()}
+        self._feature_shapes = {
+            name: engine.feature_shapes(engine.spec.preprocessing.input_size)
+            for name, engine in self._engines.items()
+        }
 
     def specs(self) -> dict[str, TeacherSpec]:
         return {name: engine.spec for name, engine in self._engines.items()}
@@ -67,4 +69,3 @@ class LocalBackend:
         if name not in self._engines:
             raise ValueError(f"unknown teacher {name!r}; hosted: {', '.join(sorted(self._engines))}")
         return name
-

@@ -60,7 +60,9 @@ class WideBasicBlock(nn.Module):
         return out + shortcut
 
 
-def make_stage(block: type[nn.Module], in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
+def make_stage(
+    block: type[nn.Module], in_channels: int, out_channels: int, blocks: int, stride: int
+) -> nn.Sequential:
     layers = [block(in_channels, out_channels, stride)]
     layers += [block(out_channels, out_channels, 1) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)

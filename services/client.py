@@ -181,9 +181,17 @@ class TeacherClient:
     twice that, and so on. `max_request_samples` caps the images per Infer request below the server's limits.
     """
 
-    def __init__(self, address: str, *, store: TeacherOutputStore | None = None,
-                 output_dtype: str = "float16", timeout_seconds: float = 60.0, retries: int = 3,
-                 backoff_seconds: float = 0.2, max_request_samples: int | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        store: TeacherOutputStore | None = None,
+        output_dtype: str = "float16",
+        timeout_seconds: float = 60.0,
+        retries: int = 3,
+        backoff_seconds: float = 0.2,
+        max_request_samples: int | None = None,
+    ) -> None:
         if not address:
             raise ValueError("address must be a non-empty host:port")
         if output_dtype not in OUTPUT_DTYPES:
@@ -215,8 +223,12 @@ class TeacherClient:
         `fetch` names a teacher not in the list)."""
         return dict(self._service_limits().teachers)
 
-    def fetch(self, images: torch.Tensor, teachers: Sequence[str],
-              outputs: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, dict[str, torch.Tensor]]:
+    def fetch(
+        self,
+        images: torch.Tensor,
+        teachers: Sequence[str],
+        outputs: Sequence[str] | Mapping[str, Sequence[str]],
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """Outputs of `teachers` for uint8 images [B, C, H, W]: teacher -> output -> float32 [B, ...] in input
         order. `outputs` is one list of output names ("logits", tap names) for every teacher, or a mapping
         teacher -> list that names every teacher (an empty list returns {} for that teacher)."""
@@ -226,9 +238,13 @@ class TeacherClient:
         if not digests:
             raise ValueError(f"images must hold at least one sample; got shape {tuple(images.shape)}")
         images = images.detach().cpu().contiguous()
-        results = {teacher: {output: torch.empty(len(digests), *limits.teachers[teacher].output_shape(output))
-                             for output in names}
-                   for teacher, names in requested.items()}
+        results = {
+            teacher: {
+                output: torch.empty(len(digests), *limits.teachers[teacher].output_shape(output))
+                for output in names
+            }
+            for teacher, names in requested.items()
+        }
         misses = self._read_cache(requested, digests, limits, results)
 
         # Teachers that miss the same images and want the same outputs share one request.
@@ -240,9 +256,9 @@ class TeacherClient:
             positions = torch.tensor(missed)
             per_request = self._samples_per_request(images, group_teachers, list(names), limits)
             for first in range(0, len(positions), per_request):
-                request_positions = positions[first:first + per_request]
+                request_positions = positions[first : first + per_request]
                 for chunk in self._infer(images[request_positions], group_teachers, list(names), limits):
-                    chunk_positions = request_positions[chunk.start:chunk.start + chunk.count]
+                    chunk_positions = request_positions[chunk.start : chunk.start + chunk.count]
                     for output, values in chunk.values.items():
                         results[chunk.teacher][output][chunk_positions] = values
 
@@ -261,8 +277,9 @@ class TeacherClient:
     def __enter__(self) -> TeacherClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # --- fetch steps ------------------------------------------------------------------------------------
@@ -283,48 +300,73 @@ class TeacherClient:
             raise TeacherServiceError(
                 f"teacher service at {self.address}: NOT_FOUND: no teacher named "
                 f"{', '.join(map(repr, unknown))}; it hosts {', '.join(limits.teachers) or 'none'}",
-                address=self.address, code=grpc.StatusCode.NOT_FOUND)
+                address=self.address,
+                code=grpc.StatusCode.NOT_FOUND,
+            )
         return limits
 
-    def _requested_outputs(self, teachers: Sequence[str],
-                           outputs: Sequence[str] | Mapping[str, Sequence[str]],
-                           limits: _ServiceLimits) -> dict[str, list[str]]:
+    def _requested_outputs(
+        self,
+        teachers: Sequence[str],
+        outputs: Sequence[str] | Mapping[str, Sequence[str]],
+        limits: _ServiceLimits,
+    ) -> dict[str, list[str]]:
         """teacher -> its deduplicated output names in the caller's order, each one the teacher provides."""
         if isinstance(outputs, Mapping):
             if set(outputs) != set(teachers):
-                raise ValueError(f"the outputs mapping must name exactly the teachers {list(teachers)}; "
-                                 f"got {list(outputs)}")
+                raise ValueError(
+                    f"the outputs mapping must name exactly the teachers {list(teachers)}; "
+                    f"got {list(outputs)}"
+                )
             per_teacher = {teacher: outputs[teacher] for teacher in teachers}
         else:
             per_teacher = {teacher: outputs for teacher in teachers}
         requested = {}
         for teacher, names in per_teacher.items():
             if isinstance(names, str):
-                raise ValueError(f"outputs for teacher {teacher!r} must be a list of output names; got the "
-                                 f"string {names!r} (did you mean [{names!r}]?)")
+                raise ValueError(
+                    f"outputs for teacher {teacher!r} must be a list of output names; got the "
+                    f"string {names!r} (did you mean [{names!r}]?)"
+                )
             description = limits.teachers[teacher]
             unknown = [name for name in names if name not in description.outputs]
             if unknown:
-                raise ValueError(f"teacher {teacher!r} has no outputs {unknown}; it provides "
-                                 f"{', '.join(description.outputs)}")
+                raise ValueError(
+                    f"teacher {teacher!r} has no outputs {unknown}; it provides "
+                    f"{', '.join(description.outputs)}"
+                )
             if names and self.output_dtype not in description.output_dtypes:
-                raise ValueError(f"teacher {teacher!r} cannot return output_dtype {self.output_dtype!r}; it "
-                                 f"returns {', '.join(description.output_dtypes)}")
+                raise ValueError(
+                    f"teacher {teacher!r} cannot return output_dtype {self.output_dtype!r}; it "
+                    f"returns {', '.join(description.output_dtypes)}"
+                )
             requested[teacher] = list(dict.fromkeys(names))
         return requested
 
-    def _read_cache(self, requested: dict[str, list[str]], digests: list[bytes], limits: _ServiceLimits,
-                    results: dict[str, dict[str, torch.Tensor]]) -> dict[str, list[int]]:
+    def _read_cache(
+        self,
+        requested: dict[str, list[str]],
+        digests: list[bytes],
+        limits: _ServiceLimits,
+        results: dict[str, dict[str, torch.Tensor]],
+    ) -> dict[str, list[int]]:
         """Fill in every (teacher, image) whose requested outputs are all in the store, with one multi-get;
         return, per teacher, the batch positions the service must answer."""
         everything = list(range(len(digests)))
         misses = {teacher: everything if names else [] for teacher, names in requested.items()}
-        looked_up = [teacher for teacher, names in requested.items()
-                     if names and self.store is not None and limits.teachers[teacher].cached]
+        looked_up = [
+            teacher
+            for teacher, names in requested.items()
+            if names and self.store is not None and limits.teachers[teacher].cached
+        ]
         if not looked_up:
             return misses
-        keys = [output_key(limits.teachers[teacher].identity, output, self.output_dtype, 0, digest)
-                for teacher in looked_up for output in requested[teacher] for digest in digests]
+        keys = [
+            output_key(limits.teachers[teacher].identity, output, self.output_dtype, 0, digest)
+            for teacher in looked_up
+            for output in requested[teacher]
+            for digest in digests
+        ]
         values = iter(self.store.get_many(keys))
         hits = 0
         for teacher in looked_up:
@@ -340,8 +382,9 @@ class TeacherClient:
         self._count(cache_hits=hits, cache_misses=len(looked_up) * len(digests) - hits)
         return misses
 
-    def _samples_per_request(self, images: torch.Tensor, teachers: list[str], outputs: list[str],
-                             limits: _ServiceLimits) -> int:
+    def _samples_per_request(
+        self, images: torch.Tensor, teachers: list[str], outputs: list[str], limits: _ServiceLimits
+    ) -> int:
         """Most images one request may carry: within max_batch_size and max_request_samples, and with the
         serialized request under max_message_bytes."""
         bound = limits.max_batch_size
@@ -354,11 +397,13 @@ class TeacherClient:
         if room < sample_bytes:
             raise ValueError(
                 f"one image of shape {tuple(images.shape[1:])} ({sample_bytes} bytes) does not fit in a "
-                f"request under the server's max_message_bytes={limits.max_message_bytes} at {self.address}")
+                f"request under the server's max_message_bytes={limits.max_message_bytes} at {self.address}"
+            )
         return min(bound, room // sample_bytes)
 
-    def _request(self, teachers: list[str], outputs: list[str], images: torch.Tensor, *,
-                 request_id: str) -> teacher_pb2.InferRequest:
+    def _request(
+        self, teachers: list[str], outputs: list[str], images: torch.Tensor, *, request_id: str
+    ) -> teacher_pb2.InferRequest:
         dtype, shape, data = tensor_to_bytes(images)
         return teacher_pb2.InferRequest(
             teachers=teachers,
@@ -368,8 +413,9 @@ class TeacherClient:
             request_id=request_id,
         )
 
-    def _infer(self, images: torch.Tensor, teachers: list[str], outputs: list[str], limits: _ServiceLimits
-               ) -> list[_Chunk]:
+    def _infer(
+        self, images: torch.Tensor, teachers: list[str], outputs: list[str], limits: _ServiceLimits
+    ) -> list[_Chunk]:
         """One Infer request, its whole stream decoded and checked to cover every image of every teacher
         exactly once. A retry repeats the whole stream."""
         request_id = uuid.uuid4().hex
@@ -384,26 +430,40 @@ class TeacherClient:
         chunks = []
         for response in responses:
             if response.teacher not in covered:
-                raise self._malformed(request_id, f"a chunk for teacher {response.teacher!r}, not one of "
-                                                  f"{teachers}")
+                raise self._malformed(
+                    request_id, f"a chunk for teacher {response.teacher!r}, not one of {teachers}"
+                )
             chunk = self._decode(response, batch_size, outputs, limits.teachers[response.teacher], request_id)
-            covered[chunk.teacher][chunk.start:chunk.start + chunk.count] += 1
+            covered[chunk.teacher][chunk.start : chunk.start + chunk.count] += 1
             chunks.append(chunk)
         for teacher, times in covered.items():
             if not bool((times == 1).all()):
-                raise self._malformed(request_id, f"the chunks of teacher {teacher!r} cover samples "
-                                                  f"{times.tolist()} times each; each must be covered once")
+                raise self._malformed(
+                    request_id,
+                    f"the chunks of teacher {teacher!r} cover samples "
+                    f"{times.tolist()} times each; each must be covered once",
+                )
         self._count(requests=1)
         return chunks
 
-    def _decode(self, response: teacher_pb2.InferResponse, batch_size: int, outputs: list[str],
-                description: TeacherDescription, request_id: str) -> _Chunk:
+    def _decode(
+        self,
+        response: teacher_pb2.InferResponse,
+        batch_size: int,
+        outputs: list[str],
+        description: TeacherDescription,
+        request_id: str,
+    ) -> _Chunk:
         if response.count < 1 or response.start + response.count > batch_size:
-            raise self._malformed(request_id, f"chunk start={response.start} count={response.count} outside "
-                                              f"the request's {batch_size} samples")
+            raise self._malformed(
+                request_id,
+                f"chunk start={response.start} count={response.count} outside "
+                f"the request's {batch_size} samples",
+            )
         if sorted(response.outputs) != sorted(outputs):
-            raise self._malformed(request_id, f"chunk outputs {sorted(response.outputs)}, asked for "
-                                              f"{outputs}")
+            raise self._malformed(
+                request_id, f"chunk outputs {sorted(response.outputs)}, asked for {outputs}"
+            )
         values = {}
         for name, message in response.outputs.items():
             try:
@@ -412,15 +472,20 @@ class TeacherClient:
                 raise self._malformed(request_id, f"output {name!r}: {error}") from error
             expected = (response.count, *description.output_shape(name))
             if tuple(tensor.shape) != expected:
-                raise self._malformed(request_id, f"output {name!r} of teacher {response.teacher!r} has "
-                                                  f"shape {tuple(tensor.shape)}, expected {expected}")
+                raise self._malformed(
+                    request_id,
+                    f"output {name!r} of teacher {response.teacher!r} has "
+                    f"shape {tuple(tensor.shape)}, expected {expected}",
+                )
             values[name] = tensor.float()
         return _Chunk(response.teacher, response.start, response.count, values)
 
     def _malformed(self, request_id: str, problem: str) -> TeacherServiceError:
         return TeacherServiceError(
             f"teacher service at {self.address}: Infer (request {request_id}) answered a malformed stream: "
-            f"{problem}", address=self.address)
+            f"{problem}",
+            address=self.address,
+        )
 
     # --- service description, channel, retries ----------------------------------------------------------
 
@@ -445,21 +510,26 @@ class TeacherClient:
             self._limits = limits
         return self._limits
 
-    def _open_channel(self, max_message_bytes: int
-                      ) -> tuple[grpc.Channel, teacher_pb2_grpc.TeacherServiceStub]:
+    def _open_channel(
+        self, max_message_bytes: int
+    ) -> tuple[grpc.Channel, teacher_pb2_grpc.TeacherServiceStub]:
         backoff_ms = max(1, round(self.backoff_seconds * 1000))
-        channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            # Reconnect on the same schedule as the retries, so that a service back up is found by the next
-            # retry rather than after gRPC's default reconnect backoff (1 s growing to 120 s).
-            ("grpc.initial_reconnect_backoff_ms", backoff_ms),
-            ("grpc.max_reconnect_backoff_ms", backoff_ms * 2 ** self.retries),
-        ])
+        channel = grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                # Reconnect on the same schedule as the retries, so that a service back up is found by the next
+                # retry rather than after gRPC's default reconnect backoff (1 s growing to 120 s).
+                ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+                ("grpc.max_reconnect_backoff_ms", backoff_ms * 2**self.retries),
+            ],
+        )
         return channel, teacher_pb2_grpc.TeacherServiceStub(channel)
 
-    def _call(self, rpc: str, call: Callable[[], _Result],
-              retry_codes: Collection[grpc.StatusCode]) -> _Result:
+    def _call(
+        self, rpc: str, call: Callable[[], _Result], retry_codes: Collection[grpc.StatusCode]
+    ) -> _Result:
         """Run `call`, repeating it with exponential backoff while it fails with one of `retry_codes`."""
         attempts = Retrying(
             stop=stop_after_attempt(self.retries + 1),
@@ -475,14 +545,24 @@ class TeacherClient:
             if code in retry_codes:
                 raise TeacherServiceUnavailable(
                     f"teacher service at {self.address} unavailable: {rpc} failed {self.retries + 1} times, "
-                    f"last with {code.name}: {details}", address=self.address, code=code) from error
-            raise TeacherServiceError(f"teacher service at {self.address}: {rpc} failed with {code.name}: "
-                                      f"{details}", address=self.address, code=code) from error
+                    f"last with {code.name}: {details}",
+                    address=self.address,
+                    code=code,
+                ) from error
+            raise TeacherServiceError(
+                f"teacher service at {self.address}: {rpc} failed with {code.name}: {details}",
+                address=self.address,
+                code=code,
+            ) from error
 
     def _count_retry(self, _: RetryCallState) -> None:
         self._count(retries=1)
 
     def _count(self, **increments: int) -> None:
         current = self._stats
-        self._stats = ClientStats(**{name: getattr(current, name) + increments.get(name, 0)
-                                     for name in ClientStats.__dataclass_fields__})
+        self._stats = ClientStats(
+            **{
+                name: getattr(current, name) + increments.get(name, 0)
+                for name in ClientStats.__dataclass_fields__
+            }
+        )

@@ -119,9 +119,7 @@ def tensor_from_bytes(data: bytes | memoryview, dtype_name: str, shape: Sequence
         raise CodecError(f"shape {shape} has a negative dimension")
     expected = _expected_payload_length(dtype_name, shape)
     if len(data) != expected:
-        raise CodecError(
-            f"{dtype_name} tensor of shape {shape} needs {expected} bytes, got {len(data)}"
-        )
+        raise CodecError(f"{dtype_name} tensor of shape {shape} needs {expected} bytes, got {len(data)}")
     return _tensor_from_payload(data, dtype_name, shape)
 
 

@@ -121,7 +121,8 @@ class TeacherDeployment:
         requested = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         pieces = images.split(self._batching.max_batch_size)
         results = await asyncio.gather(
-            *(self._forward(_PendingRequest(piece, requested)) for piece in pieces))
+            *(self._forward(_PendingRequest(piece, requested)) for piece in pieces)
+        )
         for result in results:
             if isinstance(result, Exception):
                 raise result
@@ -153,8 +154,9 @@ class TeacherDeployment:
                 results[index] = result
         return results
 
-    async def _forward_together(self, requests: list[_PendingRequest]
-                                ) -> list[dict[str, torch.Tensor] | Exception]:
+    async def _forward_together(
+        self, requests: list[_PendingRequest]
+    ) -> list[dict[str, torch.Tensor] | Exception]:
         """One forward over the requests' samples and the union of their outputs, split back per request; a
         request the engine rejects fails alone."""
         outputs = list(dict.fromkeys(name for request in requests for name in request.outputs))
@@ -181,13 +183,19 @@ class RayServeBackend:
     """`services.backends.TeacherBackend` over teacher deployments: each `infer` is a call to the teacher's
     `DeploymentHandle` (tensors travel in Ray's object store between the ingress and the teacher replicas)."""
 
-    def __init__(self, handles: Mapping[str, DeploymentHandle], specs: Mapping[str, TeacherSpec],
-                 shapes: Mapping[str, FeatureShapes]) -> None:
+    def __init__(
+        self,
+        handles: Mapping[str, DeploymentHandle],
+        specs: Mapping[str, TeacherSpec],
+        shapes: Mapping[str, FeatureShapes],
+    ) -> None:
         if not handles:
             raise ValueError("RayServeBackend needs at least one teacher deployment handle, got none")
         if set(specs) != set(handles) or set(shapes) != set(handles):
-            raise ValueError(f"specs {sorted(specs)} and feature shapes {sorted(shapes)} must name the same "
-                             f"teachers as the handles {sorted(handles)}")
+            raise ValueError(
+                f"specs {sorted(specs)} and feature shapes {sorted(shapes)} must name the same "
+                f"teachers as the handles {sorted(handles)}"
+            )
         self._handles = dict(handles)
         self._specs = dict(specs)
         self._shapes = {name: dict(shapes[name]) for name in handles}
@@ -198,8 +206,11 @@ class RayServeBackend:
         """Ask every teacher deployment for its spec and feature shapes (waits for a replica of each)."""
         names = list(handles)
         described = await asyncio.gather(*(handles[name].describe.remote() for name in names))
-        return cls(handles, {name: spec for name, (spec, _) in zip(names, described)},
-                   {name: shapes for name, (_, shapes) in zip(names, described)})
+        return cls(
+            handles,
+            {name: spec for name, (spec, _) in zip(names, described)},
+            {name: shapes for name, (_, shapes) in zip(names, described)},
+        )
 
     def specs(self) -> dict[str, TeacherSpec]:
         return dict(self._specs)
@@ -231,21 +242,34 @@ class RayServeBackend:
 class GrpcIngress:
     """The gRPC server (TeacherService, health, reflection) and the metrics endpoint, in a Serve replica."""
 
-    async def __init__(self, grpc_config: GrpcConfig, cache_config: CacheConfig, metrics_port: int | None,
-                       teachers: dict[str, DeploymentHandle]) -> None:
+    async def __init__(
+        self,
+        grpc_config: GrpcConfig,
+        cache_config: CacheConfig,
+        metrics_port: int | None,
+        teachers: dict[str, DeploymentHandle],
+    ) -> None:
         backend = await RayServeBackend.connect(teachers)
         self._host = grpc_config.host
         self._store = open_store(cache_config.uri) if cache_config.uri is not None else None
         self._metrics = Metrics()
         # Created here, in the coroutine of the loop that will serve it, as grpc.aio requires.
-        self._server = create_server(backend, store=self._store, address=grpc_config.address,
-                                     max_batch_size=grpc_config.max_batch_size,
-                                     max_message_bytes=grpc_config.max_message_bytes, metrics=self._metrics,
-                                     default_chunk_size=grpc_config.default_chunk_size,
-                                     default_dtype=grpc_config.default_dtype)
+        self._server = create_server(
+            backend,
+            store=self._store,
+            address=grpc_config.address,
+            max_batch_size=grpc_config.max_batch_size,
+            max_message_bytes=grpc_config.max_message_bytes,
+            metrics=self._metrics,
+            default_chunk_size=grpc_config.default_chunk_size,
+            default_dtype=grpc_config.default_dtype,
+        )
         await self._server.start()
-        self._metrics_http = (start_metrics_server(self._metrics, metrics_port, addr=grpc_config.host)
-                              if metrics_port is not None else None)
+        self._metrics_http = (
+            start_metrics_server(self._metrics, metrics_port, addr=grpc_config.host)
+            if metrics_port is not None
+            else None
+        )
 
     def address(self) -> str:
         """host:port the gRPC server listens on (the bound port when the config asked for port 0)."""
@@ -283,8 +307,10 @@ def build_app(config: ServeConfig) -> Application:
             num_replicas=teacher.num_replicas,
             max_ongoing_requests=teacher.max_ongoing_requests,
             user_config=teacher.batching().model_dump(),
-            ray_actor_options={"num_cpus": teacher.num_cpus,
-                               "num_gpus": auto_gpus if teacher.num_gpus == "auto" else teacher.num_gpus},
+            ray_actor_options={
+                "num_cpus": teacher.num_cpus,
+                "num_gpus": auto_gpus if teacher.num_gpus == "auto" else teacher.num_gpus,
+            },
         ).bind(teacher)
         for teacher in config.teachers
     }
@@ -294,8 +320,10 @@ def build_app(config: ServeConfig) -> Application:
 def app_builder(args: dict[str, str]) -> Application:
     """Serve's import-path entry point: `args` is {"config": path of a service config YAML}."""
     if set(args) != {"config"}:
-        raise ValueError(f"app_builder takes exactly one argument, config=PATH of a service config YAML; "
-                         f"got {sorted(args)}")
+        raise ValueError(
+            f"app_builder takes exactly one argument, config=PATH of a service config YAML; "
+            f"got {sorted(args)}"
+        )
     return build_app(load_serve_config(args["config"]))
 
 

@@ -32,8 +32,14 @@ class UnknownOutputError(ValueError):
 class TeacherEngine:
     """Runs one teacher's forward on batches of uint8 images and returns the requested outputs."""
 
-    def __init__(self, teacher: Teacher, device: str | torch.device = "cpu", *, precision: str = "auto",
-                 compile: bool = False) -> None:
+    def __init__(
+        self,
+        teacher: Teacher,
+        device: str | torch.device = "cpu",
+        *,
+        precision: str = "auto",
+        compile: bool = False,
+    ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
@@ -75,7 +81,9 @@ class TeacherEngine:
                 x = self._preprocess(self._to_device(images))
                 self._recording = frozenset(requested) - {LOGITS}
                 try:
-                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+                    with torch.autocast(
+                        device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16
+                    ):
                         logits = self._forward(x)
                     self.calls += 1
                     produced = {LOGITS: logits, **self._captured}
@@ -98,12 +106,15 @@ class TeacherEngine:
         def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if tap in self._recording:
                 self._captured[tap] = output
+
         return record
 
     def _input_spec(self) -> str:
         size = self.spec.preprocessing.input_size
-        return (f"uint8 images [B, C, H, W] with B >= 1 and C={self.spec.preprocessing.in_chans} "
-                f"(model input size {size}x{size}; other sizes are resized)")
+        return (
+            f"uint8 images [B, C, H, W] with B >= 1 and C={self.spec.preprocessing.in_chans} "
+            f"(model input size {size}x{size}; other sizes are resized)"
+        )
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor):

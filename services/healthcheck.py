@@ -56,11 +56,16 @@ def _positive_seconds(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.healthcheck",
-        description="Exit 0 when the gRPC server at HOST:PORT reports SERVING on grpc.health.v1, else 1.")
+        description="Exit 0 when the gRPC server at HOST:PORT reports SERVING on grpc.health.v1, else 1.",
+    )
     parser.add_argument("address", metavar="HOST:PORT", help="the server, e.g. 127.0.0.1:50051")
     parser.add_argument("--service", default="", help="service to ask about (default: the whole server)")
-    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
     args = parser.parse_args(argv)
     serving, message = probe(args.address, args.service, args.timeout)
     print(message, file=sys.stdout if serving else sys.stderr)

@@ -27,39 +27,73 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
-            "ekd_requests", "Infer requests received, per requested teacher (an ensemble counts for each).",
-            ["teacher"], registry=self.registry)
+            "ekd_requests",
+            "Infer requests received, per requested teacher (an ensemble counts for each).",
+            ["teacher"],
+            registry=self.registry,
+        )
         self.request_errors = Counter(
-            "ekd_request_errors", "Infer requests that ended with a non-OK status, by status code.",
-            ["teacher", "code"], registry=self.registry)
+            "ekd_request_errors",
+            "Infer requests that ended with a non-OK status, by status code.",
+            ["teacher", "code"],
+            registry=self.registry,
+        )
         self.request_seconds = Histogram(
-            "ekd_request_seconds", "Wall time of whole RPCs, from receipt to the last message, by method.",
-            ["method"], buckets=SECONDS_BUCKETS, registry=self.registry)
+            "ekd_request_seconds",
+            "Wall time of whole RPCs, from receipt to the last message, by method.",
+            ["method"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
-            "ekd_batch_size", "Samples per teacher forward pass (the cache misses of one request).",
-            ["teacher"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+            "ekd_batch_size",
+            "Samples per teacher forward pass (the cache misses of one request).",
+            ["teacher"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
         self.inference_seconds = Histogram(
-            "ekd_inference_seconds", "Wall time of one teacher forward pass, as the backend runs it.",
-            ["teacher"], buckets=SECONDS_BUCKETS, registry=self.registry)
+            "ekd_inference_seconds",
+            "Wall time of one teacher forward pass, as the backend runs it.",
+            ["teacher"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
         self.cache_hits = Counter(
-            "ekd_cache_hits", "Output cache lookups (one per sample and output) answered from the cache.",
-            ["teacher"], registry=self.registry)
+            "ekd_cache_hits",
+            "Output cache lookups (one per sample and output) answered from the cache.",
+            ["teacher"],
+            registry=self.registry,
+        )
         self.cache_misses = Counter(
-            "ekd_cache_misses", "Output cache lookups (one per sample and output) not answered.",
-            ["teacher"], registry=self.registry)
+            "ekd_cache_misses",
+            "Output cache lookups (one per sample and output) not answered.",
+            ["teacher"],
+            registry=self.registry,
+        )
         self.cache_corrupt = Counter(
-            "ekd_cache_corrupt", "Cache misses that were damaged values (deleted and recomputed).",
-            ["teacher"], registry=self.registry)
+            "ekd_cache_corrupt",
+            "Cache misses that were damaged values (deleted and recomputed).",
+            ["teacher"],
+            registry=self.registry,
+        )
         self.cache_errors = Counter(
-            "ekd_cache_errors", "Cache reads or writes that failed; requests were served without them.",
-            ["teacher", "operation"], registry=self.registry)
+            "ekd_cache_errors",
+            "Cache reads or writes that failed; requests were served without them.",
+            ["teacher", "operation"],
+            registry=self.registry,
+        )
         self.served_bytes = Counter(
-            "ekd_served_bytes", "Serialized size of the InferResponse messages sent, per teacher.",
-            ["teacher"], registry=self.registry)
+            "ekd_served_bytes",
+            "Serialized size of the InferResponse messages sent, per teacher.",
+            ["teacher"],
+            registry=self.registry,
+        )
 
 
-def start_metrics_server(metrics: Metrics, port: int, addr: str = "127.0.0.1"
-                         ) -> tuple[WSGIServer, threading.Thread]:
+def start_metrics_server(
+    metrics: Metrics, port: int, addr: str = "127.0.0.1"
+) -> tuple[WSGIServer, threading.Thread]:
     """Serve `metrics` at http://addr:port/metrics from a daemon thread; port 0 picks a free one
     (`server.server_port`). Stop it with `server.shutdown()`."""
     return start_http_server(port, addr=addr, registry=metrics.registry)

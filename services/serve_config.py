@@ -19,11 +19,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.engine import PRECISIONS
-from services.servicer import (DEFAULT_CHUNK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES,
-                               DEFAULT_OUTPUT_DTYPE)
+from services.servicer import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_OUTPUT_DTYPE,
+)
 from services.yaml_config import expand_environment, load_yaml_model
 from services.zoo import list_teachers
-
 
 
 class ServeConfigError(ValueError):
@@ -38,12 +41,22 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
-MaxBatchSize = Annotated[int, Field(
-    ge=1, description="most samples one forward pass runs: @serve.batch merges concurrent requests up to "
-    "this many samples (changeable at run time)")]
-BatchWaitTimeout = Annotated[float, Field(
-    ge=0, le=10, description="seconds a partial batch waits for more requests before it runs (changeable at "
-    "run time)")]
+MaxBatchSize = Annotated[
+    int,
+    Field(
+        ge=1,
+        description="most samples one forward pass runs: @serve.batch merges concurrent requests up to "
+        "this many samples (changeable at run time)",
+    ),
+]
+BatchWaitTimeout = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=10,
+        description="seconds a partial batch waits for more requests before it runs (changeable at run time)",
+    ),
+]
 
 
 class BatchingConfig(_Section):
@@ -58,23 +71,36 @@ class BatchingConfig(_Section):
 class TeacherDeploymentConfig(_Section):
     """One hosted teacher and the Ray Serve deployment that runs it."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="unique name on the server; what InferRequest.teachers refers to")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="unique name on the server; what InferRequest.teachers refers to",
+    )
     architecture: str = Field(description="architecture from the model zoo (services.zoo.list_teachers())")
     num_classes: int = Field(ge=1, description="number of classes the checkpoint was trained for")
-    checkpoint: str = Field(description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative "
-                            "paths are resolved against the working directory")
+    checkpoint: str = Field(
+        description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative "
+        "paths are resolved against the working directory"
+    )
     num_replicas: int = Field(1, ge=1, description="replicas of this teacher's deployment")
     max_batch_size: MaxBatchSize = 64
     batch_wait_timeout_s: BatchWaitTimeout = 0.01
-    max_ongoing_requests: int | None = Field(None, ge=1, description="requests one replica holds at once; "
-                                             "default 4 x max_batch_size, so that batches can fill")
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="requests one replica holds at once; "
+        "default 4 x max_batch_size, so that batches can fill",
+    )
     num_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
-        "auto", description="GPUs per replica; 'auto': 0 without CUDA, else 1, or an equal share of the GPUs "
-        "the deploying process sees when the replicas of 'auto' teachers outnumber them")
+        "auto",
+        description="GPUs per replica; 'auto': 0 without CUDA, else 1, or an equal share of the GPUs "
+        "the deploying process sees when the replicas of 'auto' teachers outnumber them",
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
-    precision: str = Field("auto", description=f"engine precision: {', '.join(PRECISIONS)} ('auto' is bf16 "
-                           "autocast on CUDA, fp32 on CPU)")
+    precision: str = Field(
+        "auto",
+        description=f"engine precision: {', '.join(PRECISIONS)} ('auto' is bf16 "
+        "autocast on CUDA, fp32 on CPU)",
+    )
     compile: bool = Field(False, description="torch.compile the model in each replica")
 
     @field_validator("architecture")
@@ -105,8 +131,9 @@ class TeacherDeploymentConfig(_Section):
         return self
 
     def batching(self) -> BatchingConfig:
-        return BatchingConfig(max_batch_size=self.max_batch_size,
-                              batch_wait_timeout_s=self.batch_wait_timeout_s)
+        return BatchingConfig(
+            max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s
+        )
 
 
 class GrpcConfig(_Section):
@@ -114,15 +141,26 @@ class GrpcConfig(_Section):
 
     host: str = Field("127.0.0.1", min_length=1, description="interface to bind; 0.0.0.0 in a container")
     port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one (reported when ready)")
-    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, description="most samples one InferRequest may "
-                                "carry (RESOURCE_EXHAUSTED beyond)")
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=64 * 1024,
-                                   description="gRPC message size limit for requests and responses, in bytes")
-    default_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="samples per streamed response when "
-                                    "a request leaves chunk_size at 0")
+    max_batch_size: int = Field(
+        DEFAULT_MAX_BATCH_SIZE,
+        ge=1,
+        description="most samples one InferRequest may carry (RESOURCE_EXHAUSTED beyond)",
+    )
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        ge=64 * 1024,
+        description="gRPC message size limit for requests and responses, in bytes",
+    )
+    default_chunk_size: int = Field(
+        DEFAULT_CHUNK_SIZE,
+        ge=1,
+        description="samples per streamed response when a request leaves chunk_size at 0",
+    )
     default_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        DEFAULT_OUTPUT_DTYPE, description="output dtype when a request leaves output_dtype unspecified; what the "
-                                          "cache stores by default")
+        DEFAULT_OUTPUT_DTYPE,
+        description="output dtype when a request leaves output_dtype unspecified; what the "
+        "cache stores by default",
+    )
 
     @property
     def address(self) -> str:
@@ -132,9 +170,12 @@ class GrpcConfig(_Section):
 class CacheConfig(_Section):
     """The content-keyed output cache the ingress reads before and writes after a forward pass."""
 
-    uri: str | None = Field(None, description="lmdb:///abs/path, a plain path (LMDB; relative to the working "
-                            "directory), or redis://host:port/db; ${VAR} expands from the environment; "
-                            "absent: no cache")
+    uri: str | None = Field(
+        None,
+        description="lmdb:///abs/path, a plain path (LMDB; relative to the working "
+        "directory), or redis://host:port/db; ${VAR} expands from the environment; "
+        "absent: no cache",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -150,12 +191,17 @@ class CacheConfig(_Section):
 class ServeConfig(_Section):
     """Everything `ekd serve` and `serve deploy` need to bring up the teacher service."""
 
-    teachers: list[TeacherDeploymentConfig] = Field(min_length=1,
-                                                    description="teachers to host, one deployment each")
+    teachers: list[TeacherDeploymentConfig] = Field(
+        min_length=1, description="teachers to host, one deployment each"
+    )
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="port of the ingress's Prometheus "
-                                     "endpoint (/metrics); absent: not exposed")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="port of the ingress's Prometheus endpoint (/metrics); absent: not exposed",
+    )
 
     @field_validator("teachers")
     @classmethod

@@ -25,8 +25,13 @@ from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2_grpc
 from services.backends import TeacherBackend
 from services.cache import TeacherOutputStore
 from services.metrics import Metrics
-from services.servicer import (DEFAULT_CHUNK_SIZE, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES,
-                               DEFAULT_OUTPUT_DTYPE, TeacherServicer)
+from services.servicer import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_OUTPUT_DTYPE,
+    TeacherServicer,
+)
 
 OVERALL_HEALTH = ""
 """The health-check service name that stands for the whole server."""
@@ -56,29 +61,44 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
-def create_server(backend: TeacherBackend, *, store: TeacherOutputStore | None = None,
-                  address: str = "127.0.0.1:0", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, metrics: Metrics | None = None,
-                  default_chunk_size: int = DEFAULT_CHUNK_SIZE, default_dtype: str = DEFAULT_OUTPUT_DTYPE
-                  ) -> RunningServer:
+def create_server(
+    backend: TeacherBackend,
+    *,
+    store: TeacherOutputStore | None = None,
+    address: str = "127.0.0.1:0",
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    metrics: Metrics | None = None,
+    default_chunk_size: int = DEFAULT_CHUNK_SIZE,
+    default_dtype: str = DEFAULT_OUTPUT_DTYPE,
+) -> RunningServer:
     """A server for `backend`'s teachers on `address` (port 0: a free one, see `.port`), not yet started.
 
     `max_message_bytes` bounds the messages the server receives and sends; the servicer announces it in
     ListTeachers and keeps its response chunks under it.
     """
     metrics = metrics if metrics is not None else Metrics()
-    servicer = TeacherServicer(backend, store, metrics, max_batch_size=max_batch_size,
-                               max_message_bytes=max_message_bytes, default_chunk_size=default_chunk_size,
-                               default_dtype=default_dtype)
-    server = grpc.aio.server(options=[
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ])
+    servicer = TeacherServicer(
+        backend,
+        store,
+        metrics,
+        max_batch_size=max_batch_size,
+        max_message_bytes=max_message_bytes,
+        default_chunk_size=default_chunk_size,
+        default_dtype=default_dtype,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+    )
     teacher_pb2_grpc.add_TeacherServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [TEACHER_SERVICE_FULL_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        [TEACHER_SERVICE_FULL_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     port = server.add_insecure_port(address)
     return RunningServer(server=server, port=port, metrics=metrics, servicer=servicer, health=health_servicer)
 

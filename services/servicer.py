@@ -120,20 +120,29 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
     gRPC message length limits (`services.server.create_server` sets both).
     """
 
-    def __init__(self, backend: TeacherBackend, store: TeacherOutputStore | None, metrics: Metrics, *,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 default_chunk_size: int = DEFAULT_CHUNK_SIZE, default_dtype: str = DEFAULT_OUTPUT_DTYPE) -> None:
+    def __init__(
+        self,
+        backend: TeacherBackend,
+        store: TeacherOutputStore | None,
+        metrics: Metrics,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        default_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        default_dtype: str = DEFAULT_OUTPUT_DTYPE,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_message_bytes <= _MESSAGE_FRAMING_BYTES:
             raise ValueError(
-                f"max_message_bytes must exceed {_MESSAGE_FRAMING_BYTES}, got {max_message_bytes}")
+                f"max_message_bytes must exceed {_MESSAGE_FRAMING_BYTES}, got {max_message_bytes}"
+            )
         if default_chunk_size < 1:
             raise ValueError(f"default_chunk_size must be at least 1, got {default_chunk_size}")
         if default_dtype not in OUTPUT_DTYPES:
             raise ValueError(
-                f"default_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {default_dtype!r}")
+                f"default_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {default_dtype!r}"
+            )
         self._backend = backend
         self._store = store
         self.metrics = metrics
@@ -141,8 +150,10 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self.max_message_bytes = max_message_bytes
         self.default_chunk_size = default_chunk_size
         self.default_dtype = default_dtype
-        self._hosted = {name: _hosted(name, spec, backend.feature_shapes(name))
-                        for name, spec in sorted(backend.specs().items())}
+        self._hosted = {
+            name: _hosted(name, spec, backend.feature_shapes(name))
+            for name, spec in sorted(backend.specs().items())
+        }
         if not self._hosted:
             raise ValueError("the backend hosts no teachers")
         self._teacher_list = self._list_teachers_response()
@@ -152,13 +163,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
 
     # ---- RPCs -----------------------------------------------------------------------------------------
 
-    async def ListTeachers(self, request: teacher_pb2.ListTeachersRequest,
-                           context: grpc.aio.ServicerContext) -> teacher_pb2.ListTeachersResponse:
+    async def ListTeachers(
+        self, request: teacher_pb2.ListTeachersRequest, context: grpc.aio.ServicerContext
+    ) -> teacher_pb2.ListTeachersResponse:
         with self.metrics.request_seconds.labels("ListTeachers").time():
             return self._teacher_list
 
-    async def Infer(self, request: teacher_pb2.InferRequest, context: grpc.aio.ServicerContext
-                    ) -> AsyncIterator[teacher_pb2.InferResponse]:
+    async def Infer(
+        self, request: teacher_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[teacher_pb2.InferResponse]:
         started = time.perf_counter()
         labels = [name for name in dict.fromkeys(request.teachers) if name in self._hosted] or [NO_TEACHER]
         for label in labels:
@@ -184,29 +197,35 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         hosted_names = ", ".join(self._hosted)
         teachers = list(request.teachers)
         if not teachers:
-            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"no teachers requested; hosted teachers: {hosted_names}")
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"no teachers requested; hosted teachers: {hosted_names}"
+            )
         _reject_duplicates(teachers, "teachers")
         unknown = [name for name in teachers if name not in self._hosted]
         if unknown:
-            raise _RequestError(grpc.StatusCode.NOT_FOUND,
-                                f"unknown teachers {unknown}; hosted teachers: {hosted_names}")
+            raise _RequestError(
+                grpc.StatusCode.NOT_FOUND, f"unknown teachers {unknown}; hosted teachers: {hosted_names}"
+            )
         outputs = list(request.outputs) or [LOGITS]
         _reject_duplicates(outputs, "outputs")
         for name in teachers:
             available = self._hosted[name].outputs
             missing = [output for output in outputs if output not in available]
             if missing:
-                raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"teacher {name!r} has no outputs {missing}; available outputs of "
-                                    f"{name!r}: {', '.join(available)}")
+                raise _RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"teacher {name!r} has no outputs {missing}; available outputs of "
+                    f"{name!r}: {', '.join(available)}",
+                )
         dtype = self._output_dtype(request.output_dtype)
         top_k = request.top_k
         fewest_classes = min(self._hosted[name].spec.num_classes for name in teachers)
         if top_k > fewest_classes:
-            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"top_k={top_k} exceeds the number of classes; allowed: 0 (full logits) to "
-                                f"{fewest_classes} (the fewest classes of the requested teachers)")
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"top_k={top_k} exceeds the number of classes; allowed: 0 (full logits) to "
+                f"{fewest_classes} (the fewest classes of the requested teachers)",
+            )
         images = self._images(request.images, teachers)
         top_k = top_k if LOGITS in outputs else 0
         parts = {name: self._parts(self._hosted[name], outputs, dtype, top_k) for name in teachers}
@@ -220,23 +239,30 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         name = DTYPES_BY_PROTO_NAME.get(_proto_dtype_name(value))
         if name not in OUTPUT_DTYPES:
             allowed = ", ".join(PROTO_DTYPE_NAMES[dtype] for dtype in OUTPUT_DTYPES)
-            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"output_dtype {_proto_dtype_name(value)} is not allowed; allowed: {allowed} "
-                                f"(or DTYPE_UNSPECIFIED for the server default, "
-                                f"{PROTO_DTYPE_NAMES[self.default_dtype]})")
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"output_dtype {_proto_dtype_name(value)} is not allowed; allowed: {allowed} "
+                f"(or DTYPE_UNSPECIFIED for the server default, "
+                f"{PROTO_DTYPE_NAMES[self.default_dtype]})",
+            )
         return name
 
     def _images(self, images: teacher_pb2.Tensor, teachers: Sequence[str]) -> torch.Tensor:
         channels = {name: self._hosted[name].spec.preprocessing.in_chans for name in teachers}
         if len(set(channels.values())) > 1:
-            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the requested teachers take different channel counts {channels}; "
-                                f"ask them in separate requests")
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the requested teachers take different channel counts {channels}; "
+                f"ask them in separate requests",
+            )
         expected_channels = channels[teachers[0]]
-        sizes = ", ".join(f"{name!r} resizes to {self._hosted[name].spec.preprocessing.input_size}px"
-                          for name in teachers)
-        spec = (f"expected images uint8 [B, {expected_channels}, H, W] with 1 <= B <= {self.max_batch_size} "
-                f"and H, W >= 1, as B*{expected_channels}*H*W bytes of raw pixels ({sizes})")
+        sizes = ", ".join(
+            f"{name!r} resizes to {self._hosted[name].spec.preprocessing.input_size}px" for name in teachers
+        )
+        spec = (
+            f"expected images uint8 [B, {expected_channels}, H, W] with 1 <= B <= {self.max_batch_size} "
+            f"and H, W >= 1, as B*{expected_channels}*H*W bytes of raw pixels ({sizes})"
+        )
         shape = list(images.shape)
         problem = None
         if images.dtype != teacher_pb2.UINT8:
@@ -252,13 +278,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         if problem:
             raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{spec}; got {problem}")
         if shape[0] > self.max_batch_size:
-            raise _RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"batch of {shape[0]} images exceeds max_batch_size={self.max_batch_size}; "
-                                f"split it into requests of at most {self.max_batch_size} images")
+            raise _RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"batch of {shape[0]} images exceeds max_batch_size={self.max_batch_size}; "
+                f"split it into requests of at most {self.max_batch_size} images",
+            )
         if len(images.data) != math.prod(shape):
-            raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{spec}; got {len(images.data)} bytes for shape {shape}, "
-                                f"which needs {math.prod(shape)}")
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{spec}; got {len(images.data)} bytes for shape {shape}, which needs {math.prod(shape)}",
+            )
         return tensor_from_bytes(images.data, "uint8", shape)
 
     @staticmethod
@@ -276,15 +305,20 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
 
     def _fitting_chunk_size(self, teacher: str, parts: Sequence[_Part], chunk_size: int) -> int:
         """The requested chunk size, shrunk until a message of that many samples fits the size limit."""
-        framing = (_MESSAGE_FRAMING_BYTES + len(teacher.encode())
-                   + sum(_TENSOR_FRAMING_BYTES + len(part.output.encode()) for part in parts))
+        framing = (
+            _MESSAGE_FRAMING_BYTES
+            + len(teacher.encode())
+            + sum(_TENSOR_FRAMING_BYTES + len(part.output.encode()) for part in parts)
+        )
         sample_bytes = sum(part.sample_bytes for part in parts) + 1  # + its `cached` flag
         fitting = (self.max_message_bytes - framing) // sample_bytes
         if fitting < 1:
-            raise _RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"one sample's outputs of teacher {teacher!r} take {sample_bytes} "
-                                f"bytes, more than fit in max_message_bytes={self.max_message_bytes}; "
-                                f"request fewer outputs or a smaller output_dtype")
+            raise _RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"one sample's outputs of teacher {teacher!r} take {sample_bytes} "
+                f"bytes, more than fit in max_message_bytes={self.max_message_bytes}; "
+                f"request fewer outputs or a smaller output_dtype",
+            )
         return min(chunk_size, fitting)
 
     # ---- computing and streaming ----------------------------------------------------------------------
@@ -293,8 +327,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         cached_teachers = [name for name in plan.teachers if self._is_cached(name)]
         digests = await asyncio.to_thread(input_digests, plan.images) if cached_teachers else None
         queue: asyncio.Queue[teacher_pb2.InferResponse | _RequestError | str] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._serve_teacher(name, plan, digests, queue))
-                 for name in plan.teachers]
+        tasks = [
+            asyncio.create_task(self._serve_teacher(name, plan, digests, queue)) for name in plan.teachers
+        ]
         try:
             unfinished = set(plan.teachers)
             while unfinished:
@@ -313,39 +348,54 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
     def _is_cached(self, name: str) -> bool:
         return self._store is not None and self._hosted[name].spec.weights_sha256 is not None
 
-    async def _serve_teacher(self, name: str, plan: _Plan, digests: list[bytes] | None,
-                             queue: asyncio.Queue) -> None:
+    async def _serve_teacher(
+        self, name: str, plan: _Plan, digests: list[bytes] | None, queue: asyncio.Queue
+    ) -> None:
         """Put teacher `name`'s messages on `queue`, then its name once they are all there (or an error)."""
         try:
             parts = plan.parts[name]
             batch = plan.images.shape[0]
             identity = self._hosted[name].spec.identity
-            keys = ({part: [part.key(identity, digest) for digest in digests] for part in parts}
-                    if digests is not None and self._is_cached(name) else None)
+            keys = (
+                {part: [part.key(identity, digest) for digest in digests] for part in parts}
+                if digests is not None and self._is_cached(name)
+                else None
+            )
             found = await self._cache_get(name, parts, keys) if keys is not None else None
-            hit = [found is not None and all(found[part][i] is not None for part in parts)
-                   for i in range(batch)]
+            hit = [
+                found is not None and all(found[part][i] is not None for part in parts) for i in range(batch)
+            ]
             misses = [i for i in range(batch) if not hit[i]]
             computed = await self._compute(name, plan, parts, misses) if misses else {}
-            responses = await asyncio.to_thread(self._responses, name, plan, parts, found, computed, hit,
-                                                misses)
+            responses = await asyncio.to_thread(
+                self._responses, name, plan, parts, found, computed, hit, misses
+            )
             for response in responses:
                 queue.put_nowait(response)
             if keys is not None and misses:
-                await self._cache_put(name, [(keys[part][i], computed[part][row])
-                                             for part in parts for row, i in enumerate(misses)])
+                await self._cache_put(
+                    name,
+                    [(keys[part][i], computed[part][row]) for part in parts for row, i in enumerate(misses)],
+                )
             queue.put_nowait(name)
         except BackendUnavailableError as error:
             logger.warning("teacher %r unavailable (request %r): %s", name, plan.request_id, error)
-            queue.put_nowait(_RequestError(grpc.StatusCode.UNAVAILABLE, f"teacher {name!r} is unavailable: "
-                                                                        f"{error}; retry later"))
+            queue.put_nowait(
+                _RequestError(
+                    grpc.StatusCode.UNAVAILABLE, f"teacher {name!r} is unavailable: {error}; retry later"
+                )
+            )
         except Exception as error:  # a failed forward pass fails this request, never the server
             logger.exception("teacher %r failed (request %r)", name, plan.request_id)
-            queue.put_nowait(_RequestError(grpc.StatusCode.INTERNAL,
-                                           f"teacher {name!r} failed: {type(error).__name__}: {error}"))
+            queue.put_nowait(
+                _RequestError(
+                    grpc.StatusCode.INTERNAL, f"teacher {name!r} failed: {type(error).__name__}: {error}"
+                )
+            )
 
-    async def _compute(self, name: str, plan: _Plan, parts: Sequence[_Part], misses: list[int]
-                       ) -> dict[_Part, torch.Tensor]:
+    async def _compute(
+        self, name: str, plan: _Plan, parts: Sequence[_Part], misses: list[int]
+    ) -> dict[_Part, torch.Tensor]:
         """Forward the missed samples; every part of them as [len(misses), ...] tensors."""
         images = plan.images if len(misses) == plan.images.shape[0] else plan.images[misses]
         started = time.perf_counter()
@@ -372,9 +422,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 computed[part] = top.indices
         return computed
 
-    def _responses(self, name: str, plan: _Plan, parts: Sequence[_Part],
-                   found: dict[_Part, list[torch.Tensor | None]] | None, computed: dict[_Part, torch.Tensor],
-                   hit: list[bool], misses: list[int]) -> list[teacher_pb2.InferResponse]:
+    def _responses(
+        self,
+        name: str,
+        plan: _Plan,
+        parts: Sequence[_Part],
+        found: dict[_Part, list[torch.Tensor | None]] | None,
+        computed: dict[_Part, torch.Tensor],
+        hit: list[bool],
+        misses: list[int],
+    ) -> list[teacher_pb2.InferResponse]:
         """The teacher's answer, cached and computed samples merged in input order, cut into chunks."""
         batch = len(hit)
         chunk_size = plan.chunk_sizes[name]
@@ -394,8 +451,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         responses = []
         for start in range(0, batch, chunk_size):
             end = min(start + chunk_size, batch)
-            response = teacher_pb2.InferResponse(teacher=name, start=start, count=end - start,
-                                                 cached=hit[start:end])
+            response = teacher_pb2.InferResponse(
+                teacher=name, start=start, count=end - start, cached=hit[start:end]
+            )
             for part in parts:
                 if part.role == "output":
                     target = response.outputs[part.output]
@@ -409,8 +467,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
 
     # ---- cache ----------------------------------------------------------------------------------------
 
-    async def _cache_get(self, name: str, parts: Sequence[_Part], keys: dict[_Part, list[bytes]]
-                         ) -> dict[_Part, list[torch.Tensor | None]] | None:
+    async def _cache_get(
+        self, name: str, parts: Sequence[_Part], keys: dict[_Part, list[bytes]]
+    ) -> dict[_Part, list[torch.Tensor | None]] | None:
         """The cached value of every key, None where missing or not of the part's dtype and shape; None
         altogether when the cache fails."""
         flat_keys = [key for part in parts for key in keys[part]]
@@ -422,12 +481,19 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         found: dict[_Part, list[torch.Tensor | None]] = {}
         batch = len(flat_keys) // len(parts)
         for index, part in enumerate(parts):
-            column = values[index * batch:(index + 1) * batch]
+            column = values[index * batch : (index + 1) * batch]
             # A value of another dtype or shape under this key can only be foreign or stale: recompute it.
-            fitting = [value if value is not None and value.dtype == DTYPES[part.dtype]
-                       and tuple(value.shape) == part.shape else None for value in column]
+            fitting = [
+                value
+                if value is not None
+                and value.dtype == DTYPES[part.dtype]
+                and tuple(value.shape) == part.shape
+                else None
+                for value in column
+            ]
             corrupt += sum(value is not None for value in column) - sum(
-                value is not None for value in fitting)
+                value is not None for value in fitting
+            )
             found[part] = fitting
         hits = sum(value is not None for column in found.values() for value in column)
         self.metrics.cache_hits.labels(name).inc(hits)
@@ -450,8 +516,13 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
     def _cache_failed(self, name: str, operation: str, error: Exception) -> None:
         self.metrics.cache_errors.labels(name, operation).inc()
         # A CacheError is an expected outage (server down, disk full); anything else is a bug worth a trace.
-        logger.warning("cache %s for teacher %r failed, serving without the cache: %s", operation, name,
-                       error, exc_info=not isinstance(error, CacheError))
+        logger.warning(
+            "cache %s for teacher %r failed, serving without the cache: %s",
+            operation,
+            name,
+            error,
+            exc_info=not isinstance(error, CacheError),
+        )
 
     # ---- teacher list ---------------------------------------------------------------------------------
 
@@ -461,35 +532,48 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         for name, hosted in self._hosted.items():
             spec = hosted.spec
             preprocessing = spec.preprocessing
-            teachers.append(teacher_pb2.TeacherInfo(
-                name=name,
-                architecture=spec.name,
-                num_classes=spec.num_classes,
-                identity=spec.identity,
-                weights_sha256=spec.weights_sha256 or "",
-                input=teacher_pb2.InputSpec(channels=preprocessing.in_chans,
-                                            input_size=preprocessing.input_size, mean=preprocessing.mean,
-                                            std=preprocessing.std, dtype=teacher_pb2.UINT8),
-                taps=[teacher_pb2.Tap(name=tap, channels=channels, height=height, width=width)
-                      for tap in spec.taps for channels, height, width in [hosted.feature_shapes[tap]]],
-                output_dtypes=output_dtypes,
-            ))
-        return teacher_pb2.ListTeachersResponse(teachers=teachers, max_batch_size=self.max_batch_size,
-                                                max_message_bytes=self.max_message_bytes)
+            teachers.append(
+                teacher_pb2.TeacherInfo(
+                    name=name,
+                    architecture=spec.name,
+                    num_classes=spec.num_classes,
+                    identity=spec.identity,
+                    weights_sha256=spec.weights_sha256 or "",
+                    input=teacher_pb2.InputSpec(
+                        channels=preprocessing.in_chans,
+                        input_size=preprocessing.input_size,
+                        mean=preprocessing.mean,
+                        std=preprocessing.std,
+                        dtype=teacher_pb2.UINT8,
+                    ),
+                    taps=[
+                        teacher_pb2.Tap(name=tap, channels=channels, height=height, width=width)
+                        for tap in spec.taps
+                        for channels, height, width in [hosted.feature_shapes[tap]]
+                    ],
+                    output_dtypes=output_dtypes,
+                )
+            )
+        return teacher_pb2.ListTeachersResponse(
+            teachers=teachers, max_batch_size=self.max_batch_size, max_message_bytes=self.max_message_bytes
+        )
 
 
 def _hosted(name: str, spec: TeacherSpec, feature_shapes: dict[str, Sequence[int]]) -> _Hosted:
     if set(feature_shapes) != set(spec.taps) or any(len(shape) != 3 for shape in feature_shapes.values()):
-        raise ValueError(f"the backend gives teacher {name!r} feature shapes {feature_shapes}; expected "
-                         f"[channels, height, width] for each of its taps {list(spec.taps)}")
+        raise ValueError(
+            f"the backend gives teacher {name!r} feature shapes {feature_shapes}; expected "
+            f"[channels, height, width] for each of its taps {list(spec.taps)}"
+        )
     return _Hosted(spec, {tap: tuple(int(dim) for dim in shape) for tap, shape in feature_shapes.items()})
 
 
 def _reject_duplicates(names: Sequence[str], field: str) -> None:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"duplicate {field} {duplicates}; name each at most once")
+        raise _RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"duplicate {field} {duplicates}; name each at most once"
+        )
 
 
 def _proto_dtype_name(value: int) -> str:

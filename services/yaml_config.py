@@ -35,8 +35,9 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_yaml_model(path: str | os.PathLike, model: type[Model], *, what: str,
-                    error: type[ValueError]) -> Model:
+def load_yaml_model(
+    path: str | os.PathLike, model: type[Model], *, what: str, error: type[ValueError]
+) -> Model:
     """Read `path` and validate it as `model`; every problem raises one `error` naming the file and fields."""
     path = Path(path)
     if not path.is_file():

@@ -51,8 +51,10 @@ class Preprocessing:
         if self.in_chans < 1:
             raise ValueError(f"in_chans must be at least 1, got {self.in_chans}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(f"mean and std need one value per channel (in_chans={self.in_chans}), "
-                             f"got mean={self.mean}, std={self.std}")
+            raise ValueError(
+                f"mean and std need one value per channel (in_chans={self.in_chans}), "
+                f"got mean={self.mean}, std={self.std}"
+            )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {self.std}")
 
@@ -68,12 +70,20 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
-        return cls(input_size=int(data["input_size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
-                   in_chans=int(data.get("in_chans", 3)))
+        return cls(
+            input_size=int(data["input_size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            in_chans=int(data.get("in_chans", 3)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "in_chans": self.in_chans}
+        return {
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "in_chans": self.in_chans,
+        }
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,8 @@ class TeacherCheckpointError(ValueError):
 
     def __init__(self, path: str | os.PathLike, architecture: str, problem: str) -> None:
         super().__init__(
-            f"teacher checkpoint {str(path)!r} (expected architecture {architecture!r}): {problem}")
+            f"teacher checkpoint {str(path)!r} (expected architecture {architecture!r}): {problem}"
+        )
         self.path = str(path)
         self.architecture = architecture
 
@@ -148,8 +159,9 @@ class _ZooEntry:
 _TEACHERS: dict[str, _ZooEntry] = {}
 
 
-def register_teacher(*, preprocessing: Preprocessing, taps: Mapping[str, str]
-                     ) -> Callable[[TeacherBuilder], TeacherBuilder]:
+def register_teacher(
+    *, preprocessing: Preprocessing, taps: Mapping[str, str]
+) -> Callable[[TeacherBuilder], TeacherBuilder]:
     """Register `fn(num_classes, in_chans) -> nn.Module` under its function name with its defaults."""
 
     def register(fn: TeacherBuilder) -> TeacherBuilder:
@@ -165,8 +177,12 @@ def list_teachers() -> list[str]:
     return sorted(_TEACHERS)
 
 
-def create_teacher(name: str, num_classes: int, checkpoint: str | os.PathLike | None = None,
-                   preprocessing: Preprocessing | None = None) -> Teacher:
+def create_teacher(
+    name: str,
+    num_classes: int,
+    checkpoint: str | os.PathLike | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> Teacher:
     """Build a registered teacher, optionally loading a local checkpoint, frozen and in eval mode.
 
     Preprocessing precedence: the explicit `preprocessing` argument, then the checkpoint's, then the entry's.
@@ -198,8 +214,13 @@ def create_teacher(name: str, num_classes: int, checkpoint: str | os.PathLike | 
     return Teacher(model=model, spec=spec)
 
 
-def save_teacher_checkpoint(path: str | os.PathLike, teacher_or_model: Teacher | nn.Module, name: str,
-                            num_classes: int, preprocessing: Preprocessing | None = None) -> str:
+def save_teacher_checkpoint(
+    path: str | os.PathLike,
+    teacher_or_model: Teacher | nn.Module,
+    name: str,
+    num_classes: int,
+    preprocessing: Preprocessing | None = None,
+) -> str:
     """Write an `ekd.teacher.v1` checkpoint (tensors and plain data only) and return its sha256.
 
     `preprocessing` defaults to the entry's; store the one the model was trained with. The file is written
@@ -255,20 +276,28 @@ def _load_checkpoint(path: Path, name: str, num_classes: int) -> _LoadedCheckpoi
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to parse untrusted bytes means "not a checkpoint"
         raise TeacherCheckpointError(
-            path, name, f"not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+            path, name, f"not a readable torch checkpoint ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(content, dict):
         raise TeacherCheckpointError(path, name, f"holds a {type(content).__name__}, not a checkpoint dict")
     if "format" not in content:
         return _LoadedCheckpoint(_tensor_dict(content, path, name), None, file_sha256(path))
     if content["format"] != CHECKPOINT_FORMAT:
         raise TeacherCheckpointError(
-            path, name, f"unsupported format {content['format']!r}; expected {CHECKPOINT_FORMAT!r}")
+            path, name, f"unsupported format {content['format']!r}; expected {CHECKPOINT_FORMAT!r}"
+        )
     if content.get("architecture") != name:
-        raise TeacherCheckpointError(path, name, f"architecture mismatch: checkpoint says "
-                                                 f"{content.get('architecture')!r}, asked for {name!r}")
+        raise TeacherCheckpointError(
+            path,
+            name,
+            f"architecture mismatch: checkpoint says {content.get('architecture')!r}, asked for {name!r}",
+        )
     if content.get("num_classes") != num_classes:
-        raise TeacherCheckpointError(path, name, f"num_classes mismatch: checkpoint has "
-                                                 f"{content.get('num_classes')!r}, asked for {num_classes}")
+        raise TeacherCheckpointError(
+            path,
+            name,
+            f"num_classes mismatch: checkpoint has {content.get('num_classes')!r}, asked for {num_classes}",
+        )
     stored = content.get("preprocessing")
     try:
         preprocessing = Preprocessing.from_dict(stored) if stored is not None else None
@@ -281,10 +310,14 @@ def _load_checkpoint(path: Path, name: str, num_classes: int) -> _LoadedCheckpoi
 
 
 def _tensor_dict(candidate: Any, path: Path, name: str) -> dict[str, torch.Tensor]:
-    if not isinstance(candidate, dict) or not candidate or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()):
+    if (
+        not isinstance(candidate, dict)
+        or not candidate
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items())
+    ):
         raise TeacherCheckpointError(
-            path, name, f"neither an {CHECKPOINT_FORMAT} checkpoint nor a state_dict of named tensors")
+            path, name, f"neither an {CHECKPOINT_FORMAT} checkpoint nor a state_dict of named tensors"
+        )
     return candidate
 
 
@@ -292,8 +325,11 @@ def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    mismatched = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
     problems = []
     findings = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
     for label, keys in findings:

@@ -21,8 +21,13 @@ from services.client import TeacherServiceError
 from services.yaml_config import format_validation_error
 from trainer.config import ConfigError, ExperimentConfig, load_experiment
 
-app = typer.Typer(name="ekd", help="Ensemble knowledge distillation: served teachers, cached outputs, compact students.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="ekd",
+    help="Ensemble knowledge distillation: served teachers, cached outputs, compact students.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 teachers_app = typer.Typer(help="Train the teachers ekd distills from.", no_args_is_help=True)
 app.add_typer(teachers_app, name="teachers")
 
@@ -30,7 +35,9 @@ err_console = Console(stderr=True)
 # Tables stay readable when stdout is a pipe or a file (rich would otherwise squeeze them to 80 columns).
 out_console = Console(width=None if Console().is_terminal else 140)
 
-ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML, e.g. configs/digits/kd.yaml", show_default=False)]
+ConfigArg = Annotated[
+    Path, typer.Argument(help="experiment YAML, e.g. configs/digits/kd.yaml", show_default=False)
+]
 
 
 def user_errors(fn):
@@ -40,8 +47,14 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ValueError, FileNotFoundError, PermissionError, TeacherServiceError,
-                CacheError) as err:
+        except (
+            ConfigError,
+            ValueError,
+            FileNotFoundError,
+            PermissionError,
+            TeacherServiceError,
+            CacheError,
+        ) as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False)
             raise typer.Exit(2) from None
 
@@ -49,8 +62,14 @@ def user_errors(fn):
 
 
 def make_progress() -> Progress:
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err_console, transient=False)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
 
 
 def parse_seeds(seeds: str | None, default: int) -> list[int]:
@@ -65,15 +84,18 @@ def parse_seeds(seeds: str | None, default: int) -> list[int]:
     return values
 
 
-def with_cli_overrides(cfg: ExperimentConfig, *, output_dir: Path | None, teacher_service: str | None,
-                       ray_address: str | None) -> ExperimentConfig:
+def with_cli_overrides(
+    cfg: ExperimentConfig, *, output_dir: Path | None, teacher_service: str | None, ray_address: str | None
+) -> ExperimentConfig:
     """The experiment with what the command line says instead of the file, validated again."""
     data = cfg.model_dump()
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
     if teacher_service is not None:
         source = data["teacher_source"]
-        source.update(kind="served", address=teacher_service, cache=source["cache"] or os.environ.get("EKD_CACHE_URI"))
+        source.update(
+            kind="served", address=teacher_service, cache=source["cache"] or os.environ.get("EKD_CACHE_URI")
+        )
     if ray_address is not None:
         data["execution"]["backend"] = "ray_train"
     try:
@@ -84,8 +106,10 @@ def with_cli_overrides(cfg: ExperimentConfig, *, output_dir: Path | None, teache
 
 @teachers_app.command("train")
 @user_errors
-def teachers_train(config: ConfigArg,
-                   force: Annotated[bool, typer.Option(help="retrain even when a checkpoint exists")] = False) -> None:
+def teachers_train(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option(help="retrain even when a checkpoint exists")] = False,
+) -> None:
     """Train the teachers an experiment names and save their local checkpoints."""
     from trainer.experiment import ensure_teachers, load_splits
     from trainer.loop import resolve_device
@@ -102,27 +126,40 @@ def teachers_train(config: ConfigArg,
 
 @app.command()
 @user_errors
-def distill(config: ConfigArg,
-            seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")] = None,
-            output_dir: Annotated[Path | None, typer.Option(help="where results go (default: the config's)")] = None,
-            teacher_service: Annotated[str | None, typer.Option(
-                help="HOST:PORT of a running teacher service: teachers come from it, cache first "
-                     "(cache URI from the config, else $EKD_CACHE_URI)")] = None,
-            address: Annotated[str | None, typer.Option(
-                help="address of a running Ray cluster: train there with Ray Train (execution.backend ray_train)"
-            )] = None,
-            ) -> None:
+def distill(
+    config: ConfigArg,
+    seeds: Annotated[
+        str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
+    ] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="where results go (default: the config's)")] = None,
+    teacher_service: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of a running teacher service: teachers come from it, cache first "
+            "(cache URI from the config, else $EKD_CACHE_URI)"
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="address of a running Ray cluster: train there with Ray Train (execution.backend ray_train)"
+        ),
+    ] = None,
+) -> None:
     """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
     from trainer.experiment import run_experiment
     from trainer.report import plot_results, results_table, teacher_table, write_results_json
 
-    cfg = with_cli_overrides(load_experiment(config), output_dir=output_dir, teacher_service=teacher_service,
-                             ray_address=address)
+    cfg = with_cli_overrides(
+        load_experiment(config), output_dir=output_dir, teacher_service=teacher_service, ray_address=address
+    )
     results = []
     with make_progress() as progress:
         for seed in parse_seeds(seeds, cfg.seed):
             run_cfg = cfg.model_copy(update={"seed": seed})
-            results.append(run_experiment(run_cfg, log=err_console.print, progress=progress, ray_address=address))
+            results.append(
+                run_experiment(run_cfg, log=err_console.print, progress=progress, ray_address=address)
+            )
     run_dir = Path(results[0].run_dir)
     out_console.print(results_table(results, title=f"ekd distill {config}"))
     if (teachers := teacher_table(results)) is not None:
@@ -134,8 +171,11 @@ def distill(config: ConfigArg,
 
 @app.command()
 @user_errors
-def serve(config: Annotated[Path, typer.Argument(help="service config YAML, e.g. configs/serve/digits.yaml",
-                                                 show_default=False)]) -> None:
+def serve(
+    config: Annotated[
+        Path, typer.Argument(help="service config YAML, e.g. configs/serve/digits.yaml", show_default=False)
+    ],
+) -> None:
     """Serve teachers locally: a local Ray, one Serve deployment per teacher, the gRPC ingress; Ctrl-C stops it."""
     from services.deployments import serve_locally
 
@@ -147,21 +187,38 @@ def serve(config: Annotated[Path, typer.Argument(help="service config YAML, e.g.
 
 @app.command()
 @user_errors
-def demo(output_dir: Annotated[Path, typer.Option(help="where results, plots and students go")] = Path("runs/demo"),
-         workers: Annotated[int, typer.Option(min=1, help="Ray Train workers per experiment")] = 2,
-         epochs: Annotated[int, typer.Option(min=1, help="epochs per experiment (stage) of every student; 20 keeps "
-                                                        "the demo within 15 minutes on 2 cores")] = 20,
-         configs: Annotated[Path, typer.Option(help="the digits experiment configs")] = Path("configs/digits"),
-         serve_config: Annotated[Path, typer.Option(help="the teacher service config")] = Path(
-             "configs/serve/digits.yaml"),
-         ) -> None:
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="where results, plots and students go")] = Path(
+        "runs/demo"
+    ),
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers per experiment")] = 2,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="epochs per experiment (stage) of every student; 20 keeps "
+            "the demo within 15 minutes on 2 cores",
+        ),
+    ] = 20,
+    configs: Annotated[Path, typer.Option(help="the digits experiment configs")] = Path("configs/digits"),
+    serve_config: Annotated[Path, typer.Option(help="the teacher service config")] = Path(
+        "configs/serve/digits.yaml"
+    ),
+) -> None:
     """The whole system on digits: train (or reuse) teachers, serve them, distill seven ways on Ray Train."""
     from trainer.demo import demo_table, run_demo
     from trainer.report import plot_results, write_results_json
 
     with make_progress() as progress:
-        rows = run_demo(configs_dir=configs, serve_config=serve_config, output_dir=output_dir, workers=workers,
-                        epochs=epochs, log=err_console.print, progress=progress)
+        rows = run_demo(
+            configs_dir=configs,
+            serve_config=serve_config,
+            output_dir=output_dir,
+            workers=workers,
+            epochs=epochs,
+            log=err_console.print,
+            progress=progress,
+        )
     out_console.print(demo_table(rows))
     results = [row.result for row in rows]
     json_path = write_results_json(results, output_dir / "results.json")

@@ -32,17 +32,35 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "fake"] = Field(
-        "digits", description="dataset; digits is scikit-learn's, the others read a local root")
-    root: str | None = Field(None, description="local dataset root for cifar10/cifar100/imagefolder (never downloaded)")
+        "digits", description="dataset; digits is scikit-learn's, the others read a local root"
+    )
+    root: str | None = Field(
+        None, description="local dataset root for cifar10/cifar100/imagefolder (never downloaded)"
+    )
     image_size: int = Field(16, ge=8, le=512, description="side of the square uint8 images every model sees")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of the training data held out for validation")
+    val_fraction: float = Field(
+        0.15, gt=0, lt=0.5, description="share of the training data held out for validation"
+    )
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="share held out for test (digits only)")
-    split_seed: int = Field(0, ge=0, description="seed of the train/val/test split; fixed so that teachers and "
-                            "students of every experiment see the same held-out data")
-    replay_seed: int = Field(0, ge=0, description="seed of the augmentation replay; experiments sharing it (and "
-                             "views, pad, hflip) feed teachers identical inputs, so cached outputs are reused")
-    views: int = Field(4, ge=0, le=1024, description="augmented views replayed per sample (0: no augmentation); "
-                       "view of sample i at epoch e is a pure function of (seed, i, e mod views)")
+    split_seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the train/val/test split; fixed so that teachers and "
+        "students of every experiment see the same held-out data",
+    )
+    replay_seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the augmentation replay; experiments sharing it (and "
+        "views, pad, hflip) feed teachers identical inputs, so cached outputs are reused",
+    )
+    views: int = Field(
+        4,
+        ge=0,
+        le=1024,
+        description="augmented views replayed per sample (0: no augmentation); "
+        "view of sample i at epoch e is a pure function of (seed, i, e mod views)",
+    )
     pad: int = Field(2, ge=0, le=64, description="zero padding of the replayed random crop, in pixels")
     hflip: bool = Field(False, description="horizontal flips in the replayed views (off for digits)")
     batch_size: int = Field(64, ge=1, le=4096)
@@ -57,9 +75,12 @@ class OptimConfig(_Section):
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, lt=1)
     schedule: Literal["cosine", "multistep", "constant"] = Field(
-        "cosine", description="learning-rate schedule, stepped per batch")
-    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75],
-                                    description="multistep: fractions of training where lr is multiplied by gamma")
+        "cosine", description="learning-rate schedule, stepped per batch"
+    )
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75],
+        description="multistep: fractions of training where lr is multiplied by gamma",
+    )
     gamma: float = Field(0.1, gt=0, le=1)
 
     @field_validator("milestones")
@@ -72,12 +93,18 @@ class OptimConfig(_Section):
 
 class TeacherConfig(_Section):
     name: str = Field(description="teacher architecture from the zoo (services.zoo.list_teachers())")
-    checkpoint: str = Field(description="local checkpoint path; trained first when missing (nothing is downloaded); "
-                            "with a served source, used (when present) to check the service hosts this teacher")
-    served_as: str | None = Field(None, description="the teacher's name on the teacher service (default: `name`)")
+    checkpoint: str = Field(
+        description="local checkpoint path; trained first when missing (nothing is downloaded); "
+        "with a served source, used (when present) to check the service hosts this teacher"
+    )
+    served_as: str | None = Field(
+        None, description="the teacher's name on the teacher service (default: `name`)"
+    )
     seed: int = Field(0, ge=0, description="seed for training this teacher when its checkpoint is missing")
-    train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=30),
-                               description="how to train this teacher when its checkpoint is missing")
+    train: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(epochs=30),
+        description="how to train this teacher when its checkpoint is missing",
+    )
 
     @field_validator("name")
     @classmethod
@@ -89,16 +116,29 @@ class TeacherConfig(_Section):
 
 class TeacherSourceConfig(_Section):
     kind: Literal["in_process", "served"] = Field(
-        "in_process", description="where teacher outputs come from: in_process runs the teachers in this process "
-                                  "(the baseline); served reads the shared cache first and asks the teacher "
-                                  "service for the misses")
-    address: str | None = Field(None, description="served: the teacher service's gRPC address, host:port "
-                                "(`ekd distill --teacher-service` sets it)")
-    cache: str | None = Field(None, description="served: URI of the output cache the service writes "
-                              "(lmdb:///path or redis://host:port/db; ${VAR} expands from the environment); "
-                              "None: ask the service for everything")
-    prefetch_batches: int = Field(2, ge=0, le=64, description="batches of teacher outputs fetched ahead while the "
-                                  "student trains (0: fetch in the training thread)")
+        "in_process",
+        description="where teacher outputs come from: in_process runs the teachers in this process "
+        "(the baseline); served reads the shared cache first and asks the teacher "
+        "service for the misses",
+    )
+    address: str | None = Field(
+        None,
+        description="served: the teacher service's gRPC address, host:port "
+        "(`ekd distill --teacher-service` sets it)",
+    )
+    cache: str | None = Field(
+        None,
+        description="served: URI of the output cache the service writes "
+        "(lmdb:///path or redis://host:port/db; ${VAR} expands from the environment); "
+        "None: ask the service for everything",
+    )
+    prefetch_batches: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="batches of teacher outputs fetched ahead while the "
+        "student trains (0: fetch in the training thread)",
+    )
     timeout_seconds: float = Field(120.0, gt=0, description="served: deadline of each call to the service")
 
     @field_validator("cache")
@@ -109,18 +149,29 @@ class TeacherSourceConfig(_Section):
     @model_validator(mode="after")
     def _served_needs_address(self) -> TeacherSourceConfig:
         if self.kind == "served" and not self.address:
-            raise ValueError("teacher_source.kind 'served' needs `address` (host:port of the teacher service)")
+            raise ValueError(
+                "teacher_source.kind 'served' needs `address` (host:port of the teacher service)"
+            )
         return self
 
 
 class ExecutionConfig(_Section):
     backend: Literal["local", "ray_train"] = Field(
-        "local", description="local: this process, plain PyTorch; ray_train: Ray Train TorchTrainer workers (DDP)")
-    workers: int = Field(2, ge=1, le=256, description="ray_train: number of training workers, one data shard each")
-    max_failures: int = Field(2, ge=0, le=100,
-                              description="ray_train: worker-group restarts allowed; each resumes from the last "
-                                          "epoch checkpoint")
-    storage_path: str = Field("runs/ray", description="ray_train: where Ray Train keeps run state and checkpoints")
+        "local",
+        description="local: this process, plain PyTorch; ray_train: Ray Train TorchTrainer workers (DDP)",
+    )
+    workers: int = Field(
+        2, ge=1, le=256, description="ray_train: number of training workers, one data shard each"
+    )
+    max_failures: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="ray_train: worker-group restarts allowed; each resumes from the last epoch checkpoint",
+    )
+    storage_path: str = Field(
+        "runs/ray", description="ray_train: where Ray Train keeps run state and checkpoints"
+    )
 
 
 MethodConfig = Annotated[
@@ -145,7 +196,9 @@ class ExperimentConfig(_Section):
     def _teachers_fit_method(self) -> ExperimentConfig:
         uses_teachers = self.method.name not in ("ce", "one", "okd")
         if uses_teachers and not self.teachers:
-            raise ValueError(f"method {self.method.name!r} distills from teachers: list at least one under `teachers`")
+            raise ValueError(
+                f"method {self.method.name!r} distills from teachers: list at least one under `teachers`"
+            )
         if not uses_teachers and self.teachers:
             raise ValueError(f"method {self.method.name!r} uses no external teacher: remove `teachers`")
         return self

@@ -76,9 +76,16 @@ class DatasetSplits:
     name: str
 
 
-def load_dataset(name: str, *, root: str | os.PathLike | None = None, image_size: int, seed: int,
-                 val_fraction: float = 0.15, test_fraction: float = 0.2,
-                 fake_samples: int = 512) -> DatasetSplits:
+def load_dataset(
+    name: str,
+    *,
+    root: str | os.PathLike | None = None,
+    image_size: int,
+    seed: int,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    fake_samples: int = 512,
+) -> DatasetSplits:
     """Load dataset `name` as uint8 [3, image_size, image_size] splits, split deterministically by `seed`.
 
     `val_fraction` is the share of the training pool held out for validation (stratified by class).
@@ -113,33 +120,51 @@ def _load_digits(image_size: int, seed: int, val_fraction: float, test_fraction:
     indices = np.arange(len(pool))
     rest, test = _stratified_split(indices, digits.target, test_fraction, seed)
     train, val = _stratified_split(rest, digits.target[rest], val_fraction, seed)
-    return _splits("digits", Subset(pool, train), Subset(pool, val), Subset(pool, test), image_size,
-                   tuple(str(name) for name in digits.target_names))
+    return _splits(
+        "digits",
+        Subset(pool, train),
+        Subset(pool, val),
+        Subset(pool, test),
+        image_size,
+        tuple(str(name) for name in digits.target_names),
+    )
 
 
-def _load_cifar(name: str, root: str | os.PathLike | None, image_size: int, seed: int,
-                val_fraction: float) -> DatasetSplits:
+def _load_cifar(
+    name: str, root: str | os.PathLike | None, image_size: int, seed: int, val_fraction: float
+) -> DatasetSplits:
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     expected = [dataset_class.meta["filename"]]
     expected += [file for file, _ in dataset_class.train_list + dataset_class.test_list]
-    how_to = (f"extract {dataset_class.filename} ({dataset_class.url}) into <root> so that "
-              f"<root>/{dataset_class.base_folder}/ holds {', '.join(expected)}; ekd never downloads")
+    how_to = (
+        f"extract {dataset_class.filename} ({dataset_class.url}) into <root> so that "
+        f"<root>/{dataset_class.base_folder}/ holds {', '.join(expected)}; ekd never downloads"
+    )
     if root is None:
         raise DatasetNotFoundError(f"{name} needs root=<folder>: {how_to}")
     folder = Path(root) / dataset_class.base_folder
     missing = [file for file in expected if not (folder / file).is_file()]
     if missing:
-        raise DatasetNotFoundError(f"{name} not found: {folder} lacks {', '.join(missing)}; "
-                                   f"{how_to.replace('<root>', str(root))}")
+        raise DatasetNotFoundError(
+            f"{name} not found: {folder} lacks {', '.join(missing)}; {how_to.replace('<root>', str(root))}"
+        )
     try:
         train_pool, test = (dataset_class(root, train=train, download=False) for train in (True, False))
     except RuntimeError as error:  # torchvision's md5 check of the batch files
-        raise DatasetNotFoundError(f"{name} files under {folder} failed torchvision's checksum check; "
-                                   f"{how_to.replace('<root>', str(root))}") from error
+        raise DatasetNotFoundError(
+            f"{name} files under {folder} failed torchvision's checksum check; "
+            f"{how_to.replace('<root>', str(root))}"
+        ) from error
     pool = _cifar_tensors(train_pool, image_size)
     train, val = _stratified_split(np.arange(len(pool)), np.asarray(train_pool.targets), val_fraction, seed)
-    return _splits(name, Subset(pool, train), Subset(pool, val), _cifar_tensors(test, image_size), image_size,
-                   tuple(train_pool.classes))
+    return _splits(
+        name,
+        Subset(pool, train),
+        Subset(pool, val),
+        _cifar_tensors(test, image_size),
+        image_size,
+        tuple(train_pool.classes),
+    )
 
 
 def _cifar_tensors(dataset: torchvision.datasets.CIFAR10, image_size: int) -> ImageTensorDataset:
@@ -147,10 +172,13 @@ def _cifar_tensors(dataset: torchvision.datasets.CIFAR10, image_size: int) -> Im
     return ImageTensorDataset(_resize(images, image_size), torch.as_tensor(dataset.targets))
 
 
-def _load_imagefolder(root: str | os.PathLike | None, image_size: int, seed: int,
-                      val_fraction: float) -> DatasetSplits:
-    layout = ("expected <root>/train/<class>/<image> and <root>/test/<class>/<image> with the same class "
-              "folders (validation is carved from train)")
+def _load_imagefolder(
+    root: str | os.PathLike | None, image_size: int, seed: int, val_fraction: float
+) -> DatasetSplits:
+    layout = (
+        "expected <root>/train/<class>/<image> and <root>/test/<class>/<image> with the same class "
+        "folders (validation is carved from train)"
+    )
     if root is None:
         raise DatasetNotFoundError(f"imagefolder needs root=<folder>: {layout}")
     missing = [str(Path(root) / split) for split in ("train", "test") if not (Path(root) / split).is_dir()]
@@ -158,33 +186,54 @@ def _load_imagefolder(root: str | os.PathLike | None, image_size: int, seed: int
         raise DatasetNotFoundError(f"imagefolder: missing {', '.join(missing)}; {layout}")
     to_uint8 = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
     # torchvision's default loader converts every image to RGB, so grayscale images arrive replicated.
-    train_pool, test = (torchvision.datasets.ImageFolder(Path(root) / split, transform=to_uint8)
-                        for split in ("train", "test"))
+    train_pool, test = (
+        torchvision.datasets.ImageFolder(Path(root) / split, transform=to_uint8)
+        for split in ("train", "test")
+    )
     if train_pool.classes != test.classes:
-        raise ValueError(f"imagefolder: train classes {train_pool.classes} differ from test classes "
-                         f"{test.classes} under {root}; {layout}")
-    train, val = _stratified_split(np.arange(len(train_pool)), np.asarray(train_pool.targets), val_fraction,
-                                   seed)
-    return _splits("imagefolder", Subset(train_pool, train), Subset(train_pool, val), test, image_size,
-                   tuple(train_pool.classes))
+        raise ValueError(
+            f"imagefolder: train classes {train_pool.classes} differ from test classes "
+            f"{test.classes} under {root}; {layout}"
+        )
+    train, val = _stratified_split(
+        np.arange(len(train_pool)), np.asarray(train_pool.targets), val_fraction, seed
+    )
+    return _splits(
+        "imagefolder",
+        Subset(train_pool, train),
+        Subset(train_pool, val),
+        test,
+        image_size,
+        tuple(train_pool.classes),
+    )
 
 
-def _load_fake(image_size: int, seed: int, val_fraction: float, test_fraction: float,
-               fake_samples: int) -> DatasetSplits:
+def _load_fake(
+    image_size: int, seed: int, val_fraction: float, test_fraction: float, fake_samples: int
+) -> DatasetSplits:
     num_test = round(fake_samples * test_fraction)
     num_val = round((fake_samples - num_test) * val_fraction)
     sizes = (fake_samples - num_test - num_val, num_val, num_test)
     if min(sizes) < 1:
-        raise ValueError(f"fake_samples={fake_samples} leaves an empty split (train, val, test = {sizes}); "
-                         "use more samples")
+        raise ValueError(
+            f"fake_samples={fake_samples} leaves an empty split (train, val, test = {sizes}); "
+            "use more samples"
+        )
     # FakeData draws image k from torch.manual_seed(k + random_offset): disjoint offsets give disjoint splits,
     # and the seed shifts them all.
     offsets = np.cumsum((seed * fake_samples,) + sizes[:-1])
     train, val, test = (
-        _materialize(torchvision.datasets.FakeData(size=size, image_size=(3, image_size, image_size),
-                                                   num_classes=_FAKE_NUM_CLASSES, transform=v2.PILToTensor(),
-                                                   random_offset=int(offset)))
-        for size, offset in zip(sizes, offsets))
+        _materialize(
+            torchvision.datasets.FakeData(
+                size=size,
+                image_size=(3, image_size, image_size),
+                num_classes=_FAKE_NUM_CLASSES,
+                transform=v2.PILToTensor(),
+                random_offset=int(offset),
+            )
+        )
+        for size, offset in zip(sizes, offsets)
+    )
     return _splits("fake", train, val, test, image_size, tuple(str(c) for c in range(_FAKE_NUM_CLASSES)))
 
 
@@ -193,8 +242,9 @@ def _materialize(dataset: Dataset) -> ImageTensorDataset:
     return ImageTensorDataset(torch.stack(images), torch.as_tensor(labels))
 
 
-def _stratified_split(indices: np.ndarray, labels: np.ndarray, held_fraction: float,
-                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(
+    indices: np.ndarray, labels: np.ndarray, held_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held) index arrays: a seeded split that keeps each class's share in both parts."""
     kept, held = train_test_split(indices, test_size=held_fraction, stratify=labels, random_state=seed)
     return np.sort(kept), np.sort(held)
@@ -204,17 +254,32 @@ def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """Bilinear (antialiased) resize of uint8 [N, C, H, W] to square `image_size`; a no-op at that size."""
     if images.shape[-2:] == (image_size, image_size):
         return images
-    return torch.cat([
-        v2.functional.resize(chunk, [image_size, image_size], interpolation=InterpolationMode.BILINEAR,
-                             antialias=True)
-        for chunk in images.split(_RESIZE_CHUNK)])
+    return torch.cat(
+        [
+            v2.functional.resize(
+                chunk, [image_size, image_size], interpolation=InterpolationMode.BILINEAR, antialias=True
+            )
+            for chunk in images.split(_RESIZE_CHUNK)
+        ]
+    )
 
 
-def _splits(name: str, train: Dataset, val: Dataset, test: Dataset, image_size: int,
-            class_names: tuple[str, ...]) -> DatasetSplits:
+def _splits(
+    name: str, train: Dataset, val: Dataset, test: Dataset, image_size: int, class_names: tuple[str, ...]
+) -> DatasetSplits:
     mean, std = _channel_mean_std(train)
-    return DatasetSplits(train=train, val=val, test=test, num_classes=len(class_names), in_chans=3,
-                         image_size=image_size, mean=mean, std=std, class_names=class_names, name=name)
+    return DatasetSplits(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=len(class_names),
+        in_chans=3,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        class_names=class_names,
+        name=name,
+    )
 
 
 def _channel_mean_std(dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -286,9 +351,9 @@ class ReplayedViews(Dataset):
         generator = torch.Generator().manual_seed(int(seed))
         channels, height, width = image.shape
         padded = image.new_zeros(channels, height + 2 * self.pad, width + 2 * self.pad)
-        padded[:, self.pad:self.pad + height, self.pad:self.pad + width] = image
+        padded[:, self.pad : self.pad + height, self.pad : self.pad + width] = image
         top, left = torch.randint(0, 2 * self.pad + 1, (2,), generator=generator).tolist()
-        crop = padded[:, top:top + height, left:left + width]
+        crop = padded[:, top : top + height, left : left + width]
         if self.hflip and torch.randint(0, 2, (1,), generator=generator).item() == 1:
             crop = crop.flip(-1)
         return crop.contiguous()
@@ -300,8 +365,9 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
         raise ValueError(f"normalize expects uint8 images, got {images.dtype}")
     channels = images.shape[-3]
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean and std need {channels} values (one per channel), "
-                         f"got {len(mean)} and {len(std)}")
+        raise ValueError(
+            f"mean and std need {channels} values (one per channel), got {len(mean)} and {len(std)}"
+        )
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     return (images.to(torch.float32) / 255.0 - mean_t) / std_t
@@ -309,5 +375,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 def describe(splits: DatasetSplits) -> str:
     """One line: name, split sizes, classes, image shape."""
-    return (f"{splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
-            f"{splits.num_classes} classes, {splits.in_chans}x{splits.image_size}x{splits.image_size} uint8")
+    return (
+        f"{splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+        f"{splits.num_classes} classes, {splits.in_chans}x{splits.image_size}x{splits.image_size} uint8"
+    )

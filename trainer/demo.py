@@ -37,15 +37,17 @@ class DemoRow:
         return hits / total if total else None
 
 
-def demo_experiments(configs_dir: Path, *, address: str, cache_uri: str | None, workers: int,
-                     output_dir: Path, epochs: int) -> list[ExperimentConfig]:
+def demo_experiments(
+    configs_dir: Path, *, address: str, cache_uri: str | None, workers: int, output_dir: Path, epochs: int
+) -> list[ExperimentConfig]:
     """The demo's experiments: the shipped digits configs, on served teachers and Ray Train."""
     experiments = []
     for name in SERVED_EXPERIMENTS + TEACHER_FREE_EXPERIMENTS:
         cfg = load_experiment(configs_dir / f"{name}.yaml")
         update = {
-            "execution": ExecutionConfig(backend="ray_train", workers=workers,
-                                         storage_path=str(output_dir / "ray")),
+            "execution": ExecutionConfig(
+                backend="ray_train", workers=workers, storage_path=str(output_dir / "ray")
+            ),
             "output_dir": str(output_dir),
         }
         if cfg.teachers:
@@ -55,8 +57,16 @@ def demo_experiments(configs_dir: Path, *, address: str, cache_uri: str | None, 
     return experiments
 
 
-def run_demo(*, configs_dir: Path, serve_config: Path, output_dir: Path, workers: int, epochs: int,
-             log: Log, progress: Progress) -> list[DemoRow]:
+def run_demo(
+    *,
+    configs_dir: Path,
+    serve_config: Path,
+    output_dir: Path,
+    workers: int,
+    epochs: int,
+    log: Log,
+    progress: Progress,
+) -> list[DemoRow]:
     first = load_experiment(configs_dir / f"{SERVED_EXPERIMENTS[1]}.yaml")  # names the whole ensemble
     ensure_teachers(first, load_splits(first.data), resolve_device(first.device), log, progress)
     service = load_serve_config(serve_config)
@@ -68,8 +78,14 @@ def run_demo(*, configs_dir: Path, serve_config: Path, output_dir: Path, workers
     try:
         address = deploy(service)
         log(f"teacher service ready at {address}; cache: {service.cache.uri}")
-        for cfg in demo_experiments(configs_dir, address=address, cache_uri=service.cache.uri, workers=workers,
-                                    output_dir=output_dir, epochs=epochs):
+        for cfg in demo_experiments(
+            configs_dir,
+            address=address,
+            cache_uri=service.cache.uri,
+            workers=workers,
+            output_dir=output_dir,
+            epochs=epochs,
+        ):
             rows.append(DemoRow(run_experiment(cfg, log=log, progress=progress)))
     finally:
         ray.shutdown()
@@ -78,12 +94,25 @@ def run_demo(*, configs_dir: Path, serve_config: Path, output_dir: Path, workers
 
 def demo_table(rows: list[DemoRow]) -> Table:
     table = Table(title="ekd demo: digits, served teachers, Ray Train")
-    for column in ("method", "experiment", "student params", "test accuracy", "teacher calls", "cache hit rate",
-                   "wall time (s)"):
+    for column in (
+        "method",
+        "experiment",
+        "student params",
+        "test accuracy",
+        "teacher calls",
+        "cache hit rate",
+        "wall time (s)",
+    ):
         table.add_column(column, justify="left" if column in ("method", "experiment") else "right")
     for row in rows:
         r = row.result
-        table.add_row(r.method, r.name, f"{r.student_params:,}", f"{r.test_accuracy:.2%}",
-                      str(r.counters.get("teacher_calls", 0)) if r.teachers else "—",
-                      f"{row.hit_rate:.1%}" if row.hit_rate is not None else "—", f"{r.seconds:.0f}")
+        table.add_row(
+            r.method,
+            r.name,
+            f"{r.student_params:,}",
+            f"{r.test_accuracy:.2%}",
+            str(r.counters.get("teacher_calls", 0)) if r.teachers else "—",
+            f"{row.hit_rate:.1%}" if row.hit_rate is not None else "—",
+            f"{r.seconds:.0f}",
+        )
     return table

@@ -21,8 +21,18 @@ from torch import nn
 
 from trainer.config import DataConfig, ExperimentConfig, TeacherConfig
 from trainer.data import DatasetSplits, ReplayedViews, load_dataset
-from trainer.loop import (Shard, all_reduce_counts, all_reduce_epoch_stats, eval_loader, evaluate,
-                          make_optimizer, make_scheduler, resolve_device, train_epoch, train_loader)
+from trainer.loop import (
+    Shard,
+    all_reduce_counts,
+    all_reduce_epoch_stats,
+    eval_loader,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    train_epoch,
+    train_loader,
+)
 from trainer.methods import create_method
 from trainer.methods.base import Method
 from trainer.sources import TeacherSource, build_teacher_source
@@ -72,8 +82,13 @@ class ExperimentResult:
 
     @classmethod
     def from_json(cls, data: dict) -> ExperimentResult:
-        return cls(**{**data, "teachers": [TeacherSummary(**t) for t in data["teachers"]],
-                      "students": [ExportedStudent(**s) for s in data["students"]]})
+        return cls(
+            **{
+                **data,
+                "teachers": [TeacherSummary(**t) for t in data["teachers"]],
+                "students": [ExportedStudent(**s) for s in data["students"]],
+            }
+        )
 
 
 def _unique_parameter_count(modules) -> int:
@@ -82,26 +97,49 @@ def _unique_parameter_count(modules) -> int:
 
 
 def load_splits(data: DataConfig) -> DatasetSplits:
-    return load_dataset(data.dataset, root=data.root, image_size=data.image_size, seed=data.split_seed,
-                        val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-                        fake_samples=data.fake_samples)
+    return load_dataset(
+        data.dataset,
+        root=data.root,
+        image_size=data.image_size,
+        seed=data.split_seed,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        fake_samples=data.fake_samples,
+    )
 
 
-def ensure_teachers(cfg: ExperimentConfig, splits: DatasetSplits, device: torch.device, log: Log,
-                    progress: Progress | None, force: bool = False) -> None:
+def ensure_teachers(
+    cfg: ExperimentConfig,
+    splits: DatasetSplits,
+    device: torch.device,
+    log: Log,
+    progress: Progress | None,
+    force: bool = False,
+) -> None:
     """Train every teacher whose checkpoint is missing (or all, with force), saying so."""
     for teacher in cfg.teachers:
         if Path(teacher.checkpoint).is_file() and not force:
             continue
-        log(f"teacher {teacher.name}: no checkpoint at {teacher.checkpoint}, training it "
-            f"({teacher.train.epochs} epochs)" if not force else f"teacher {teacher.name}: retraining")
+        log(
+            f"teacher {teacher.name}: no checkpoint at {teacher.checkpoint}, training it "
+            f"({teacher.train.epochs} epochs)"
+            if not force
+            else f"teacher {teacher.name}: retraining"
+        )
         result = _train_one_teacher(teacher, cfg, splits, device, progress)
-        log(f"teacher {teacher.name}: saved {result.checkpoint} (val accuracy {result.val_accuracy:.2%}, "
-            f"{result.seconds:.0f} s)")
+        log(
+            f"teacher {teacher.name}: saved {result.checkpoint} (val accuracy {result.val_accuracy:.2%}, "
+            f"{result.seconds:.0f} s)"
+        )
 
 
-def _train_one_teacher(teacher: TeacherConfig, cfg: ExperimentConfig, splits: DatasetSplits,
-                       device: torch.device, progress: Progress | None):
+def _train_one_teacher(
+    teacher: TeacherConfig,
+    cfg: ExperimentConfig,
+    splits: DatasetSplits,
+    device: torch.device,
+    progress: Progress | None,
+):
     task = progress.add_task(f"teacher {teacher.name}", total=teacher.train.epochs) if progress else None
 
     def on_epoch(done: int, total: int, val: float) -> None:
@@ -131,21 +169,37 @@ class ExperimentSession:
     `started` is the wall-clock time (`time.time()`) the experiment started, on whichever process started it.
     """
 
-    def __init__(self, cfg: ExperimentConfig, *, splits: DatasetSplits, device: torch.device, started: float,
-                 source: TeacherSource | None = None, shard: Shard | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        splits: DatasetSplits,
+        device: torch.device,
+        started: float,
+        source: TeacherSource | None = None,
+        shard: Shard | None = None,
+    ) -> None:
         self.cfg = cfg
         self.splits = splits
         self.device = device
         self.started = started
         self.shard = shard
         self.owns_source = source is None  # a source handed in stays open for its owner
-        self.source = source or (build_teacher_source(cfg, splits.num_classes, device) if cfg.teachers else None)
+        self.source = source or (
+            build_teacher_source(cfg, splits.num_classes, device) if cfg.teachers else None
+        )
         infos = self.source.describe(splits.image_size) if self.source is not None else []
         torch.manual_seed(cfg.seed)
-        self.method = create_method(cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans,
-                                    teachers=infos).to(device)
-        self.views = ReplayedViews(splits.train, seed=cfg.data.replay_seed, views=cfg.data.views,
-                                   pad=cfg.data.pad, hflip=cfg.data.hflip)
+        self.method = create_method(
+            cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans, teachers=infos
+        ).to(device)
+        self.views = ReplayedViews(
+            splits.train,
+            seed=cfg.data.replay_seed,
+            views=cfg.data.views,
+            pad=cfg.data.pad,
+            hflip=cfg.data.hflip,
+        )
         self.history: list[dict[str, float]] = []
         self.stall_seconds = 0.0
         self.val_accuracy = 0.0
@@ -163,8 +217,14 @@ class ExperimentSession:
     def _train_loader(self, epoch: int):
         return train_loader(self.views, self.cfg.data.batch_size, self.cfg.seed, epoch, self.shard)
 
-    def fit(self, *, resume: dict | None = None, make_step_module: StepModuleFactory | None = None,
-            on_epoch_end: EpochEndCallback | None = None, progress: Progress | None = None) -> None:
+    def fit(
+        self,
+        *,
+        resume: dict | None = None,
+        make_step_module: StepModuleFactory | None = None,
+        on_epoch_end: EpochEndCallback | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         """Train every stage for `train.epochs` epochs, continuing after the epoch `resume` recorded.
 
         `make_step_module(method)` builds what computes each step's loss (e.g. a DistributedDataParallel
@@ -177,8 +237,9 @@ class ExperimentSession:
         task = None
         if progress is not None:
             done = (self.stage * epochs + self.epoch + 1) * steps_per_epoch
-            task = progress.add_task(self.cfg.name, total=epochs * method.num_stages * steps_per_epoch,
-                                     completed=done)
+            task = progress.add_task(
+                self.cfg.name, total=epochs * method.num_stages * steps_per_epoch, completed=done
+            )
         on_step = (lambda metrics: progress.advance(task)) if progress is not None else None
         first_stage = self.stage
         for stage in range(first_stage, method.num_stages):
@@ -193,24 +254,49 @@ class ExperimentSession:
             self.stage, self.optimizer, self.scheduler = stage, optimizer, scheduler
             step_module = make_step_module(method) if make_step_module is not None else method
             for epoch in range(self.epoch + 1, epochs):
-                stats = train_epoch(method, self._train_loader(epoch), self.source, optimizer, scheduler,
-                                    epoch=epoch, total_epochs=epochs, mean=self.splits.mean,
-                                    std=self.splits.std, device=self.device, on_step=on_step,
-                                    step_module=step_module,
-                                    prefetch_batches=self.cfg.teacher_source.prefetch_batches)
+                stats = train_epoch(
+                    method,
+                    self._train_loader(epoch),
+                    self.source,
+                    optimizer,
+                    scheduler,
+                    epoch=epoch,
+                    total_epochs=epochs,
+                    mean=self.splits.mean,
+                    std=self.splits.std,
+                    device=self.device,
+                    on_step=on_step,
+                    step_module=step_module,
+                    prefetch_batches=self.cfg.teacher_source.prefetch_batches,
+                )
                 if self.shard is not None and self.shard.world_size > 1:
                     stats = all_reduce_epoch_stats(stats)
                 self.stall_seconds += stats.stall_seconds
-                self.val_accuracy = evaluate(method.predict, method, eval_loader(self.splits.val, 256),
-                                             self.splits.mean, self.splits.std, self.device)
+                self.val_accuracy = evaluate(
+                    method.predict,
+                    method,
+                    eval_loader(self.splits.val, 256),
+                    self.splits.mean,
+                    self.splits.std,
+                    self.device,
+                )
                 self.epoch = epoch
-                row = {"stage": stage, "epoch": epoch, "loss": stats.loss, "val_accuracy": self.val_accuracy,
-                       "resumes": self.resumes, **stats.terms}
+                row = {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "loss": stats.loss,
+                    "val_accuracy": self.val_accuracy,
+                    "resumes": self.resumes,
+                    **stats.terms,
+                }
                 self.history.append(row)
                 if progress is not None:
-                    progress.update(task, description=f"{self.cfg.name} stage {stage + 1}/"
-                                                      f"{method.num_stages} epoch {epoch + 1}/{epochs} "
-                                                      f"val {self.val_accuracy:.1%}")
+                    progress.update(
+                        task,
+                        description=f"{self.cfg.name} stage {stage + 1}/"
+                        f"{method.num_stages} epoch {epoch + 1}/{epochs} "
+                        f"val {self.val_accuracy:.1%}",
+                    )
                 if on_epoch_end is not None:
                     on_epoch_end(row)
 
@@ -222,19 +308,30 @@ class ExperimentSession:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": TRAINING_STATE_FORMAT, "stage": self.stage, "epoch": self.epoch,
-                "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "history": self.history,
-                "stall_seconds": self.stall_seconds, "val_accuracy": self.val_accuracy,
-                "resumes": self.resumes, "rng": rng}
+        return {
+            "format": TRAINING_STATE_FORMAT,
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+            "stall_seconds": self.stall_seconds,
+            "val_accuracy": self.val_accuracy,
+            "resumes": self.resumes,
+            "rng": rng,
+        }
 
     def _restore(self, state: dict) -> None:
         if state.get("format") != TRAINING_STATE_FORMAT:
-            raise ValueError(f"training state format {state.get('format')!r} is not "
-                             f"{TRAINING_STATE_FORMAT!r}")
+            raise ValueError(
+                f"training state format {state.get('format')!r} is not {TRAINING_STATE_FORMAT!r}"
+            )
         if not 0 <= state["stage"] < self.method.num_stages:
-            raise ValueError(f"training state is at stage {state['stage']}, but {self.cfg.method.name} has "
-                             f"stages 0..{self.method.num_stages - 1}")
+            raise ValueError(
+                f"training state is at stage {state['stage']}, but {self.cfg.method.name} has "
+                f"stages 0..{self.method.num_stages - 1}"
+            )
         self.method.load_state_dict(state["method"])
         self.stage, self.epoch = state["stage"], state["epoch"]
         self.history = list(state["history"])
@@ -263,24 +360,42 @@ class ExperimentSession:
             path = run_dir / "students" / f"{name}.pt"
             # Plain data beside the tensors: enough to rebuild the network with create_method (the method's
             # config, classes, channels) and pick this student out of it by name.
-            torch.save({"format": "ekd.student.v1", "method": cfg.method.model_dump(mode="json"), "name": name,
-                        "num_classes": splits.num_classes, "in_chans": splits.in_chans,
-                        "state_dict": {k: v.cpu() for k, v in student.state_dict().items()}}, path)
+            torch.save(
+                {
+                    "format": "ekd.student.v1",
+                    "method": cfg.method.model_dump(mode="json"),
+                    "name": name,
+                    "num_classes": splits.num_classes,
+                    "in_chans": splits.in_chans,
+                    "state_dict": {k: v.cpu() for k, v in student.state_dict().items()},
+                },
+                path,
+            )
             acc = evaluate(student, student, test_loader, splits.mean, splits.std, device)
             exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))
         teacher_summaries = []
         if self.source is not None:
             accuracies = teacher_test_accuracies(self.source, len(cfg.teachers), splits)
-            teacher_summaries = [TeacherSummary(t.name, params, acc) for t, params, acc
-                                 in zip(cfg.teachers, self.source.parameter_counts(), accuracies)]
+            teacher_summaries = [
+                TeacherSummary(t.name, params, acc)
+                for t, params, acc in zip(cfg.teachers, self.source.parameter_counts(), accuracies)
+            ]
         self._close_source()
         result = ExperimentResult(
-            name=cfg.name, method=cfg.method.name, seed=cfg.seed, test_accuracy=test_accuracy,
+            name=cfg.name,
+            method=cfg.method.name,
+            seed=cfg.seed,
+            test_accuracy=test_accuracy,
             val_accuracy=self.val_accuracy,
             student_params=_unique_parameter_count(method.exported_students().values()),
-            teachers=teacher_summaries, students=exported, seconds=time.time() - self.started,
-            stall_seconds=self.stall_seconds, run_dir=str(run_dir),
-            counters={**counters, "resumes": self.resumes}, history=self.history)
+            teachers=teacher_summaries,
+            students=exported,
+            seconds=time.time() - self.started,
+            stall_seconds=self.stall_seconds,
+            run_dir=str(run_dir),
+            counters={**counters, "resumes": self.resumes},
+            history=self.history,
+        )
         (run_dir / f"results_seed{cfg.seed}.json").write_text(json.dumps(result.to_json(), indent=2))
         return result
 
@@ -289,14 +404,22 @@ class ExperimentSession:
             self.source.close()
 
 
-def run_experiment(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
-                   source: TeacherSource | None = None, ray_address: str | None = None) -> ExperimentResult:
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    log: Log = print,
+    progress: Progress | None = None,
+    source: TeacherSource | None = None,
+    ray_address: str | None = None,
+) -> ExperimentResult:
     """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces the configured teacher
     source; `ray_address` (ray_train only) is a running Ray cluster to train on."""
     if cfg.execution.backend == "ray_train":
         if source is not None:
-            raise ValueError("a teacher source cannot be handed to backend 'ray_train': each worker builds "
-                             "its own from the config; pass source only with backend 'local'")
+            raise ValueError(
+                "a teacher source cannot be handed to backend 'ray_train': each worker builds "
+                "its own from the config; pass source only with backend 'local'"
+            )
         from trainer.ray_train import run_on_ray_train  # Ray is imported only by the backend that uses it
 
         return run_on_ray_train(cfg, log=log, progress=progress, ray_address=ray_address)

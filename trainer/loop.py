@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from torch import distributed
+from torch import distributed, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.config import OptimConfig
@@ -35,8 +34,13 @@ def resolve_device(device: str) -> torch.device:
 
 def make_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            param_groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -44,10 +48,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
     """Per-step schedule, so that short runs on small data follow the same curve as long ones."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        )
     if cfg.schedule == "multistep":
         steps = [int(m * total_steps) for m in cfg.milestones]
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.gamma ** sum(step >= s for s in steps))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cfg.gamma ** sum(step >= s for s in steps)
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
@@ -60,8 +67,10 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"a shard needs world_size >= 1 and 0 <= rank < world_size, "
-                             f"got rank {self.rank} of {self.world_size}")
+            raise ValueError(
+                f"a shard needs world_size >= 1 and 0 <= rank < world_size, "
+                f"got rank {self.rank} of {self.world_size}"
+            )
 
 
 class ShardSampler(Sampler[int]):
@@ -86,11 +95,12 @@ class ShardSampler(Sampler[int]):
         order = torch.randperm(self.size, generator=self.generator)  # what shuffle=True draws
         total = len(self) * self.shard.world_size
         padded = order.repeat(-(-total // self.size))[:total]
-        return iter(padded[self.shard.rank::self.shard.world_size].tolist())
+        return iter(padded[self.shard.rank :: self.shard.world_size].tolist())
 
 
-def train_loader(views: ReplayedViews, batch_size: int, seed: int, epoch: int,
-                 shard: Shard | None = None) -> DataLoader:
+def train_loader(
+    views: ReplayedViews, batch_size: int, seed: int, epoch: int, shard: Shard | None = None
+) -> DataLoader:
     """The epoch's batches: the replayed view of each sample for this epoch, in a seeded order.
 
     With a `shard`, this worker's part of the same order (`ShardSampler`) in batches of
@@ -103,14 +113,24 @@ def train_loader(views: ReplayedViews, batch_size: int, seed: int, epoch: int,
     views.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if shard is None:
-        return DataLoader(views, batch_size=batch_size, shuffle=True, generator=generator,
-                          drop_last=len(views) % batch_size == 1)
+        return DataLoader(
+            views,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=len(views) % batch_size == 1,
+        )
     per_worker_batch = -(-batch_size // shard.world_size)
     sampler = ShardSampler(len(views), shard, generator)
     # The loader draws its workers' base seed from `generator` before the sampler's permutation, as with
     # shuffle=True: the same generator in both places keeps every worker on the single-process permutation.
-    return DataLoader(views, batch_size=per_worker_batch, sampler=sampler, generator=generator,
-                      drop_last=len(sampler) % per_worker_batch == 1)
+    return DataLoader(
+        views,
+        batch_size=per_worker_batch,
+        sampler=sampler,
+        generator=generator,
+        drop_last=len(sampler) % per_worker_batch == 1,
+    )
 
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
@@ -126,11 +146,22 @@ class EpochStats:
     stall_seconds: float = 0.0  # time the student waited for teacher outputs
 
 
-def train_epoch(method: Method, loader: Iterable, source: TeacherSource | None,
-                optimizer: torch.optim.Optimizer, scheduler, *, epoch: int, total_epochs: int,
-                mean: Sequence[float], std: Sequence[float], device: torch.device,
-                on_step: Callable[[dict[str, float]], None] | None = None,
-                step_module: nn.Module | None = None, prefetch_batches: int = 0) -> EpochStats:
+def train_epoch(
+    method: Method,
+    loader: Iterable,
+    source: TeacherSource | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    epoch: int,
+    total_epochs: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    step_module: nn.Module | None = None,
+    prefetch_batches: int = 0,
+) -> EpochStats:
     """One epoch over `loader`. `step_module` is what computes the loss: the method itself, or a
     DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward.
     Teacher outputs are fetched `prefetch_batches` batches ahead (trainer.prefetch)."""
@@ -169,14 +200,27 @@ def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
     """The epoch's statistics over all workers of the process group: loss and terms averaged per sample,
     samples summed, seconds and stall seconds averaged per worker. Every worker must call it."""
     names = sorted(stats.terms)
-    sums = torch.tensor([stats.loss * stats.samples, *(stats.terms[k] * stats.samples for k in names),
-                         stats.samples, stats.seconds, stats.stall_seconds], dtype=torch.float64)
+    sums = torch.tensor(
+        [
+            stats.loss * stats.samples,
+            *(stats.terms[k] * stats.samples for k in names),
+            stats.samples,
+            stats.seconds,
+            stats.stall_seconds,
+        ],
+        dtype=torch.float64,
+    )
     distributed.all_reduce(sums)
     *weighted, samples, seconds, stall = sums.tolist()
     workers = distributed.get_world_size()
     per_sample = [w / max(samples, 1) for w in weighted]
-    return EpochStats(loss=per_sample[0], terms=dict(zip(names, per_sample[1:])), samples=int(samples),
-                      seconds=seconds / workers, stall_seconds=stall / workers)
+    return EpochStats(
+        loss=per_sample[0],
+        terms=dict(zip(names, per_sample[1:])),
+        samples=int(samples),
+        seconds=seconds / workers,
+        stall_seconds=stall / workers,
+    )
 
 
 def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
@@ -188,8 +232,14 @@ def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, loader: Iterable,
-             mean: Sequence[float], std: Sequence[float], device: torch.device) -> float:
+def evaluate(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    loader: Iterable,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+) -> float:
     """Top-1 accuracy of `predict` (scores whose argmax is the prediction) over uint8 batches."""
     was_training = model.training
     model.eval()

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_targets(teacher_logits: Sequence[torch.Tensor], temperature: float,
-                 weights: Sequence[float] | None = None) -> torch.Tensor:
+def soft_targets(
+    teacher_logits: Sequence[torch.Tensor], temperature: float, weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """p̄ = Σ w_i softmax(t_i / T): the (weighted) average of the teachers' softened probabilities.
 
     Averaging probabilities, not logits, is what Hinton et al. and MEAL-V2 do; the two differ.
@@ -30,14 +31,21 @@ def soft_targets(teacher_logits: Sequence[torch.Tensor], temperature: float,
     return torch.einsum("t,tbc->bc", w, probs)
 
 
-def distillation_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_kl(
+    student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T² · KL(target ‖ softmax(s/T)), batchmean. The T² keeps gradient scale independent of T (Hinton et al.)."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(log_p_student, target_probs, reduction="batchmean") * temperature**2
 
 
-def hinton_kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, target_probs: torch.Tensor,
-                   temperature: float, alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+def hinton_kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_probs: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """λ·CE(s, y) + (1−λ)·T²·KL(p_t^T ‖ p_s^T) with λ = alpha; CE on the raw student logits."""
     ce = F.cross_entropy(student_logits, labels)
     kl = distillation_kl(student_logits, target_probs, temperature)

@@ -35,8 +35,9 @@ class _EndOfEpoch:
     pass
 
 
-def prepared_batches(batches: Iterable, source: TeacherSource | None, wanted: Sequence[Sequence[str]],
-                     depth: int) -> Iterator[PreparedBatch]:
+def prepared_batches(
+    batches: Iterable, source: TeacherSource | None, wanted: Sequence[Sequence[str]], depth: int
+) -> Iterator[PreparedBatch]:
     """(images, labels, ...) batches with their teacher outputs; fetched `depth` batches ahead when depth > 0."""
     needs_teachers = source is not None and any(wanted)
     if not needs_teachers:
@@ -52,8 +53,9 @@ def prepared_batches(batches: Iterable, source: TeacherSource | None, wanted: Se
     yield from _prefetched(batches, source, wanted, depth)
 
 
-def _prefetched(batches: Iterable, source: TeacherSource, wanted: Sequence[Sequence[str]],
-                depth: int) -> Iterator[PreparedBatch]:
+def _prefetched(
+    batches: Iterable, source: TeacherSource, wanted: Sequence[Sequence[str]], depth: int
+) -> Iterator[PreparedBatch]:
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

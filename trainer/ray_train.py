@@ -52,8 +52,13 @@ CHECKPOINTS_KEPT = 2
 PROGRESS_POLL_SECONDS = 1.0
 
 
-def run_on_ray_train(cfg: ExperimentConfig, *, log: Log = print, progress: Progress | None = None,
-                     ray_address: str | None = None) -> ExperimentResult:
+def run_on_ray_train(
+    cfg: ExperimentConfig,
+    *,
+    log: Log = print,
+    progress: Progress | None = None,
+    ray_address: str | None = None,
+) -> ExperimentResult:
     """Run `cfg` on Ray Train. Uses the Ray instance this process is already connected to, else connects to
     `ray_address`, else starts a local one (shut down again at the end)."""
     started = time.time()
@@ -69,25 +74,36 @@ def run_on_ray_train(cfg: ExperimentConfig, *, log: Log = print, progress: Progr
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
         ray.init(address=ray_address, include_dashboard=False)
     try:
-        log(f"ray_train: {cfg.execution.workers} workers on {device.type}, run {run_name} under "
-            f"{cfg.execution.storage_path}")
+        log(
+            f"ray_train: {cfg.execution.workers} workers on {device.type}, run {run_name} under "
+            f"{cfg.execution.storage_path}"
+        )
         progress_file = Path(cfg.execution.storage_path) / f"{run_name}.progress"
         progress_file.parent.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"experiment": cfg.model_dump(mode="json"), "started": started,
-                               "failure": failure, "progress_file": str(progress_file)},
+            train_loop_config={
+                "experiment": cfg.model_dump(mode="json"),
+                "started": started,
+                "failure": failure,
+                "progress_file": str(progress_file),
+            },
             scaling_config=ScalingConfig(num_workers=cfg.execution.workers, use_gpu=device.type == "cuda"),
-            run_config=RunConfig(name=run_name, storage_path=cfg.execution.storage_path,
-                                 failure_config=FailureConfig(max_failures=cfg.execution.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=cfg.execution.storage_path,
+                failure_config=FailureConfig(max_failures=cfg.execution.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            ),
+        )
         outcome = _fit_showing_progress(trainer, progress_file, cfg, progress)
     finally:
         if started_ray:
             ray.shutdown()
     if outcome.return_value is None:
-        raise RuntimeError(f"ray_train run {run_name} ended without a result from worker 0 "
-                           f"(run state under {outcome.path})")
+        raise RuntimeError(
+            f"ray_train run {run_name} ended without a result from worker 0 (run state under {outcome.path})"
+        )
     return ExperimentResult.from_json(outcome.return_value)
 
 
@@ -97,15 +113,17 @@ def train_loop_per_worker(config: dict) -> dict | None:
     context = ray.train.get_context()
     shard = Shard(context.get_world_rank(), context.get_world_size())
     device = get_device()
-    session = ExperimentSession(cfg, splits=load_splits(cfg.data), device=device, started=config["started"],
-                                shard=shard)
+    session = ExperimentSession(
+        cfg, splits=load_splits(cfg.data), device=device, started=config["started"], shard=shard
+    )
     failure = config["failure"]
 
     def on_epoch_end(row: dict[str, float]) -> None:
         if session.is_primary:
             with open(config["progress_file"], "a") as progress_file:
-                progress_file.write(f"{session.method.num_stages} {row['stage']} {row['epoch']} "
-                                    f"{row['val_accuracy']:.6f}\n")
+                progress_file.write(
+                    f"{session.method.num_stages} {row['stage']} {row['epoch']} {row['val_accuracy']:.6f}\n"
+                )
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if session.is_primary:
@@ -116,14 +134,18 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if failure is not None and shard.rank == shard.world_size - 1 and next_epoch == failure["epoch"]:
             _fail_once(Path(failure["marker"]))
 
-    session.fit(resume=_last_training_state(), make_step_module=lambda method: _data_parallel(method, device),
-                on_epoch_end=on_epoch_end)
+    session.fit(
+        resume=_last_training_state(),
+        make_step_module=lambda method: _data_parallel(method, device),
+        on_epoch_end=on_epoch_end,
+    )
     result = session.finish()
     return result.to_json() if result is not None else None
 
 
-def _fit_showing_progress(trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig,
-                          progress: Progress | None):
+def _fit_showing_progress(
+    trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig, progress: Progress | None
+):
     """`trainer.fit()`, while a progress bar follows the epochs worker 0 appends to `progress_file` (a line
     "stages stage epoch val_accuracy" per epoch: the driver cannot see into the workers otherwise)."""
     if progress is None:
@@ -143,11 +165,20 @@ def _fit_showing_progress(trainer: TorchTrainer, progress_file: Path, cfg: Exper
         worker.join(timeout=PROGRESS_POLL_SECONDS)
         fields = progress_file.read_text().split() if progress_file.exists() else []
         if len(fields) >= 4:
-            stages, stage, epoch, accuracy = int(fields[-4]), int(fields[-3]), int(fields[-2]), float(fields[-1])
+            stages, stage, epoch, accuracy = (
+                int(fields[-4]),
+                int(fields[-3]),
+                int(fields[-2]),
+                float(fields[-1]),
+            )
             epochs = cfg.train.epochs
-            progress.update(task, total=stages * epochs, completed=stage * epochs + epoch + 1,
-                            description=f"{cfg.name} (ray_train) stage {stage + 1}/{stages} epoch {epoch + 1}/"
-                                        f"{epochs} val {accuracy:.1%}")
+            progress.update(
+                task,
+                total=stages * epochs,
+                completed=stage * epochs + epoch + 1,
+                description=f"{cfg.name} (ray_train) stage {stage + 1}/{stages} epoch {epoch + 1}/"
+                f"{epochs} val {accuracy:.1%}",
+            )
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -157,8 +188,9 @@ def _data_parallel(method: Method, device: torch.device) -> DistributedDataParal
     # A method may leave some of its trainable parameters out of a step's graph (an optional term switched
     # off, a branch a loss does not reach); DDP then needs find_unused_parameters, or it waits for their
     # gradients forever. The cost is one graph traversal per step.
-    return DistributedDataParallel(method, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    return DistributedDataParallel(
+        method, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
+    )
 
 
 def _last_training_state() -> dict | None:
@@ -188,11 +220,15 @@ def _failure_injection() -> dict | None:
         return None
     marker = os.environ.get(FAIL_MARKER_ENV)
     if not marker:
-        raise ValueError(f"{FAIL_AT_EPOCH_ENV}={epoch} needs {FAIL_MARKER_ENV}=<path>: the file that records "
-                         "that the injected failure has happened")
+        raise ValueError(
+            f"{FAIL_AT_EPOCH_ENV}={epoch} needs {FAIL_MARKER_ENV}=<path>: the file that records "
+            "that the injected failure has happened"
+        )
     if not epoch.isdigit() or int(epoch) < 1:
-        raise ValueError(f"{FAIL_AT_EPOCH_ENV} must be an epoch index >= 1 (the failure follows the "
-                         f"checkpoint of the epoch before), got {epoch!r}")
+        raise ValueError(
+            f"{FAIL_AT_EPOCH_ENV} must be an epoch index >= 1 (the failure follows the "
+            f"checkpoint of the epoch before), got {epoch!r}"
+        )
     return {"epoch": int(epoch), "marker": str(Path(marker).absolute())}
 
 

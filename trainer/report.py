@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+from rich.table import Table
 
-from trainer.experiment import ExperimentResult  # noqa: E402
+from trainer.experiment import ExperimentResult
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -35,17 +35,31 @@ def group_by_experiment(results: list[ExperimentResult]) -> dict[str, list[Exper
 
 def results_table(results: list[ExperimentResult], title: str = "ekd results") -> Table:
     table = Table(title=title)
-    for column in ("experiment", "method", "seeds", "student params", "teacher params", "test accuracy",
-                   "teacher calls", "time (s)"):
+    for column in (
+        "experiment",
+        "method",
+        "seeds",
+        "student params",
+        "teacher params",
+        "test accuracy",
+        "teacher calls",
+        "time (s)",
+    ):
         table.add_column(column, justify="left" if column in ("experiment", "method") else "right")
     for name, runs in group_by_experiment(results).items():
         first = runs[0]
         calls = [r.counters.get("teacher_calls", 0) for r in runs]
         teacher_params = sum(t.params for t in first.teachers)
-        table.add_row(name, first.method, str(len(runs)), f"{first.student_params:,}",
-                      f"{teacher_params:,}" if teacher_params else "—",
-                      _pct([r.test_accuracy for r in runs]), str(sum(calls)),
-                      f"{statistics.fmean(r.seconds for r in runs):.0f}")
+        table.add_row(
+            name,
+            first.method,
+            str(len(runs)),
+            f"{first.student_params:,}",
+            f"{teacher_params:,}" if teacher_params else "—",
+            _pct([r.test_accuracy for r in runs]),
+            str(sum(calls)),
+            f"{statistics.fmean(r.seconds for r in runs):.0f}",
+        )
         if len(first.students) > 1:
             for i, student in enumerate(first.students):
                 accs = [r.students[i].test_accuracy for r in runs]
@@ -81,8 +95,13 @@ def plot_results(results: list[ExperimentResult], path: Path) -> Path:
         ax.errorbar(runs[0].student_params, mean * 100, yerr=std * 100, fmt="o", capsize=3, label=name)
     for teacher, (params, accs) in _teacher_points(results).items():
         ax.scatter(params, statistics.fmean(accs) * 100, marker="*", s=180, color="black", zorder=3)
-        ax.annotate(teacher, (params, statistics.fmean(accs) * 100), textcoords="offset points", xytext=(6, -12),
-                    fontsize=8)
+        ax.annotate(
+            teacher,
+            (params, statistics.fmean(accs) * 100),
+            textcoords="offset points",
+            xytext=(6, -12),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("parameters used at prediction (log scale); ★ = teacher")
     ax.set_ylabel("test accuracy (%)")

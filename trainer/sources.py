@@ -48,8 +48,12 @@ class InProcessTeacherSource(TeacherSource):
         self.engines = [TeacherEngine(t, device) for t in teachers]
 
     def describe(self, image_size: int) -> list[TeacherInfo]:
-        return [TeacherInfo(name=e.spec.name, num_classes=e.spec.num_classes,
-                            feature_shapes=e.feature_shapes(image_size)) for e in self.engines]
+        return [
+            TeacherInfo(
+                name=e.spec.name, num_classes=e.spec.num_classes, feature_shapes=e.feature_shapes(image_size)
+            )
+            for e in self.engines
+        ]
 
     def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
         logits, features = [], []
@@ -74,27 +78,40 @@ class ServedTeacherSource(TeacherSource):
     weights and preprocessing; a mismatch is an error, not silently different targets.
     """
 
-    def __init__(self, address: str, teachers: Sequence[str], *, cache_uri: str | None = None,
-                 expected_identities: Sequence[str | None] | None = None, timeout_seconds: float = 120.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        teachers: Sequence[str],
+        *,
+        cache_uri: str | None = None,
+        expected_identities: Sequence[str | None] | None = None,
+        timeout_seconds: float = 120.0,
+    ) -> None:
         self.names = list(teachers)
         self.store = open_store(cache_uri) if cache_uri else None
         self.client = TeacherClient(address, store=self.store, timeout_seconds=timeout_seconds)
         hosted = self.client.teachers()
         for i, name in enumerate(self.names):
             if name not in hosted:
-                raise ValueError(f"the teacher service at {address} hosts no teacher {name!r}; it hosts: "
-                                 f"{', '.join(sorted(hosted))}")
+                raise ValueError(
+                    f"the teacher service at {address} hosts no teacher {name!r}; it hosts: "
+                    f"{', '.join(sorted(hosted))}"
+                )
             expected = (expected_identities or [None] * len(self.names))[i]
             if expected is not None and hosted[name].identity != expected:
-                raise ValueError(f"the teacher service's {name!r} is not the local checkpoint's teacher (identity "
-                                 f"{hosted[name].identity[:12]}… ≠ {expected[:12]}…): other weights or "
-                                 "preprocessing; point the experiment at the checkpoint the service loaded")
+                raise ValueError(
+                    f"the teacher service's {name!r} is not the local checkpoint's teacher (identity "
+                    f"{hosted[name].identity[:12]}… ≠ {expected[:12]}…): other weights or "
+                    "preprocessing; point the experiment at the checkpoint the service loaded"
+                )
         self.descriptions = [hosted[n] for n in self.names]
 
     def describe(self, image_size: int) -> list[TeacherInfo]:
         # The service resizes every image to the teacher's input size, so tap shapes do not depend on image_size.
-        return [TeacherInfo(name=d.name, num_classes=d.num_classes, feature_shapes=dict(d.taps))
-                for d in self.descriptions]
+        return [
+            TeacherInfo(name=d.name, num_classes=d.num_classes, feature_shapes=dict(d.taps))
+            for d in self.descriptions
+        ]
 
     def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
         asked = {name: list(outputs) for name, outputs in zip(self.names, wanted, strict=True) if outputs}
@@ -108,13 +125,19 @@ class ServedTeacherSource(TeacherSource):
 
     def parameter_counts(self) -> list[int]:
         # The service does not say; the architecture does (built with random weights, never run).
-        return [sum(p.numel() for p in create_teacher(d.architecture, d.num_classes).model.parameters())
-                for d in self.descriptions]
+        return [
+            sum(p.numel() for p in create_teacher(d.architecture, d.num_classes).model.parameters())
+            for d in self.descriptions
+        ]
 
     def counters(self) -> dict[str, int]:
         stats = self.client.stats
-        return {"teacher_calls": stats.requests, "cache_hits": stats.cache_hits,
-                "cache_misses": stats.cache_misses, "remote_samples": stats.remote_samples}
+        return {
+            "teacher_calls": stats.requests,
+            "cache_hits": stats.cache_hits,
+            "cache_misses": stats.cache_misses,
+            "remote_samples": stats.remote_samples,
+        }
 
     def close(self) -> None:
         self.client.close()
@@ -130,14 +153,25 @@ def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.
     """
     settings = cfg.teacher_source
     if settings.kind == "in_process":
-        return InProcessTeacherSource([create_teacher(t.name, num_classes, checkpoint=t.checkpoint)
-                                       for t in cfg.teachers], device)
+        return InProcessTeacherSource(
+            [create_teacher(t.name, num_classes, checkpoint=t.checkpoint) for t in cfg.teachers], device
+        )
     names = [t.served_as or t.name for t in cfg.teachers]
     if len(set(names)) != len(names):
-        raise ValueError(f"teachers {names} share a name on the service, so they would give identical outputs; "
-                         "give each its own `served_as`")
-    expected = [create_teacher(t.name, num_classes, checkpoint=t.checkpoint).spec.identity
-                if Path(t.checkpoint).is_file() else None for t in cfg.teachers]
-    return ServedTeacherSource(settings.address, names,
-                               cache_uri=settings.cache, expected_identities=expected,
-                               timeout_seconds=settings.timeout_seconds)
+        raise ValueError(
+            f"teachers {names} share a name on the service, so they would give identical outputs; "
+            "give each its own `served_as`"
+        )
+    expected = [
+        create_teacher(t.name, num_classes, checkpoint=t.checkpoint).spec.identity
+        if Path(t.checkpoint).is_file()
+        else None
+        for t in cfg.teachers
+    ]
+    return ServedTeacherSource(
+        settings.address,
+        names,
+        cache_uri=settings.cache,
+        expected_identities=expected,
+        timeout_seconds=settings.timeout_seconds,
+    )

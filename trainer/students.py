@@ -57,8 +57,9 @@ class StudentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     arch: str = Field("cifar_resnet8", description="registered student architecture (see `list_students()`)")
-    options: dict[str, Any] = Field(default_factory=dict,
-                                    description="keyword options of the architecture, e.g. {width: 0.5}")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options of the architecture, e.g. {width: 0.5}"
+    )
 
     @field_validator("arch")
     @classmethod
@@ -84,21 +85,32 @@ class SmallCNN(nn.Module):
     Students in an ensemble differ in conv channels, kernel size (3 or 5) and FC width.
     """
 
-    def __init__(self, num_classes: int, channels: Sequence[int] = (16, 32), kernel_size: int = 3,
-                 fc_width: int = 64, in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        channels: Sequence[int] = (16, 32),
+        kernel_size: int = 3,
+        fc_width: int = 64,
+        in_chans: int = 3,
+    ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         layers: list[nn.Module] = []
         prev = in_chans
         for c in channels:
-            layers += [nn.Conv2d(prev, c, kernel_size, 1, kernel_size // 2, bias=False), nn.BatchNorm2d(c),
-                       nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(prev, c, kernel_size, 1, kernel_size // 2, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             prev = c
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(2)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(prev * 4, fc_width), nn.ReLU(),
-                                        nn.Linear(fc_width, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(prev * 4, fc_width), nn.ReLU(), nn.Linear(fc_width, num_classes)
+        )
         self.num_features = prev
         init_weights(self)
 
@@ -146,13 +158,21 @@ class MultiBranchResNet(nn.Module):
     online ensemble compression's (only conv1+BN+ReLU shared).
     """
 
-    def __init__(self, depth: int, num_classes: int, branch_widths: Sequence[float], shared_stages: int = 2,
-                 in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        branch_widths: Sequence[float],
+        shared_stages: int = 2,
+        in_chans: int = 3,
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
         if not 0 <= shared_stages <= 2:
-            raise ValueError(f"shared_stages must be 0, 1 or 2 (at least the last stage is per branch), got {shared_stages}")
+            raise ValueError(
+                f"shared_stages must be 0, 1 or 2 (at least the last stage is per branch), got {shared_stages}"
+            )
         if len(branch_widths) < 1:
             raise ValueError("a multi-branch trunk needs at least one branch")
         blocks = (depth - 2) // 6
@@ -223,12 +243,26 @@ for _depth in (8, 14, 20, 32, 56, 110):
 
 
 @register_student
-def small_cnn(num_classes: int, channels: Sequence[int] = (16, 32), kernel_size: int = 3, fc_width: int = 64,
-              in_chans: int = 3) -> nn.Module:
-    return SmallCNN(num_classes, channels=channels, kernel_size=kernel_size, fc_width=fc_width, in_chans=in_chans)
+def small_cnn(
+    num_classes: int,
+    channels: Sequence[int] = (16, 32),
+    kernel_size: int = 3,
+    fc_width: int = 64,
+    in_chans: int = 3,
+) -> nn.Module:
+    return SmallCNN(
+        num_classes, channels=channels, kernel_size=kernel_size, fc_width=fc_width, in_chans=in_chans
+    )
 
 
 @register_student
-def multi_branch_resnet(num_classes: int, depth: int = 20, branch_widths: Sequence[float] = (1.0, 1.0, 1.0),
-                        shared_stages: int = 2, in_chans: int = 3) -> nn.Module:
-    return MultiBranchResNet(depth, num_classes, branch_widths, shared_stages=shared_stages, in_chans=in_chans)
+def multi_branch_resnet(
+    num_classes: int,
+    depth: int = 20,
+    branch_widths: Sequence[float] = (1.0, 1.0, 1.0),
+    shared_stages: int = 2,
+    in_chans: int = 3,
+) -> nn.Module:
+    return MultiBranchResNet(
+        depth, num_classes, branch_widths, shared_stages=shared_stages, in_chans=in_chans
+    )

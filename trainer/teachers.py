@@ -28,29 +28,49 @@ class TeacherTrainingResult:
 
 def dataset_preprocessing(splits: DatasetSplits) -> Preprocessing:
     """The preprocessing a teacher trained on `splits` expects: the dataset's size and normalization."""
-    return Preprocessing(input_size=splits.image_size, mean=tuple(splits.mean), std=tuple(splits.std),
-                         in_chans=splits.in_chans)
+    return Preprocessing(
+        input_size=splits.image_size, mean=tuple(splits.mean), std=tuple(splits.std), in_chans=splits.in_chans
+    )
 
 
-def train_teacher(cfg: TeacherConfig, splits: DatasetSplits, data: DataConfig, *, device: torch.device,
-                  on_epoch: EpochCallback | None = None) -> TeacherTrainingResult:
+def train_teacher(
+    cfg: TeacherConfig,
+    splits: DatasetSplits,
+    data: DataConfig,
+    *,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+) -> TeacherTrainingResult:
     seed = cfg.seed
     torch.manual_seed(seed)
     preprocessing = dataset_preprocessing(splits)
     model = create_teacher(cfg.name, splits.num_classes, preprocessing=preprocessing).model
     model.requires_grad_(True)
     method = CrossEntropyTraining(model).to(device)
-    views = ReplayedViews(splits.train, seed=data.replay_seed, views=data.views, pad=data.pad, hflip=data.hflip)
+    views = ReplayedViews(
+        splits.train, seed=data.replay_seed, views=data.views, pad=data.pad, hflip=data.hflip
+    )
     optimizer = make_optimizer(method.param_groups(cfg.train.lr), cfg.train)
     steps_per_epoch = -(-len(views) // data.batch_size)
     scheduler = make_scheduler(optimizer, cfg.train, cfg.train.epochs * steps_per_epoch)
     seconds, val_accuracy = 0.0, 0.0
     for epoch in range(cfg.train.epochs):
-        stats = train_epoch(method, train_loader(views, data.batch_size, seed, epoch), None, optimizer, scheduler,
-                            epoch=epoch, total_epochs=cfg.train.epochs, mean=splits.mean, std=splits.std,
-                            device=device)
+        stats = train_epoch(
+            method,
+            train_loader(views, data.batch_size, seed, epoch),
+            None,
+            optimizer,
+            scheduler,
+            epoch=epoch,
+            total_epochs=cfg.train.epochs,
+            mean=splits.mean,
+            std=splits.std,
+            device=device,
+        )
         seconds += stats.seconds
-        val_accuracy = evaluate(method.predict, method, eval_loader(splits.val, 256), splits.mean, splits.std, device)
+        val_accuracy = evaluate(
+            method.predict, method, eval_loader(splits.val, 256), splits.mean, splits.std, device
+        )
         if on_epoch is not None:
             on_epoch(epoch + 1, cfg.train.epochs, val_accuracy)
     Path(cfg.checkpoint).parent.mkdir(parents=True, exist_ok=True)

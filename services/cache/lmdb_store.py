@@ -20,7 +20,6 @@ from services.cache.store import CacheError, CacheFullError, CacheUnavailableErr
 DEFAULT_MAP_SIZE = 8 * 2**30  # 8 GiB of address space; the file only grows as data is written
 
 
-
 @dataclass
 class _SharedEnvironment:
     env: lmdb.Environment
@@ -38,12 +37,21 @@ def _acquire(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
         if key in _OPEN:
             entry = _OPEN[key]
             if entry.readonly and not readonly:
-                raise CacheUnavailableError(f"LMDB cache at {path} is already open read-only in this process; "
-                                            "open it for writing first")
+                raise CacheUnavailableError(
+                    f"LMDB cache at {path} is already open read-only in this process; "
+                    "open it for writing first"
+                )
             entry.users += 1
             return entry.env
-        env = lmdb.open(key, map_size=map_size, readonly=readonly, lock=True, create=not readonly, subdir=True,
-                        readahead=False)
+        env = lmdb.open(
+            key,
+            map_size=map_size,
+            readonly=readonly,
+            lock=True,
+            create=not readonly,
+            subdir=True,
+            readahead=False,
+        )
         _OPEN[key] = _SharedEnvironment(env, readonly, users=1)
         return env
 

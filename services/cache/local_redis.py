@@ -25,11 +25,14 @@ class RedisServerError(RuntimeError):
 
 
 def redis_server_binary() -> str:
-    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists()
-                                              else None)
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
     if binary is None:
-        raise RedisServerError("redis-server not found on PATH or at /usr/bin/redis-server; install it: "
-                               "`apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` (macOS)")
+        raise RedisServerError(
+            "redis-server not found on PATH or at /usr/bin/redis-server; install it: "
+            "`apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` (macOS)"
+        )
     return binary
 
 
@@ -69,8 +72,9 @@ def _wait_for_ping(server: RedisServer, log_path: Path) -> bool:
     finally:
         client.close()
     server.stop()
-    raise RedisServerError(f"redis-server did not answer PING within {START_TIMEOUT_SECONDS} s; "
-                           f"log:\n{log_path.read_text()}")
+    raise RedisServerError(
+        f"redis-server did not answer PING within {START_TIMEOUT_SECONDS} s; log:\n{log_path.read_text()}"
+    )
 
 
 @contextlib.contextmanager
@@ -82,15 +86,32 @@ def running_redis_server(directory: Path, *config_args: str) -> Iterator[RedisSe
     for _ in range(PORT_ATTEMPTS):
         port = free_port()
         process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
-             "--appendonly", "no", "--logfile", str(log_path), *config_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(log_path),
+                *config_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         server = RedisServer(url=f"redis://127.0.0.1:{port}/0", process=process)
         if _wait_for_ping(server, log_path):
             break
     else:
-        raise RedisServerError(f"redis-server exited at start {PORT_ATTEMPTS} times; log:\n{log_path.read_text()}")
+        raise RedisServerError(
+            f"redis-server exited at start {PORT_ATTEMPTS} times; log:\n{log_path.read_text()}"
+        )
     try:
         yield server
     finally:

@@ -40,8 +40,9 @@ class RedisStore(TeacherOutputStore):
         socket_timeout_seconds: float = 5.0,
     ) -> None:
         super().__init__()
-        if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int)
-                                        or ttl_seconds <= 0):
+        if ttl_seconds is not None and (
+            isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
+        ):
             raise ValueError(f"ttl_seconds must be a positive int or None; got {ttl_seconds!r}")
         self.url = redact_url(url)
         self.ttl_seconds = ttl_seconds

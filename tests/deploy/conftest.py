@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from deploy_files import DEPLOY, kustomize_build, load_documents
 
 

@@ -33,8 +33,9 @@ def load_documents(path: Path) -> list[dict]:
 def repo_path(image_path: str) -> Path:
     """The repository file an image path under /app/configs/ comes from."""
     if not image_path.startswith(IMAGE_CONFIGS):
-        raise ValueError(f"{image_path!r} is not under {IMAGE_CONFIGS}, the only repository files the images "
-                         "hold")
+        raise ValueError(
+            f"{image_path!r} is not under {IMAGE_CONFIGS}, the only repository files the images hold"
+        )
     return REPO / "configs" / image_path.removeprefix(IMAGE_CONFIGS)
 
 
@@ -60,16 +61,19 @@ def kustomize_build(directory: Path) -> list[dict]:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unmodelled = set(kustomization) - KUSTOMIZATION_FIELDS
     if unmodelled:
-        raise ValueError(f"{directory}/kustomization.yaml uses {sorted(unmodelled)}, which tests/deploy does "
-                         f"not resolve; allowed: {sorted(KUSTOMIZATION_FIELDS)}")
+        raise ValueError(
+            f"{directory}/kustomization.yaml uses {sorted(unmodelled)}, which tests/deploy does "
+            f"not resolve; allowed: {sorted(KUSTOMIZATION_FIELDS)}"
+        )
     objects: list[dict] = []
     for entry in kustomization.get("resources", []):
         path = (directory / entry).resolve()
         objects += kustomize_build(path) if path.is_dir() else load_documents(path)
     for patch in kustomization.get("patches", []):
         if set(patch) != {"path", "target"}:
-            raise ValueError(f"{directory}: a patch needs exactly `path` and `target` here, "
-                             f"got {sorted(patch)}")
+            raise ValueError(
+                f"{directory}: a patch needs exactly `path` and `target` here, got {sorted(patch)}"
+            )
         operations = yaml.safe_load((directory / patch["path"]).read_text())
         targets = [obj for obj in objects if _is_target(obj, patch["target"])]
         if not targets:
@@ -82,8 +86,11 @@ def kustomize_build(directory: Path) -> list[dict]:
 def _is_target(obj: dict, target: dict) -> bool:
     group, version = target.get("group", ""), target.get("version")
     api_version = f"{group}/{version}" if group else version
-    return (obj["kind"] == target["kind"] and obj["metadata"].get("name") == target["name"]
-            and (version is None or obj["apiVersion"] == api_version))
+    return (
+        obj["kind"] == target["kind"]
+        and obj["metadata"].get("name") == target["name"]
+        and (version is None or obj["apiVersion"] == api_version)
+    )
 
 
 def _tokens(pointer: str) -> list[str]:
@@ -108,8 +115,9 @@ def apply_json_patch(document: dict, operations: list[dict]) -> None:
             raise ValueError(f"JSON patch {kind} at {operation['path']}: no such location")
         if kind == "test":
             if node[key] != operation["value"]:
-                raise ValueError(f"JSON patch test failed at {operation['path']}: "
-                                 f"{node[key]!r} != {operation['value']!r}")
+                raise ValueError(
+                    f"JSON patch test failed at {operation['path']}: {node[key]!r} != {operation['value']!r}"
+                )
         elif kind == "add" and isinstance(node, list):
             node.insert(key, copy.deepcopy(operation["value"]))
         elif kind in ("add", "replace"):
@@ -121,6 +129,7 @@ def apply_json_patch(document: dict, operations: list[dict]) -> None:
 
 
 # --- Kubernetes objects ---------------------------------------------------------------------------------
+
 
 def ray_cluster_spec(obj: dict) -> dict:
     """The RayCluster spec inside a RayService or RayJob."""
@@ -144,5 +153,6 @@ def pod_templates(obj: dict) -> dict[str, dict]:
 
 def by_kind_and_name(objects: list[dict]) -> dict[tuple[str, str], dict]:
     """{(kind, name or generateName): object}."""
-    return {(obj["kind"], obj["metadata"].get("name") or obj["metadata"]["generateName"]): obj
-            for obj in objects}
+    return {
+        (obj["kind"], obj["metadata"].get("name") or obj["metadata"]["generateName"]): obj for obj in objects
+    }

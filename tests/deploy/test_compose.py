@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from deploy_files import REPO, compose_config, repo_path
+
 from services.serve_config import load_serve_config
 
 HEALTHY = {"condition": "service_healthy"}
@@ -78,8 +78,13 @@ def test_ray_head_serves_once_redis_is_healthy_and_probes_grpc_health(compose):
 
 def test_trainer_distills_from_ray_head_once_both_are_healthy(compose):
     trainer = compose["services"]["trainer"]
-    assert trainer["command"] == ["ekd", "distill", "/app/configs/digits/kd_ensemble.yaml",
-                                  "--teacher-service", "ray-head:50051"]
+    assert trainer["command"] == [
+        "ekd",
+        "distill",
+        "/app/configs/digits/kd_ensemble.yaml",
+        "--teacher-service",
+        "ray-head:50051",
+    ]
     assert repo_path(trainer["command"][2]).is_file()
     assert trainer["environment"]["EKD_CACHE_URI"] == "redis://redis:6379/0"
     assert trainer["depends_on"] == {"redis": HEALTHY, "ray-head": HEALTHY}
@@ -103,8 +108,11 @@ def test_gpu_override_reserves_gpus_for_ray_head_on_the_cuda_image(compose, comp
     assert device["capabilities"] == ["gpu"]
     overridden = ("build", "image", "deploy")
     unchanged = {key: value for key, value in unordered(head).items() if key not in overridden}
-    assert unchanged == {key: value for key, value in unordered(compose["services"]["ray-head"]).items()
-                         if key not in ("build", "image")}
+    assert unchanged == {
+        key: value
+        for key, value in unordered(compose["services"]["ray-head"]).items()
+        if key not in ("build", "image")
+    }
     for name in ("redis", "trainer", "teachers"):
         assert unordered(compose_gpu["services"][name]) == unordered(compose["services"][name])
 
@@ -121,6 +129,8 @@ def test_ray_head_serve_config_matches_the_stack(compose, monkeypatch):
     # checkpoints/... resolve under /app/checkpoints, which the images point at /models.
     experiment = yaml.safe_load((REPO / "configs" / "digits" / "kd_ensemble.yaml").read_text())
     served = {teacher.name: teacher.checkpoint for teacher in config.teachers}
-    expected = {teacher["name"]: "/models/" + teacher["checkpoint"].removeprefix("checkpoints/")
-                for teacher in experiment["teachers"]}
+    expected = {
+        teacher["name"]: "/models/" + teacher["checkpoint"].removeprefix("checkpoints/")
+        for teacher in experiment["teachers"]
+    }
     assert served == expected

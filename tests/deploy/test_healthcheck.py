@@ -96,10 +96,18 @@ def test_timeout_must_be_positive_seconds(bad, capsys):
 
 def test_module_entry_point_is_what_healthchecks_run(health_server, dead_address):
     address, _ = health_server
-    serving = subprocess.run([sys.executable, "-m", "services.healthcheck", address, "--timeout", "20"],
-                             capture_output=True, text=True, timeout=60)
+    serving = subprocess.run(
+        [sys.executable, "-m", "services.healthcheck", address, "--timeout", "20"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (serving.returncode, serving.stdout) == (0, f"healthy: the server at {address} is SERVING\n")
-    dead = subprocess.run([sys.executable, "-m", "services.healthcheck", dead_address, "--timeout", "20"],
-                          capture_output=True, text=True, timeout=60)
+    dead = subprocess.run(
+        [sys.executable, "-m", "services.healthcheck", dead_address, "--timeout", "20"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dead.returncode == 1
     assert dead.stderr.startswith(f"unhealthy: {dead_address} unreachable")

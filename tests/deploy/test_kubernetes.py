@@ -14,9 +14,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from deploy_files import REPO, by_kind_and_name, compose_config, pod_templates, ray_cluster_spec, repo_path
 from ray.serve.schema import ServeDeploySchema
 
-from deploy_files import REPO, by_kind_and_name, compose_config, pod_templates, ray_cluster_spec, repo_path
 from services import deployments
 from services.serve_config import load_serve_config
 
@@ -62,12 +62,20 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 # --- schemas -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_is_of_a_validated_kind(builds, jobs, overlay):
     kinds = {obj["kind"] for obj in builds[overlay] + jobs}
     assert kinds <= CORE_KINDS | CUSTOM_KINDS
-    assert {"Service", "StatefulSet", "Secret", "ConfigMap", "PersistentVolumeClaim",
-            "RayService", "ServiceMonitor"} <= {obj["kind"] for obj in builds[overlay]}
+    assert {
+        "Service",
+        "StatefulSet",
+        "Secret",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "RayService",
+        "ServiceMonitor",
+    } <= {obj["kind"] for obj in builds[overlay]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -84,12 +92,21 @@ def test_pod_templates_inside_custom_resources_are_valid_kubernetes(builds, jobs
         if obj["kind"] not in CUSTOM_KINDS:
             continue
         for role, template in pod_templates(obj).items():
-            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role},
-                            "template": template}
+            pod_template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": role},
+                "template": template,
+            }
             kubernetes_validate.validate(pod_template, KUBERNETES_VERSION, strict=True)
             checked.append((obj["kind"], role))
-    assert {("RayService", "head"), ("RayService", "teachers"), ("RayService", "grpc-ingress"),
-            ("RayJob", "head"), ("RayJob", "submitter")} <= set(checked)
+    assert {
+        ("RayService", "head"),
+        ("RayService", "teachers"),
+        ("RayService", "grpc-ingress"),
+        ("RayJob", "head"),
+        ("RayJob", "submitter"),
+    } <= set(checked)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -124,6 +141,7 @@ def test_ray_version_is_the_pinned_one(builds, jobs):
 
 # --- the Serve application ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def local_application() -> dict:
     """What docker-compose's ray-head runs: `ekd serve CONFIG`, i.e. application APP_NAME built by
@@ -135,8 +153,13 @@ def local_application() -> dict:
         monkeypatch.setenv("EKD_CACHE_URI", ray_head["environment"]["EKD_CACHE_URI"])
         config = load_serve_config(repo_path(command[2]))
     builder = deployments.app_builder
-    return {"name": deployments.APP_NAME, "import_path": f"{builder.__module__}:{builder.__name__}",
-            "args": {"config": command[2]}, "route_prefix": None, "config": config}
+    return {
+        "name": deployments.APP_NAME,
+        "import_path": f"{builder.__module__}:{builder.__name__}",
+        "args": {"config": command[2]},
+        "route_prefix": None,
+        "config": config,
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -164,11 +187,16 @@ def test_cpu_overlay_changes_only_the_teachers_gpus(builds):
 
 
 def test_gpu_base_gives_each_teacher_replica_a_gpu_of_its_own(builds):
-    teachers = {name: deployment for name, deployment in serve_deployments(builds["base"]).items()
-                if name.startswith("teacher-")}
+    teachers = {
+        name: deployment
+        for name, deployment in serve_deployments(builds["base"]).items()
+        if name.startswith("teacher-")
+    }
     assert teachers and all(d["ray_actor_options"]["num_gpus"] == 1 for d in teachers.values())
-    gpus_needed = sum(deployment.get("num_replicas", 1) * deployment["ray_actor_options"]["num_gpus"]
-                      for deployment in teachers.values())
+    gpus_needed = sum(
+        deployment.get("num_replicas", 1) * deployment["ray_actor_options"]["num_gpus"]
+        for deployment in teachers.values()
+    )
     group = worker_group(builds["base"], "teachers")
     (worker,) = containers(group["template"])
     gpus_per_pod = int(worker["resources"]["limits"]["nvidia.com/gpu"])
@@ -178,10 +206,13 @@ def test_gpu_base_gives_each_teacher_replica_a_gpu_of_its_own(builds):
 
 def test_cpu_overlay_asks_for_no_gpu_and_runs_the_cpu_image(builds):
     assert "nvidia.com/gpu" not in json.dumps(builds["cpu"])
-    assert all(deployment["ray_actor_options"].get("num_gpus", 0) == 0
-               for deployment in serve_deployments(builds["cpu"]).values())
-    rayservices = {overlay: by_kind_and_name(builds[overlay])["RayService", "ekd-teachers"]
-                   for overlay in OVERLAYS}
+    assert all(
+        deployment["ray_actor_options"].get("num_gpus", 0) == 0
+        for deployment in serve_deployments(builds["cpu"]).values()
+    )
+    rayservices = {
+        overlay: by_kind_and_name(builds[overlay])["RayService", "ekd-teachers"] for overlay in OVERLAYS
+    }
     for overlay, image in (("base", "ekd:cuda"), ("cpu", "ekd:cpu")):
         # One image, hence one Python, across the Ray cluster.
         images = {c["image"] for t in pod_templates(rayservices[overlay]).values() for c in containers(t)}
@@ -208,6 +239,7 @@ def test_only_the_ingress_group_offers_the_ingress_resource(builds):
 
 # --- wiring ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grpc_service_reaches_the_ingress_pod_once_it_serves(builds, local_application, overlay):
     objects = by_kind_and_name(builds[overlay])
@@ -215,8 +247,11 @@ def test_grpc_service_reaches_the_ingress_pod_once_it_serves(builds, local_appli
     ports = {port["name"]: port for port in service["spec"]["ports"]}
     assert ports["serve-grpc"]["port"] == local_application["config"].grpc.port == 50051
     templates = pod_templates(objects["RayService", "ekd-teachers"])
-    selected = [role for role, template in templates.items()
-                if selects(service["spec"]["selector"], template["metadata"]["labels"])]
+    selected = [
+        role
+        for role, template in templates.items()
+        if selects(service["spec"]["selector"], template["metadata"]["labels"])
+    ]
     assert selected == ["grpc-ingress"]
     (ingress,) = containers(templates["grpc-ingress"])
     container_ports = {port["name"]: port["containerPort"] for port in ingress["ports"]}
@@ -244,8 +279,12 @@ def test_ray_pods_keep_what_kuberay_relies_on(builds):
 def test_service_monitor_scrapes_the_metrics_port(builds, overlay):
     objects = by_kind_and_name(builds[overlay])
     monitor = objects["ServiceMonitor", "ekd-teachers"]
-    monitored = [obj for obj in builds[overlay] if obj["kind"] == "Service"
-                 and selects(monitor["spec"]["selector"]["matchLabels"], obj["metadata"]["labels"])]
+    monitored = [
+        obj
+        for obj in builds[overlay]
+        if obj["kind"] == "Service"
+        and selects(monitor["spec"]["selector"]["matchLabels"], obj["metadata"]["labels"])
+    ]
     assert [service["metadata"]["name"] for service in monitored] == ["ekd-teachers-grpc"]
     port_names = {port["name"] for port in monitored[0]["spec"]["ports"]}
     assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["ekd-metrics"]
@@ -259,8 +298,9 @@ def test_every_cache_user_gets_the_password_from_the_secret(builds, jobs):
     redis_service = objects["Service", "ekd-redis"]
     (redis_port,) = redis_service["spec"]["ports"]
     expected_uri = f"redis://:$(REDIS_PASSWORD)@{redis_service['metadata']['name']}:{redis_port['port']}/0"
-    ray_objects = [obj for obj in builds["base"] + builds["cpu"] + jobs
-                   if obj["kind"] in ("RayService", "RayJob")]
+    ray_objects = [
+        obj for obj in builds["base"] + builds["cpu"] + jobs if obj["kind"] in ("RayService", "RayJob")
+    ]
     for obj in ray_objects:
         for role, template in pod_templates(obj).items():
             if role == "submitter":
@@ -271,8 +311,10 @@ def test_every_cache_user_gets_the_password_from_the_secret(builds, jobs):
                 # Kubernetes expands $(REDIS_PASSWORD) only from variables defined before.
                 assert names.index("REDIS_PASSWORD") < names.index("EKD_CACHE_URI"), (obj["kind"], role)
                 entries = dict(env)
-                assert entries["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "ekd-redis",
-                                                                                  "key": "password"}
+                assert entries["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+                    "name": "ekd-redis",
+                    "key": "password",
+                }
                 assert entries["EKD_CACHE_URI"]["value"] == expected_uri
     # The password itself appears nowhere but in the Secret.
     everything_else = [obj for obj in builds["base"] + jobs if obj is not secret]
@@ -284,8 +326,10 @@ def test_redis_requires_the_password_and_evicts_lru_at_its_memory_limit(builds):
     statefulset = objects["StatefulSet", "ekd-redis"]
     (redis,) = containers(statefulset["spec"]["template"])
     assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    assert dict(env_of(redis))["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "ekd-redis",
-                                                                                  "key": "password"}
+    assert dict(env_of(redis))["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ekd-redis",
+        "key": "password",
+    }
     config_path = redis["args"][1]
     (mount,) = [m for m in redis["volumeMounts"] if config_path.startswith(m["mountPath"] + "/")]
     (volume,) = [v for v in statefulset["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
@@ -331,8 +375,9 @@ def test_distill_job_asks_the_teacher_service(builds, jobs):
 
 def test_claims_used_by_pods_exist(builds, jobs):
     for overlay in OVERLAYS:
-        claims = {obj["metadata"]["name"] for obj in builds[overlay]
-                  if obj["kind"] == "PersistentVolumeClaim"}
+        claims = {
+            obj["metadata"]["name"] for obj in builds[overlay] if obj["kind"] == "PersistentVolumeClaim"
+        }
         for obj in builds[overlay] + jobs:
             for template in pod_templates(obj).values():
                 for volume in template["spec"].get("volumes", []):

@@ -44,6 +44,7 @@ def start_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     all are stopped when the test ends."""
     numbers = itertools.count()
     with contextlib.ExitStack() as servers:
+
         def start(*config_args: str) -> RedisServer:
             directory = tmp_path / f"redis-{next(numbers)}"
             return servers.enter_context(running_redis_server(directory, *config_args))

@@ -251,7 +251,9 @@ def test_lmdb_is_readable_from_another_process_while_open_for_writing(tmp_path):
         store.put_many([(keys[0], torch.tensor([1.5, -2.0], dtype=torch.float16))])
         reader = subprocess.run(
             [sys.executable, "-c", READER_PROGRAM, str(tmp_path / "cache"), *(key.hex() for key in keys)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert reader.returncode == 0, reader.stderr
     assert reader.stdout.splitlines() == ["[1.5, -2.0]", "None"]
@@ -302,7 +304,7 @@ def test_redis_eviction_turns_entries_into_misses(start_redis_server):
     value = torch.zeros(8192, dtype=torch.float16)  # 16 KiB; 200 of them are well past 2 MB
     with RedisStore(server.url) as store:
         for start in range(0, len(keys), 10):
-            store.put_many([(key, value + start) for key in keys[start:start + 10]])
+            store.put_many([(key, value + start) for key in keys[start : start + 10]])
         values = store.get_many(keys)
     with redis.Redis.from_url(server.url) as raw:
         assert raw.info("stats")["evicted_keys"] > 0

@@ -53,8 +53,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def load_engines(checkpoints: dict[str, Path]) -> dict[str, TeacherEngine]:
-    return {name: TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=path))
-            for name, path in checkpoints.items()}
+    return {
+        name: TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=path))
+        for name, path in checkpoints.items()
+    }
 
 
 @pytest.fixture
@@ -110,8 +112,9 @@ def client_of(server: ServerThread, **options) -> TeacherClient:
 
 
 def images(seed: int, batch: int = 8) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (batch, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def assert_fp16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -128,8 +131,9 @@ def test_fetch_equals_the_engines_in_input_order_for_two_teachers(serve, referen
     batch = images(0)
     with client_of(server) as client:
         fetched = client.fetch(batch, TEACHERS, ["logits", "layer3"])
-        assert client.stats == ClientStats(samples=8, cache_hits=0, cache_misses=0, remote_samples=16,
-                                           requests=1, retries=0)  # equal miss sets share one request
+        assert client.stats == ClientStats(
+            samples=8, cache_hits=0, cache_misses=0, remote_samples=16, requests=1, retries=0
+        )  # equal miss sets share one request
     assert set(fetched) == set(TEACHERS)
     for name in TEACHERS:
         expected = reference[name].infer(batch, ["logits", "layer3"])
@@ -169,12 +173,14 @@ def test_second_fetch_is_answered_entirely_from_the_cache(serve, store, referenc
         first = client.fetch(batch, TEACHERS, ["logits", "layer1"])
         calls = server.backend.teacher_calls()
         assert calls - calls_before == 2  # one forward per teacher
-        assert client.stats == ClientStats(samples=8, cache_hits=0, cache_misses=16, remote_samples=16,
-                                           requests=1, retries=0)
+        assert client.stats == ClientStats(
+            samples=8, cache_hits=0, cache_misses=16, remote_samples=16, requests=1, retries=0
+        )
         second = client.fetch(batch, TEACHERS, ["logits", "layer1"])
         assert server.backend.teacher_calls() == calls
-        assert client.stats == ClientStats(samples=16, cache_hits=16, cache_misses=16, remote_samples=16,
-                                           requests=1, retries=0)
+        assert client.stats == ClientStats(
+            samples=16, cache_hits=16, cache_misses=16, remote_samples=16, requests=1, retries=0
+        )
     for name in TEACHERS:
         for output in ("logits", "layer1"):
             torch.testing.assert_close(second[name][output], first[name][output], rtol=0, atol=0)
@@ -211,8 +217,9 @@ def test_teachers_without_weights_are_never_looked_up(serve, lmdb_store):
         assert client.teachers()["random"].weights_sha256 == ""
         first = client.fetch(batch, ["random"], ["logits"])
         second = client.fetch(batch, ["random"], ["logits"])
-        assert client.stats == ClientStats(samples=6, cache_hits=0, cache_misses=0, remote_samples=6,
-                                           requests=2, retries=0)
+        assert client.stats == ClientStats(
+            samples=6, cache_hits=0, cache_misses=0, remote_samples=6, requests=2, retries=0
+        )
     assert server.backend.teacher_calls() - calls_before == 2
     assert lmdb_store.stats.hits == 0 and lmdb_store.stats.puts == 0
     torch.testing.assert_close(second["random"]["logits"], first["random"]["logits"], rtol=0, atol=0)
@@ -269,8 +276,11 @@ def test_unknown_teacher_and_bad_arguments_are_clear_errors(serve):
             client.fetch(batch, ["a", "nobody"], ["logits"])
         assert raised.value.code == grpc.StatusCode.NOT_FOUND
         assert server.address in str(raised.value)
-        with pytest.raises(ValueError, match=r"teacher 'a' has no outputs \['layer9'\]; it provides "
-                                             r"logits, layer1, layer2, layer3"):
+        with pytest.raises(
+            ValueError,
+            match=r"teacher 'a' has no outputs \['layer9'\]; it provides "
+            r"logits, layer1, layer2, layer3",
+        ):
             client.fetch(batch, ["a"], ["layer9"])
         with pytest.raises(ValueError, match=r"got the string 'logits' \(did you mean \['logits'\]\?\)"):
             client.fetch(batch, ["a"], "logits")
@@ -279,8 +289,11 @@ def test_unknown_teacher_and_bad_arguments_are_clear_errors(serve):
         with pytest.raises(ValueError, match=r"uint8 \[B, C, H, W\] batch; got torch.float32"):
             client.fetch(batch.float(), ["a"], ["logits"])
         # A status the server sends (for images with the wrong channel count) keeps its code and detail.
-        with pytest.raises(TeacherServiceError, match=r"Infer \(request \w+\) failed with INVALID_ARGUMENT: "
-                                                      r".*got 1 channels") as raised:
+        with pytest.raises(
+            TeacherServiceError,
+            match=r"Infer \(request \w+\) failed with INVALID_ARGUMENT: "
+            r".*got 1 channels",
+        ) as raised:
             client.fetch(batch[:, :1], ["a"], ["logits"])
         assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert client.stats.retries == 0
@@ -289,8 +302,11 @@ def test_unknown_teacher_and_bad_arguments_are_clear_errors(serve):
 def test_dead_address_is_unavailable_after_the_bounded_retries(free_tcp_port):
     address = f"127.0.0.1:{free_tcp_port}"
     with TeacherClient(address, timeout_seconds=5.0, retries=2, backoff_seconds=0.01) as client:
-        with pytest.raises(TeacherServiceUnavailable, match=rf"at {address} unavailable: ListTeachers failed "
-                                                            r"3 times, last with UNAVAILABLE") as raised:
+        with pytest.raises(
+            TeacherServiceUnavailable,
+            match=rf"at {address} unavailable: ListTeachers failed "
+            r"3 times, last with UNAVAILABLE",
+        ) as raised:
             client.fetch(images(9, batch=2), ["a"], ["logits"])
         assert raised.value.address == address
         assert client.stats.retries == 2

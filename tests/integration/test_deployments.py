@@ -68,12 +68,24 @@ def save_checkpoints(directory: Path) -> dict[str, Path]:
 
 def write_serve_config(path: Path, checkpoints: dict[str, Path], cache_uri: str) -> Path:
     """Both teachers at half a CPU each (Ray has 2 here), gRPC and metrics on free ports, an LMDB cache."""
-    teachers = [{"name": name, "architecture": "cifar_resnet20", "num_classes": NUM_CLASSES,
-                 "checkpoint": str(checkpoint), "max_batch_size": MAX_BATCH_SIZE,
-                 "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S, "num_cpus": 0.5, "precision": "fp32"}
-                for name, checkpoint in checkpoints.items()]
-    path.write_text(yaml.safe_dump({"teachers": teachers, "grpc": {"port": 0}, "cache": {"uri": cache_uri},
-                                    "metrics_port": 0}))
+    teachers = [
+        {
+            "name": name,
+            "architecture": "cifar_resnet20",
+            "num_classes": NUM_CLASSES,
+            "checkpoint": str(checkpoint),
+            "max_batch_size": MAX_BATCH_SIZE,
+            "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S,
+            "num_cpus": 0.5,
+            "precision": "fp32",
+        }
+        for name, checkpoint in checkpoints.items()
+    ]
+    path.write_text(
+        yaml.safe_dump(
+            {"teachers": teachers, "grpc": {"port": 0}, "cache": {"uri": cache_uri}, "metrics_port": 0}
+        )
+    )
     return path
 
 
@@ -93,21 +105,30 @@ class Served:
     deploy: Callable[[dict[str, dict[str, Any]] | None], None]
 
     def forward_counts(self) -> dict[str, int]:
-        return {name: handle.forward_count.remote().result(timeout_s=DEADLINE_SECONDS)
-                for name, handle in self.teachers.items()}
+        return {
+            name: handle.forward_count.remote().result(timeout_s=DEADLINE_SECONDS)
+            for name, handle in self.teachers.items()
+        }
 
     def batch_sizes(self, name: str) -> list[int]:
         return self.teachers[name].recent_batch_sizes.remote().result(timeout_s=DEADLINE_SECONDS)
 
 
-def serve_deploy_schema(config_path: Path, user_configs: dict[str, dict[str, Any]] | None
-                        ) -> ServeDeploySchema:
+def serve_deploy_schema(
+    config_path: Path, user_configs: dict[str, dict[str, Any]] | None
+) -> ServeDeploySchema:
     """What a Serve config file for the service holds, with optional per-teacher user_config overrides."""
-    application: dict[str, Any] = {"name": APP_NAME, "import_path": "services.deployments:app_builder",
-                                   "route_prefix": None, "args": {"config": str(config_path)}}
+    application: dict[str, Any] = {
+        "name": APP_NAME,
+        "import_path": "services.deployments:app_builder",
+        "route_prefix": None,
+        "args": {"config": str(config_path)},
+    }
     if user_configs:
-        application["deployments"] = [{"name": teacher_deployment_name(name), "user_config": user_config}
-                                      for name, user_config in user_configs.items()]
+        application["deployments"] = [
+            {"name": teacher_deployment_name(name), "user_config": user_config}
+            for name, user_config in user_configs.items()
+        ]
     return ServeDeploySchema.model_validate({"proxy_location": "Disabled", "applications": [application]})
 
 
@@ -141,31 +162,45 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             deploy()
             ingress = serve.get_app_handle(APP_NAME)
             address = ingress.address.remote().result(timeout_s=DEADLINE_SECONDS)
-            teachers = {name: serve.get_deployment_handle(teacher_deployment_name(name), APP_NAME)
-                        for name in TEACHERS}
+            teachers = {
+                name: serve.get_deployment_handle(teacher_deployment_name(name), APP_NAME)
+                for name in TEACHERS
+            }
             with grpc.insecure_channel(address) as channel:
-                yield Served(checkpoints, ingress, teachers, address,
-                             teacher_pb2_grpc.TeacherServiceStub(channel), channel, deploy)
+                yield Served(
+                    checkpoints,
+                    ingress,
+                    teachers,
+                    address,
+                    teacher_pb2_grpc.TeacherServiceStub(channel),
+                    channel,
+                    deploy,
+                )
         finally:
             serve.shutdown()
             ray.shutdown()
 
 
-def infer_request(batch: torch.Tensor, teachers=TEACHERS, outputs=(),
-                  output_dtype=teacher_pb2.DTYPE_UNSPECIFIED) -> teacher_pb2.InferRequest:
-    tensor = teacher_pb2.Tensor(dtype=teacher_pb2.UINT8, shape=list(batch.shape),
-                                data=batch.numpy().tobytes())
-    return teacher_pb2.InferRequest(teachers=list(teachers), outputs=list(outputs), output_dtype=output_dtype,
-                                    images=tensor)
+def infer_request(
+    batch: torch.Tensor, teachers=TEACHERS, outputs=(), output_dtype=teacher_pb2.DTYPE_UNSPECIFIED
+) -> teacher_pb2.InferRequest:
+    tensor = teacher_pb2.Tensor(
+        dtype=teacher_pb2.UINT8, shape=list(batch.shape), data=batch.numpy().tobytes()
+    )
+    return teacher_pb2.InferRequest(
+        teachers=list(teachers), outputs=list(outputs), output_dtype=output_dtype, images=tensor
+    )
 
 
 def decode(tensor: teacher_pb2.Tensor) -> torch.Tensor:
-    return tensor_from_bytes(tensor.data, DTYPES_BY_PROTO_NAME[teacher_pb2.DType.Name(tensor.dtype)],
-                             tensor.shape)
+    return tensor_from_bytes(
+        tensor.data, DTYPES_BY_PROTO_NAME[teacher_pb2.DType.Name(tensor.dtype)], tensor.shape
+    )
 
 
-def infer(stub, request: teacher_pb2.InferRequest
-          ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[bool]]]:
+def infer(
+    stub, request: teacher_pb2.InferRequest
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[bool]]]:
     """Reassembled outputs {teacher: {output: [B, ...]}} and per-sample `cached` flags {teacher: [B]}."""
     chunks: dict[str, list[teacher_pb2.InferResponse]] = {}
     for response in stub.Infer(request, timeout=DEADLINE_SECONDS):
@@ -173,8 +208,10 @@ def infer(stub, request: teacher_pb2.InferRequest
     outputs, cached = {}, {}
     for teacher, responses in chunks.items():
         responses.sort(key=lambda response: response.start)
-        outputs[teacher] = {name: torch.cat([decode(response.outputs[name]) for response in responses])
-                            for name in responses[0].outputs}
+        outputs[teacher] = {
+            name: torch.cat([decode(response.outputs[name]) for response in responses])
+            for name in responses[0].outputs
+        }
         cached[teacher] = [flag for response in responses for flag in response.cached]
     return outputs, cached
 
@@ -197,7 +234,10 @@ def test_list_teachers_describes_every_deployment(served: Served) -> None:
         assert info.weights_sha256 == file_sha256(served.checkpoints[info.name])
         assert info.input.input_size == 16
         assert {tap.name: (tap.channels, tap.height, tap.width) for tap in info.taps} == {
-            "layer1": (16, 16, 16), "layer2": (32, 8, 8), "layer3": (64, 4, 4)}
+            "layer1": (16, 16, 16),
+            "layer2": (32, 8, 8),
+            "layer3": (64, 4, 4),
+        }
     assert listed.max_batch_size == 512
 
 
@@ -275,8 +315,9 @@ def test_user_config_update_reconfigures_batching_in_the_running_replica(served:
     before = len(served.batch_sizes(teacher))
     concurrent_infers(served, first_seed=400, requests=4, samples=2)
     large = images(seed=500, count=10)  # more samples than the new max_batch_size: split into forward passes
-    outputs, _ = infer(served.stub,
-                       infer_request(large, teachers=[teacher], output_dtype=teacher_pb2.FLOAT32))
+    outputs, _ = infer(
+        served.stub, infer_request(large, teachers=[teacher], output_dtype=teacher_pb2.FLOAT32)
+    )
 
     new_batches = served.batch_sizes(teacher)[before:]
     assert sum(new_batches) == 8 + 10
@@ -329,7 +370,9 @@ def test_digits_serve_config_loads() -> None:
     config = load_serve_config(REPO_ROOT / "configs" / "serve" / "digits.yaml")
 
     assert [(teacher.name, teacher.architecture) for teacher in config.teachers] == [
-        ("cifar_resnet56", "cifar_resnet56"), ("cifar_wrn16_4", "cifar_wrn16_4")]
+        ("cifar_resnet56", "cifar_resnet56"),
+        ("cifar_wrn16_4", "cifar_wrn16_4"),
+    ]
     assert config.grpc.port == 50051
     assert Path(config.teachers[0].checkpoint).is_absolute()
 
@@ -337,12 +380,24 @@ def test_digits_serve_config_loads() -> None:
 def test_bad_serve_config_names_the_field_and_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "serve.yaml"
     monkeypatch.delenv("EKD_UNSET_CACHE_URI", raising=False)
-    path.write_text(yaml.safe_dump({
-        "teachers": [{"name": "a", "architecture": "cifar_resnet999", "num_classes": 10,
-                      "checkpoint": "a.pt"},
-                     {"name": "a", "architecture": "cifar_resnet20", "num_classes": 10, "checkpoint": "a.pt",
-                      "max_batch_size": 0, "replicas": 2}],
-        "cache": {"uri": "${EKD_UNSET_CACHE_URI}"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "teachers": [
+                    {"name": "a", "architecture": "cifar_resnet999", "num_classes": 10, "checkpoint": "a.pt"},
+                    {
+                        "name": "a",
+                        "architecture": "cifar_resnet20",
+                        "num_classes": 10,
+                        "checkpoint": "a.pt",
+                        "max_batch_size": 0,
+                        "replicas": 2,
+                    },
+                ],
+                "cache": {"uri": "${EKD_UNSET_CACHE_URI}"},
+            }
+        )
+    )
 
     with pytest.raises(ServeConfigError) as error:
         load_serve_config(path)

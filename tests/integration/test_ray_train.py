@@ -36,21 +36,36 @@ CHANCE = 0.1  # ten digit classes
 ACCURACY_TOLERANCE = 0.1
 
 
-def experiment(tmp_path: Path, name: str, *, backend: str, method: str = "ce",
-               teacher_checkpoint: Path | None = None) -> ExperimentConfig:
+def experiment(
+    tmp_path: Path, name: str, *, backend: str, method: str = "ce", teacher_checkpoint: Path | None = None
+) -> ExperimentConfig:
     teachers = []
     if teacher_checkpoint is not None:
-        teachers = [{"name": "cifar_resnet20", "checkpoint": str(teacher_checkpoint),
-                     "train": {"epochs": 1, "lr": 0.05}}]
-    return ExperimentConfig.model_validate({
-        "name": name, "seed": 0, "device": "cpu",
-        "data": {"dataset": "digits", "image_size": 8, "views": 2, "pad": 1, "batch_size": 128},
-        "teachers": teachers, "method": {"name": method, "student": {"arch": "cifar_resnet8"}},
-        "train": {"epochs": EPOCHS, "lr": 0.1},
-        "execution": {"backend": backend, "workers": 2, "max_failures": 1,
-                      "storage_path": str(tmp_path / "ray" / name)},
-        "output_dir": str(tmp_path / "runs"),
-    })
+        teachers = [
+            {
+                "name": "cifar_resnet20",
+                "checkpoint": str(teacher_checkpoint),
+                "train": {"epochs": 1, "lr": 0.05},
+            }
+        ]
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "seed": 0,
+            "device": "cpu",
+            "data": {"dataset": "digits", "image_size": 8, "views": 2, "pad": 1, "batch_size": 128},
+            "teachers": teachers,
+            "method": {"name": method, "student": {"arch": "cifar_resnet8"}},
+            "train": {"epochs": EPOCHS, "lr": 0.1},
+            "execution": {
+                "backend": backend,
+                "workers": 2,
+                "max_failures": 1,
+                "storage_path": str(tmp_path / "ray" / name),
+            },
+            "output_dir": str(tmp_path / "runs"),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +96,12 @@ def ce_runs(local_ray, tmp_path_factory) -> CeRuns:
         env.setenv(FAIL_AT_EPOCH_ENV, "2")
         env.setenv(FAIL_MARKER_ENV, str(marker))
         killed = run_experiment(experiment(tmp_path, "killed", backend="ray_train"), log=lambda message: None)
-    return CeRuns(run_experiment(uninterrupted, log=lambda message: None), killed,
-                  Path(uninterrupted.execution.storage_path), marker)
+    return CeRuns(
+        run_experiment(uninterrupted, log=lambda message: None),
+        killed,
+        Path(uninterrupted.execution.storage_path),
+        marker,
+    )
 
 
 def test_shards_of_two_workers_make_up_the_single_process_batches():
@@ -90,8 +109,9 @@ def test_shards_of_two_workers_make_up_the_single_process_batches():
     views = ReplayedViews(ImageTensorDataset(images, torch.zeros(301)), seed=0, views=0, pad=0, hflip=False)
     for epoch in (0, 1):
         single = [ids for _, _, ids, _ in train_loader(views, 64, 3, epoch)]
-        shards = [[ids for _, _, ids, _ in train_loader(views, 64, 3, epoch, Shard(rank, 2))]
-                  for rank in (0, 1)]
+        shards = [
+            [ids for _, _, ids, _ in train_loader(views, 64, 3, epoch, Shard(rank, 2))] for rank in (0, 1)
+        ]
         assert len(shards[0]) == len(shards[1]) == len(single) == 5
         for step, batch in enumerate(single):
             # 301 samples: the last step pads worker 1 with the permutation's first sample, as
@@ -104,12 +124,16 @@ def test_shards_of_two_workers_make_up_the_single_process_batches():
 @pytest.mark.slow
 def test_ray_train_kd_matches_local_backend(local_ray, tmp_path):
     teacher = tmp_path / "teachers" / "cifar_resnet20.pt"
-    local = run_experiment(experiment(tmp_path, "kd-local", backend="local", method="kd",
-                                      teacher_checkpoint=teacher), log=lambda message: None)
+    local = run_experiment(
+        experiment(tmp_path, "kd-local", backend="local", method="kd", teacher_checkpoint=teacher),
+        log=lambda message: None,
+    )
     assert teacher.is_file()  # trained by the local run, reused by the Ray run (not retrained)
     logs = []
-    distributed = run_experiment(experiment(tmp_path, "kd-ray", backend="ray_train", method="kd",
-                                            teacher_checkpoint=teacher), log=logs.append)
+    distributed = run_experiment(
+        experiment(tmp_path, "kd-ray", backend="ray_train", method="kd", teacher_checkpoint=teacher),
+        log=logs.append,
+    )
     assert not any("training it" in line for line in logs)
 
     assert local.test_accuracy > CHANCE + 0.3 and distributed.test_accuracy > CHANCE + 0.3
@@ -184,7 +208,11 @@ print("no ray")
 
 
 def test_local_backend_never_imports_ray(tmp_path):
-    done = subprocess.run([sys.executable, "-c", LOCAL_RUN.format(output=str(tmp_path / "runs"))],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOCAL_RUN.format(output=str(tmp_path / "runs"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "no ray"

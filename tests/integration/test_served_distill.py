@@ -28,11 +28,23 @@ TEACHERS = [("t0", 0), ("t1", 1)]
 
 def experiment(tmp_path: Path, name: str, method: dict, **extra) -> dict:
     return {
-        "name": name, "seed": 0,
+        "name": name,
+        "seed": 0,
         "data": {"dataset": "digits", "image_size": 8, "views": 2, "pad": 1, "batch_size": 128},
-        "teachers": [{"name": "cifar_resnet20", "checkpoint": str(tmp_path / f"{served}.pt"), "seed": seed,
-                      "served_as": served, "train": {"epochs": 2, "lr": 0.05}} for served, seed in TEACHERS],
-        "method": method, "train": {"epochs": 3, "lr": 0.05}, "output_dir": str(tmp_path / "runs"), **extra,
+        "teachers": [
+            {
+                "name": "cifar_resnet20",
+                "checkpoint": str(tmp_path / f"{served}.pt"),
+                "seed": seed,
+                "served_as": served,
+                "train": {"epochs": 2, "lr": 0.05},
+            }
+            for served, seed in TEACHERS
+        ],
+        "method": method,
+        "train": {"epochs": 3, "lr": 0.05},
+        "output_dir": str(tmp_path / "runs"),
+        **extra,
     }
 
 
@@ -41,8 +53,10 @@ EKD_METHOD = {"name": "ekd", "depth": 8}
 
 
 def serve_teachers(tmp_path: Path, cache_uri: str) -> tuple[BackgroundServer, LocalBackend]:
-    engines = {served: TeacherEngine(create_teacher("cifar_resnet20", 10, checkpoint=tmp_path / f"{served}.pt"))
-               for served, _ in TEACHERS}
+    engines = {
+        served: TeacherEngine(create_teacher("cifar_resnet20", 10, checkpoint=tmp_path / f"{served}.pt"))
+        for served, _ in TEACHERS
+    }
     backend = LocalBackend(engines)
     return BackgroundServer(backend, store=open_store(cache_uri)), backend
 
@@ -56,13 +70,18 @@ def cache_uri(request, tmp_path):
 
 
 def test_served_teachers_match_in_process_and_are_reused_across_experiments(tmp_path, cache_uri):
-    in_process = run_experiment(ExperimentConfig.model_validate(experiment(tmp_path, "kd-in-process", KD)),
-                                log=lambda _: None)
+    in_process = run_experiment(
+        ExperimentConfig.model_validate(experiment(tmp_path, "kd-in-process", KD)), log=lambda _: None
+    )
 
     server, _ = serve_teachers(tmp_path, cache_uri)
     with server:
-        served_cfg = experiment(tmp_path, "kd-served", KD,
-                                teacher_source={"kind": "served", "address": server.address, "cache": cache_uri})
+        served_cfg = experiment(
+            tmp_path,
+            "kd-served",
+            KD,
+            teacher_source={"kind": "served", "address": server.address, "cache": cache_uri},
+        )
         served = run_experiment(ExperimentConfig.model_validate(served_cfg), log=lambda _: None)
     # Same seed, same data, same replayed views; the served targets are fp16 instead of fp32, which moves a
     # few of 360 test predictions at most on a 3-epoch student: 5 points is far outside that, far inside chance.
@@ -77,8 +96,14 @@ def test_served_teachers_match_in_process_and_are_reused_across_experiments(tmp_
         config = tmp_path / "ekd.yaml"
         config.write_text(yaml.safe_dump(experiment(tmp_path, "ekd-served", EKD_METHOD)))
         env = {**os.environ, "EKD_CACHE_URI": cache_uri}
-        run = subprocess.run([EKD, "distill", str(config), "--teacher-service", server.address],
-                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        run = subprocess.run(
+            [EKD, "distill", str(config), "--teacher-service", server.address],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=tmp_path,
+        )
         assert run.returncode == 0, run.stderr
         assert backend.teacher_calls() == calls_at_start  # no forward pass: every output came from the cache
     record = json.loads((tmp_path / "runs" / "ekd-served" / "results.json").read_text())[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -52,7 +51,8 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TeacherEngine
         engines[name] = TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=checkpoint))
     torch.manual_seed(2)
     engines["random"] = TeacherEngine(
-        create_teacher("cifar_resnet20", NUM_CLASSES, preprocessing=PREPROCESSING))
+        create_teacher("cifar_resnet20", NUM_CLASSES, preprocessing=PREPROCESSING)
+    )
     assert engines["a"].spec.weights_sha256 and engines["random"].spec.weights_sha256 is None
     return engines
 
@@ -92,27 +92,37 @@ def serve(engines) -> Iterator[Callable[..., ServerThread]]:
 
 
 def images(seed: int, batch: int = 8, channels: int = 3, size: int = 16) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0,
+        256,
+        (batch, channels, size, size),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def image_tensor(batch: torch.Tensor) -> teacher_pb2.Tensor:
     return teacher_pb2.Tensor(dtype=teacher_pb2.UINT8, shape=list(batch.shape), data=batch.numpy().tobytes())
 
 
-def infer(server: ServerThread, teachers: list[str], batch: torch.Tensor, **fields
-          ) -> list[teacher_pb2.InferResponse]:
+def infer(
+    server: ServerThread, teachers: list[str], batch: torch.Tensor, **fields
+) -> list[teacher_pb2.InferResponse]:
     request = teacher_pb2.InferRequest(teachers=teachers, images=image_tensor(batch), **fields)
     return list(server.stub.Infer(request, timeout=DEADLINE_SECONDS))
 
 
 def decode(message: teacher_pb2.Tensor) -> torch.Tensor:
-    return tensor_from_bytes(message.data, DTYPES_BY_PROTO_NAME[teacher_pb2.DType.Name(message.dtype)],
-                             message.shape)
+    return tensor_from_bytes(
+        message.data, DTYPES_BY_PROTO_NAME[teacher_pb2.DType.Name(message.dtype)], message.shape
+    )
 
 
-def assemble(responses: list[teacher_pb2.InferResponse], teacher: str,
-             pick: Callable[[teacher_pb2.InferResponse], teacher_pb2.Tensor]) -> torch.Tensor:
+def assemble(
+    responses: list[teacher_pb2.InferResponse],
+    teacher: str,
+    pick: Callable[[teacher_pb2.InferResponse], teacher_pb2.Tensor],
+) -> torch.Tensor:
     """One teacher's output for the whole batch from its chunks, checking they cover it exactly once."""
     chunks = sorted((r for r in responses if r.teacher == teacher), key=lambda r: r.start)
     assert [r.start for r in chunks] == [sum(c.count for c in chunks[:i]) for i in range(len(chunks))]
@@ -159,8 +169,11 @@ def test_health_reports_serving_and_reflection_lists_the_service(serve):
         answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE_SECONDS)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
-    answers = list(reflection.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=DEADLINE_SECONDS))
+    answers = list(
+        reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=DEADLINE_SECONDS
+        )
+    )
     listed = {service.name for service in answers[0].list_services_response.service}
     assert {TEACHER_SERVICE_FULL_NAME, "grpc.health.v1.Health"} <= listed
 
@@ -201,8 +214,9 @@ def test_served_logits_and_taps_equal_the_engine(serve, engines, dtype):
     server = serve()
     batch = images(1)
     expected = engines["a"].infer(batch, ["logits", "layer2"])
-    responses = infer(server, ["a"], batch, outputs=["logits", "layer2"],
-                      output_dtype=teacher_pb2.DType.Value(dtype))
+    responses = infer(
+        server, ["a"], batch, outputs=["logits", "layer2"], output_dtype=teacher_pb2.DType.Value(dtype)
+    )
     served_dtype = DTYPES[DTYPES_BY_PROTO_NAME.get(dtype, "float16")]
     for name in ("logits", "layer2"):
         served = assemble(responses, "a", output(name))
@@ -239,8 +253,9 @@ def test_partially_cached_batch_computes_only_the_misses(serve, engines, tmp_pat
     assert server.metric("ekd_batch_size_sum", teacher="a") == 3 + 5
     assert cached(responses, "a") == [i in seen for i in range(8)]
     expected = engines["a"].infer(batch, ["logits"])["logits"]
-    torch.testing.assert_close(assemble(responses, "a", output("logits")).float(), expected,
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        assemble(responses, "a", output("logits")).float(), expected, rtol=1e-2, atol=1e-2
+    )
 
 
 def test_ensemble_streams_every_teacher_and_chunks_reassemble(serve, engines):
@@ -248,7 +263,8 @@ def test_ensemble_streams_every_teacher_and_chunks_reassemble(serve, engines):
     batch = images(4)
     responses = infer(server, ["a", "b"], batch, chunk_size=3, output_dtype=teacher_pb2.FLOAT32)
     assert sorted((r.teacher, r.start, r.count) for r in responses) == [
-        (teacher, start, count) for teacher in ("a", "b") for start, count in ((0, 3), (3, 3), (6, 2))]
+        (teacher, start, count) for teacher in ("a", "b") for start, count in ((0, 3), (3, 3), (6, 2))
+    ]
     served = {teacher: assemble(responses, teacher, output("logits")) for teacher in ("a", "b")}
     for teacher in ("a", "b"):
         assert torch.equal(served[teacher], engines[teacher].infer(batch, ["logits"])["logits"])
@@ -346,40 +362,87 @@ def _images_with(**fields) -> teacher_pb2.Tensor:
 
 SPEC = r"expected images uint8 \[B, 3, H, W\] with 1 <= B <= 4 and H, W >= 1"
 BAD_REQUESTS = {
-    "unknown teacher": (dict(teachers=["a", "nope"]), grpc.StatusCode.NOT_FOUND,
-                        r"^unknown teachers \['nope'\]; hosted teachers: a, b, random$"),
-    "no teacher": (dict(teachers=[]), grpc.StatusCode.INVALID_ARGUMENT,
-                   r"^no teachers requested; hosted teachers: a, b, random$"),
-    "duplicate teacher": (dict(teachers=["a", "b", "a"]), grpc.StatusCode.INVALID_ARGUMENT,
-                          r"^duplicate teachers \['a'\]"),
-    "unknown output": (dict(outputs=["logits", "layer9"]), grpc.StatusCode.INVALID_ARGUMENT,
-                       r"^teacher 'a' has no outputs \['layer9'\]; "
-                       r"available outputs of 'a': logits, layer1, layer2, layer3$"),
-    "duplicate output": (dict(outputs=["layer1", "layer1"]), grpc.StatusCode.INVALID_ARGUMENT,
-                         r"^duplicate outputs \['layer1'\]"),
-    "float images": (dict(images=_images_with(dtype=teacher_pb2.FLOAT32)), grpc.StatusCode.INVALID_ARGUMENT,
-                     SPEC + r".*; got dtype FLOAT32$"),
-    "no images": (dict(images=teacher_pb2.Tensor()), grpc.StatusCode.INVALID_ARGUMENT,
-                  SPEC + r".*; got dtype DTYPE_UNSPECIFIED$"),
-    "3-D images": (dict(images=_images_with(shape=[6, 16, 16])), grpc.StatusCode.INVALID_ARGUMENT,
-                   SPEC + r".*; got 3 dimensions \(shape \[6, 16, 16\]\)$"),
-    "wrong channels": (dict(images=_images_with(shape=[6, 1, 16, 16])), grpc.StatusCode.INVALID_ARGUMENT,
-                       SPEC + r".*; got 1 channels"),
-    "wrong byte length": (dict(images=_images_with(data=b"\0" * 100)), grpc.StatusCode.INVALID_ARGUMENT,
-                          SPEC + r".*; got 100 bytes for shape \[2, 3, 16, 16\], which needs 1536$"),
-    "negative dimension": (dict(images=_images_with(shape=[-2, 3, 16, 16])), grpc.StatusCode.INVALID_ARGUMENT,
-                           SPEC + r".*; got a negative dimension"),
-    "empty batch": (dict(images=_images_with(shape=[0, 3, 16, 16], data=b"")),
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    SPEC + r".*; got an empty batch \(shape \[0, 3, 16, 16\]\)$"),
-    "batch too large": (dict(images=image_tensor(images(11, batch=5))), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        r"^batch of 5 images exceeds max_batch_size=4"),
-    "integer output dtype": (dict(output_dtype=teacher_pb2.UINT8), grpc.StatusCode.INVALID_ARGUMENT,
-                             r"^output_dtype UINT8 is not allowed; allowed: FLOAT32, FLOAT16, BFLOAT16"),
-    "unknown output dtype": (dict(output_dtype=99), grpc.StatusCode.INVALID_ARGUMENT,
-                             r"^output_dtype <unknown DType value 99> is not allowed"),
-    "top_k above classes": (dict(top_k=11), grpc.StatusCode.INVALID_ARGUMENT,
-                            r"^top_k=11 exceeds the number of classes; allowed: 0 \(full logits\) to 10"),
+    "unknown teacher": (
+        dict(teachers=["a", "nope"]),
+        grpc.StatusCode.NOT_FOUND,
+        r"^unknown teachers \['nope'\]; hosted teachers: a, b, random$",
+    ),
+    "no teacher": (
+        dict(teachers=[]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^no teachers requested; hosted teachers: a, b, random$",
+    ),
+    "duplicate teacher": (
+        dict(teachers=["a", "b", "a"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^duplicate teachers \['a'\]",
+    ),
+    "unknown output": (
+        dict(outputs=["logits", "layer9"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^teacher 'a' has no outputs \['layer9'\]; "
+        r"available outputs of 'a': logits, layer1, layer2, layer3$",
+    ),
+    "duplicate output": (
+        dict(outputs=["layer1", "layer1"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^duplicate outputs \['layer1'\]",
+    ),
+    "float images": (
+        dict(images=_images_with(dtype=teacher_pb2.FLOAT32)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        SPEC + r".*; got dtype FLOAT32$",
+    ),
+    "no images": (
+        dict(images=teacher_pb2.Tensor()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        SPEC + r".*; got dtype DTYPE_UNSPECIFIED$",
+    ),
+    "3-D images": (
+        dict(images=_images_with(shape=[6, 16, 16])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        SPEC + r".*; got 3 dimensions \(shape \[6, 16, 16\]\)$",
+    ),
+    "wrong channels": (
+        dict(images=_images_with(shape=[6, 1, 16, 16])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        SPEC + r".*; got 1 channels",
+    ),
+    "wrong byte length": (
+        dict(images=_images_with(data=b"\0" * 100)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        SPEC + r".*; got 100 bytes for shape \[2, 3, 16, 16\], which needs 1536$",
+    ),
+    "negative dimension": (
+        dict(images=_images_with(shape=[-2, 3, 16, 16])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        SPEC + r".*; got a negative dimension",
+    ),
+    "empty batch": (
+        dict(images=_images_with(shape=[0, 3, 16, 16], data=b"")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        SPEC + r".*; got an empty batch \(shape \[0, 3, 16, 16\]\)$",
+    ),
+    "batch too large": (
+        dict(images=image_tensor(images(11, batch=5))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        r"^batch of 5 images exceeds max_batch_size=4",
+    ),
+    "integer output dtype": (
+        dict(output_dtype=teacher_pb2.UINT8),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^output_dtype UINT8 is not allowed; allowed: FLOAT32, FLOAT16, BFLOAT16",
+    ),
+    "unknown output dtype": (
+        dict(output_dtype=99),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^output_dtype <unknown DType value 99> is not allowed",
+    ),
+    "top_k above classes": (
+        dict(top_k=11),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^top_k=11 exceeds the number of classes; allowed: 0 \(full logits\) to 10",
+    ),
 }
 
 
@@ -424,12 +487,21 @@ class FailingBackend(LocalBackend):
         raise self.error
 
 
-@pytest.mark.parametrize("error, code, message", [
-    (RuntimeError("CUDA error: out of memory"), grpc.StatusCode.INTERNAL,
-     "teacher 'a' failed: RuntimeError: CUDA error: out of memory"),
-    (BackendUnavailableError("replica restarting"), grpc.StatusCode.UNAVAILABLE,
-     "teacher 'a' is unavailable: replica restarting; retry later"),
-])
+@pytest.mark.parametrize(
+    "error, code, message",
+    [
+        (
+            RuntimeError("CUDA error: out of memory"),
+            grpc.StatusCode.INTERNAL,
+            "teacher 'a' failed: RuntimeError: CUDA error: out of memory",
+        ),
+        (
+            BackendUnavailableError("replica restarting"),
+            grpc.StatusCode.UNAVAILABLE,
+            "teacher 'a' is unavailable: replica restarting; retry later",
+        ),
+    ],
+)
 def test_failing_teacher_fails_only_its_request(serve, engines, error, code, message):
     server = serve(FailingBackend({"a": engines["a"]}, error))
     for _ in range(2):

@@ -11,8 +11,10 @@ from trainer.methods.base import TeacherInfo
 
 
 def teacher_infos(count: int, num_classes: int = 10, feature_shapes: dict | None = None) -> list[TeacherInfo]:
-    return [TeacherInfo(name=f"teacher{i}", num_classes=num_classes, feature_shapes=dict(feature_shapes or {}))
-            for i in range(count)]
+    return [
+        TeacherInfo(name=f"teacher{i}", num_classes=num_classes, feature_shapes=dict(feature_shapes or {}))
+        for i in range(count)
+    ]
 
 
 class FixedLogits(nn.Module):

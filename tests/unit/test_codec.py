@@ -109,7 +109,11 @@ def test_codec_errors_are_value_errors():
 
 def test_proto_name_tables_are_inverse_and_cover_every_dtype():
     assert PROTO_DTYPE_NAMES == {
-        "float32": "FLOAT32", "float16": "FLOAT16", "bfloat16": "BFLOAT16", "uint8": "UINT8", "int64": "INT64"
+        "float32": "FLOAT32",
+        "float16": "FLOAT16",
+        "bfloat16": "BFLOAT16",
+        "uint8": "UINT8",
+        "int64": "INT64",
     }
     assert {DTYPES_BY_PROTO_NAME[proto]: proto for proto in PROTO_DTYPE_NAMES.values()} == PROTO_DTYPE_NAMES
 
@@ -127,7 +131,7 @@ HEADER_LENGTH = 7 + 2 * 4 + 16
 
 
 def replaced(data: bytes, offset: int, new: bytes) -> bytes:
-    return data[:offset] + new + data[offset + len(new):]
+    return data[:offset] + new + data[offset + len(new) :]
 
 
 @pytest.mark.parametrize(
@@ -136,7 +140,7 @@ def replaced(data: bytes, offset: int, new: bytes) -> bytes:
         (replaced(FRAMED, HEADER_LENGTH + 3, bytes([FRAMED[HEADER_LENGTH + 3] ^ 0x01])), "checksum mismatch"),
         (replaced(FRAMED, HEADER_LENGTH - 1, bytes([FRAMED[HEADER_LENGTH - 1] ^ 0x80])), "checksum mismatch"),
         (FRAMED[:-1], r"truncated: 42 bytes, expected 43"),
-        (FRAMED[:HEADER_LENGTH - 1], "shorter than its 31-byte header"),
+        (FRAMED[: HEADER_LENGTH - 1], "shorter than its 31-byte header"),
         (FRAMED[:5], "shorter than the 7-byte prefix"),
         (b"", "shorter than the 7-byte prefix"),
         (FRAMED + b"\x00", r"extra bytes: 44 bytes, expected 43"),
@@ -147,8 +151,18 @@ def replaced(data: bytes, offset: int, new: bytes) -> bytes:
         (b"\x80\x04\x95garbage that a pickle would start with", "bad magic"),
     ],
     ids=[
-        "payload-bit-flip", "checksum-bit-flip", "truncated-payload", "truncated-header", "truncated-prefix",
-        "empty", "extra-byte", "bad-magic", "bad-version", "bad-dtype", "shape-disagrees", "foreign-bytes",
+        "payload-bit-flip",
+        "checksum-bit-flip",
+        "truncated-payload",
+        "truncated-header",
+        "truncated-prefix",
+        "empty",
+        "extra-byte",
+        "bad-magic",
+        "bad-version",
+        "bad-dtype",
+        "shape-disagrees",
+        "foreign-bytes",
     ],
 )
 def test_every_corruption_is_detected(damaged, message):

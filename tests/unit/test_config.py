@@ -23,8 +23,16 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_every_shipped_digits_config_validates():
     names = {p.stem for p in SHIPPED}
-    assert {"kd", "kd_ensemble", "student_ensemble", "ekd", "one", "okd", "feed_parallel",
-            "feed_sequential"} <= names
+    assert {
+        "kd",
+        "kd_ensemble",
+        "student_ensemble",
+        "ekd",
+        "one",
+        "okd",
+        "feed_parallel",
+        "feed_sequential",
+    } <= names
     for path in SHIPPED:
         cfg = load_experiment(path)
         assert cfg.data.dataset == "digits"
@@ -36,15 +44,18 @@ def test_valid_minimal_config_gets_defaults(tmp_path):
     assert cfg.data.batch_size == 64 and cfg.train.schedule == "cosine"
 
 
-@pytest.mark.parametrize("text, field, hint", [
-    (KD.replace("temperature: 4.0", "temperature: -1"), "method.kd.temperature", "greater than 0"),
-    (KD.replace("name: kd,", "name: kdd,"), "method", "'kd'"),
-    (KD.replace("cifar_resnet20", "resnet9000"), "teachers.0.name", "allowed: cifar_resnet110"),
-    (KD + "data: {batch_size: 64, colour: red}\n", "data.colour", "Extra inputs are not permitted"),
-    (KD + "data: {dataset: mnist}\n", "data.dataset", "'digits'"),
-    (KD + "train: {schedule: linear}\n", "train.schedule", "'cosine'"),
-    (KD + "train: {milestones: [0.8, 0.2]}\n", "train.milestones", "increasing fractions"),
-])
+@pytest.mark.parametrize(
+    "text, field, hint",
+    [
+        (KD.replace("temperature: 4.0", "temperature: -1"), "method.kd.temperature", "greater than 0"),
+        (KD.replace("name: kd,", "name: kdd,"), "method", "'kd'"),
+        (KD.replace("cifar_resnet20", "resnet9000"), "teachers.0.name", "allowed: cifar_resnet110"),
+        (KD + "data: {batch_size: 64, colour: red}\n", "data.colour", "Extra inputs are not permitted"),
+        (KD + "data: {dataset: mnist}\n", "data.dataset", "'digits'"),
+        (KD + "train: {schedule: linear}\n", "train.schedule", "'cosine'"),
+        (KD + "train: {milestones: [0.8, 0.2]}\n", "train.milestones", "increasing fractions"),
+    ],
+)
 def test_bad_field_is_named_with_what_is_allowed(tmp_path, text, field, hint):
     with pytest.raises(ConfigError) as err:
         load_experiment(write(tmp_path, text))

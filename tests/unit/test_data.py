@@ -153,7 +153,7 @@ def test_replayed_view_is_a_zero_padded_crop_of_the_image():
     for index in range(6):
         image = dataset[index][0]
         padded = torch.nn.functional.pad(image, (2, 2, 2, 2))
-        candidates = [padded[:, top:top + 8, left:left + 8] for top in range(5) for left in range(5)]
+        candidates = [padded[:, top : top + 8, left : left + 8] for top in range(5) for left in range(5)]
         for view in range(4):
             assert any(torch.equal(views.view(index, view), crop) for crop in candidates)
 
@@ -215,8 +215,10 @@ def test_replay_rejects_negative_arguments():
 
 def test_another_process_computes_the_same_view_bytes():
     views = ReplayedViews(random_images(5, seed=11), seed=123, views=4, pad=3, hflip=True)
-    expected = {index: hashlib.sha256(views.view(index, view).numpy().tobytes()).hexdigest()
-                for index, view in ((0, 1), (4, 3))}
+    expected = {
+        index: hashlib.sha256(views.view(index, view).numpy().tobytes()).hexdigest()
+        for index, view in ((0, 1), (4, 3))
+    }
     script = (
         "import hashlib, torch\n"
         "from trainer.data import ImageTensorDataset, ReplayedViews\n"
@@ -229,8 +231,9 @@ def test_another_process_computes_the_same_view_bytes():
     )
     # A different hash salt than this process's: the view must not depend on Python's hash().
     env = {**os.environ, "PYTHONHASHSEED": "4242"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                            cwd=REPO_ROOT, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO_ROOT, env=env
+    )
     computed = {int(index): digest for index, digest in (line.split() for line in result.stdout.splitlines())}
     assert computed == expected
 

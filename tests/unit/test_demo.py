@@ -8,8 +8,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_every_method_on_served_teachers_through_ray_train(tmp_path):
-    experiments = demo_experiments(REPO / "configs" / "digits", address="127.0.0.1:50051",
-                                   cache_uri="lmdb:///tmp/x", workers=2, output_dir=tmp_path, epochs=3)
+    experiments = demo_experiments(
+        REPO / "configs" / "digits",
+        address="127.0.0.1:50051",
+        cache_uri="lmdb:///tmp/x",
+        workers=2,
+        output_dir=tmp_path,
+        epochs=3,
+    )
     assert len(experiments) == len(SERVED_EXPERIMENTS) + len(TEACHER_FREE_EXPERIMENTS)
     assert {e.method.name for e in experiments} == {"kd", "student_ensemble", "ekd", "feed", "one", "okd"}
     for cfg in experiments:
@@ -17,6 +23,9 @@ def test_demo_runs_every_method_on_served_teachers_through_ray_train(tmp_path):
         assert cfg.train.epochs == 3 and cfg.output_dir == str(tmp_path)
         if cfg.teachers:
             assert cfg.teacher_source.kind == "served"
-            assert (cfg.teacher_source.address, cfg.teacher_source.cache) == ("127.0.0.1:50051", "lmdb:///tmp/x")
+            assert (cfg.teacher_source.address, cfg.teacher_source.cache) == (
+                "127.0.0.1:50051",
+                "lmdb:///tmp/x",
+            )
         else:
             assert cfg.method.name in ("one", "okd")

@@ -38,8 +38,13 @@ def reference(teacher_and_reference):
 
 
 def images(batch: int = 3, size: int = 16, channels: int = 3) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(size))
+    return torch.randint(
+        0,
+        256,
+        (batch, channels, size, size),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(size),
+    )
 
 
 def reference_input(batch: torch.Tensor) -> torch.Tensor:
@@ -99,8 +104,12 @@ def test_duplicates_collapse_and_order_follows_the_request(engine):
 
 def test_non_contiguous_input_is_accepted(engine, reference):
     batch = images(size=16).permute(0, 1, 3, 2)
-    torch.testing.assert_close(engine.infer(batch, ["logits"])["logits"],
-                               reference_stages(reference, batch)["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        engine.infer(batch, ["logits"])["logits"],
+        reference_stages(reference, batch)["logits"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_calls_counts_forward_passes(teacher_and_reference):
@@ -125,12 +134,15 @@ def test_feature_shapes_of_every_tap(engine):
     assert engine.feature_shapes((8, 12)) == expected  # other sizes are resized to the model's 16x16
 
 
-@pytest.mark.parametrize("bad, problem", [
-    (images().float(), "got dtype torch.float32"),
-    (images()[0], "got 3 dimensions"),
-    (images(channels=1), "got 1 channels"),
-    (images(batch=0), "got an empty batch"),
-])
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        (images().float(), "got dtype torch.float32"),
+        (images()[0], "got 3 dimensions"),
+        (images(channels=1), "got 1 channels"),
+        (images(batch=0), "got an empty batch"),
+    ],
+)
 def test_input_spec_errors_state_the_expected_input(engine, bad, problem):
     with pytest.raises(InputSpecError) as info:
         engine.infer(bad, ["logits"])
@@ -188,6 +200,7 @@ def test_outputs_can_be_saved_for_backward_by_a_training_loss():
     assert not any(t.is_inference() for t in outputs.values())
     adapter = torch.nn.Conv2d(64, 64, 1)
     loss = torch.nn.functional.mse_loss(adapter(outputs["layer3"]), outputs["layer3"]) + (
-        adapter.weight.sum() * outputs["logits"].sum())
+        adapter.weight.sum() * outputs["logits"].sum()
+    )
     loss.backward()
     assert adapter.weight.grad is not None

@@ -7,8 +7,12 @@ from trainer.loop import Shard, train_loader
 
 
 def views(size: int) -> ReplayedViews:
-    images = torch.randint(0, 256, (size, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return ReplayedViews(ImageTensorDataset(images, torch.arange(size) % 10), seed=0, views=2, pad=1, hflip=False)
+    images = torch.randint(
+        0, 256, (size, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    return ReplayedViews(
+        ImageTensorDataset(images, torch.arange(size) % 10), seed=0, views=2, pad=1, hflip=False
+    )
 
 
 def test_a_last_batch_of_one_sample_is_dropped_and_no_other():
@@ -18,8 +22,10 @@ def test_a_last_batch_of_one_sample_is_dropped_and_no_other():
 
 def test_shards_take_equal_steps_and_drop_a_last_batch_of_one_together():
     # 10 samples, 2 workers: 5 each; batches of ceil(4 / 2) = 2 -> 2, 2, and a last single sample dropped.
-    steps = [[len(b[1]) for b in train_loader(views(10), 4, seed=0, epoch=0, shard=Shard(rank, 2))]
-             for rank in range(2)]
+    steps = [
+        [len(b[1]) for b in train_loader(views(10), 4, seed=0, epoch=0, shard=Shard(rank, 2))]
+        for rank in range(2)
+    ]
     assert steps == [[2, 2], [2, 2]]
 
 

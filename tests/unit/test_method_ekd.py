@@ -18,14 +18,17 @@ TAP_SHAPE = (32, 2, 2)  # deliberately not the student's last-stage shape (64, 4
 
 
 def teacher_infos(count: int, num_classes: int = NUM_CLASSES) -> list[TeacherInfo]:
-    return [TeacherInfo(name=f"teacher{i}", num_classes=num_classes, feature_shapes={TAP: TAP_SHAPE})
-            for i in range(count)]
+    return [
+        TeacherInfo(name=f"teacher{i}", num_classes=num_classes, feature_shapes={TAP: TAP_SHAPE})
+        for i in range(count)
+    ]
 
 
 def build(num_classes: int = NUM_CLASSES, teachers: int = 2, **fields) -> EnsembleKnowledgeDistillation:
     params = EKDParams(**{"depth": 8, **fields})
-    return build_ekd(params, num_classes=num_classes, in_chans=3,
-                     teachers=teacher_infos(teachers, num_classes))
+    return build_ekd(
+        params, num_classes=num_classes, in_chans=3, teachers=teacher_infos(teachers, num_classes)
+    )
 
 
 def hand_kl(target: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -44,8 +47,10 @@ def test_loss_matches_hand_computation_from_the_branch_logits_on_2x3():
     temperature, alpha = 2.0, 0.3
     method = build(num_classes=3, temperature=temperature, alpha=alpha)
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
-    teacher_logits = [torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]]),
-                      torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, -1.0]])]
+    teacher_logits = [
+        torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]]),
+        torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, -1.0]]),
+    ]
 
     result = method.training_loss(images, labels, TeacherOutputs(logits=teacher_logits), CLOCK)
 
@@ -59,8 +64,9 @@ def test_loss_matches_hand_computation_from_the_branch_logits_on_2x3():
         expected = expected + alpha * hand_ce(b, labels) + (1 - alpha) * kd
         assert result.terms[f"ce_{i}"] == pytest.approx(hand_ce(b, labels).item(), rel=1e-5)
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert result.terms["ce_ensemble"] == pytest.approx(hand_ce(torch.stack(branches).mean(0), labels).item(),
-                                                        rel=1e-5)
+    assert result.terms["ce_ensemble"] == pytest.approx(
+        hand_ce(torch.stack(branches).mean(0), labels).item(), rel=1e-5
+    )
 
 
 def test_each_branch_distills_its_own_teacher_not_an_average():
@@ -111,8 +117,10 @@ def test_every_learnable_parameter_gets_a_gradient(fields):
     torch.manual_seed(0)
     method = build(**fields)
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 7, 9])
-    teachers = TeacherOutputs(logits=[torch.randn(4, NUM_CLASSES) for _ in range(2)],
-                              features=[{TAP: torch.randn(4, *TAP_SHAPE)} for _ in range(2)])
+    teachers = TeacherOutputs(
+        logits=[torch.randn(4, NUM_CLASSES) for _ in range(2)],
+        features=[{TAP: torch.randn(4, *TAP_SHAPE)} for _ in range(2)],
+    )
 
     method.training_loss(images, labels, teachers, CLOCK).loss.backward()
 
@@ -123,8 +131,9 @@ def test_every_learnable_parameter_gets_a_gradient(fields):
 
 def test_predicts_with_the_mean_of_branch_logits_and_exports_the_whole_trunk():
     torch.manual_seed(0)
-    method = create_method(EKDParams(depth=8, shared_stages=2), num_classes=NUM_CLASSES, in_chans=3,
-                           teachers=teacher_infos(3))
+    method = create_method(
+        EKDParams(depth=8, shared_stages=2), num_classes=NUM_CLASSES, in_chans=3, teachers=teacher_infos(3)
+    )
     method.eval()
     images = torch.randn(4, 3, 16, 16)
     branches = method.student.forward_branches(images).logits
@@ -151,8 +160,12 @@ def test_builder_rejects_teachers_that_do_not_fit():
     with pytest.raises(ValueError, match="at least 2 teacher"):
         build(teachers=1)
     with pytest.raises(ValueError, match="predicts 100 classes, the student 10"):
-        build_ekd(EKDParams(depth=8), num_classes=NUM_CLASSES, in_chans=3,
-                  teachers=[*teacher_infos(1), *teacher_infos(1, num_classes=100)])
+        build_ekd(
+            EKDParams(depth=8),
+            num_classes=NUM_CLASSES,
+            in_chans=3,
+            teachers=[*teacher_infos(1), *teacher_infos(1, num_classes=100)],
+        )
     with pytest.raises(ValueError, match=f"has no feature tap 'layer9'; its taps: {TAP}"):
         build(feature_tap="layer9", feature_weight=1.0)
 
@@ -167,15 +180,18 @@ def test_training_loss_rejects_missing_teacher_outputs():
         method.training_loss(images, labels, TeacherOutputs(logits=logits), CLOCK)
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"depth": 9}, "depth must be 6n\\+2"),
-    ({"shared_stages": 3}, "less than or equal to 2"),
-    ({"feature_tap": TAP}, "needs both a tap and a positive weight"),
-    ({"feature_weight": 1.0}, "needs both a tap and a positive weight"),
-    ({"feature_weight": -1.0}, "greater than or equal to 0"),
-    ({"alpha": 2.0}, "less than or equal to 1"),
-    ({"branches": 3}, "Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"depth": 9}, "depth must be 6n\\+2"),
+        ({"shared_stages": 3}, "less than or equal to 2"),
+        ({"feature_tap": TAP}, "needs both a tap and a positive weight"),
+        ({"feature_weight": 1.0}, "needs both a tap and a positive weight"),
+        ({"feature_weight": -1.0}, "greater than or equal to 0"),
+        ({"alpha": 2.0}, "less than or equal to 1"),
+        ({"branches": 3}, "Extra inputs are not permitted"),
+    ],
+)
 def test_params_reject_bad_values(fields, message):
     with pytest.raises(ValidationError, match=message):
         EKDParams(**fields)

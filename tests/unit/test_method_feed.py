@@ -67,8 +67,10 @@ def test_parallel_loss_equals_ce_plus_beta_times_summed_factor_losses():
 
     features = feed.student.forward_features(images)
     ce = F.cross_entropy(feed.student.forward_head(features), labels)
-    factor = sum((unit_rows(aligned(t(features), out["layer3"])) - unit_rows(out["layer3"])).abs().mean()
-                 for t, out in zip(feed.transforms, teachers.features))
+    factor = sum(
+        (unit_rows(aligned(t(features), out["layer3"])) - unit_rows(out["layer3"])).abs().mean()
+        for t, out in zip(feed.transforms, teachers.features)
+    )
     expected = ce + 500.0 * factor
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert result.terms["ce"] == pytest.approx(ce.item(), rel=1e-5)
@@ -81,7 +83,10 @@ def test_transforms_follow_ft_translator_layout():
     for transform, channels in zip(feed.transforms, (64, 32)):
         convs = [m for m in transform if isinstance(m, torch.nn.Conv2d)]
         assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
-            (64, 64, (3, 3)), (64, channels, (3, 3)), (channels, channels, (3, 3))]
+            (64, 64, (3, 3)),
+            (64, channels, (3, 3)),
+            (channels, channels, (3, 3)),
+        ]
         slopes = [m.negative_slope for m in transform if isinstance(m, torch.nn.LeakyReLU)]
         assert slopes == [0.1, 0.1, 0.1]
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in transform.modules())
@@ -278,7 +283,12 @@ def test_missing_teacher_map_in_batch_is_a_clear_error():
 def test_params_defaults_and_bounds():
     params = FeedParams()
     assert (params.mode, params.teacher_tap, params.beta, params.kd_weight, params.temperature) == (
-        "parallel", "layer3", 500.0, 0.0, 4.0)
+        "parallel",
+        "layer3",
+        500.0,
+        0.0,
+        4.0,
+    )
     assert params.student.arch == "cifar_resnet8" and params.paraphraser is False
     for bad in ({"beta": -1.0}, {"temperature": 0.0}, {"mode": "cyclic"}, {"unknown": 1}):
         with pytest.raises(ValidationError):

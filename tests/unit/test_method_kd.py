@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_support import FixedLogits, softmax, teacher_infos
 from pydantic import ValidationError
 
-from method_support import FixedLogits, softmax, teacher_infos
 from trainer.methods import create_method
 from trainer.methods.base import TeacherOutputs, TrainingClock
 from trainer.methods.kd import KDParams, KnowledgeDistillation, build_kd
@@ -47,8 +47,12 @@ def test_loss_matches_hand_computation_on_2x3_logits_with_weighted_teachers():
 def test_soft_target_averages_teacher_probabilities_not_logits():
     temperature = 1.0
     teachers = [torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 4.0, 0.0]])]
-    method = build_kd(KDParams(student=TINY_STUDENT, temperature=temperature, alpha=0.0), num_classes=3,
-                      in_chans=3, teachers=teacher_infos(2, num_classes=3))
+    method = build_kd(
+        KDParams(student=TINY_STUDENT, temperature=temperature, alpha=0.0),
+        num_classes=3,
+        in_chans=3,
+        teachers=teacher_infos(2, num_classes=3),
+    )
     method.student = FixedLogits([[0.5, 0.0, 1.0]])
     log_q = F.log_softmax(method.student.logits.detach(), dim=1)
 
@@ -66,8 +70,9 @@ def test_soft_target_averages_teacher_probabilities_not_logits():
 
 def test_loss_of_a_real_student_and_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    method = build_kd(KDParams(student=TINY_STUDENT), num_classes=NUM_CLASSES, in_chans=3,
-                      teachers=teacher_infos(2))
+    method = build_kd(
+        KDParams(student=TINY_STUDENT), num_classes=NUM_CLASSES, in_chans=3, teachers=teacher_infos(2)
+    )
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 7, 9])
     teacher_logits = [torch.randn(4, NUM_CLASSES), torch.randn(4, NUM_CLASSES)]
 
@@ -86,8 +91,9 @@ def test_loss_of_a_real_student_and_gradients_reach_every_parameter():
 
 
 def test_contract_outputs_predict_and_export():
-    method = create_method(KDParams(student=TINY_STUDENT), num_classes=NUM_CLASSES, in_chans=3,
-                           teachers=teacher_infos(2))
+    method = create_method(
+        KDParams(student=TINY_STUDENT), num_classes=NUM_CLASSES, in_chans=3, teachers=teacher_infos(2)
+    )
     assert isinstance(method, KnowledgeDistillation)
     assert method.teacher_outputs() == [["logits"], ["logits"]]
     assert method.exported_students() == {"student": method.student}
@@ -101,11 +107,14 @@ def test_defaults_are_hinton_t4_half_half():
     assert (params.temperature, params.alpha, params.teacher_weights) == (4.0, 0.5, None)
 
 
-@pytest.mark.parametrize(("teachers", "weights", "message"), [
-    (teacher_infos(0), None, "at least 1 teacher"),
-    (teacher_infos(2), [1.0, 2.0, 3.0], "3 teacher_weights for 2 teachers"),
-    (teacher_infos(1, num_classes=100), None, "predicts 100 classes, the student 10"),
-])
+@pytest.mark.parametrize(
+    ("teachers", "weights", "message"),
+    [
+        (teacher_infos(0), None, "at least 1 teacher"),
+        (teacher_infos(2), [1.0, 2.0, 3.0], "3 teacher_weights for 2 teachers"),
+        (teacher_infos(1, num_classes=100), None, "predicts 100 classes, the student 10"),
+    ],
+)
 def test_builder_rejects_teachers_that_do_not_fit(teachers, weights, message):
     params = KDParams(student=TINY_STUDENT, teacher_weights=weights)
     with pytest.raises(ValueError, match=message):
@@ -113,8 +122,9 @@ def test_builder_rejects_teachers_that_do_not_fit(teachers, weights, message):
 
 
 def test_training_loss_rejects_missing_or_miscounted_teacher_logits():
-    method = build_kd(KDParams(student=TINY_STUDENT), num_classes=NUM_CLASSES, in_chans=3,
-                      teachers=teacher_infos(2))
+    method = build_kd(
+        KDParams(student=TINY_STUDENT), num_classes=NUM_CLASSES, in_chans=3, teachers=teacher_infos(2)
+    )
     images, labels = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="logits of its 2 teacher"):
         method.training_loss(images, labels, None, CLOCK)
@@ -125,14 +135,17 @@ def test_training_loss_rejects_missing_or_miscounted_teacher_logits():
         method.training_loss(images, labels, one_missing, CLOCK)
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"alpha": 1.5}, "less than or equal to 1"),
-    ({"temperature": 0}, "greater than 0"),
-    ({"teacher_weights": [-1.0, 2.0]}, "non-negative with a positive sum"),
-    ({"teacher_weights": [0.0, 0.0]}, "non-negative with a positive sum"),
-    ({"beta": 0.5}, "Extra inputs are not permitted"),
-    ({"student": {"arch": "resnet9000"}}, "unknown student architecture"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"alpha": 1.5}, "less than or equal to 1"),
+        ({"temperature": 0}, "greater than 0"),
+        ({"teacher_weights": [-1.0, 2.0]}, "non-negative with a positive sum"),
+        ({"teacher_weights": [0.0, 0.0]}, "non-negative with a positive sum"),
+        ({"beta": 0.5}, "Extra inputs are not permitted"),
+        ({"student": {"arch": "resnet9000"}}, "unknown student architecture"),
+    ],
+)
 def test_params_reject_bad_values(fields, message):
     with pytest.raises(ValidationError, match=message):
         KDParams(**fields)

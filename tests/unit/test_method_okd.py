@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from trainer.methods.base import TeacherInfo, TrainingClock
-from trainer.methods.okd import OnlineEnsembleCompression, OKDParams, build_okd, student_widths
+from trainer.methods.okd import OKDParams, OnlineEnsembleCompression, build_okd, student_widths
 from trainer.students import count_parameters
 
 NUM_CLASSES = 10
@@ -32,14 +32,18 @@ def test_training_loss_matches_the_paper_equation_by_hand(batch):
     method = make_method()
     with torch.no_grad():  # train-mode BN uses batch statistics, so a second forward gives the same values
         outputs = method.network.forward_branches(images)
-        adapted = [[method.adaptation[j - 1][s](outputs.stage_features[j][s]) for s in range(3)]
-                   for j in range(1, 5)]
+        adapted = [
+            [method.adaptation[j - 1][s](outputs.stage_features[j][s]) for s in range(3)] for j in range(1, 5)
+        ]
     logits = outputs.logits
     temperature = 2.0
     target = F.softmax(sum(logits) / 5 / temperature, dim=1)
     ce = sum(F.cross_entropy(z, labels) for z in logits)
-    inter = sum(((adapted[j - 1][s] - outputs.stage_features[0][s]) ** 2).mean()
-                for j in range(1, 5) for s in range(3))
+    inter = sum(
+        ((adapted[j - 1][s] - outputs.stage_features[0][s]) ** 2).mean()
+        for j in range(1, 5)
+        for s in range(3)
+    )
     kl = sum((target * (target.log() - F.log_softmax(z / temperature, dim=1))).sum(1).mean() for z in logits)
     expected = 0.7 * ce + 0.15 * inter + 0.15 * temperature**2 * kl
 
@@ -91,7 +95,11 @@ def test_every_parameter_receives_gradient(batch):
 def test_adaptation_layers_map_to_the_pseudo_teacher_channels():
     method = make_method()
     assert [[conv.in_channels for conv in stages] for stages in method.adaptation] == [
-        [13, 26, 51], [10, 19, 38], [6, 13, 26], [3, 6, 13]]
+        [13, 26, 51],
+        [10, 19, 38],
+        [6, 13, 26],
+        [3, 6, 13],
+    ]
     assert all([conv.out_channels for conv in stages] == [16, 32, 64] for stages in method.adaptation)
 
 
@@ -123,8 +131,17 @@ def test_builder_refuses_external_teachers():
         build_okd(OKDParams(depth=8), num_classes=NUM_CLASSES, in_chans=3, teachers=[teacher])
 
 
-@pytest.mark.parametrize("bad", [{"num_students": 1}, {"depth": 10}, {"alpha": -0.1}, {"temperature": 0.0},
-                                 {"adaptation_lr_scale": 0.0}, {"students": 5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_students": 1},
+        {"depth": 10},
+        {"alpha": -0.1},
+        {"temperature": 0.0},
+        {"adaptation_lr_scale": 0.0},
+        {"students": 5},
+    ],
+)
 def test_params_reject_bad_values(bad):
     with pytest.raises(ValidationError):
         OKDParams(**bad)
@@ -132,5 +149,12 @@ def test_params_reject_bad_values(bad):
 
 def test_params_defaults_follow_the_paper():
     params = OKDParams()
-    assert (params.depth, params.num_students, params.alpha, params.beta, params.gamma, params.temperature,
-            params.adaptation_lr_scale) == (20, 5, 0.7, 0.15, 0.15, 2.0, 0.5)
+    assert (
+        params.depth,
+        params.num_students,
+        params.alpha,
+        params.beta,
+        params.gamma,
+        params.temperature,
+        params.adaptation_lr_scale,
+    ) == (20, 5, 0.7, 0.15, 0.15, 2.0, 0.5)

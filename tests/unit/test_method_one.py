@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from trainer.methods.base import TeacherInfo, TrainingClock
-from trainer.methods.one import OnTheFlyNativeEnsemble, ONEParams, build_one, sigmoid_rampup
+from trainer.methods.one import ONEParams, OnTheFlyNativeEnsemble, build_one, sigmoid_rampup
 
 NUM_CLASSES = 10
 
@@ -44,13 +44,16 @@ def test_training_loss_matches_the_paper_equation_by_hand(method, batch):
     with torch.no_grad():  # train-mode BN uses batch statistics, so a second forward gives the same values
         outputs, gate = method.network.forward_parts(images)
     logits = outputs.logits
-    ensemble = sum(gate[:, i:i + 1] * logits[i] for i in range(3))
+    ensemble = sum(gate[:, i : i + 1] * logits[i] for i in range(3))
     temperature = 3.0
     target = F.softmax(ensemble / temperature, dim=1)
     kl = sum((target * (target.log() - F.log_softmax(z / temperature, dim=1))).sum(1).mean() for z in logits)
     weight = math.exp(-5.0 * (1.0 - 5.0 / 10.0) ** 2)
-    expected = (sum(F.cross_entropy(z, labels) for z in logits) + F.cross_entropy(ensemble, labels)
-                + weight * temperature**2 * kl)
+    expected = (
+        sum(F.cross_entropy(z, labels) for z in logits)
+        + F.cross_entropy(ensemble, labels)
+        + weight * temperature**2 * kl
+    )
 
     result = method.training_loss(images, labels, None, TrainingClock(epoch=5.0, total_epochs=20))
 
@@ -105,8 +108,9 @@ def test_builder_refuses_external_teachers():
         build_one(ONEParams(depth=8), num_classes=NUM_CLASSES, in_chans=3, teachers=[teacher])
 
 
-@pytest.mark.parametrize("bad", [{"branches": 1}, {"depth": 9}, {"temperature": 0.0}, {"rampup_epochs": -1.0},
-                                 {"gate": "softmax"}])
+@pytest.mark.parametrize(
+    "bad", [{"branches": 1}, {"depth": 9}, {"temperature": 0.0}, {"rampup_epochs": -1.0}, {"gate": "softmax"}]
+)
 def test_params_reject_bad_values(bad):
     with pytest.raises(ValidationError):
         ONEParams(**bad)

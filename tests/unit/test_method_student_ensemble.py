@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_support import FixedLogits, softmax, teacher_infos
 from pydantic import ValidationError
 from torch import nn
 
-from method_support import FixedLogits, softmax, teacher_infos
 from trainer.methods import create_method
 from trainer.methods.base import TeacherOutputs, TrainingClock
 from trainer.methods.student_ensemble import (
@@ -30,8 +30,9 @@ TWO_TINY_STUDENTS = [
 
 def build(num_classes: int = NUM_CLASSES, teachers: int = 1, **fields) -> StudentEnsemble:
     params = StudentEnsembleParams(**{"students": TWO_TINY_STUDENTS, **fields})
-    return build_student_ensemble(params, num_classes=num_classes, in_chans=3,
-                                  teachers=teacher_infos(teachers, num_classes))
+    return build_student_ensemble(
+        params, num_classes=num_classes, in_chans=3, teachers=teacher_infos(teachers, num_classes)
+    )
 
 
 @pytest.mark.parametrize("soft_term_t2", [False, True])
@@ -47,13 +48,20 @@ def test_loss_is_the_sum_of_each_students_hand_computed_cross_entropies_on_2x3_l
     expected_terms = {}
     for i, student in enumerate(students):
         hard = sum(-math.log(softmax(s)[y]) for s, y in zip(student, labels)) / 2
-        soft = sum(-sum(p * math.log(q) for p, q in zip(softmax(t, temperature), softmax(s, temperature)))
-                   for s, t in zip(student, teacher)) / 2 * (temperature**2 if soft_term_t2 else 1.0)
+        soft = (
+            sum(
+                -sum(p * math.log(q) for p, q in zip(softmax(t, temperature), softmax(s, temperature)))
+                for s, t in zip(student, teacher)
+            )
+            / 2
+            * (temperature**2 if soft_term_t2 else 1.0)
+        )
         expected_total += alpha * hard + (1 - alpha) * soft
         expected_terms |= {f"ce_{i}": hard, f"soft_ce_{i}": soft}
 
-    result = method.training_loss(torch.zeros(2, 3, 16, 16), torch.tensor(labels),
-                                  TeacherOutputs(logits=[torch.tensor(teacher)]), CLOCK)
+    result = method.training_loss(
+        torch.zeros(2, 3, 16, 16), torch.tensor(labels), TeacherOutputs(logits=[torch.tensor(teacher)]), CLOCK
+    )
 
     assert result.loss.item() == pytest.approx(expected_total, rel=1e-5)
     assert result.terms == pytest.approx(expected_terms, rel=1e-5)
@@ -104,8 +112,9 @@ def test_vote_and_average_differ_when_a_confident_minority_outweighs_the_majorit
 
     assert combine_predictions(student_logits, "vote").argmax(1).item() == 0
     assert combine_predictions(student_logits, "average").argmax(1).item() == 1
-    torch.testing.assert_close(combine_predictions(student_logits, "average"),
-                               torch.tensor([[0.805, 1.59, 0.605]]) / 3)
+    torch.testing.assert_close(
+        combine_predictions(student_logits, "average"), torch.tensor([[0.805, 1.59, 0.605]]) / 3
+    )
 
 
 def test_vote_scores_count_votes_and_ties_go_to_the_higher_averaged_probability():
@@ -131,8 +140,12 @@ def test_predict_uses_the_configured_combination():
 
 
 def test_contract_outputs_and_export():
-    method = create_method(StudentEnsembleParams(students=TWO_TINY_STUDENTS), num_classes=NUM_CLASSES,
-                           in_chans=3, teachers=teacher_infos(2))
+    method = create_method(
+        StudentEnsembleParams(students=TWO_TINY_STUDENTS),
+        num_classes=NUM_CLASSES,
+        in_chans=3,
+        teachers=teacher_infos(2),
+    )
     assert method.teacher_outputs() == [["logits"], ["logits"]]
     assert method.exported_students() == {"student_0": method.students[0], "student_1": method.students[1]}
 
@@ -145,11 +158,14 @@ def test_defaults_are_the_papers_best_mnist_setting_with_differing_small_cnns():
     assert len({o["kernel_size"] for o in options}) > 1 and len({o["fc_width"] for o in options}) > 1
 
 
-@pytest.mark.parametrize(("teachers", "weights", "message"), [
-    (teacher_infos(0), None, "at least 1 teacher"),
-    (teacher_infos(2), [1.0], "1 teacher_weights for 2 teachers"),
-    (teacher_infos(1, num_classes=100), None, "predicts 100 classes, the student 10"),
-])
+@pytest.mark.parametrize(
+    ("teachers", "weights", "message"),
+    [
+        (teacher_infos(0), None, "at least 1 teacher"),
+        (teacher_infos(2), [1.0], "1 teacher_weights for 2 teachers"),
+        (teacher_infos(1, num_classes=100), None, "predicts 100 classes, the student 10"),
+    ],
+)
 def test_builder_rejects_teachers_that_do_not_fit(teachers, weights, message):
     params = StudentEnsembleParams(students=TWO_TINY_STUDENTS, teacher_weights=weights)
     with pytest.raises(ValueError, match=message):
@@ -157,19 +173,23 @@ def test_builder_rejects_teachers_that_do_not_fit(teachers, weights, message):
 
 
 def test_builder_reports_a_student_option_the_architecture_does_not_take():
-    params = StudentEnsembleParams(students=[TWO_TINY_STUDENTS[0], StudentConfig(arch="small_cnn",
-                                                                                options={"depth": 3})])
+    params = StudentEnsembleParams(
+        students=[TWO_TINY_STUDENTS[0], StudentConfig(arch="small_cnn", options={"depth": 3})]
+    )
     with pytest.raises(ValueError, match="rejected options"):
         build_student_ensemble(params, num_classes=NUM_CLASSES, in_chans=3, teachers=teacher_infos(1))
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"students": TWO_TINY_STUDENTS[:1]}, "at least 2 items"),
-    ({"combine": "median"}, "'vote' or 'average'"),
-    ({"alpha": -0.1}, "greater than or equal to 0"),
-    ({"teacher_weights": [-1.0]}, "non-negative with a positive sum"),
-    ({"students_count": 3}, "Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"students": TWO_TINY_STUDENTS[:1]}, "at least 2 items"),
+        ({"combine": "median"}, "'vote' or 'average'"),
+        ({"alpha": -0.1}, "greater than or equal to 0"),
+        ({"teacher_weights": [-1.0]}, "non-negative with a positive sum"),
+        ({"students_count": 3}, "Extra inputs are not permitted"),
+    ],
+)
 def test_params_reject_bad_values(fields, message):
     with pytest.raises(ValidationError, match=message):
         StudentEnsembleParams(**fields)

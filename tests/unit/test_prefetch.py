@@ -21,8 +21,14 @@ def source():
 
 def batches(n=5, size=4):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, 256, (size, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(size) % 10,
-             torch.arange(size)) for _ in range(n)]
+    return [
+        (
+            torch.randint(0, 256, (size, 3, 8, 8), dtype=torch.uint8, generator=g),
+            torch.arange(size) % 10,
+            torch.arange(size),
+        )
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])

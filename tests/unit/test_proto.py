@@ -214,7 +214,12 @@ def test_infer_streams_chunks_that_reassemble_by_teacher_and_start(channel: grpc
     responses = list(stub.Infer(request, timeout=RPC_TIMEOUT_S))
 
     assert sorted((r.teacher, r.start, r.count) for r in responses) == [
-        ("a", 0, 2), ("a", 2, 2), ("a", 4, 1), ("b", 0, 2), ("b", 2, 2), ("b", 4, 1),
+        ("a", 0, 2),
+        ("a", 2, 2),
+        ("a", 4, 1),
+        ("b", 0, 2),
+        ("b", 2, 2),
+        ("b", 4, 1),
     ]
     by_teacher = {
         name: np.concatenate(

@@ -21,8 +21,15 @@ from services.zoo import (
 )
 
 IMAGENET_ENTRIES = ["resnet18", "resnet34", "resnet50", "resnet152"]
-CIFAR_ENTRIES = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
-                 "cifar_wrn16_2", "cifar_wrn16_4", "cifar_wrn28_10"]
+CIFAR_ENTRIES = [
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet56",
+    "cifar_resnet110",
+    "cifar_wrn16_2",
+    "cifar_wrn16_4",
+    "cifar_wrn28_10",
+]
 SMALL = Preprocessing(16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
 
@@ -108,16 +115,20 @@ def test_unknown_teacher_lists_available_names():
 
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="'resnet18' is already registered"):
+
         @register_teacher(preprocessing=Preprocessing.imagenet(), taps={})
         def resnet18(num_classes, in_chans):
             return nn.Identity()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(input_size=0, mean=(0.5,), std=(0.5,), in_chans=1), "input_size must be a positive"),
-    (dict(input_size=8, mean=(0.5, 0.5), std=(0.5,), in_chans=1), "one value per channel"),
-    (dict(input_size=8, mean=(0.5,), std=(0.0,), in_chans=1), "std values must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_size=0, mean=(0.5,), std=(0.5,), in_chans=1), "input_size must be a positive"),
+        (dict(input_size=8, mean=(0.5, 0.5), std=(0.5,), in_chans=1), "one value per channel"),
+        (dict(input_size=8, mean=(0.5,), std=(0.0,), in_chans=1), "std values must be positive"),
+    ],
+)
 def test_preprocessing_rejects_inconsistent_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Preprocessing(**kwargs)
@@ -128,8 +139,14 @@ def test_preprocessing_dict_round_trip_gives_equal_value():
 
 
 def spec(**changes) -> TeacherSpec:
-    fields = dict(name="cifar_resnet20", num_classes=10, preprocessing=Preprocessing.cifar(),
-                  taps={"layer1": "layer1", "layer3": "layer3"}, weights_sha256="ab" * 32, checkpoint="/a.pt")
+    fields = dict(
+        name="cifar_resnet20",
+        num_classes=10,
+        preprocessing=Preprocessing.cifar(),
+        taps={"layer1": "layer1", "layer3": "layer3"},
+        weights_sha256="ab" * 32,
+        checkpoint="/a.pt",
+    )
     return TeacherSpec(**{**fields, **changes})
 
 
@@ -140,24 +157,29 @@ def test_identity_is_a_sha256_hex_digest_ignoring_checkpoint_path_and_tap_order(
     assert spec(taps={"layer3": "layer3", "layer1": "layer1"}).identity == base.identity
 
 
-@pytest.mark.parametrize("changes", [
-    dict(name="cifar_resnet32"),
-    dict(num_classes=100),
-    dict(weights_sha256="cd" * 32),
-    dict(weights_sha256=None),
-    dict(preprocessing=Preprocessing.cifar(input_size=16)),
-    dict(preprocessing=Preprocessing(32, (0.5, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
-    dict(taps={"layer1": "layer1"}),
-    dict(taps={"layer1": "layer1", "layer3": "layer3.0"}),
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(name="cifar_resnet32"),
+        dict(num_classes=100),
+        dict(weights_sha256="cd" * 32),
+        dict(weights_sha256=None),
+        dict(preprocessing=Preprocessing.cifar(input_size=16)),
+        dict(preprocessing=Preprocessing(32, (0.5, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+        dict(taps={"layer1": "layer1"}),
+        dict(taps={"layer1": "layer1", "layer3": "layer3.0"}),
+    ],
+)
 def test_identity_changes_with_anything_that_changes_outputs(changes):
     assert spec(**changes).identity != spec().identity
 
 
 def test_identity_is_the_same_in_another_process():
-    code = ("from services.zoo import Preprocessing, TeacherSpec;"
-            "print(TeacherSpec('cifar_resnet20', 10, Preprocessing.cifar(),"
-            " {'layer1': 'layer1', 'layer3': 'layer3'}, 'ab' * 32, '/a.pt').identity)")
+    code = (
+        "from services.zoo import Preprocessing, TeacherSpec;"
+        "print(TeacherSpec('cifar_resnet20', 10, Preprocessing.cifar(),"
+        " {'layer1': 'layer1', 'layer3': 'layer3'}, 'ab' * 32, '/a.pt').identity)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     other = run.stdout.strip()
     assert other == spec().identity
@@ -165,8 +187,12 @@ def test_identity_is_the_same_in_another_process():
 
 def test_spec_to_dict_is_plain_json():
     data = json.loads(json.dumps(spec().to_dict()))
-    assert data["preprocessing"] == {"input_size": 32, "mean": [0.4914, 0.4822, 0.4465],
-                                     "std": [0.247, 0.2435, 0.2616], "in_chans": 3}
+    assert data["preprocessing"] == {
+        "input_size": 32,
+        "mean": [0.4914, 0.4822, 0.4465],
+        "std": [0.247, 0.2435, 0.2616],
+        "in_chans": 3,
+    }
     assert data["identity"] == spec().identity and data["taps"]["layer3"] == "layer3"
 
 
@@ -215,8 +241,10 @@ def test_raw_state_dict_file_loads_with_entry_preprocessing(tmp_path, trained_ci
 def test_saving_a_bare_model_uses_the_entry_preprocessing(tmp_path):
     model = create_teacher("cifar_resnet20", 2).model
     save_teacher_checkpoint(tmp_path / "bare.pt", model, "cifar_resnet20", 2)
-    assert create_teacher("cifar_resnet20", 2, checkpoint=tmp_path / "bare.pt").spec.preprocessing == \
-        Preprocessing.cifar()
+    assert (
+        create_teacher("cifar_resnet20", 2, checkpoint=tmp_path / "bare.pt").spec.preprocessing
+        == Preprocessing.cifar()
+    )
 
 
 def test_missing_checkpoint_file(tmp_path):
@@ -229,11 +257,14 @@ def test_garbage_file_is_not_a_checkpoint(tmp_path):
     assert_checkpoint_error("not a readable torch checkpoint", path)
 
 
-@pytest.mark.parametrize("content, match", [
-    ([1, 2, 3], "holds a list, not a checkpoint dict"),
-    ({"weights": [1.0]}, "neither an ekd.teacher.v1 checkpoint nor a state_dict"),
-    ({"format": "ekd.teacher.v0"}, "unsupported format 'ekd.teacher.v0'"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ([1, 2, 3], "holds a list, not a checkpoint dict"),
+        ({"weights": [1.0]}, "neither an ekd.teacher.v1 checkpoint nor a state_dict"),
+        ({"format": "ekd.teacher.v0"}, "unsupported format 'ekd.teacher.v0'"),
+    ],
+)
 def test_files_that_are_not_teacher_checkpoints(tmp_path, content, match):
     path = tmp_path / "odd.pt"
     torch.save(content, path)
@@ -244,7 +275,9 @@ def test_architecture_mismatch(trained_cifar_resnet20):
     _, path, _ = trained_cifar_resnet20
     assert_checkpoint_error(
         "architecture mismatch: checkpoint says 'cifar_resnet20', asked for 'cifar_resnet32'",
-        path, name="cifar_resnet32")
+        path,
+        name="cifar_resnet32",
+    )
 
 
 def test_num_classes_mismatch(trained_cifar_resnet20):
@@ -255,8 +288,16 @@ def test_num_classes_mismatch(trained_cifar_resnet20):
 def test_invalid_stored_preprocessing(tmp_path, trained_cifar_resnet20):
     original, _, _ = trained_cifar_resnet20
     path = tmp_path / "bad_pre.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "architecture": "cifar_resnet20", "num_classes": 4,
-                "preprocessing": {"input_size": 32}, "state_dict": original.model.state_dict()}, path)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "architecture": "cifar_resnet20",
+            "num_classes": 4,
+            "preprocessing": {"input_size": 32},
+            "state_dict": original.model.state_dict(),
+        },
+        path,
+    )
     assert_checkpoint_error("invalid preprocessing", path)
 
 
@@ -266,8 +307,16 @@ def test_state_dict_missing_and_unexpected_keys_are_listed(tmp_path, trained_cif
     del state["fc.weight"], state["fc.bias"]
     state["head.weight"] = torch.zeros(1)
     path = tmp_path / "keys.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "architecture": "cifar_resnet20", "num_classes": 4,
-                "preprocessing": SMALL.to_dict(), "state_dict": state}, path)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "architecture": "cifar_resnet20",
+            "num_classes": 4,
+            "preprocessing": SMALL.to_dict(),
+            "state_dict": state,
+        },
+        path,
+    )
     assert_checkpoint_error(r"missing keys fc\.weight, fc\.bias; unexpected keys head\.weight", path)
 
 

@@ -32,9 +32,13 @@ class TeacherOutputs:
 
     def to(self, device: torch.device | str) -> TeacherOutputs:
         return TeacherOutputs(
-            logits=[None if t is None else t.to(device, torch.float32, non_blocking=True) for t in self.logits],
-            features=[{k: v.to(device, torch.float32, non_blocking=True) for k, v in f.items()}
-                      for f in self.features],
+            logits=[
+                None if t is None else t.to(device, torch.float32, non_blocking=True) for t in self.logits
+            ],
+            features=[
+                {k: v.to(device, torch.float32, non_blocking=True) for k, v in f.items()}
+                for f in self.features
+            ],
         )
 
 
@@ -59,8 +63,13 @@ class Method(nn.Module, ABC):
     #: Number of consecutive training stages (FEED sequential trains one stage per teacher).
     num_stages: int = 1
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                clock: TrainingClock) -> LossResult:
+    def forward(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         """The training step's loss; `forward` so that a DistributedDataParallel wrapper sees every step."""
         return self.training_loss(images, labels, teachers, clock)
 
@@ -69,8 +78,13 @@ class Method(nn.Module, ABC):
         return []
 
     @abstractmethod
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         """The loss for one batch of normalized student inputs and, when the method uses them, teacher outputs."""
 
     @abstractmethod
@@ -94,5 +108,7 @@ class Method(nn.Module, ABC):
 def require_no_teachers(method: str, teachers: list[TeacherInfo]) -> None:
     """For methods that learn without an external teacher: a configured teacher is a mistake, said clearly."""
     if teachers:
-        raise ValueError(f"method {method!r} uses no external teachers, got {len(teachers)} "
-                         f"({', '.join(t.name for t in teachers)}); configure none")
+        raise ValueError(
+            f"method {method!r} uses no external teachers, got {len(teachers)} "
+            f"({', '.join(t.name for t in teachers)}); configure none"
+        )

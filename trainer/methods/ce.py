@@ -14,8 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from trainer.methods import register_method
-from trainer.methods.base import (LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock,
-                                  require_no_teachers)
+from trainer.methods.base import (
+    LossResult,
+    Method,
+    TeacherInfo,
+    TeacherOutputs,
+    TrainingClock,
+    require_no_teachers,
+)
 from trainer.students import StudentConfig
 
 
@@ -33,8 +39,13 @@ class CrossEntropyTraining(Method):
         super().__init__()
         self.model = model
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         ce = F.cross_entropy(self.model(images), labels)
         return LossResult(ce, {"ce": ce.item()})
 

@@ -43,27 +43,39 @@ class EKDParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["ekd"] = "ekd"
-    depth: CifarResNetDepth = Field(20, description="CIFAR ResNet depth of the student (6n+2: 8, 14, 20, ...)")
+    depth: CifarResNetDepth = Field(
+        20, description="CIFAR ResNet depth of the student (6n+2: 8, 14, 20, ...)"
+    )
     shared_stages: int = Field(1, ge=0, le=2, description="stages shared by all branches after the stem")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of each branch's KD term")
     alpha: float = Field(0.5, ge=0, le=1, description="weight λ of each branch's CE; its KD term gets 1−λ")
-    feature_tap: str | None = Field(None, description="teacher feature tap matched by each branch's "
-                                                      "last-stage map; None: no feature term")
+    feature_tap: str | None = Field(
+        None, description="teacher feature tap matched by each branch's last-stage map; None: no feature term"
+    )
     feature_weight: float = Field(0.0, ge=0, description="weight β of the per-branch feature MSE term")
 
     @model_validator(mode="after")
     def _feature_term_complete(self) -> EKDParams:
         if (self.feature_tap is None) != (self.feature_weight == 0):
-            raise ValueError(f"feature_tap={self.feature_tap!r} with feature_weight={self.feature_weight}: "
-                             "the feature term needs both a tap and a positive weight, or neither")
+            raise ValueError(
+                f"feature_tap={self.feature_tap!r} with feature_weight={self.feature_weight}: "
+                "the feature term needs both a tap and a positive weight, or neither"
+            )
         return self
 
 
 class EnsembleKnowledgeDistillation(Method):
     name = "ekd"
 
-    def __init__(self, student: MultiBranchResNet, temperature: float, alpha: float, feature_tap: str | None,
-                 feature_weight: float, teacher_channels: list[int]) -> None:
+    def __init__(
+        self,
+        student: MultiBranchResNet,
+        temperature: float,
+        alpha: float,
+        feature_tap: str | None,
+        feature_weight: float,
+        teacher_channels: list[int],
+    ) -> None:
         super().__init__()
         self.student = student
         self.temperature = temperature
@@ -79,16 +91,22 @@ class EnsembleKnowledgeDistillation(Method):
         wanted = ["logits"] if self.feature_tap is None else ["logits", self.feature_tap]
         return [list(wanted) for _ in range(self.student.num_branches)]
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         teacher_logits = require_teacher_logits(self.name, teachers, self.student.num_branches)
         out = self.student.forward_branches(images)
         total = images.new_zeros(())
         terms: dict[str, float] = {}
         for i, (branch_logits, t) in enumerate(zip(out.logits, teacher_logits)):
             target = soft_targets([t], self.temperature)
-            branch_loss, branch_terms = hinton_kd_loss(branch_logits, labels, target, self.temperature,
-                                                       self.alpha)
+            branch_loss, branch_terms = hinton_kd_loss(
+                branch_logits, labels, target, self.temperature, self.alpha
+            )
             total = total + branch_loss
             terms[f"ce_{i}"], terms[f"kd_{i}"] = branch_terms["ce"], branch_terms["kd"]
         ensemble_ce = F.cross_entropy(torch.stack(out.logits).mean(0), labels)
@@ -97,7 +115,8 @@ class EnsembleKnowledgeDistillation(Method):
         if self.feature_tap is not None:
             teacher_maps = self._teacher_maps(teachers)
             for i, (branch_features, adapter, t_map) in enumerate(
-                    zip(out.stage_features, self.adapters, teacher_maps)):
+                zip(out.stage_features, self.adapters, teacher_maps)
+            ):
                 adapted = F.adaptive_avg_pool2d(adapter(branch_features[-1]), t_map.shape[-2:])
                 feature_mse = F.mse_loss(adapted, t_map.detach())
                 total = total + self.feature_weight * feature_mse
@@ -106,9 +125,12 @@ class EnsembleKnowledgeDistillation(Method):
 
     def _teacher_maps(self, teachers: TeacherOutputs) -> list[torch.Tensor]:
         if len(teachers.features) != self.student.num_branches or any(
-                self.feature_tap not in f for f in teachers.features):
-            raise ValueError(f"ekd needs feature map {self.feature_tap!r} from each of its "
-                             f"{self.student.num_branches} teachers for every batch")
+            self.feature_tap not in f for f in teachers.features
+        ):
+            raise ValueError(
+                f"ekd needs feature map {self.feature_tap!r} from each of its "
+                f"{self.student.num_branches} teachers for every batch"
+            )
         return [f[self.feature_tap] for f in teachers.features]
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -125,10 +147,18 @@ def build_ekd(params: EKDParams, *, num_classes: int, in_chans: int, teachers: l
     if params.feature_tap is not None:
         for teacher in teachers:
             if params.feature_tap not in teacher.feature_shapes:
-                raise ValueError(f"ekd: teacher {teacher.name!r} has no feature tap {params.feature_tap!r}; "
-                                 f"its taps: {', '.join(sorted(teacher.feature_shapes)) or 'none'}")
+                raise ValueError(
+                    f"ekd: teacher {teacher.name!r} has no feature tap {params.feature_tap!r}; "
+                    f"its taps: {', '.join(sorted(teacher.feature_shapes)) or 'none'}"
+                )
             teacher_channels.append(teacher.feature_shapes[params.feature_tap][0])
-    student = MultiBranchResNet(params.depth, num_classes, branch_widths=[1.0] * len(teachers),
-                                shared_stages=params.shared_stages, in_chans=in_chans)
-    return EnsembleKnowledgeDistillation(student, params.temperature, params.alpha, params.feature_tap,
-                                         params.feature_weight, teacher_channels)
+    student = MultiBranchResNet(
+        params.depth,
+        num_classes,
+        branch_widths=[1.0] * len(teachers),
+        shared_stages=params.shared_stages,
+        in_chans=in_chans,
+    )
+    return EnsembleKnowledgeDistillation(
+        student, params.temperature, params.alpha, params.feature_tap, params.feature_weight, teacher_channels
+    )

@@ -60,18 +60,23 @@ class FeedParams(BaseModel):
 
     name: Literal["feed"] = "feed"
     mode: Literal["parallel", "sequential"] = Field(
-        "parallel", description="parallel: all teachers in one stage; sequential: one stage per teacher")
-    student: StudentConfig = Field(default_factory=StudentConfig,
-                                   description="the student network; needs forward_features/forward_head")
-    teacher_tap: str = Field("layer3", min_length=1,
-                             description="teacher feature map to match; every teacher must expose it")
+        "parallel", description="parallel: all teachers in one stage; sequential: one stage per teacher"
+    )
+    student: StudentConfig = Field(
+        default_factory=StudentConfig, description="the student network; needs forward_features/forward_head"
+    )
+    teacher_tap: str = Field(
+        "layer3", min_length=1, description="teacher feature map to match; every teacher must expose it"
+    )
     beta: float = Field(500.0, ge=0.0, description="weight β of the factor (normalized L1) terms; FT's 500")
     kd_weight: float = Field(0.0, ge=0.0, description="weight of the optional logit-KD term; 0 turns it off")
     temperature: float = Field(4.0, gt=0.0, description="temperature T of the optional logit-KD term")
-    paraphraser: bool = Field(False,
-                              description="match FT paraphraser factors (trained online) instead of raw maps")
-    paraphrase_rate: float = Field(0.5, gt=0.0,
-                                   description="FT's paraphrase rate k: factor channels = round(k · C_t)")
+    paraphraser: bool = Field(
+        False, description="match FT paraphraser factors (trained online) instead of raw maps"
+    )
+    paraphrase_rate: float = Field(
+        0.5, gt=0.0, description="FT's paraphrase rate k: factor channels = round(k · C_t)"
+    )
 
 
 def normalized_l1(student_factor: torch.Tensor, teacher_factor: torch.Tensor) -> torch.Tensor:
@@ -90,9 +95,11 @@ class Translator(nn.Sequential):
     """FT's student-side transform: three 3×3 conv + LeakyReLU(0.1), channels C_s → C_s → C_out → C_out."""
 
     def __init__(self, student_channels: int, out_channels: int) -> None:
-        super().__init__(*_conv_leaky(student_channels, student_channels),
-                         *_conv_leaky(student_channels, out_channels),
-                         *_conv_leaky(out_channels, out_channels))
+        super().__init__(
+            *_conv_leaky(student_channels, student_channels),
+            *_conv_leaky(student_channels, out_channels),
+            *_conv_leaky(out_channels, out_channels),
+        )
 
 
 class Paraphraser(nn.Module):
@@ -100,12 +107,16 @@ class Paraphraser(nn.Module):
 
     def __init__(self, channels: int, factor_channels: int) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(*_conv_leaky(channels, channels),
-                                     *_conv_leaky(channels, factor_channels),
-                                     *_conv_leaky(factor_channels, factor_channels))
-        self.decoder = nn.Sequential(*_conv_leaky(factor_channels, factor_channels, transposed=True),
-                                     *_conv_leaky(factor_channels, channels, transposed=True),
-                                     *_conv_leaky(channels, channels, transposed=True))
+        self.encoder = nn.Sequential(
+            *_conv_leaky(channels, channels),
+            *_conv_leaky(channels, factor_channels),
+            *_conv_leaky(factor_channels, factor_channels),
+        )
+        self.decoder = nn.Sequential(
+            *_conv_leaky(factor_channels, factor_channels, transposed=True),
+            *_conv_leaky(factor_channels, channels, transposed=True),
+            *_conv_leaky(channels, channels, transposed=True),
+        )
 
     def forward(self, teacher_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(factor, L1 reconstruction loss of the detached teacher map)."""
@@ -125,13 +136,16 @@ class FeatureEnsembleDistillation(Method):
         self.params = params
         self.teacher_names = [t.name for t in teachers]
         self.teacher_channels = [t.feature_shapes[params.teacher_tap][0] for t in teachers]
-        factor_channels = [max(1, round(c * params.paraphrase_rate)) if params.paraphraser else c
-                           for c in self.teacher_channels]
+        factor_channels = [
+            max(1, round(c * params.paraphrase_rate)) if params.paraphraser else c
+            for c in self.teacher_channels
+        ]
         self.transforms = nn.ModuleList(Translator(student.num_features, c) for c in factor_channels)
         self.paraphrasers = None
         if params.paraphraser:
             self.paraphrasers = nn.ModuleList(
-                Paraphraser(c, f) for c, f in zip(self.teacher_channels, factor_channels))
+                Paraphraser(c, f) for c, f in zip(self.teacher_channels, factor_channels)
+            )
         self.num_stages = len(teachers) if params.mode == "sequential" else 1
         self.stage = 0
         self.set_stage(0)
@@ -146,8 +160,9 @@ class FeatureEnsembleDistillation(Method):
 
     def set_stage(self, stage: int) -> None:
         if not 0 <= stage < self.num_stages:
-            raise ValueError(f"feed ({self.params.mode}) has stages 0..{self.num_stages - 1}, "
-                             f"asked for stage {stage}")
+            raise ValueError(
+                f"feed ({self.params.mode}) has stages 0..{self.num_stages - 1}, asked for stage {stage}"
+            )
         self.stage = stage
         active = set(self._active_teachers())
         # Freezing the other stages' modules keeps them out of any gradient (and out of DDP's buckets).
@@ -171,16 +186,24 @@ class FeatureEnsembleDistillation(Method):
     def _teacher_map(self, teachers: TeacherOutputs, index: int) -> torch.Tensor:
         tap, name = self.params.teacher_tap, self.teacher_names[index]
         if index >= len(teachers.features) or tap not in teachers.features[index]:
-            raise ValueError(f"feed needs teacher {name!r}'s feature map {tap!r}, "
-                             "which the batch does not hold")
+            raise ValueError(
+                f"feed needs teacher {name!r}'s feature map {tap!r}, which the batch does not hold"
+            )
         teacher_map = teachers.features[index][tap]
         if teacher_map.dim() != 4 or teacher_map.shape[1] != self.teacher_channels[index]:
-            raise ValueError(f"teacher {name!r}'s map {tap!r} has shape {tuple(teacher_map.shape)}; expected "
-                             f"[B, {self.teacher_channels[index]}, H, W]")
+            raise ValueError(
+                f"teacher {name!r}'s map {tap!r} has shape {tuple(teacher_map.shape)}; expected "
+                f"[B, {self.teacher_channels[index]}, H, W]"
+            )
         return teacher_map
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         if teachers is None:
             raise ValueError("feed needs teacher feature maps; got no teacher outputs")
         features = self.student.forward_features(images)
@@ -218,23 +241,27 @@ class FeatureEnsembleDistillation(Method):
 
 
 @register_method("feed")
-def build_feed(params: FeedParams, *, num_classes: int, in_chans: int,
-               teachers: list[TeacherInfo]) -> Method:
+def build_feed(params: FeedParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
     if not teachers:
         raise ValueError("feed needs at least one teacher, got none")
     for teacher in teachers:
         if not teacher.feature_shapes:
-            raise ValueError(f"feed matches teacher feature maps, but teacher {teacher.name!r} "
-                             "exposes none")
+            raise ValueError(f"feed matches teacher feature maps, but teacher {teacher.name!r} exposes none")
         if params.teacher_tap not in teacher.feature_shapes:
-            raise ValueError(f"teacher_tap {params.teacher_tap!r} is not a feature map of teacher "
-                             f"{teacher.name!r}; available: {', '.join(sorted(teacher.feature_shapes))}")
+            raise ValueError(
+                f"teacher_tap {params.teacher_tap!r} is not a feature map of teacher "
+                f"{teacher.name!r}; available: {', '.join(sorted(teacher.feature_shapes))}"
+            )
         if params.kd_weight > 0 and teacher.num_classes != num_classes:
-            raise ValueError(f"kd_weight > 0 needs teachers over the student's {num_classes} classes; "
-                             f"teacher {teacher.name!r} has {teacher.num_classes}")
+            raise ValueError(
+                f"kd_weight > 0 needs teachers over the student's {num_classes} classes; "
+                f"teacher {teacher.name!r} has {teacher.num_classes}"
+            )
     student = params.student.build(num_classes, in_chans)
     missing = [a for a in ("forward_features", "forward_head", "num_features") if not hasattr(student, a)]
     if missing:
-        raise ValueError(f"feed needs a student exposing forward_features, forward_head and num_features; "
-                         f"{params.student.arch!r} lacks {', '.join(missing)}")
+        raise ValueError(
+            f"feed needs a student exposing forward_features, forward_head and num_features; "
+            f"{params.student.arch!r} lacks {', '.join(missing)}"
+        )
     return FeatureEnsembleDistillation(student, teachers, params)

@@ -39,29 +39,41 @@ def _valid_teacher_weights(weights: list[float] | None) -> list[float] | None:
 TeacherWeights = Annotated[list[float] | None, AfterValidator(_valid_teacher_weights)]
 
 
-def check_teachers(method: str, teachers: list[TeacherInfo], num_classes: int, *, min_teachers: int,
-                   teacher_weights: list[float] | None = None) -> None:
+def check_teachers(
+    method: str,
+    teachers: list[TeacherInfo],
+    num_classes: int,
+    *,
+    min_teachers: int,
+    teacher_weights: list[float] | None = None,
+) -> None:
     """Raise ValueError unless there are at least `min_teachers` teachers, all predicting `num_classes`
     classes, and `teacher_weights` (when given) has one weight per teacher."""
     if len(teachers) < min_teachers:
         raise ValueError(f"{method} needs at least {min_teachers} teacher(s), got {len(teachers)}")
     for teacher in teachers:
         if teacher.num_classes != num_classes:
-            raise ValueError(f"{method}: teacher {teacher.name!r} predicts {teacher.num_classes} classes, "
-                             f"the student {num_classes}; they must be equal")
+            raise ValueError(
+                f"{method}: teacher {teacher.name!r} predicts {teacher.num_classes} classes, "
+                f"the student {num_classes}; they must be equal"
+            )
     if teacher_weights is not None and len(teacher_weights) != len(teachers):
-        raise ValueError(f"{method}: {len(teacher_weights)} teacher_weights for {len(teachers)} teachers; "
-                         "give one weight per teacher or none")
+        raise ValueError(
+            f"{method}: {len(teacher_weights)} teacher_weights for {len(teachers)} teachers; "
+            "give one weight per teacher or none"
+        )
 
 
-def require_teacher_logits(method: str, teachers: TeacherOutputs | None,
-                           num_teachers: int) -> list[torch.Tensor]:
+def require_teacher_logits(
+    method: str, teachers: TeacherOutputs | None, num_teachers: int
+) -> list[torch.Tensor]:
     """The teachers' logits for this batch, checked to hold one tensor per configured teacher."""
     received = [] if teachers is None else [t for t in teachers.logits if t is not None]
     if teachers is None or len(teachers.logits) != num_teachers or len(received) != num_teachers:
         got = "none" if teachers is None else f"{len(received)} of {len(teachers.logits)}"
-        raise ValueError(f"{method} needs the logits of its {num_teachers} teacher(s) for every batch, "
-                         f"got {got}")
+        raise ValueError(
+            f"{method} needs the logits of its {num_teachers} teacher(s) for every batch, got {got}"
+        )
     return received
 
 
@@ -75,14 +87,21 @@ class KDParams(BaseModel):
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of the soft targets")
     alpha: float = Field(0.5, ge=0, le=1, description="weight λ of the hard-label CE; the KD term gets 1−λ")
     teacher_weights: TeacherWeights = Field(
-        None, description="per-teacher weights of the averaged soft target (normalized); None: equal")
+        None, description="per-teacher weights of the averaged soft target (normalized); None: equal"
+    )
 
 
 class KnowledgeDistillation(Method):
     name = "kd"
 
-    def __init__(self, student: nn.Module, num_teachers: int, temperature: float, alpha: float,
-                 teacher_weights: list[float] | None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        num_teachers: int,
+        temperature: float,
+        alpha: float,
+        teacher_weights: list[float] | None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.num_teachers = num_teachers
@@ -93,8 +112,13 @@ class KnowledgeDistillation(Method):
     def teacher_outputs(self) -> list[list[str]]:
         return [["logits"] for _ in range(self.num_teachers)]
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         teacher_logits = require_teacher_logits(self.name, teachers, self.num_teachers)
         target = soft_targets(teacher_logits, self.temperature, self.teacher_weights)
         loss, terms = hinton_kd_loss(self.student(images), labels, target, self.temperature, self.alpha)
@@ -111,5 +135,6 @@ class KnowledgeDistillation(Method):
 def build_kd(params: KDParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
     check_teachers("kd", teachers, num_classes, min_teachers=1, teacher_weights=params.teacher_weights)
     student = params.student.build(num_classes, in_chans)
-    return KnowledgeDistillation(student, len(teachers), params.temperature, params.alpha,
-                                 params.teacher_weights)
+    return KnowledgeDistillation(
+        student, len(teachers), params.temperature, params.alpha, params.teacher_weights
+    )

@@ -42,8 +42,14 @@ from torch import nn
 from services.cifar_models import CIFAR_RESNET_WIDTHS, scaled_width
 from trainer.losses import distillation_kl
 from trainer.methods import register_method
-from trainer.methods.base import (LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock,
-                                  require_no_teachers)
+from trainer.methods.base import (
+    LossResult,
+    Method,
+    TeacherInfo,
+    TeacherOutputs,
+    TrainingClock,
+    require_no_teachers,
+)
 from trainer.students import CifarResNetDepth, MultiBranchResNet
 
 
@@ -55,7 +61,8 @@ class OKDParams(BaseModel):
     name: Literal["okd"] = "okd"
     depth: CifarResNetDepth = Field(20, description="CIFAR ResNet depth of every student, 6n+2")
     num_students: int = Field(
-        5, ge=2, le=16, description="N students; student j keeps (N-j)/N of the channels (0: pseudo teacher)")
+        5, ge=2, le=16, description="N students; student j keeps (N-j)/N of the channels (0: pseudo teacher)"
+    )
     alpha: float = Field(0.7, ge=0.0, description="weight α of the students' cross-entropy")
     beta: float = Field(0.15, ge=0.0, description="weight β of the intermediate (adapted feature MSE) loss")
     gamma: float = Field(0.15, ge=0.0, description="weight γ of the students' KL to the ensemble teacher")
@@ -77,12 +84,15 @@ class OnlineEnsembleCompression(Method):
         super().__init__()
         self.params = params
         self.widths = student_widths(params.num_students)
-        self.network = MultiBranchResNet(params.depth, num_classes, branch_widths=self.widths,
-                                         shared_stages=0, in_chans=in_chans)
+        self.network = MultiBranchResNet(
+            params.depth, num_classes, branch_widths=self.widths, shared_stages=0, in_chans=in_chans
+        )
         # adaptation[j - 1][s] maps student j's stage-s output (j >= 1) to the pseudo teacher's channels.
         self.adaptation = nn.ModuleList(
-            nn.ModuleList(nn.Conv2d(scaled_width(channels, width), scaled_width(channels, self.widths[0]), 1)
-                          for channels in CIFAR_RESNET_WIDTHS)
+            nn.ModuleList(
+                nn.Conv2d(scaled_width(channels, width), scaled_width(channels, self.widths[0]), 1)
+                for channels in CIFAR_RESNET_WIDTHS
+            )
             for width in self.widths[1:]
         )
 
@@ -95,8 +105,13 @@ class OnlineEnsembleCompression(Method):
             for student_map, adapt, teacher_map in zip(student_maps, adapters, teacher_maps, strict=True)
         )
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         outputs = self.network.forward_branches(images)
         temperature = self.params.temperature
         ensemble = torch.stack(outputs.logits).mean(0).detach()
@@ -114,12 +129,16 @@ class OnlineEnsembleCompression(Method):
         adaptation_ids = {id(p) for p in self.adaptation.parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in adaptation_ids]
         adaptation = [p for p in self.adaptation.parameters() if p.requires_grad]
-        return [{"params": rest, "lr": lr},
-                {"params": adaptation, "lr": lr * self.params.adaptation_lr_scale}]
+        return [
+            {"params": rest, "lr": lr},
+            {"params": adaptation, "lr": lr * self.params.adaptation_lr_scale},
+        ]
 
     def exported_students(self) -> dict[str, nn.Module]:
-        return {f"student_w{round(width, 2)}": self.network.export_branch(index)
-                for index, width in enumerate(self.widths)}
+        return {
+            f"student_w{round(width, 2)}": self.network.export_branch(index)
+            for index, width in enumerate(self.widths)
+        }
 
 
 @register_method("okd")

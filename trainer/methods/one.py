@@ -39,8 +39,14 @@ from torch import nn
 
 from trainer.losses import distillation_kl
 from trainer.methods import register_method
-from trainer.methods.base import (LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock,
-                                  require_no_teachers)
+from trainer.methods.base import (
+    LossResult,
+    Method,
+    TeacherInfo,
+    TeacherOutputs,
+    TrainingClock,
+    require_no_teachers,
+)
 from trainer.students import BranchOutputs, CifarResNetDepth, MultiBranchResNet
 
 
@@ -54,7 +60,8 @@ class ONEParams(BaseModel):
     branches: int = Field(3, ge=2, le=16, description="number of branches m sharing conv1, layer1 and layer2")
     temperature: float = Field(3.0, gt=0.0, description="softmax temperature T of the branch-to-ensemble KL")
     rampup_epochs: float = Field(
-        80.0, ge=0.0, description="epochs over which the KL weight w(t) rises to 1 (0: 1 throughout)")
+        80.0, ge=0.0, description="epochs over which the KL weight w(t) rises to 1 (0: 1 throughout)"
+    )
 
 
 def sigmoid_rampup(epoch: float, rampup_epochs: float) -> float:
@@ -110,12 +117,22 @@ class OnTheFlyNativeEnsemble(Method):
     def __init__(self, params: ONEParams, *, num_classes: int, in_chans: int) -> None:
         super().__init__()
         self.params = params
-        trunk = MultiBranchResNet(params.depth, num_classes, branch_widths=[1.0] * params.branches,
-                                  shared_stages=2, in_chans=in_chans)
+        trunk = MultiBranchResNet(
+            params.depth,
+            num_classes,
+            branch_widths=[1.0] * params.branches,
+            shared_stages=2,
+            in_chans=in_chans,
+        )
         self.network = GatedBranchNet(trunk)
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         outputs, gate = self.network.forward_parts(images)
         ensemble = self.network.ensemble_logits(outputs.logits, gate)
         temperature = self.params.temperature
@@ -125,8 +142,15 @@ class OnTheFlyNativeEnsemble(Method):
         kl = sum(distillation_kl(z, target, temperature) for z in outputs.logits)
         weight = sigmoid_rampup(clock.epoch, self.params.rampup_epochs)
         loss = ce_branches + ce_ensemble + weight * kl
-        return LossResult(loss, {"ce_branches": ce_branches.item(), "ce_ensemble": ce_ensemble.item(),
-                                 "kl": kl.item(), "kl_weight": weight})
+        return LossResult(
+            loss,
+            {
+                "ce_branches": ce_branches.item(),
+                "ce_ensemble": ce_ensemble.item(),
+                "kl": kl.item(),
+                "kl_weight": weight,
+            },
+        )
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)

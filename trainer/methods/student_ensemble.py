@@ -56,21 +56,32 @@ class StudentEnsembleParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["student_ensemble"] = "student_ensemble"
-    students: list[StudentConfig] = Field(default_factory=_default_students, min_length=2,
-                                          description="the small students (at least 2), e.g. small_cnn with "
-                                                      "different channels, kernel_size and fc_width")
+    students: list[StudentConfig] = Field(
+        default_factory=_default_students,
+        min_length=2,
+        description="the small students (at least 2), e.g. small_cnn with "
+        "different channels, kernel_size and fc_width",
+    )
     temperature: float = Field(10.0, gt=0, description="softmax temperature T of the soft targets")
     alpha: float = Field(0.75, ge=0, le=1, description="weight λ of the hard-label CE; the soft CE gets 1−λ")
     teacher_weights: TeacherWeights = Field(
-        None, description="per-teacher weights of the averaged soft target (normalized); None: equal")
-    soft_term_t2: bool = Field(False, description="multiply the soft cross-entropy by T² (Hinton's scaling); "
-                                                  "off: the paper's loss as written")
-    combine: Combine = Field("vote", description="how the students' predictions combine: majority 'vote' "
-                                                 "(ties: averaged probabilities) or 'average' probabilities")
+        None, description="per-teacher weights of the averaged soft target (normalized); None: equal"
+    )
+    soft_term_t2: bool = Field(
+        False,
+        description="multiply the soft cross-entropy by T² (Hinton's scaling); "
+        "off: the paper's loss as written",
+    )
+    combine: Combine = Field(
+        "vote",
+        description="how the students' predictions combine: majority 'vote' "
+        "(ties: averaged probabilities) or 'average' probabilities",
+    )
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float,
-                       t2_scale: bool = False) -> torch.Tensor:
+def soft_cross_entropy(
+    student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float, t2_scale: bool = False
+) -> torch.Tensor:
     """H(target, softmax(s/T)), batch-averaged, the paper's soft cross-entropy; × T² when `t2_scale`."""
     return F.cross_entropy(student_logits / temperature, target_probs) * (temperature**2 if t2_scale else 1.0)
 
@@ -90,8 +101,16 @@ def combine_predictions(student_logits: list[torch.Tensor], combine: Combine) ->
 class StudentEnsemble(Method):
     name = "student_ensemble"
 
-    def __init__(self, students: list[nn.Module], num_teachers: int, temperature: float, alpha: float,
-                 teacher_weights: list[float] | None, combine: Combine, soft_term_t2: bool) -> None:
+    def __init__(
+        self,
+        students: list[nn.Module],
+        num_teachers: int,
+        temperature: float,
+        alpha: float,
+        teacher_weights: list[float] | None,
+        combine: Combine,
+        soft_term_t2: bool,
+    ) -> None:
         super().__init__()
         self.soft_term_t2 = soft_term_t2
         self.students = nn.ModuleList(students)
@@ -104,8 +123,13 @@ class StudentEnsemble(Method):
     def teacher_outputs(self) -> list[list[str]]:
         return [["logits"] for _ in range(self.num_teachers)]
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, teachers: TeacherOutputs | None,
-                      clock: TrainingClock) -> LossResult:
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teachers: TeacherOutputs | None,
+        clock: TrainingClock,
+    ) -> LossResult:
         teacher_logits = require_teacher_logits(self.name, teachers, self.num_teachers)
         target = soft_targets(teacher_logits, self.temperature, self.teacher_weights)
         total = images.new_zeros(())
@@ -127,10 +151,19 @@ class StudentEnsemble(Method):
 
 
 @register_method("student_ensemble")
-def build_student_ensemble(params: StudentEnsembleParams, *, num_classes: int, in_chans: int,
-                           teachers: list[TeacherInfo]) -> Method:
-    check_teachers("student_ensemble", teachers, num_classes, min_teachers=1,
-                   teacher_weights=params.teacher_weights)
+def build_student_ensemble(
+    params: StudentEnsembleParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]
+) -> Method:
+    check_teachers(
+        "student_ensemble", teachers, num_classes, min_teachers=1, teacher_weights=params.teacher_weights
+    )
     students = [config.build(num_classes, in_chans) for config in params.students]
-    return StudentEnsemble(students, len(teachers), params.temperature, params.alpha, params.teacher_weights,
-                           params.combine, params.soft_term_t2)
+    return StudentEnsemble(
+        students,
+        len(teachers),
+        params.temperature,
+        params.alpha,
+        params.teacher_weights,
+        params.combine,
+        params.soft_term_t2,
+    )
