@@ -78,7 +78,8 @@ def init_weights(module: nn.Module) -> None:
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32-class inputs; `width` scales every layer's channels (1.0 = the paper's 16/32/64)."""
+    """ResNet-(6n+2) for 32x32-class inputs; `width` scales every layer's channels (1.0: the paper's
+    16/32/64)."""
 
     def __init__(self, depth: int, num_classes: int, width: float = 1.0, in_chans: int = 3) -> None:
         super().__init__()

@@ -42,11 +42,9 @@ from services.codec import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
+from services.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, LOGITS, OUTPUT_DTYPES
+from services.errors import UserError
 
-LOGITS = "logits"
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # the server default, used until ListTeachers reports the real one
-DEFAULT_MAX_BATCH_SIZE = 512  # the server default, used when ListTeachers leaves max_batch_size at 0
 # Bytes an InferRequest may gain beyond its measured empty form once image bytes go in: the data field's tag
 # and length varint (at most 11 bytes) and the growth of the images message's own length varint (at most 5).
 _IMAGE_FIELD_OVERHEAD_BYTES = 16
@@ -64,7 +62,7 @@ class TeacherServiceError(RuntimeError):
         self.code = code
 
 
-class TeacherServiceUnavailable(TeacherServiceError):
+class TeacherServiceUnavailable(TeacherServiceError, UserError):
     """The teacher service could not be reached at its address, even after the bounded retries."""
 
 
@@ -132,8 +130,8 @@ class ClientStats:
     """Totals since the client was made. `samples` counts images passed to `fetch`; `cache_hits`,
     `cache_misses` and `remote_samples` count (teacher, image) pairs: a hit has every requested output in the
     cache, a miss lacks one, and remote pairs were answered by the service (the misses plus every pair not
-    looked up: no store, or a teacher without weights_sha256). `requests` counts Infer requests answered; `retries` counts repeated
-    attempts of any RPC."""
+    looked up: no store, or a teacher without weights_sha256). `requests` counts Infer requests answered;
+    `retries` counts repeated attempts of any RPC."""
 
     samples: int = 0
     cache_hits: int = 0
@@ -519,8 +517,8 @@ class TeacherClient:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
-                # Reconnect on the same schedule as the retries, so that a service back up is found by the next
-                # retry rather than after gRPC's default reconnect backoff (1 s growing to 120 s).
+                # Reconnect on the same schedule as the retries, so that a service back up is found by the
+                # next retry rather than after gRPC's default reconnect backoff (1 s growing to 120 s).
                 ("grpc.initial_reconnect_backoff_ms", backoff_ms),
                 ("grpc.max_reconnect_backoff_ms", backoff_ms * 2**self.retries),
             ],

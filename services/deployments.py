@@ -2,8 +2,9 @@
 
 `TeacherDeployment` holds one `TeacherEngine`. `@serve.batch` merges concurrent requests (counted in samples,
 up to `max_batch_size`, waiting at most `batch_wait_timeout_s`) into one forward pass over the union of the
-outputs they ask for, and the results are split back per request. Both knobs are the deployment's
-`user_config`, so a Serve config update retunes them through `reconfigure` without restarting replicas.
+outputs they ask for, and the results are split back per request (that logic, free of Ray, is
+`services.batching`). Both knobs are the deployment's `user_config`, so a Serve config update retunes them
+through `reconfigure` without restarting replicas.
 
 The gRPC ingress. The contract (proto/ekd/v1/teacher.proto) needs the standard grpc.health.v1 service, server
 reflection and a configurable maximum message size; Serve's native gRPC proxy offers none of them (it has its
@@ -28,7 +29,6 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -41,8 +41,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from services.backends import BackendUnavailableError
+from services.batching import PendingRequest, Result, forward_batch, infer_in_pieces, sample_count
 from services.cache import open_store
-from services.engine import InputSpecError, TeacherEngine, UnknownOutputError
+from services.engine import TeacherEngine
 from services.metrics import Metrics, start_metrics_server
 from services.serve_config import (
     BatchingConfig,
@@ -69,18 +70,6 @@ _UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailabl
 def teacher_deployment_name(teacher: str) -> str:
     """The Serve deployment name of a hosted teacher (what a Serve config's `deployments:` entries name)."""
     return f"teacher-{teacher}"
-
-
-@dataclass(frozen=True)
-class _PendingRequest:
-    """One request waiting for its teacher's next forward pass."""
-
-    images: torch.Tensor  # uint8 [B, C, H, W], B >= 1
-    outputs: tuple[str, ...]
-
-
-def _sample_count(requests: list[_PendingRequest]) -> int:
-    return sum(request.images.shape[0] for request in requests)
 
 
 @serve.deployment
@@ -114,21 +103,7 @@ class TeacherDeployment:
 
         The request joins the next batch; one larger than `max_batch_size` is split into several.
         """
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-            # Caught here because the batch queue sizes requests by their first dimension.
-            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise InputSpecError(f"expected a uint8 image batch [B, C, H, W] with B >= 1, got {shape}")
-        requested = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-        pieces = images.split(self._batching.max_batch_size)
-        results = await asyncio.gather(
-            *(self._forward(_PendingRequest(piece, requested)) for piece in pieces)
-        )
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        if len(results) == 1:
-            return results[0]
-        return {name: torch.cat([result[name] for result in results]) for name in results[0]}
+        return await infer_in_pieces(images, outputs, self._batching.max_batch_size, self._forward)
 
     def forward_count(self) -> int:
         """Forward passes this replica's engine has run."""
@@ -142,41 +117,15 @@ class TeacherDeployment:
         """The batching settings in effect."""
         return self._batching
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_sample_count)
-    async def _forward(self, requests: list[_PendingRequest]) -> list[dict[str, torch.Tensor] | Exception]:
-        # Only requests whose samples have the same dtype and shape can share a forward pass.
-        groups: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
-        for index, request in enumerate(requests):
-            groups.setdefault((request.images.dtype, tuple(request.images.shape[1:])), []).append(index)
-        results: list[dict[str, torch.Tensor] | Exception] = [None] * len(requests)  # type: ignore[list-item]
-        for indices in groups.values():
-            for index, result in zip(indices, await self._forward_together([requests[i] for i in indices])):
-                results[index] = result
-        return results
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=sample_count)
+    async def _forward(self, requests: list[PendingRequest]) -> list[Result]:
+        return await forward_batch(requests, self._run_engine)
 
-    async def _forward_together(
-        self, requests: list[_PendingRequest]
-    ) -> list[dict[str, torch.Tensor] | Exception]:
-        """One forward over the requests' samples and the union of their outputs, split back per request; a
-        request the engine rejects fails alone."""
-        outputs = list(dict.fromkeys(name for request in requests for name in request.outputs))
-        images = torch.cat([request.images for request in requests])
-        try:
-            # In a worker thread, so that the replica keeps queueing requests for the next batch meanwhile.
-            merged = await asyncio.to_thread(self._engine.infer, images, outputs)
-        except (InputSpecError, UnknownOutputError) as error:
-            if len(requests) == 1:
-                return [error]
-            return [result for request in requests for result in await self._forward_together([request])]
+    async def _run_engine(self, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
+        # In a worker thread, so that the replica keeps queueing requests for the next batch meanwhile.
+        merged = await asyncio.to_thread(self._engine.infer, images, outputs)
         self._batch_sizes.append(images.shape[0])
-        results = []
-        start = 0
-        for request in requests:
-            stop = start + request.images.shape[0]
-            # Cloned: a slice would carry the whole batch's storage across Ray's serialization.
-            results.append({name: merged[name][start:stop].clone() for name in request.outputs})
-            start = stop
-        return results
+        return merged
 
 
 class RayServeBackend:

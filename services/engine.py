@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.contract import LOGITS
 from services.zoo import Teacher, TeacherSpec
 
 PRECISIONS = ("auto", "fp32", "bf16")
-LOGITS = "logits"
 
 
 class InputSpecError(ValueError):

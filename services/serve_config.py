@@ -2,7 +2,7 @@
 
 It says which teachers to host and how each is deployed on Ray Serve (replicas, dynamic batching, resources,
 precision), where the gRPC ingress listens and with what limits, which output cache it shares, and where the
-Prometheus metrics are exposed. A wrong field gets one `ServeConfigError` naming the field, the value and what
+Prometheus metrics are exposed. A wrong field gets one `ConfigError` naming the field, the value and what
 is allowed. YAML is data only: it never imports code.
 
 Paths are resolved when the file is loaded: relative checkpoint and cache paths against the working directory
@@ -18,19 +18,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.engine import PRECISIONS
-from services.servicer import (
+from services.contract import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OUTPUT_DTYPE,
+    OUTPUT_DTYPES,
 )
+from services.engine import PRECISIONS
+from services.errors import ConfigError
 from services.yaml_config import expand_environment, load_yaml_model
-from services.zoo import list_teachers
-
-
-class ServeConfigError(ValueError):
-    """A service config that cannot be used; the message is meant for a person, without a traceback."""
+from services.zoo import TEACHERS
 
 
 class _Section(BaseModel):
@@ -75,7 +73,7 @@ class TeacherDeploymentConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="unique name on the server; what InferRequest.teachers refers to",
     )
-    architecture: str = Field(description="architecture from the model zoo (services.zoo.list_teachers())")
+    architecture: str = Field(description="architecture from the model zoo (services.zoo.TEACHERS)")
     num_classes: int = Field(ge=1, description="number of classes the checkpoint was trained for")
     checkpoint: str = Field(
         description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative "
@@ -106,8 +104,7 @@ class TeacherDeploymentConfig(_Section):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, architecture: str) -> str:
-        if architecture not in list_teachers():
-            raise ValueError(f"unknown architecture {architecture!r}; allowed: {', '.join(list_teachers())}")
+        TEACHERS.get(architecture)
         return architecture
 
     @field_validator("checkpoint")
@@ -156,7 +153,7 @@ class GrpcConfig(_Section):
         ge=1,
         description="samples per streamed response when a request leaves chunk_size at 0",
     )
-    default_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+    default_dtype: Literal[OUTPUT_DTYPES] = Field(
         DEFAULT_OUTPUT_DTYPE,
         description="output dtype when a request leaves output_dtype unspecified; what the "
         "cache stores by default",
@@ -214,5 +211,5 @@ class ServeConfig(_Section):
 
 
 def load_serve_config(path: str | os.PathLike) -> ServeConfig:
-    """Read and validate a service config YAML; all problems become one ServeConfigError naming the fields."""
-    return load_yaml_model(path, ServeConfig, what="service config", error=ServeConfigError)
+    """Read and validate a service config YAML; all problems become one ConfigError naming the fields."""
+    return load_yaml_model(path, ServeConfig, what="service config", error=ConfigError)

@@ -24,14 +24,14 @@ from grpc_reflection.v1alpha import reflection
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2_grpc
 from services.backends import TeacherBackend
 from services.cache import TeacherOutputStore
-from services.metrics import Metrics
-from services.servicer import (
+from services.contract import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OUTPUT_DTYPE,
-    TeacherServicer,
 )
+from services.metrics import Metrics
+from services.servicer import TeacherServicer
 
 OVERALL_HEALTH = ""
 """The health-check service name that stands for the whole server."""

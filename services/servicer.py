@@ -37,19 +37,18 @@ from services._generated import teacher_pb2, teacher_pb2_grpc
 from services.backends import BackendUnavailableError, TeacherBackend
 from services.cache import CacheError, TeacherOutputStore, input_digests, output_key
 from services.codec import DTYPES, DTYPES_BY_PROTO_NAME, PROTO_DTYPE_NAMES, tensor_from_bytes, tensor_to_bytes
-from services.engine import LOGITS
+from services.contract import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_OUTPUT_DTYPE,
+    LOGITS,
+    OUTPUT_DTYPES,
+)
 from services.metrics import NO_TEACHER, Metrics
 from services.zoo import TeacherSpec
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-"""The dtypes outputs can be served in (InferRequest.output_dtype), by their Python names."""
-
-DEFAULT_MAX_BATCH_SIZE = 512
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-DEFAULT_CHUNK_SIZE = 64
-DEFAULT_OUTPUT_DTYPE = "float16"
 
 # Room in each InferResponse for everything but the tensor payloads and `cached` flags: the teacher name and
 # output names (added per message), start and count, each Tensor's dtype, shape and length prefixes.

@@ -26,6 +26,8 @@ import torchvision
 from torch import nn
 
 from services.cifar_models import CifarResNet, CifarWideResNet
+from services.errors import UserError
+from services.registry import Registry
 
 CHECKPOINT_FORMAT = "ekd.teacher.v1"
 _IDENTITY_VERSION = "ekd.teacher-identity.v1"
@@ -135,7 +137,7 @@ class Teacher:
     spec: TeacherSpec
 
 
-class TeacherCheckpointError(ValueError):
+class TeacherCheckpointError(UserError, ValueError):
     """A checkpoint file that cannot provide weights for the requested teacher."""
 
     def __init__(self, path: str | os.PathLike, architecture: str, problem: str) -> None:
@@ -156,7 +158,7 @@ class _ZooEntry:
     taps: tuple[tuple[str, str], ...]
 
 
-_TEACHERS: dict[str, _ZooEntry] = {}
+TEACHERS: Registry[_ZooEntry] = Registry("teacher")
 
 
 def register_teacher(
@@ -165,16 +167,10 @@ def register_teacher(
     """Register `fn(num_classes, in_chans) -> nn.Module` under its function name with its defaults."""
 
     def register(fn: TeacherBuilder) -> TeacherBuilder:
-        if fn.__name__ in _TEACHERS:
-            raise ValueError(f"teacher {fn.__name__!r} is already registered")
-        _TEACHERS[fn.__name__] = _ZooEntry(fn, preprocessing, tuple(taps.items()))
+        TEACHERS.add(fn.__name__, _ZooEntry(fn, preprocessing, tuple(taps.items())))
         return fn
 
     return register
-
-
-def list_teachers() -> list[str]:
-    return sorted(_TEACHERS)
 
 
 def create_teacher(
@@ -187,7 +183,7 @@ def create_teacher(
 
     Preprocessing precedence: the explicit `preprocessing` argument, then the checkpoint's, then the entry's.
     """
-    entry = _entry(name)
+    entry = TEACHERS.get(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     loaded = _load_checkpoint(Path(checkpoint), name, num_classes) if checkpoint is not None else None
@@ -226,7 +222,7 @@ def save_teacher_checkpoint(
     `preprocessing` defaults to the entry's; store the one the model was trained with. The file is written
     to a temporary name and renamed, so a reader never sees half a checkpoint.
     """
-    entry = _entry(name)
+    entry = TEACHERS.get(name)
     model = teacher_or_model.model if isinstance(teacher_or_model, Teacher) else teacher_or_model
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -253,12 +249,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _entry(name: str) -> _ZooEntry:
-    if name not in _TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; available: {', '.join(list_teachers())}")
-    return _TEACHERS[name]
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """`ekd`: the command line (Typer + rich). Progress and logs go to stderr, tables to stdout.
 
-Errors a user can fix (a bad config, a missing file or dataset, a wrong option) print one short message and
-exit with status 2, without a traceback.
+Errors a user can fix (`services.errors.UserError`: a bad config, a missing dataset or checkpoint, a service
+or cache that cannot be reached) print one short message and exit with status 2, without a traceback
+(`--debug` shows it). Anything else is a bug: it exits with status 1 and its traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -14,12 +17,13 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from services.cache import CacheError
-from services.client import TeacherServiceError
+from services.errors import ConfigError, UserError
 from services.yaml_config import format_validation_error
-from trainer.config import ConfigError, ExperimentConfig, load_experiment
+from trainer.config import ExperimentConfig, load_experiment
+from trainer.progress import ProgressUpdate
 
 app = typer.Typer(
     name="ekd",
@@ -40,36 +44,81 @@ ConfigArg = Annotated[
 ]
 
 
+# The packages whose loggers `-v` turns up; third-party loggers stay at WARNING.
+EKD_LOGGERS = ("services", "trainer")
+_show_user_error_tracebacks = False  # set by --debug
+
+
+def version_callback(show: bool) -> None:
+    if show:
+        out_console.print(f"ekd {importlib.metadata.version('ekd')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="more log lines: -v for debug messages")
+    ] = 0,
+    debug: Annotated[bool, typer.Option(help="show the traceback of user errors too")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    global _show_user_error_tracebacks
+    _show_user_error_tracebacks = debug
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    for name in EKD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def user_errors(fn):
-    """Turn the errors a user can fix into one line on stderr and exit status 2."""
+    """Turn the errors a user can fix into one line on stderr and exit status 2; bugs keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (
-            ConfigError,
-            ValueError,
-            FileNotFoundError,
-            PermissionError,
-            TeacherServiceError,
-            CacheError,
-        ) as err:
+        except UserError as err:
+            if _show_user_error_tracebacks:
+                err_console.print_exception()
             err_console.print(f"[bold red]error:[/] {err}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
-def make_progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    )
+class ProgressBars:
+    """Rich progress bars on stderr fed by the core's `ProgressUpdate`s: one bar per task."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        if update.task not in self._tasks:
+            self._tasks[update.task] = self.progress.add_task(update.description, total=update.total)
+        self.progress.update(
+            self._tasks[update.task],
+            completed=update.completed,
+            total=update.total,
+            description=update.description,
+        )
+
+    def __enter__(self) -> ProgressBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
 
 
 def parse_seeds(seeds: str | None, default: int) -> list[int]:
@@ -78,9 +127,11 @@ def parse_seeds(seeds: str | None, default: int) -> list[int]:
     try:
         values = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds takes comma-separated integers like 0,1,2, got {seeds!r}") from None
+        raise typer.BadParameter(
+            f"comma-separated integers like 0,1,2, got {seeds!r}", param_hint="--seeds"
+        ) from None
     if not values or any(v < 0 for v in values):
-        raise ValueError(f"--seeds takes non-negative integers like 0,1,2, got {seeds!r}")
+        raise typer.BadParameter(f"non-negative integers like 0,1,2, got {seeds!r}", param_hint="--seeds")
     return values
 
 
@@ -116,10 +167,10 @@ def teachers_train(
 
     cfg = load_experiment(config)
     if not cfg.teachers:
-        raise ValueError(f"{config} names no teachers (method {cfg.method.name!r} uses none)")
+        raise ConfigError(f"{config} names no teachers (method {cfg.method.name!r} uses none)")
     splits = load_splits(cfg.data)
-    with make_progress() as progress:
-        ensure_teachers(cfg, splits, resolve_device(cfg.device), err_console.print, progress, force=force)
+    with ProgressBars() as bars:
+        ensure_teachers(cfg, splits, resolve_device(cfg.device), bars, force=force)
     for t in cfg.teachers:
         out_console.print(f"{t.name}: {t.checkpoint}")
 
@@ -147,19 +198,18 @@ def distill(
     ] = None,
 ) -> None:
     """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
-    from trainer.experiment import run_experiment
     from trainer.report import plot_results, results_table, teacher_table, write_results_json
 
     cfg = with_cli_overrides(
         load_experiment(config), output_dir=output_dir, teacher_service=teacher_service, ray_address=address
     )
     results = []
-    with make_progress() as progress:
+    from trainer.run import run_experiment
+
+    with ProgressBars() as bars:
         for seed in parse_seeds(seeds, cfg.seed):
             run_cfg = cfg.model_copy(update={"seed": seed})
-            results.append(
-                run_experiment(run_cfg, log=err_console.print, progress=progress, ray_address=address)
-            )
+            results.append(run_experiment(run_cfg, on_progress=bars, ray_address=address))
     run_dir = Path(results[0].run_dir)
     out_console.print(results_table(results, title=f"ekd distill {config}"))
     if (teachers := teacher_table(results)) is not None:
@@ -176,7 +226,8 @@ def serve(
         Path, typer.Argument(help="service config YAML, e.g. configs/serve/digits.yaml", show_default=False)
     ],
 ) -> None:
-    """Serve teachers locally: a local Ray, one Serve deployment per teacher, the gRPC ingress; Ctrl-C stops it."""
+    """Serve teachers locally: a local Ray, one Serve deployment per teacher, the gRPC ingress; Ctrl-C stops
+    it."""
     from services.deployments import serve_locally
 
     def ready(address: str) -> None:
@@ -209,15 +260,14 @@ def demo(
     from trainer.demo import demo_table, run_demo
     from trainer.report import plot_results, write_results_json
 
-    with make_progress() as progress:
+    with ProgressBars() as bars:
         rows = run_demo(
             configs_dir=configs,
             serve_config=serve_config,
             output_dir=output_dir,
             workers=workers,
             epochs=epochs,
-            log=err_console.print,
-            progress=progress,
+            on_progress=bars,
         )
     out_console.print(demo_table(rows))
     results = [row.result for row in rows]

@@ -1,29 +1,22 @@
 """The experiment schema: one YAML file validated by pydantic, split by concern.
 
-A wrong field gets an error naming the field, the value and what is allowed (`load_experiment` turns pydantic's
-errors into one short `ConfigError` message for the CLI). YAML is data only: it never imports code.
+A wrong field gets an error naming the field, the value and what is allowed (`load_experiment` turns
+pydantic's errors into one short `ConfigError` message for the CLI). YAML is data only: it never imports code.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.errors import ConfigError
 from services.yaml_config import expand_environment, load_yaml_model
-from services.zoo import list_teachers
-from trainer.methods.ce import CEParams
-from trainer.methods.ekd import EKDParams
-from trainer.methods.feed import FeedParams
-from trainer.methods.kd import KDParams
-from trainer.methods.okd import OKDParams
-from trainer.methods.one import ONEParams
-from trainer.methods.student_ensemble import StudentEnsembleParams
-
-
-class ConfigError(ValueError):
-    """An experiment file that cannot be used; the message is meant for a person, without a traceback."""
+from services.zoo import TEACHERS
+from trainer.methods import METHODS
 
 
 class _Section(BaseModel):
@@ -92,7 +85,7 @@ class OptimConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    name: str = Field(description="teacher architecture from the zoo (services.zoo.list_teachers())")
+    name: str = Field(description="teacher architecture from the zoo (services.zoo.TEACHERS)")
     checkpoint: str = Field(
         description="local checkpoint path; trained first when missing (nothing is downloaded); "
         "with a served source, used (when present) to check the service hosts this teacher"
@@ -109,8 +102,7 @@ class TeacherConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_teacher(cls, name: str) -> str:
-        if name not in list_teachers():
-            raise ValueError(f"unknown teacher {name!r}; allowed: {', '.join(list_teachers())}")
+        TEACHERS.get(name)
         return name
 
 
@@ -174,8 +166,9 @@ class ExecutionConfig(_Section):
     )
 
 
+# Every registered method's params, told apart by their `name` field.
 MethodConfig = Annotated[
-    CEParams | KDParams | StudentEnsembleParams | EKDParams | ONEParams | OKDParams | FeedParams,
+    functools.reduce(operator.or_, (METHODS.get(name).params for name in METHODS.names())),
     Field(discriminator="name"),
 ]
 
@@ -194,7 +187,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _teachers_fit_method(self) -> ExperimentConfig:
-        uses_teachers = self.method.name not in ("ce", "one", "okd")
+        uses_teachers = METHODS.get(self.method.name).uses_teachers
         if uses_teachers and not self.teachers:
             raise ValueError(
                 f"method {self.method.name!r} distills from teachers: list at least one under `teachers`"
@@ -205,5 +198,6 @@ class ExperimentConfig(_Section):
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment YAML; every problem becomes one ConfigError naming the file and fields."""
+    """Read and validate an experiment YAML; every problem becomes one ConfigError naming the file and
+    fields."""
     return load_yaml_model(path, ExperimentConfig, what="experiment", error=ConfigError)

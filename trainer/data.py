@@ -27,6 +27,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
+from services.errors import UserError
+
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 
 # Resizing a whole dataset at once would hold a float copy of it; chunks bound that copy.
@@ -34,7 +36,7 @@ _RESIZE_CHUNK = 1024
 _FAKE_NUM_CLASSES = 10
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are not under the given root; the message says what to place where."""
 
 

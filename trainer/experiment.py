@@ -1,25 +1,27 @@
 """One experiment, start to end, in plain PyTorch: data, teachers (trained first when missing), the teacher
 source, the method, its training stages, evaluation, export, and the result record.
 
-`run_experiment` runs it in this process (`execution.backend: local`) or hands it to the Ray Train adapter
-(`ray_train`, trainer/ray_train.py, imported only then). Both run an `ExperimentSession`: one process's share
-of the experiment, built once, then `fit` (stages × epochs, on all data or on one worker's shard, resumable
-from a `training_state`) and `finish` (evaluate, export the students, write the record).
+`run_locally` runs it in this process (`execution.backend: local`); the Ray Train adapter
+(trainer/ray_train.py) runs it on workers; `trainer.run.run_experiment` picks one. Both run an
+`ExperimentSession`: one process's share of the experiment, built once, then `fit` (stages × epochs, on all
+data or on one worker's shard, resumable from a `training_state`) and `finish` (evaluate, export the
+students, write the record).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
-from trainer.config import DataConfig, ExperimentConfig, TeacherConfig
+from services.contract import LOGITS
+from trainer.config import DataConfig, ExperimentConfig
 from trainer.data import DatasetSplits, ReplayedViews, load_dataset
 from trainer.loop import (
     Shard,
@@ -35,15 +37,18 @@ from trainer.loop import (
 )
 from trainer.methods import create_method
 from trainer.methods.base import Method
+from trainer.progress import OnProgress, ProgressUpdate
 from trainer.sources import TeacherSource, build_teacher_source
 from trainer.students import count_parameters
 from trainer.teachers import train_teacher
 
-Log = Callable[[str], None]
 EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
 StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in a stage
 
 TRAINING_STATE_FORMAT = "ekd.training_state.v1"
+EVAL_BATCH_SIZE = 256
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,51 +117,76 @@ def ensure_teachers(
     cfg: ExperimentConfig,
     splits: DatasetSplits,
     device: torch.device,
-    log: Log,
-    progress: Progress | None,
+    on_progress: OnProgress | None = None,
     force: bool = False,
 ) -> None:
     """Train every teacher whose checkpoint is missing (or all, with force), saying so."""
     for teacher in cfg.teachers:
         if Path(teacher.checkpoint).is_file() and not force:
             continue
-        log(
-            f"teacher {teacher.name}: no checkpoint at {teacher.checkpoint}, training it "
-            f"({teacher.train.epochs} epochs)"
-            if not force
-            else f"teacher {teacher.name}: retraining"
+        if force:
+            logger.info("teacher %s: retraining", teacher.name)
+        else:
+            logger.info(
+                "teacher %s: no checkpoint at %s, training it (%d epochs)",
+                teacher.name,
+                teacher.checkpoint,
+                teacher.train.epochs,
+            )
+        task = f"teacher {teacher.name}"
+
+        def on_epoch(done: int, total: int, val: float, task: str = task) -> None:
+            if on_progress is not None:
+                on_progress(ProgressUpdate(task, done, total, f"{task} val {val:.1%}"))
+
+        result = train_teacher(teacher, splits, cfg.data, device=device, on_epoch=on_epoch)
+        logger.info(
+            "teacher %s: saved %s (val accuracy %.2f%%, %.0f s)",
+            teacher.name,
+            result.checkpoint,
+            100 * result.val_accuracy,
+            result.seconds,
         )
-        result = _train_one_teacher(teacher, cfg, splits, device, progress)
-        log(
-            f"teacher {teacher.name}: saved {result.checkpoint} (val accuracy {result.val_accuracy:.2%}, "
-            f"{result.seconds:.0f} s)"
-        )
-
-
-def _train_one_teacher(
-    teacher: TeacherConfig,
-    cfg: ExperimentConfig,
-    splits: DatasetSplits,
-    device: torch.device,
-    progress: Progress | None,
-):
-    task = progress.add_task(f"teacher {teacher.name}", total=teacher.train.epochs) if progress else None
-
-    def on_epoch(done: int, total: int, val: float) -> None:
-        if progress is not None:
-            progress.update(task, completed=done, description=f"teacher {teacher.name} val {val:.1%}")
-
-    return train_teacher(teacher, splits, cfg.data, device=device, on_epoch=on_epoch)
 
 
 def teacher_test_accuracies(source: TeacherSource, count: int, splits: DatasetSplits) -> list[float]:
     correct, total = [0] * count, 0
-    for images, labels in eval_loader(splits.test, 256):
-        outputs = source.fetch(images, [["logits"]] * count)
+    for images, labels in eval_loader(splits.test, EVAL_BATCH_SIZE):
+        outputs = source.fetch(images, [[LOGITS]] * count)
         for i, logits in enumerate(outputs.logits):
             correct[i] += (logits.argmax(1) == labels).sum().item()
         total += labels.shape[0]
     return [c / total for c in correct]
+
+
+class _StepProgress:
+    """Turns a session's steps and epochs into `ProgressUpdate`s for one bar over all its stages."""
+
+    def __init__(self, session: ExperimentSession, on_progress: OnProgress | None) -> None:
+        self.session = session
+        self.on_progress = on_progress
+        epochs, stages = session.cfg.train.epochs, session.method.num_stages
+        self.steps_per_epoch = session.steps_per_epoch if on_progress is not None else 0
+        self.total = epochs * stages * self.steps_per_epoch
+        self.completed = (session.stage * epochs + session.epoch + 1) * self.steps_per_epoch
+        self.description = session.cfg.name
+
+    def step(self) -> None:
+        if self.on_progress is not None:
+            self.completed += 1
+            self._report()
+
+    def epoch_done(self, row: dict[str, float]) -> None:
+        if self.on_progress is not None:
+            session = self.session
+            self.description = (
+                f"{session.cfg.name} stage {session.stage + 1}/{session.method.num_stages} "
+                f"epoch {session.epoch + 1}/{session.cfg.train.epochs} val {row['val_accuracy']:.1%}"
+            )
+            self._report()
+
+    def _report(self) -> None:
+        self.on_progress(ProgressUpdate(self.session.cfg.name, self.completed, self.total, self.description))
 
 
 class ExperimentSession:
@@ -223,82 +253,90 @@ class ExperimentSession:
         resume: dict | None = None,
         make_step_module: StepModuleFactory | None = None,
         on_epoch_end: EpochEndCallback | None = None,
-        progress: Progress | None = None,
+        on_progress: OnProgress | None = None,
     ) -> None:
         """Train every stage for `train.epochs` epochs, continuing after the epoch `resume` recorded.
 
         `make_step_module(method)` builds what computes each step's loss (e.g. a DistributedDataParallel
         wrapper); it is called after each stage is entered, since a stage may change which parameters train.
+        `on_progress` hears of every step.
         """
         if resume is not None:
-            self._restore(resume)
-        method, epochs = self.method, self.cfg.train.epochs
-        steps_per_epoch = len(self._train_loader(0))
-        task = None
-        if progress is not None:
-            done = (self.stage * epochs + self.epoch + 1) * steps_per_epoch
-            task = progress.add_task(
-                self.cfg.name, total=epochs * method.num_stages * steps_per_epoch, completed=done
-            )
-        on_step = (lambda metrics: progress.advance(task)) if progress is not None else None
+            self.resume(resume)
+        tracker = _StepProgress(self, on_progress)
         first_stage = self.stage
-        for stage in range(first_stage, method.num_stages):
-            method.set_stage(stage)
-            optimizer = make_optimizer(method.param_groups(self.cfg.train.lr), self.cfg.train)
-            scheduler = make_scheduler(optimizer, self.cfg.train, epochs * steps_per_epoch)
-            if resume is not None and stage == first_stage:
-                optimizer.load_state_dict(resume["optimizer"])
-                scheduler.load_state_dict(resume["scheduler"])
-            else:
-                self.epoch = -1
-            self.stage, self.optimizer, self.scheduler = stage, optimizer, scheduler
-            step_module = make_step_module(method) if make_step_module is not None else method
-            for epoch in range(self.epoch + 1, epochs):
-                stats = train_epoch(
-                    method,
-                    self._train_loader(epoch),
-                    self.source,
-                    optimizer,
-                    scheduler,
-                    epoch=epoch,
-                    total_epochs=epochs,
-                    mean=self.splits.mean,
-                    std=self.splits.std,
-                    device=self.device,
-                    on_step=on_step,
-                    step_module=step_module,
-                    prefetch_batches=self.cfg.teacher_source.prefetch_batches,
-                )
-                if self.shard is not None and self.shard.world_size > 1:
-                    stats = all_reduce_epoch_stats(stats)
-                self.stall_seconds += stats.stall_seconds
-                self.val_accuracy = evaluate(
-                    method.predict,
-                    method,
-                    eval_loader(self.splits.val, 256),
-                    self.splits.mean,
-                    self.splits.std,
-                    self.device,
-                )
-                self.epoch = epoch
-                row = {
-                    "stage": stage,
-                    "epoch": epoch,
-                    "loss": stats.loss,
-                    "val_accuracy": self.val_accuracy,
-                    "resumes": self.resumes,
-                    **stats.terms,
-                }
-                self.history.append(row)
-                if progress is not None:
-                    progress.update(
-                        task,
-                        description=f"{self.cfg.name} stage {stage + 1}/"
-                        f"{method.num_stages} epoch {epoch + 1}/{epochs} "
-                        f"val {self.val_accuracy:.1%}",
-                    )
+        for stage in range(first_stage, self.method.num_stages):
+            self.enter_stage(stage, resume if stage == first_stage else None)
+            step_module = make_step_module(self.method) if make_step_module is not None else self.method
+            for epoch in range(self.epoch + 1, self.cfg.train.epochs):
+                row = self.train_one_epoch(epoch, step_module, tracker.step)
+                tracker.epoch_done(row)
                 if on_epoch_end is not None:
                     on_epoch_end(row)
+
+    def enter_stage(self, stage: int, resume: dict | None = None) -> None:
+        """Set up training stage `stage`: the method's stage, a fresh optimizer and schedule, or the ones
+        `resume` recorded (then training continues after its epoch)."""
+        self.method.set_stage(stage)
+        optimizer = make_optimizer(self.method.param_groups(self.cfg.train.lr), self.cfg.train)
+        scheduler = make_scheduler(optimizer, self.cfg.train, self.cfg.train.epochs * self.steps_per_epoch)
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+        else:
+            self.epoch = -1
+        self.stage, self.optimizer, self.scheduler = stage, optimizer, scheduler
+
+    def train_one_epoch(
+        self, epoch: int, step_module: nn.Module, on_step: Callable[[], None] | None = None
+    ) -> dict[str, float]:
+        """Train epoch `epoch` of the current stage, evaluate on the validation split, and return the epoch's
+        history row (also appended to `history`)."""
+        stats = train_epoch(
+            self.method,
+            self._train_loader(epoch),
+            self.source,
+            self.optimizer,
+            self.scheduler,
+            epoch=epoch,
+            total_epochs=self.cfg.train.epochs,
+            mean=self.splits.mean,
+            std=self.splits.std,
+            device=self.device,
+            on_step=(lambda metrics: on_step()) if on_step is not None else None,
+            step_module=step_module,
+            prefetch_batches=self.cfg.teacher_source.prefetch_batches,
+        )
+        if self.shard is not None and self.shard.world_size > 1:
+            stats = all_reduce_epoch_stats(stats)
+        self.stall_seconds += stats.stall_seconds
+        self.val_accuracy = self.evaluate_validation()
+        self.epoch = epoch
+        row = {
+            "stage": self.stage,
+            "epoch": epoch,
+            "loss": stats.loss,
+            "val_accuracy": self.val_accuracy,
+            "resumes": self.resumes,
+            **stats.terms,
+        }
+        self.history.append(row)
+        return row
+
+    def evaluate_validation(self) -> float:
+        """Accuracy of the method's prediction on the validation split."""
+        return evaluate(
+            self.method.predict,
+            self.method,
+            eval_loader(self.splits.val, EVAL_BATCH_SIZE),
+            self.splits.mean,
+            self.splits.std,
+            self.device,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._train_loader(0))
 
     def training_state(self) -> dict:
         """Where training stands after the last completed epoch, as tensors and plain data only (so that
@@ -322,7 +360,8 @@ class ExperimentSession:
             "rng": rng,
         }
 
-    def _restore(self, state: dict) -> None:
+    def resume(self, state: dict) -> None:
+        """Continue from a `training_state()`: the method's weights, where training stands, the history."""
         if state.get("format") != TRAINING_STATE_FORMAT:
             raise ValueError(
                 f"training state format {state.get('format')!r} is not {TRAINING_STATE_FORMAT!r}"
@@ -351,7 +390,7 @@ class ExperimentSession:
             self._close_source()
             return None
         cfg, splits, method, device = self.cfg, self.splits, self.method, self.device
-        test_loader = eval_loader(splits.test, 256)
+        test_loader = eval_loader(splits.test, EVAL_BATCH_SIZE)
         test_accuracy = evaluate(method.predict, method, test_loader, splits.mean, splits.std, device)
         run_dir = Path(cfg.output_dir) / cfg.name
         (run_dir / "students").mkdir(parents=True, exist_ok=True)
@@ -404,30 +443,16 @@ class ExperimentSession:
             self.source.close()
 
 
-def run_experiment(
-    cfg: ExperimentConfig,
-    *,
-    log: Log = print,
-    progress: Progress | None = None,
-    source: TeacherSource | None = None,
-    ray_address: str | None = None,
+def run_locally(
+    cfg: ExperimentConfig, *, on_progress: OnProgress | None = None, source: TeacherSource | None = None
 ) -> ExperimentResult:
-    """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces the configured teacher
-    source; `ray_address` (ray_train only) is a running Ray cluster to train on."""
-    if cfg.execution.backend == "ray_train":
-        if source is not None:
-            raise ValueError(
-                "a teacher source cannot be handed to backend 'ray_train': each worker builds "
-                "its own from the config; pass source only with backend 'local'"
-            )
-        from trainer.ray_train import run_on_ray_train  # Ray is imported only by the backend that uses it
-
-        return run_on_ray_train(cfg, log=log, progress=progress, ray_address=ray_address)
+    """Run `cfg` in this process (`execution.backend: local`); `source` replaces the configured teacher
+    source (it stays open for its owner)."""
     started = time.time()
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data)
     if cfg.teachers and cfg.teacher_source.kind == "in_process":
-        ensure_teachers(cfg, splits, device, log, progress)
+        ensure_teachers(cfg, splits, device, on_progress)
     session = ExperimentSession(cfg, splits=splits, device=device, started=started, source=source)
-    session.fit(progress=progress)
+    session.fit(on_progress=on_progress)
     return session.finish()

@@ -34,7 +34,8 @@ def soft_targets(
 def distillation_kl(
     student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """T² · KL(target ‖ softmax(s/T)), batchmean. The T² keeps gradient scale independent of T (Hinton et al.)."""
+    """T² · KL(target ‖ softmax(s/T)), batchmean. The T² keeps gradient scale independent of T (Hinton et
+    al.)."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(log_p_student, target_probs, reduction="batchmean") * temperature**2
 

@@ -2,8 +2,8 @@
 
 A bounded background thread walks the epoch's batches and fetches each batch's teacher outputs while the
 student trains on an earlier one; the queue between them holds at most `depth` batches. A thread rather than
-Ray Data's streaming pipeline: what to fetch depends on the method (and, for FEED sequential, on the stage), the
-fetch itself is cache reads and gRPC calls that release the GIL, and the core stays free of Ray.
+Ray Data's streaming pipeline: what to fetch depends on the method (and, for FEED sequential, on the stage),
+the fetch itself is cache reads and gRPC calls that release the GIL, and the core stays free of Ray.
 The time the training thread waits on the queue is the student's stall time.
 """
 
@@ -38,7 +38,8 @@ class _EndOfEpoch:
 def prepared_batches(
     batches: Iterable, source: TeacherSource | None, wanted: Sequence[Sequence[str]], depth: int
 ) -> Iterator[PreparedBatch]:
-    """(images, labels, ...) batches with their teacher outputs; fetched `depth` batches ahead when depth > 0."""
+    """(images, labels, ...) batches with their teacher outputs; fetched `depth` batches ahead when
+    depth > 0."""
     needs_teachers = source is not None and any(wanted)
     if not needs_teachers:
         for images, labels, *_ in batches:

@@ -25,6 +25,7 @@ so the run fails exactly once.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -37,16 +38,18 @@ import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device
-from rich.progress import Progress
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import ExperimentConfig
-from trainer.experiment import ExperimentResult, ExperimentSession, Log, ensure_teachers, load_splits
+from trainer.experiment import ExperimentResult, ExperimentSession, ensure_teachers, load_splits
 from trainer.loop import Shard, resolve_device
 from trainer.methods.base import Method
+from trainer.progress import OnProgress, ProgressUpdate
 
 FAIL_AT_EPOCH_ENV = "EKD_FAIL_ONCE_AT_EPOCH"
 FAIL_MARKER_ENV = "EKD_FAIL_MARKER"
+logger = logging.getLogger(__name__)
+
 TRAINING_STATE_FILE = "training_state.pt"
 CHECKPOINTS_KEPT = 2
 PROGRESS_POLL_SECONDS = 1.0
@@ -55,8 +58,7 @@ PROGRESS_POLL_SECONDS = 1.0
 def run_on_ray_train(
     cfg: ExperimentConfig,
     *,
-    log: Log = print,
-    progress: Progress | None = None,
+    on_progress: OnProgress | None = None,
     ray_address: str | None = None,
 ) -> ExperimentResult:
     """Run `cfg` on Ray Train. Uses the Ray instance this process is already connected to, else connects to
@@ -66,7 +68,7 @@ def run_on_ray_train(
     failure = _failure_injection()
     device = resolve_device(cfg.device)
     if cfg.teachers and cfg.teacher_source.kind == "in_process":
-        ensure_teachers(cfg, load_splits(cfg.data), device, log, progress)
+        ensure_teachers(cfg, load_splits(cfg.data), device, on_progress)
     run_name = f"{cfg.name}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -74,9 +76,12 @@ def run_on_ray_train(
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
         ray.init(address=ray_address, include_dashboard=False)
     try:
-        log(
-            f"ray_train: {cfg.execution.workers} workers on {device.type}, run {run_name} under "
-            f"{cfg.execution.storage_path}"
+        logger.info(
+            "ray_train: %d workers on %s, run %s under %s",
+            cfg.execution.workers,
+            device.type,
+            run_name,
+            cfg.execution.storage_path,
         )
         progress_file = Path(cfg.execution.storage_path) / f"{run_name}.progress"
         progress_file.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +101,7 @@ def run_on_ray_train(
                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             ),
         )
-        outcome = _fit_showing_progress(trainer, progress_file, cfg, progress)
+        outcome = _fit_showing_progress(trainer, progress_file, cfg, on_progress)
     finally:
         if started_ray:
             ray.shutdown()
@@ -144,13 +149,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
 
 def _fit_showing_progress(
-    trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig, progress: Progress | None
+    trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig, on_progress: OnProgress | None
 ):
     """`trainer.fit()`, while a progress bar follows the epochs worker 0 appends to `progress_file` (a line
     "stages stage epoch val_accuracy" per epoch: the driver cannot see into the workers otherwise)."""
-    if progress is None:
+    if on_progress is None:
         return trainer.fit()
-    task = progress.add_task(f"{cfg.name} (ray_train)", total=cfg.train.epochs)
+    task = f"{cfg.name} (ray_train)"
+    on_progress(ProgressUpdate(task, 0, cfg.train.epochs, task))
     outcome: dict = {}
 
     def fit() -> None:
@@ -172,12 +178,14 @@ def _fit_showing_progress(
                 float(fields[-1]),
             )
             epochs = cfg.train.epochs
-            progress.update(
-                task,
-                total=stages * epochs,
-                completed=stage * epochs + epoch + 1,
-                description=f"{cfg.name} (ray_train) stage {stage + 1}/{stages} epoch {epoch + 1}/"
-                f"{epochs} val {accuracy:.1%}",
+            on_progress(
+                ProgressUpdate(
+                    task,
+                    completed=stage * epochs + epoch + 1,
+                    total=stages * epochs,
+                    description=f"{task} stage {stage + 1}/{stages} epoch {epoch + 1}/{epochs} "
+                    f"val {accuracy:.1%}",
+                )
             )
     if "error" in outcome:
         raise outcome["error"]

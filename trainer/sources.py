@@ -1,4 +1,5 @@
-"""Where a method's teacher outputs come from: one interface, chosen by `teacher_source.kind` in the experiment.
+"""Where a method's teacher outputs come from: one interface, chosen by the experiment's
+`teacher_source.kind`.
 
 `InProcessTeacherSource` runs the teachers in the training process (the way torchdistill does): the baseline
 that the served path is measured against.
@@ -14,6 +15,7 @@ import torch
 
 from services.cache import open_store
 from services.client import TeacherClient
+from services.contract import LOGITS
 from services.engine import TeacherEngine
 from services.zoo import Teacher, create_teacher
 from trainer.config import ExperimentConfig
@@ -37,9 +39,10 @@ class TeacherSource(ABC):
 
     @abstractmethod
     def counters(self) -> dict[str, int]:
-        """Running totals for the run summary (teacher calls, cache hits and misses where there is a cache)."""
+        """Running totals for the run summary (teacher calls; cache hits and misses where there is a
+        cache)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: most sources hold nothing to release)
         """Release what the source holds (connections, devices)."""
 
 
@@ -59,8 +62,8 @@ class InProcessTeacherSource(TeacherSource):
         logits, features = [], []
         for engine, outputs in zip(self.engines, wanted, strict=True):
             result = engine.infer(images, list(outputs)) if outputs else {}
-            logits.append(result.get("logits"))
-            features.append({k: v for k, v in result.items() if k != "logits"})
+            logits.append(result.get(LOGITS))
+            features.append({k: v for k, v in result.items() if k != LOGITS})
         return TeacherOutputs(logits=logits, features=features)
 
     def parameter_counts(self) -> list[int]:
@@ -73,8 +76,8 @@ class InProcessTeacherSource(TeacherSource):
 class ServedTeacherSource(TeacherSource):
     """Teacher outputs from the shared cache first and the teacher service for the misses (`TeacherClient`).
 
-    `teachers[i]` is teacher i's name on the service. When `expected_identities[i]` is given (the identity of a
-    local checkpoint of the same teacher), the service must host exactly that teacher: same architecture,
+    `teachers[i]` is teacher i's name on the service. When `expected_identities[i]` is given (the identity of
+    a local checkpoint of the same teacher), the service must host exactly that teacher: same architecture,
     weights and preprocessing; a mismatch is an error, not silently different targets.
     """
 
@@ -107,7 +110,7 @@ class ServedTeacherSource(TeacherSource):
         self.descriptions = [hosted[n] for n in self.names]
 
     def describe(self, image_size: int) -> list[TeacherInfo]:
-        # The service resizes every image to the teacher's input size, so tap shapes do not depend on image_size.
+        # The service resizes every image to the teacher's input size: tap shapes do not depend on image_size.
         return [
             TeacherInfo(name=d.name, num_classes=d.num_classes, feature_shapes=dict(d.taps))
             for d in self.descriptions
@@ -119,8 +122,8 @@ class ServedTeacherSource(TeacherSource):
         logits, features = [], []
         for name, outputs in zip(self.names, wanted):
             got = result.get(name, {}) if outputs else {}
-            logits.append(got.get("logits"))
-            features.append({k: v for k, v in got.items() if k != "logits"})
+            logits.append(got.get(LOGITS))
+            features.append({k: v for k, v in got.items() if k != LOGITS})
         return TeacherOutputs(logits=logits, features=features)
 
     def parameter_counts(self) -> list[int]:

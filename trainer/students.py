@@ -22,8 +22,10 @@ from services.cifar_models import (
     make_stage,
     scaled_width,
 )
+from services.errors import ConfigError
+from services.registry import Registry
 
-_STUDENTS: dict[str, Callable[..., nn.Module]] = {}
+STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student architecture")
 
 
 def _cifar_resnet_depth(depth: int) -> int:
@@ -36,19 +38,8 @@ def _cifar_resnet_depth(depth: int) -> int:
 CifarResNetDepth = Annotated[int, Field(ge=8), AfterValidator(_cifar_resnet_depth)]
 
 
-def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _STUDENTS[fn.__name__] = fn
-    return fn
-
-
-def list_students() -> list[str]:
-    return sorted(_STUDENTS)
-
-
 def create_student(arch: str, num_classes: int, **kwargs) -> nn.Module:
-    if arch not in _STUDENTS:
-        raise ValueError(f"unknown student architecture {arch!r}; available: {', '.join(list_students())}")
-    return _STUDENTS[arch](num_classes=num_classes, **kwargs)
+    return STUDENTS.get(arch)(num_classes=num_classes, **kwargs)
 
 
 class StudentConfig(BaseModel):
@@ -56,7 +47,7 @@ class StudentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: str = Field("cifar_resnet8", description="registered student architecture (see `list_students()`)")
+    arch: str = Field("cifar_resnet8", description="registered student architecture (see `STUDENTS`)")
     options: dict[str, Any] = Field(
         default_factory=dict, description="keyword options of the architecture, e.g. {width: 0.5}"
     )
@@ -64,15 +55,14 @@ class StudentConfig(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        if arch not in _STUDENTS:
-            raise ValueError(f"unknown student architecture {arch!r}; allowed: {', '.join(list_students())}")
+        STUDENTS.get(arch)
         return arch
 
     def build(self, num_classes: int, in_chans: int) -> nn.Module:
         try:
             return create_student(self.arch, num_classes, in_chans=in_chans, **self.options)
-        except TypeError as err:  # an option the architecture does not take
-            raise ValueError(f"student {self.arch!r} rejected options {self.options}: {err}") from None
+        except (TypeError, ValueError) as err:  # an option the architecture does not take, or a bad value
+            raise ConfigError(f"student {self.arch!r} rejected options {self.options}: {err}") from None
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -171,7 +161,8 @@ class MultiBranchResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
         if not 0 <= shared_stages <= 2:
             raise ValueError(
-                f"shared_stages must be 0, 1 or 2 (at least the last stage is per branch), got {shared_stages}"
+                "shared_stages must be 0, 1 or 2 (at least the last stage is per branch), "
+                f"got {shared_stages}"
             )
         if len(branch_widths) < 1:
             raise ValueError("a multi-branch trunk needs at least one branch")
@@ -239,10 +230,10 @@ def _cifar_resnet(depth: int):
 
 
 for _depth in (8, 14, 20, 32, 56, 110):
-    register_student(_cifar_resnet(_depth))
+    STUDENTS.add(f"cifar_resnet{_depth}", _cifar_resnet(_depth))
 
 
-@register_student
+@STUDENTS.decorator()
 def small_cnn(
     num_classes: int,
     channels: Sequence[int] = (16, 32),
@@ -255,7 +246,7 @@ def small_cnn(
     )
 
 
-@register_student
+@STUDENTS.decorator()
 def multi_branch_resnet(
     num_classes: int,
     depth: int = 20,

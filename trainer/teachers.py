@@ -1,5 +1,5 @@
-"""ekd's own teachers: trained on the labels when no checkpoint exists (nothing can be downloaded) and saved as
-local checkpoints that the zoo loads with `weights_only=True`."""
+"""ekd's own teachers: trained on the labels when no checkpoint exists (nothing can be downloaded) and saved
+as local checkpoints that the zoo loads with `weights_only=True`."""
 
 from __future__ import annotations
 

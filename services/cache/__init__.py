@@ -11,9 +11,9 @@ from services.cache.store import (
     TeacherOutputStore,
     input_digest,
     input_digests,
-    open_store,
     output_key,
 )
+from services.cache.uri import open_store
 
 __all__ = [
     "CacheError",

@@ -3,8 +3,8 @@
 LMDB gives many concurrent readers and one writer at a time across processes (its lock file does the
 coordination), so several training workers on one host can share a cache directory. LMDB allows one open
 environment per directory per process, so stores on the same directory in one process (a service and a client
-side by side, say) share it, reference-counted. The map size is fixed when opened, not grown automatically: growing it safely needs
-every process to reopen, so a full map is reported with the size to ask for instead.
+side by side, say) share it, reference-counted. The map size is fixed when opened, not grown automatically:
+growing it safely needs every process to reopen, so a full map is reported with the size to ask for instead.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The teacher-output cache: key derivation, the store interface every backend implements, and `open_store`.
+"""The teacher-output cache: key derivation and the store interface every backend implements.
 
 A key is derived from everything that determines a teacher's output for one sample (the teacher's identity,
 which output, its dtype and top-k truncation, and the exact input bytes), so a key never returns another
@@ -21,6 +21,7 @@ import torch
 import xxhash
 
 from services.codec import DTYPES, CorruptValueError, decode_value, encode_value
+from services.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ class CacheError(RuntimeError):
     """The cache cannot serve a request; callers may fall back to computing the outputs."""
 
 
-class CacheUnavailableError(CacheError):
+class CacheUnavailableError(CacheError, UserError):
     """The cache backend cannot be reached or opened."""
 
 
-class CacheFullError(CacheError):
+class CacheFullError(CacheError, UserError):
     """The cache backend has no room for a write."""
 
 
@@ -206,30 +207,3 @@ class TeacherOutputStore(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-_ALLOWED_URIS = (
-    "lmdb:///absolute/path, a plain filesystem path, redis://[:password@]host:port/db or rediss://..."
-)
-
-
-def open_store(uri: str, **options) -> TeacherOutputStore:
-    """Open the store a URI names: "lmdb:///abs/path" or a plain path -> LmdbStore; "redis://..." or
-    "rediss://..." -> RedisStore. `options` go to the backend's constructor."""
-    # Imported here because both backends subclass TeacherOutputStore from this module.
-    from services.cache.lmdb_store import LmdbStore
-    from services.cache.redis_store import RedisStore
-
-    if not uri:
-        raise ValueError(f"empty cache URI; allowed forms: {_ALLOWED_URIS}")
-    if "://" not in uri:
-        return LmdbStore(uri, **options)
-    scheme = uri.split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss"):
-        return RedisStore(uri, **options)
-    if scheme == "lmdb":
-        parts = urlsplit(uri)
-        if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
-            raise ValueError(f"bad LMDB cache URI {uri!r}: use lmdb:///absolute/path (three slashes)")
-        return LmdbStore(parts.path, **options)
-    raise ValueError(f"unsupported cache URI {redact_url(uri)!r}; allowed forms: {_ALLOWED_URIS}")

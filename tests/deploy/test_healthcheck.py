@@ -79,7 +79,7 @@ def test_silent_server_is_cut_at_the_timeout():
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        address = "127.0.0.1:%d" % silent.getsockname()[1]
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
         serving, message = probe(address, timeout=0.5)
     assert (serving, message) == (False, f"unhealthy: {address} gave no health answer within 0.5 s")
 

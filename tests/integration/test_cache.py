@@ -212,9 +212,11 @@ def test_corrupt_values_are_misses_counted_deleted_then_replaced(backend, teache
 
 
 def test_keys_must_be_bytes(backend):
-    with backend.open() as store:
-        with pytest.raises(TypeError, match="cache keys are bytes from output_key; got str"):
-            store.get_many(["ekd:v1:abc"])
+    with (
+        backend.open() as store,
+        pytest.raises(TypeError, match="cache keys are bytes from output_key; got str"),
+    ):
+        store.get_many(["ekd:v1:abc"])
 
 
 def test_stats_stay_exact_under_concurrent_readers(tmp_path):
@@ -270,9 +272,11 @@ def test_lmdb_full_map_says_to_raise_map_size(tmp_path):
 def test_lmdb_readonly_refuses_writes_and_missing_dir_is_unavailable(tmp_path):
     with LmdbStore(tmp_path / "nested" / "cache"):
         pass
-    with LmdbStore(tmp_path / "nested" / "cache", readonly=True) as store:
-        with pytest.raises(CacheError, match="read-only; reopen with readonly=False"):
-            store.put_many([(key_for(0), logits(0))])
+    with (
+        LmdbStore(tmp_path / "nested" / "cache", readonly=True) as store,
+        pytest.raises(CacheError, match="read-only; reopen with readonly=False"),
+    ):
+        store.put_many([(key_for(0), logits(0))])
     with pytest.raises(CacheUnavailableError, match=r"cannot open LMDB cache at .*absent"):
         LmdbStore(tmp_path / "absent", readonly=True)
 
@@ -335,10 +339,12 @@ def test_redis_server_going_away_is_unavailable(start_redis_server):
 
 def test_redis_out_of_memory_without_eviction_is_cache_full(start_redis_server):
     server = start_redis_server("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")
-    with RedisStore(server.url) as store:
-        with pytest.raises(CacheFullError, match="set maxmemory-policy to allkeys-lru"):
-            for seed in range(100):
-                store.put_many([(key_for(seed), torch.zeros(16384, dtype=torch.uint8))])
+    with (
+        RedisStore(server.url) as store,
+        pytest.raises(CacheFullError, match="set maxmemory-policy to allkeys-lru"),
+    ):
+        for seed in range(100):
+            store.put_many([(key_for(seed), torch.zeros(16384, dtype=torch.uint8))])
 
 
 # --- open_store -----------------------------------------------------------------------------------------

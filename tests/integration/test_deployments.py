@@ -34,7 +34,8 @@ from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_
 from services.codec import DTYPES_BY_PROTO_NAME, tensor_from_bytes
 from services.deployments import APP_NAME, teacher_deployment_name
 from services.engine import TeacherEngine
-from services.serve_config import ServeConfigError, load_serve_config
+from services.errors import ConfigError
+from services.serve_config import load_serve_config
 from services.zoo import Preprocessing, create_teacher, file_sha256, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -399,12 +400,12 @@ def test_bad_serve_config_names_the_field_and_value(tmp_path: Path, monkeypatch:
         )
     )
 
-    with pytest.raises(ServeConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         load_serve_config(path)
 
     message = str(error.value)
     assert "teachers.0.architecture" in message and "'cifar_resnet999'" in message
-    assert "allowed: " in message and "cifar_resnet20" in message
+    assert "available: " in message and "cifar_resnet20" in message
     assert "teachers.1.max_batch_size" in message
     assert "teachers.1.replicas" in message  # an unknown field
     assert "cache.uri" in message and "EKD_UNSET_CACHE_URI" in message

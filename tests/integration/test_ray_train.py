@@ -7,6 +7,7 @@ scikit-learn's digits at 8×8, a cifar_resnet8 student, 4 epochs of 10 steps of 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ import torch
 
 from trainer.config import ExperimentConfig
 from trainer.data import ImageTensorDataset, ReplayedViews
-from trainer.experiment import TRAINING_STATE_FORMAT, ExperimentResult, run_experiment
+from trainer.experiment import TRAINING_STATE_FORMAT, ExperimentResult
 from trainer.loop import Shard, train_loader
 from trainer.ray_train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, TRAINING_STATE_FILE, run_on_ray_train
+from trainer.run import run_experiment
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +97,9 @@ def ce_runs(local_ray, tmp_path_factory) -> CeRuns:
     with pytest.MonkeyPatch.context() as env:
         env.setenv(FAIL_AT_EPOCH_ENV, "2")
         env.setenv(FAIL_MARKER_ENV, str(marker))
-        killed = run_experiment(experiment(tmp_path, "killed", backend="ray_train"), log=lambda message: None)
+        killed = run_experiment(experiment(tmp_path, "killed", backend="ray_train"))
     return CeRuns(
-        run_experiment(uninterrupted, log=lambda message: None),
+        run_experiment(uninterrupted),
         killed,
         Path(uninterrupted.execution.storage_path),
         marker,
@@ -122,19 +124,19 @@ def test_shards_of_two_workers_make_up_the_single_process_batches():
 
 
 @pytest.mark.slow
-def test_ray_train_kd_matches_local_backend(local_ray, tmp_path):
+def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
     teacher = tmp_path / "teachers" / "cifar_resnet20.pt"
     local = run_experiment(
         experiment(tmp_path, "kd-local", backend="local", method="kd", teacher_checkpoint=teacher),
-        log=lambda message: None,
     )
     assert teacher.is_file()  # trained by the local run, reused by the Ray run (not retrained)
-    logs = []
-    distributed = run_experiment(
-        experiment(tmp_path, "kd-ray", backend="ray_train", method="kd", teacher_checkpoint=teacher),
-        log=logs.append,
-    )
-    assert not any("training it" in line for line in logs)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        distributed = run_experiment(
+            experiment(tmp_path, "kd-ray", backend="ray_train", method="kd", teacher_checkpoint=teacher),
+        )
+    assert "ray_train: 2 workers" in caplog.text  # the driver's log lines are captured here
+    assert "training it" not in caplog.text
 
     assert local.test_accuracy > CHANCE + 0.3 and distributed.test_accuracy > CHANCE + 0.3
     assert abs(distributed.test_accuracy - local.test_accuracy) <= ACCURACY_TOLERANCE
@@ -178,28 +180,28 @@ def test_failure_injection_settings_are_checked(tmp_path, monkeypatch):
     cfg = experiment(tmp_path, "bad-injection", backend="ray_train")
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
     with pytest.raises(ValueError, match=f"{FAIL_AT_EPOCH_ENV}=2 needs {FAIL_MARKER_ENV}"):
-        run_on_ray_train(cfg, log=lambda message: None)
+        run_on_ray_train(cfg)
     monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "marker"))
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "0")
     with pytest.raises(ValueError, match=f"{FAIL_AT_EPOCH_ENV} must be an epoch index >= 1.*got '0'"):
-        run_on_ray_train(cfg, log=lambda message: None)
+        run_on_ray_train(cfg)
 
 
 def test_ray_train_backend_refuses_a_local_teacher_source(tmp_path):
     cfg = experiment(tmp_path, "with-source", backend="ray_train")
     with pytest.raises(ValueError, match="cannot be handed to backend 'ray_train'"):
-        run_experiment(cfg, log=lambda message: None, source=object())
+        run_experiment(cfg, source=object())
 
 
 LOCAL_RUN = """
 import sys
 from trainer.config import ExperimentConfig
-from trainer.experiment import run_experiment
+from trainer.run import run_experiment
 cfg = ExperimentConfig.model_validate({{
     "name": "local", "device": "cpu", "output_dir": {output!r},
     "data": {{"dataset": "digits", "image_size": 8, "views": 0, "batch_size": 128}},
     "method": {{"name": "ce", "student": {{"arch": "cifar_resnet8"}}}}, "train": {{"epochs": 1}}}})
-result = run_experiment(cfg, log=lambda message: None)
+result = run_experiment(cfg)
 assert 0.0 <= result.test_accuracy <= 1.0
 leaked = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.") or m == "trainer.ray_train")
 assert not leaked, leaked

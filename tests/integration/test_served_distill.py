@@ -19,7 +19,7 @@ from services.engine import TeacherEngine
 from services.server import BackgroundServer
 from services.zoo import create_teacher
 from trainer.config import ExperimentConfig
-from trainer.experiment import run_experiment
+from trainer.run import run_experiment
 
 EKD = str(Path(sys.executable).parent / "ekd")
 # Two teachers of one architecture, told apart by their weights (seeds) and their names on the service.
@@ -70,9 +70,7 @@ def cache_uri(request, tmp_path):
 
 
 def test_served_teachers_match_in_process_and_are_reused_across_experiments(tmp_path, cache_uri):
-    in_process = run_experiment(
-        ExperimentConfig.model_validate(experiment(tmp_path, "kd-in-process", KD)), log=lambda _: None
-    )
+    in_process = run_experiment(ExperimentConfig.model_validate(experiment(tmp_path, "kd-in-process", KD)))
 
     server, _ = serve_teachers(tmp_path, cache_uri)
     with server:
@@ -82,9 +80,10 @@ def test_served_teachers_match_in_process_and_are_reused_across_experiments(tmp_
             KD,
             teacher_source={"kind": "served", "address": server.address, "cache": cache_uri},
         )
-        served = run_experiment(ExperimentConfig.model_validate(served_cfg), log=lambda _: None)
+        served = run_experiment(ExperimentConfig.model_validate(served_cfg))
     # Same seed, same data, same replayed views; the served targets are fp16 instead of fp32, which moves a
-    # few of 360 test predictions at most on a 3-epoch student: 5 points is far outside that, far inside chance.
+    # few of 360 test predictions at most on a 3-epoch student: 5 points is far outside that, far inside
+    # chance.
     assert abs(served.test_accuracy - in_process.test_accuracy) <= 0.05
     assert served.test_accuracy > 0.2  # twice chance: the student learned from the served targets
     assert served.counters["teacher_calls"] > 0 and served.counters["cache_misses"] > 0

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, load_experiment
+from services.errors import ConfigError
+from trainer.config import load_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs" / "digits").glob("*.yaml"))
@@ -49,7 +50,7 @@ def test_valid_minimal_config_gets_defaults(tmp_path):
     [
         (KD.replace("temperature: 4.0", "temperature: -1"), "method.kd.temperature", "greater than 0"),
         (KD.replace("name: kd,", "name: kdd,"), "method", "'kd'"),
-        (KD.replace("cifar_resnet20", "resnet9000"), "teachers.0.name", "allowed: cifar_resnet110"),
+        (KD.replace("cifar_resnet20", "resnet9000"), "teachers.0.name", "available: cifar_resnet110"),
         (KD + "data: {batch_size: 64, colour: red}\n", "data.colour", "Extra inputs are not permitted"),
         (KD + "data: {dataset: mnist}\n", "data.dataset", "'digits'"),
         (KD + "train: {schedule: linear}\n", "train.schedule", "'cosine'"),

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from trainer.demo import SERVED_EXPERIMENTS, TEACHER_FREE_EXPERIMENTS, demo_experiments
+from trainer.demo import DEMO_EXPERIMENTS, demo_experiments
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,7 @@ def test_demo_runs_every_method_on_served_teachers_through_ray_train(tmp_path):
         output_dir=tmp_path,
         epochs=3,
     )
-    assert len(experiments) == len(SERVED_EXPERIMENTS) + len(TEACHER_FREE_EXPERIMENTS)
+    assert len(experiments) == len(DEMO_EXPERIMENTS)
     assert {e.method.name for e in experiments} == {"kd", "student_ensemble", "ekd", "feed", "one", "okd"}
     for cfg in experiments:
         assert cfg.execution.backend == "ray_train" and cfg.execution.workers == 2
@@ -29,3 +29,5 @@ def test_demo_runs_every_method_on_served_teachers_through_ray_train(tmp_path):
             )
         else:
             assert cfg.method.name in ("one", "okd")
+    # Those that distill from the served teachers run first, while the service is warm.
+    assert [bool(cfg.teachers) for cfg in experiments] == [True] * 5 + [False] * 2

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from trainer.methods import create_method
 from trainer.methods.base import TeacherInfo, TrainingClock
 from trainer.methods.one import ONEParams, OnTheFlyNativeEnsemble, build_one, sigmoid_rampup
 
@@ -102,10 +103,10 @@ def test_exported_students_run_alone(method, batch):
             assert network(images).shape == (4, NUM_CLASSES)
 
 
-def test_builder_refuses_external_teachers():
+def test_external_teachers_are_refused():
     teacher = TeacherInfo(name="resnet56", num_classes=NUM_CLASSES, feature_shapes={})
     with pytest.raises(ValueError, match="uses no external teachers.*resnet56"):
-        build_one(ONEParams(depth=8), num_classes=NUM_CLASSES, in_chans=3, teachers=[teacher])
+        create_method(ONEParams(depth=8), num_classes=NUM_CLASSES, in_chans=3, teachers=[teacher])
 
 
 @pytest.mark.parametrize(

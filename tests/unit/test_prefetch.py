@@ -49,7 +49,8 @@ def test_fetching_runs_ahead_of_the_consumer(source):
     calls_before = source.engines[0].calls
     iterator = prepared_batches(data, source, [["logits"]], depth=2)
     next(iterator)
-    # The worker keeps fetching while the consumer holds batch 0: batch 0 handed over, two queued, one in hand.
+    # The worker keeps fetching while the consumer holds batch 0: batch 0 handed over, two queued, one in
+    # hand.
     for _ in range(200):  # bounded wait for the worker
         if source.engines[0].calls - calls_before >= 3:
             break

@@ -47,7 +47,7 @@ def test_service_full_name_is_exported() -> None:
 
 
 def test_dtype_enum_values() -> None:
-    assert {name: teacher_pb2.DType.Value(name) for name in teacher_pb2.DType.keys()} == {
+    assert {name: teacher_pb2.DType.Value(name) for name in teacher_pb2.DType.keys()} == {  # noqa: SIM118
         "DTYPE_UNSPECIFIED": 0,
         "UINT8": 1,
         "FLOAT32": 2,

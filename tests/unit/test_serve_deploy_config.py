@@ -1,4 +1,5 @@
-"""The `serve deploy` config is valid for Ray Serve's own schema and names the application `ekd serve` runs."""
+"""The `serve deploy` config is valid for Ray Serve's own schema and names the application `ekd serve`
+runs."""
 
 from pathlib import Path
 

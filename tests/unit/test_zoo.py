@@ -9,13 +9,13 @@ from torch import nn
 
 from services.zoo import (
     CHECKPOINT_FORMAT,
+    TEACHERS,
     Preprocessing,
     Teacher,
     TeacherCheckpointError,
     TeacherSpec,
     create_teacher,
     file_sha256,
-    list_teachers,
     register_teacher,
     save_teacher_checkpoint,
 )
@@ -62,7 +62,7 @@ def assert_checkpoint_error(match: str, path, **kwargs) -> None:
 
 
 def test_list_teachers_names_every_entry():
-    assert list_teachers() == sorted(IMAGENET_ENTRIES + ["senet154"] + CIFAR_ENTRIES)
+    assert TEACHERS.names() == sorted(IMAGENET_ENTRIES + ["senet154"] + CIFAR_ENTRIES)
 
 
 @pytest.mark.parametrize("name", CIFAR_ENTRIES)
@@ -110,7 +110,7 @@ def test_in_chans_comes_from_preprocessing():
 def test_unknown_teacher_lists_available_names():
     with pytest.raises(ValueError, match="unknown teacher 'resnet9000'; available: ") as info:
         create_teacher("resnet9000", 10)
-    assert str(info.value).endswith(", ".join(list_teachers()))
+    assert str(info.value).endswith(", ".join(TEACHERS.names()))
 
 
 def test_registering_a_name_twice_is_refused():

@@ -85,7 +85,8 @@ class Method(nn.Module, ABC):
         teachers: TeacherOutputs | None,
         clock: TrainingClock,
     ) -> LossResult:
-        """The loss for one batch of normalized student inputs and, when the method uses them, teacher outputs."""
+        """The loss for one batch of normalized student inputs and, when the method uses them, teacher
+        outputs."""
 
     @abstractmethod
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,12 +104,3 @@ class Method(nn.Module, ABC):
         """Enter training stage `stage` (0-based); only multi-stage methods override it."""
         if stage != 0:
             raise ValueError(f"{self.name} has a single training stage, asked for stage {stage}")
-
-
-def require_no_teachers(method: str, teachers: list[TeacherInfo]) -> None:
-    """For methods that learn without an external teacher: a configured teacher is a mistake, said clearly."""
-    if teachers:
-        raise ValueError(
-            f"method {method!r} uses no external teachers, got {len(teachers)} "
-            f"({', '.join(t.name for t in teachers)}); configure none"
-        )

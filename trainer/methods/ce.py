@@ -13,15 +13,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from trainer.methods import register_method
 from trainer.methods.base import (
     LossResult,
     Method,
     TeacherInfo,
     TeacherOutputs,
     TrainingClock,
-    require_no_teachers,
 )
+from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 
 
@@ -56,7 +55,6 @@ class CrossEntropyTraining(Method):
         return {"student": self.model}
 
 
-@register_method("ce")
+@register_method(CEParams, uses_teachers=False)
 def build_ce(params: CEParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
-    require_no_teachers("ce", teachers)
     return CrossEntropyTraining(params.student.build(num_classes, in_chans))

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from services.contract import LOGITS
 from trainer.losses import hinton_kd_loss, soft_targets
-from trainer.methods import register_method
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import check_teachers, require_teacher_logits
+from trainer.methods.registry import register_method
 from trainer.students import CifarResNetDepth, MultiBranchResNet
 
 
@@ -88,7 +89,7 @@ class EnsembleKnowledgeDistillation(Method):
         )
 
     def teacher_outputs(self) -> list[list[str]]:
-        wanted = ["logits"] if self.feature_tap is None else ["logits", self.feature_tap]
+        wanted = [LOGITS] if self.feature_tap is None else ["logits", self.feature_tap]
         return [list(wanted) for _ in range(self.student.num_branches)]
 
     def training_loss(
@@ -140,7 +141,7 @@ class EnsembleKnowledgeDistillation(Method):
         return {"ekd_student": self.student}
 
 
-@register_method("ekd")
+@register_method(EKDParams, uses_teachers=True)
 def build_ekd(params: EKDParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
     check_teachers("ekd", teachers, num_classes, min_teachers=2)
     teacher_channels: list[int] = []

@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from services.contract import LOGITS
 from trainer.losses import distillation_kl, soft_targets
-from trainer.methods import register_method
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 
 _LEAKY_SLOPE = 0.1  # FT's LeakyReLU slope in both the translator and the paraphraser
@@ -171,7 +172,7 @@ class FeatureEnsembleDistillation(Method):
                 module.requires_grad_(i in active)
 
     def teacher_outputs(self) -> list[list[str]]:
-        wanted = [self.params.teacher_tap] + (["logits"] if self.params.kd_weight > 0 else [])
+        wanted = [self.params.teacher_tap] + ([LOGITS] if self.params.kd_weight > 0 else [])
         active = set(self._active_teachers())
         return [list(wanted) if i in active else [] for i in range(len(self.teacher_names))]
 
@@ -240,7 +241,7 @@ class FeatureEnsembleDistillation(Method):
         return {"student": self.student}
 
 
-@register_method("feed")
+@register_method(FeedParams, uses_teachers=True)
 def build_feed(params: FeedParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
     if not teachers:
         raise ValueError("feed needs at least one teacher, got none")

@@ -23,9 +23,10 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
+from services.contract import LOGITS
 from trainer.losses import hinton_kd_loss, soft_targets
-from trainer.methods import register_method
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 
 
@@ -110,7 +111,7 @@ class KnowledgeDistillation(Method):
         self.teacher_weights = teacher_weights
 
     def teacher_outputs(self) -> list[list[str]]:
-        return [["logits"] for _ in range(self.num_teachers)]
+        return [[LOGITS] for _ in range(self.num_teachers)]
 
     def training_loss(
         self,
@@ -131,7 +132,7 @@ class KnowledgeDistillation(Method):
         return {"student": self.student}
 
 
-@register_method("kd")
+@register_method(KDParams, uses_teachers=True)
 def build_kd(params: KDParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
     check_teachers("kd", teachers, num_classes, min_teachers=1, teacher_weights=params.teacher_weights)
     student = params.student.build(num_classes, in_chans)

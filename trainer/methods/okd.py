@@ -41,15 +41,14 @@ from torch import nn
 
 from services.cifar_models import CIFAR_RESNET_WIDTHS, scaled_width
 from trainer.losses import distillation_kl
-from trainer.methods import register_method
 from trainer.methods.base import (
     LossResult,
     Method,
     TeacherInfo,
     TeacherOutputs,
     TrainingClock,
-    require_no_teachers,
 )
+from trainer.methods.registry import register_method
 from trainer.students import CifarResNetDepth, MultiBranchResNet
 
 
@@ -141,7 +140,6 @@ class OnlineEnsembleCompression(Method):
         }
 
 
-@register_method("okd")
+@register_method(OKDParams, uses_teachers=False)
 def build_okd(params: OKDParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
-    require_no_teachers("okd", teachers)
     return OnlineEnsembleCompression(params, num_classes=num_classes, in_chans=in_chans)

@@ -38,15 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from trainer.losses import distillation_kl
-from trainer.methods import register_method
 from trainer.methods.base import (
     LossResult,
     Method,
     TeacherInfo,
     TeacherOutputs,
     TrainingClock,
-    require_no_teachers,
 )
+from trainer.methods.registry import register_method
 from trainer.students import BranchOutputs, CifarResNetDepth, MultiBranchResNet
 
 
@@ -162,7 +161,6 @@ class OnTheFlyNativeEnsemble(Method):
         return students
 
 
-@register_method("one")
+@register_method(ONEParams, uses_teachers=False)
 def build_one(params: ONEParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
-    require_no_teachers("one", teachers)
     return OnTheFlyNativeEnsemble(params, num_classes=num_classes, in_chans=in_chans)

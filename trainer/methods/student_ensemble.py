@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from services.contract import LOGITS
 from trainer.losses import soft_targets
-from trainer.methods import register_method
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import TeacherWeights, check_teachers, require_teacher_logits
+from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 
 Combine = Literal["vote", "average"]
@@ -121,7 +122,7 @@ class StudentEnsemble(Method):
         self.combine = combine
 
     def teacher_outputs(self) -> list[list[str]]:
-        return [["logits"] for _ in range(self.num_teachers)]
+        return [[LOGITS] for _ in range(self.num_teachers)]
 
     def training_loss(
         self,
@@ -150,7 +151,7 @@ class StudentEnsemble(Method):
         return {f"student_{i}": student for i, student in enumerate(self.students)}
 
 
-@register_method("student_ensemble")
+@register_method(StudentEnsembleParams, uses_teachers=True)
 def build_student_ensemble(
     params: StudentEnsembleParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]
 ) -> Method:

@@ -1,0 +1,35 @@
+"""`open_store(uri)`: the one door from a cache URI to its backend (LMDB or Redis).
+
+Kept apart from `store.py` because it imports both backends, which import the interface from there.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from services.cache.lmdb_store import LmdbStore
+from services.cache.redis_store import RedisStore
+from services.cache.store import TeacherOutputStore, redact_url
+from services.errors import ConfigError
+
+_ALLOWED_URIS = (
+    "lmdb:///absolute/path, a plain filesystem path, redis://[:password@]host:port/db or rediss://..."
+)
+
+
+def open_store(uri: str, **options) -> TeacherOutputStore:
+    """Open the store a URI names: "lmdb:///abs/path" or a plain path -> LmdbStore; "redis://..." or
+    "rediss://..." -> RedisStore. `options` go to the backend's constructor."""
+    if not uri:
+        raise ConfigError(f"empty cache URI; allowed forms: {_ALLOWED_URIS}")
+    if "://" not in uri:
+        return LmdbStore(uri, **options)
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss"):
+        return RedisStore(uri, **options)
+    if scheme == "lmdb":
+        parts = urlsplit(uri)
+        if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
+            raise ConfigError(f"bad LMDB cache URI {uri!r}: use lmdb:///absolute/path (three slashes)")
+        return LmdbStore(parts.path, **options)
+    raise ConfigError(f"unsupported cache URI {redact_url(uri)!r}; allowed forms: {_ALLOWED_URIS}")

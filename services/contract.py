@@ -1,0 +1,26 @@
+"""The constants of the teacher-service contract (proto/ekd/v1/teacher.proto), defined once.
+
+The generated code in `services._generated` carries the messages; this module carries what the proto states in
+comments and every side must agree on: the name of the logits output, the output dtypes a request may ask for,
+and the server's default limits, which a client assumes until `ListTeachers` reports the real ones.
+"""
+
+from __future__ import annotations
+
+LOGITS = "logits"
+"""The output name of a teacher's class scores; every other output name is a feature tap."""
+
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+"""The dtypes a teacher output may be streamed and cached in."""
+
+DEFAULT_OUTPUT_DTYPE = "float16"
+"""The dtype of outputs when a request leaves `output_dtype` unspecified."""
+
+DEFAULT_MAX_BATCH_SIZE = 512
+"""The most samples one InferRequest may carry, unless the service is configured otherwise."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+"""The largest gRPC message either side sends or accepts, unless the service is configured otherwise."""
+
+DEFAULT_CHUNK_SIZE = 64
+"""Samples per streamed InferResponse when the request leaves `chunk_size` at 0."""
