@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test system-deps
+.PHONY: demo test lint system-deps
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,5 +18,12 @@ system-deps:
 demo: $(INSTALLED)
 	$(VENV)/bin/ekd demo
 
-test: $(INSTALLED) system-deps
+test: $(INSTALLED) system-deps lint
 	$(PY) -m pytest
+
+# ruff's rules and formatter, and the import contracts of pyproject.toml (no cycles, services never import
+# the trainer, Ray only in its adapters).
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports

@@ -82,3 +82,51 @@ def test_teachers_train_saves_checkpoints(tmp_path):
     result = run("teachers", "train", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert str(checkpoint) in result.stdout and checkpoint.is_file()
+
+
+# A bug in a method (here a ValueError, as a shape mistake would raise) must not pass for a user error.
+BUGGY_METHOD = """
+import sys
+from trainer.methods.kd import KnowledgeDistillation
+from trainer.cli import app
+
+def training_loss(self, images, labels, teachers, clock):
+    raise ValueError("shapes [64, 10] and [64, 9] do not match")
+
+KnowledgeDistillation.training_loss = training_loss
+app(sys.argv[1:])
+"""
+
+
+def test_a_bug_keeps_its_traceback_while_a_bad_config_is_one_line(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(checkpoint=tmp_path / "r20.pt", output=tmp_path / "runs"))
+    bug = subprocess.run(
+        [sys.executable, "-c", BUGGY_METHOD, "distill", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bug.returncode == 1, bug.stderr
+    assert "Traceback" in bug.stderr and "in training_loss" in bug.stderr
+    assert "ValueError: shapes [64, 10] and [64, 9] do not match" in bug.stderr
+
+    unknown_method = TINY.replace("{{name: kd,", "{{name: kdd,")
+    config.write_text(unknown_method.format(checkpoint=tmp_path / "r20.pt", output=tmp_path / "runs"))
+    bad = run("distill", str(config), cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) <= 3 and "method" in bad.stderr
+    shown = run("--debug", "distill", str(config), cwd=tmp_path)
+    assert shown.returncode == 2 and "Traceback" in shown.stderr
+
+
+def test_version_and_verbose(tmp_path):
+    version = run("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("ekd ")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(checkpoint=tmp_path / "r20.pt", output=tmp_path / "runs"))
+    quiet = run("teachers", "train", str(config), cwd=tmp_path)
+    verbose = run("-v", "teachers", "train", "--force", str(config), cwd=tmp_path)
+    assert quiet.returncode == 0 and verbose.returncode == 0, verbose.stderr
+    assert "DEBUG" not in quiet.stderr and "DEBUG" in verbose.stderr

@@ -83,7 +83,7 @@ def user_errors(fn):
         except UserError as err:
             if _show_user_error_tracebacks:
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

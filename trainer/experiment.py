@@ -24,6 +24,7 @@ from services.contract import LOGITS
 from trainer.config import DataConfig, ExperimentConfig
 from trainer.data import DatasetSplits, ReplayedViews, load_dataset
 from trainer.loop import (
+    EVAL_BATCH_SIZE,
     Shard,
     all_reduce_counts,
     all_reduce_epoch_stats,
@@ -46,7 +47,6 @@ EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history
 StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in a stage
 
 TRAINING_STATE_FORMAT = "ekd.training_state.v1"
-EVAL_BATCH_SIZE = 256
 
 logger = logging.getLogger(__name__)
 
@@ -321,6 +321,7 @@ class ExperimentSession:
             **stats.terms,
         }
         self.history.append(row)
+        logger.debug("%s: %s", self.cfg.name, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         return row
 
     def evaluate_validation(self) -> float:

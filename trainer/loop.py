@@ -21,8 +21,6 @@ from trainer.methods.base import Method, TrainingClock
 from trainer.prefetch import prepared_batches
 from trainer.sources import TeacherSource
 
-ProgressCallback = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, latest metrics)
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -131,6 +129,9 @@ def train_loader(
         generator=generator,
         drop_last=len(sampler) % per_worker_batch == 1,
     )
+
+
+EVAL_BATCH_SIZE = 256  # evaluation holds no gradients: larger batches than training fit
 
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:

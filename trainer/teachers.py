@@ -3,6 +3,7 @@ as local checkpoints that the zoo loads with `weights_only=True`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,18 @@ import torch
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 from trainer.config import DataConfig, TeacherConfig
 from trainer.data import DatasetSplits, ReplayedViews
-from trainer.loop import eval_loader, evaluate, make_optimizer, make_scheduler, train_epoch, train_loader
+from trainer.loop import (
+    EVAL_BATCH_SIZE,
+    eval_loader,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train_epoch,
+    train_loader,
+)
 from trainer.methods.ce import CrossEntropyTraining
+
+logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, int, float], None]  # (epoch done, total epochs, val accuracy)
 
@@ -69,7 +80,15 @@ def train_teacher(
         )
         seconds += stats.seconds
         val_accuracy = evaluate(
-            method.predict, method, eval_loader(splits.val, 256), splits.mean, splits.std, device
+            method.predict, method, eval_loader(splits.val, EVAL_BATCH_SIZE), splits.mean, splits.std, device
+        )
+        logger.debug(
+            "teacher %s epoch %d/%d: loss %.4f, val accuracy %.2f%%",
+            cfg.name,
+            epoch + 1,
+            cfg.train.epochs,
+            stats.loss,
+            100 * val_accuracy,
         )
         if on_epoch is not None:
             on_epoch(epoch + 1, cfg.train.epochs, val_accuracy)
