@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
-from services.errors import UserError
+from services.errors import ConfigError, UserError
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 
@@ -193,7 +193,7 @@ def _load_imagefolder(
         for split in ("train", "test")
     )
     if train_pool.classes != test.classes:
-        raise ValueError(
+        raise ConfigError(
             f"imagefolder: train classes {train_pool.classes} differ from test classes "
             f"{test.classes} under {root}; {layout}"
         )
@@ -217,7 +217,7 @@ def _load_fake(
     num_val = round((fake_samples - num_test) * val_fraction)
     sizes = (fake_samples - num_test - num_val, num_val, num_test)
     if min(sizes) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"fake_samples={fake_samples} leaves an empty split (train, val, test = {sizes}); "
             "use more samples"
         )

@@ -15,6 +15,7 @@ import torch
 from torch import distributed, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from services.errors import ConfigError
 from trainer.config import OptimConfig
 from trainer.data import ReplayedViews, normalize
 from trainer.methods.base import Method, TrainingClock
@@ -26,7 +27,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(device)
 
 

@@ -17,6 +17,7 @@ from services.cache import open_store
 from services.client import TeacherClient
 from services.contract import LOGITS
 from services.engine import TeacherEngine
+from services.errors import ConfigError
 from services.zoo import Teacher, create_teacher
 from trainer.config import ExperimentConfig
 from trainer.methods.base import TeacherInfo, TeacherOutputs
@@ -96,13 +97,13 @@ class ServedTeacherSource(TeacherSource):
         hosted = self.client.teachers()
         for i, name in enumerate(self.names):
             if name not in hosted:
-                raise ValueError(
+                raise ConfigError(
                     f"the teacher service at {address} hosts no teacher {name!r}; it hosts: "
                     f"{', '.join(sorted(hosted))}"
                 )
             expected = (expected_identities or [None] * len(self.names))[i]
             if expected is not None and hosted[name].identity != expected:
-                raise ValueError(
+                raise ConfigError(
                     f"the teacher service's {name!r} is not the local checkpoint's teacher (identity "
                     f"{hosted[name].identity[:12]}… ≠ {expected[:12]}…): other weights or "
                     "preprocessing; point the experiment at the checkpoint the service loaded"
@@ -161,7 +162,7 @@ def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.
         )
     names = [t.served_as or t.name for t in cfg.teachers]
     if len(set(names)) != len(names):
-        raise ValueError(
+        raise ConfigError(
             f"teachers {names} share a name on the service, so they would give identical outputs; "
             "give each its own `served_as`"
         )

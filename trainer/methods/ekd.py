@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from services.contract import LOGITS
+from services.errors import ConfigError
 from trainer.losses import hinton_kd_loss, soft_targets
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import check_teachers, require_teacher_logits
@@ -148,7 +149,7 @@ def build_ekd(params: EKDParams, *, num_classes: int, in_chans: int, teachers: l
     if params.feature_tap is not None:
         for teacher in teachers:
             if params.feature_tap not in teacher.feature_shapes:
-                raise ValueError(
+                raise ConfigError(
                     f"ekd: teacher {teacher.name!r} has no feature tap {params.feature_tap!r}; "
                     f"its taps: {', '.join(sorted(teacher.feature_shapes)) or 'none'}"
                 )

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from services.contract import LOGITS
+from services.errors import ConfigError
 from trainer.losses import distillation_kl, soft_targets
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.registry import register_method
@@ -244,24 +245,24 @@ class FeatureEnsembleDistillation(Method):
 @register_method(FeedParams, uses_teachers=True)
 def build_feed(params: FeedParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
     if not teachers:
-        raise ValueError("feed needs at least one teacher, got none")
+        raise ConfigError("feed needs at least one teacher, got none")
     for teacher in teachers:
         if not teacher.feature_shapes:
-            raise ValueError(f"feed matches teacher feature maps, but teacher {teacher.name!r} exposes none")
+            raise ConfigError(f"feed matches teacher feature maps, but teacher {teacher.name!r} exposes none")
         if params.teacher_tap not in teacher.feature_shapes:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher_tap {params.teacher_tap!r} is not a feature map of teacher "
                 f"{teacher.name!r}; available: {', '.join(sorted(teacher.feature_shapes))}"
             )
         if params.kd_weight > 0 and teacher.num_classes != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"kd_weight > 0 needs teachers over the student's {num_classes} classes; "
                 f"teacher {teacher.name!r} has {teacher.num_classes}"
             )
     student = params.student.build(num_classes, in_chans)
     missing = [a for a in ("forward_features", "forward_head", "num_features") if not hasattr(student, a)]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"feed needs a student exposing forward_features, forward_head and num_features; "
             f"{params.student.arch!r} lacks {', '.join(missing)}"
         )

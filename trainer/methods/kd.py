@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
 from services.contract import LOGITS
+from services.errors import ConfigError
 from trainer.losses import hinton_kd_loss, soft_targets
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.registry import register_method
@@ -51,15 +52,15 @@ def check_teachers(
     """Raise ValueError unless there are at least `min_teachers` teachers, all predicting `num_classes`
     classes, and `teacher_weights` (when given) has one weight per teacher."""
     if len(teachers) < min_teachers:
-        raise ValueError(f"{method} needs at least {min_teachers} teacher(s), got {len(teachers)}")
+        raise ConfigError(f"{method} needs at least {min_teachers} teacher(s), got {len(teachers)}")
     for teacher in teachers:
         if teacher.num_classes != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"{method}: teacher {teacher.name!r} predicts {teacher.num_classes} classes, "
                 f"the student {num_classes}; they must be equal"
             )
     if teacher_weights is not None and len(teacher_weights) != len(teachers):
-        raise ValueError(
+        raise ConfigError(
             f"{method}: {len(teacher_weights)} teacher_weights for {len(teachers)} teachers; "
             "give one weight per teacher or none"
         )
