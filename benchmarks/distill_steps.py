@@ -40,7 +40,7 @@ from services.engine import TeacherEngine
 from services.server import BackgroundServer
 from services.zoo import create_teacher, save_teacher_checkpoint
 from trainer.config import OptimConfig
-from trainer.data import DatasetSplits, ReplayedViews, load_dataset
+from trainer.data import DatasetSplits, PadCrop, ReplayedViews, load_dataset
 from trainer.loop import make_optimizer, make_scheduler, resolve_device, train_epoch, train_loader
 from trainer.methods import create_method
 from trainer.methods.ce import CEParams
@@ -232,7 +232,7 @@ def main() -> None:
     console = Console()
     device = resolve_device("auto")
     splits = load_dataset("digits", image_size=IMAGE_SIZE, seed=SEED)
-    views = ReplayedViews(splits.train, seed=SEED, views=1, pad=2, hflip=False)
+    views = ReplayedViews(splits.train, seed=SEED, views=1, maker=PadCrop(2, False))
     bench = Bench(splits, views, args.batch_size, device)
     warm_epochs = range(COLD_EPOCHS.stop, COLD_EPOCHS.stop + args.warm_epochs)
     load_before = os.getloadavg()[0]

@@ -13,6 +13,7 @@ environment, so that one file serves a laptop and a cluster (e.g. `uri: ${EKD_CA
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,9 +27,8 @@ from services.contract import (
     OUTPUT_DTYPES,
 )
 from services.engine import PRECISIONS
-from services.errors import ConfigError
 from services.yaml_config import expand_environment, load_yaml_model
-from services.zoo import TEACHERS
+from services.zoo import check_teacher_name
 
 
 class _Section(BaseModel):
@@ -73,7 +73,9 @@ class TeacherDeploymentConfig(_Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="unique name on the server; what InferRequest.teachers refers to",
     )
-    architecture: str = Field(description="architecture from the model zoo (services.zoo.TEACHERS)")
+    architecture: str = Field(
+        description="architecture: a zoo entry (services.zoo.TEACHERS) or timm:<any timm model>"
+    )
     num_classes: int = Field(ge=1, description="number of classes the checkpoint was trained for")
     checkpoint: str = Field(
         description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative "
@@ -104,8 +106,7 @@ class TeacherDeploymentConfig(_Section):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, architecture: str) -> str:
-        TEACHERS.get(architecture)
-        return architecture
+        return check_teacher_name(architecture)
 
     @field_validator("checkpoint")
     @classmethod
@@ -210,6 +211,7 @@ class ServeConfig(_Section):
         return teachers
 
 
-def load_serve_config(path: str | os.PathLike) -> ServeConfig:
-    """Read and validate a service config YAML; all problems become one ConfigError naming the fields."""
-    return load_yaml_model(path, ServeConfig, what="service config", error=ConfigError)
+def load_serve_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ServeConfig:
+    """Read and validate a service config YAML, with "dotted.key=value" `overrides` applied; all problems
+    become one ConfigError naming the fields."""
+    return load_yaml_model(path, ServeConfig, what="service config", overrides=overrides)

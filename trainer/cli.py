@@ -39,6 +39,15 @@ err_console = Console(stderr=True)
 # Tables stay readable when stdout is a pipe or a file (rich would otherwise squeeze them to 80 columns).
 out_console = Console(width=None if Console().is_terminal else 140)
 
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="override a config field, dotted.key=value (value read as YAML), e.g. --set data.root=/data "
+        "--set teachers.0.checkpoint=/ckpt/senet154.safetensors; repeatable, validated like the file",
+        show_default=False,
+    ),
+]
 ConfigArg = Annotated[
     Path, typer.Argument(help="experiment YAML, e.g. configs/digits/kd.yaml", show_default=False)
 ]
@@ -160,15 +169,17 @@ def with_cli_overrides(
 def teachers_train(
     config: ConfigArg,
     force: Annotated[bool, typer.Option(help="retrain even when a checkpoint exists")] = False,
+    overrides: SetOption = None,
 ) -> None:
     """Train the teachers an experiment names and save their local checkpoints."""
-    from trainer.experiment import ensure_teachers, load_splits
+    from trainer.experiment import ensure_teachers
+    from trainer.inputs import load_splits
     from trainer.loop import resolve_device
 
-    cfg = load_experiment(config)
+    cfg = load_experiment(config, overrides or ())
     if not cfg.teachers:
         raise ConfigError(f"{config} names no teachers (method {cfg.method.name!r} uses none)")
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     with ProgressBars() as bars:
         ensure_teachers(cfg, splits, resolve_device(cfg.device), bars, force=force)
     for t in cfg.teachers:
@@ -196,12 +207,16 @@ def distill(
             help="address of a running Ray cluster: train there with Ray Train (execution.backend ray_train)"
         ),
     ] = None,
+    overrides: SetOption = None,
 ) -> None:
     """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
     from trainer.report import plot_results, results_table, teacher_table, write_results_json
 
     cfg = with_cli_overrides(
-        load_experiment(config), output_dir=output_dir, teacher_service=teacher_service, ray_address=address
+        load_experiment(config, overrides or ()),
+        output_dir=output_dir,
+        teacher_service=teacher_service,
+        ray_address=address,
     )
     results = []
     from trainer.run import run_experiment
@@ -225,15 +240,17 @@ def serve(
     config: Annotated[
         Path, typer.Argument(help="service config YAML, e.g. configs/serve/digits.yaml", show_default=False)
     ],
+    overrides: SetOption = None,
 ) -> None:
     """Serve teachers locally: a local Ray, one Serve deployment per teacher, the gRPC ingress; Ctrl-C stops
     it."""
     from services.deployments import serve_locally
+    from services.serve_config import load_serve_config
 
     def ready(address: str) -> None:
         out_console.print(f"teacher service ready at {address} (gRPC; Ctrl-C stops it)")
 
-    serve_locally(config, on_ready=ready)
+    serve_locally(load_serve_config(config, overrides or ()), on_ready=ready)
 
 
 @app.command()

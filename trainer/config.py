@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.errors import ConfigError
 from services.yaml_config import expand_environment, load_yaml_model
-from services.zoo import TEACHERS
+from services.zoo import check_teacher_name
+from trainer.data import DATASET_NAMES
 from trainer.methods import METHODS
 
 
@@ -24,11 +25,15 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "fake"] = Field(
-        "digits", description="dataset; digits is scikit-learn's, the others read a local root"
+    dataset: Literal[DATASET_NAMES] = Field(
+        "digits",
+        description="dataset; digits is scikit-learn's, the others read a local root. imagefolder "
+        "(<root>/train, <root>/test) and imagenet (<root>/train, <root>/val) are decoded on access in "
+        "DataLoader workers and trained on replayed RandomResizedCrop views; the others are held in memory "
+        "and trained on replayed pad-and-crop views",
     )
     root: str | None = Field(
-        None, description="local dataset root for cifar10/cifar100/imagefolder (never downloaded)"
+        None, description="local dataset root for cifar10/cifar100/imagefolder/imagenet (never downloaded)"
     )
     image_size: int = Field(16, ge=8, le=512, description="side of the square uint8 images every model sees")
     val_fraction: float = Field(
@@ -54,10 +59,68 @@ class DataConfig(_Section):
         description="augmented views replayed per sample (0: no augmentation); "
         "view of sample i at epoch e is a pure function of (seed, i, e mod views)",
     )
-    pad: int = Field(2, ge=0, le=64, description="zero padding of the replayed random crop, in pixels")
+    pad: int = Field(
+        2, ge=0, le=64, description="in-memory datasets: zero padding of the replayed random crop, in pixels"
+    )
     hflip: bool = Field(False, description="horizontal flips in the replayed views (off for digits)")
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0),
+        description="imagefolder/imagenet: RandomResizedCrop's range of the crop's share of the area",
+    )
+    ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="imagefolder/imagenet: RandomResizedCrop's range of aspect ratios"
+    )
+    crop_pct: float = Field(
+        0.875,
+        gt=0,
+        le=1,
+        description="imagefolder/imagenet evaluation: resize to image_size / crop_pct, "
+        "then crop the centre (timm's and torchvision's convention; 0.875 is 256 -> 224)",
+    )
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="imagefolder/imagenet: how views and evaluation images are resized"
+    )
+    mean: tuple[float, float, float] | None = Field(
+        None,
+        description="the student's per-channel input mean in [0, 1] pixel units; None: computed on the "
+        "train split of in-memory datasets, else the first teacher's preprocessing's (else ImageNet's)",
+    )
+    std: tuple[float, float, float] | None = Field(
+        None, description="the student's per-channel input std; None: as for mean"
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=128,
+        description="DataLoader worker processes that decode and crop (0: the training process)",
+    )
+    prefetch_factor: int = Field(2, ge=1, le=64, description="batches each DataLoader worker prepares ahead")
+    pin_memory: bool | None = Field(
+        None,
+        description="page-locked batches for asynchronous copies to the GPU; None: when training on CUDA",
+    )
+    skip_unreadable: bool = Field(
+        False,
+        description="imagefolder/imagenet: skip (and count) image files that cannot be decoded instead "
+        "of stopping with an error naming the file",
+    )
     batch_size: int = Field(64, ge=1, le=4096)
     fake_samples: int = Field(512, ge=16, description="images in the fake dataset")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _increasing_positive_range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < bounds[0] <= bounds[1]:
+            raise ValueError(f"needs 0 < low <= high, got {bounds}")
+        return bounds
+
+    @model_validator(mode="after")
+    def _mean_and_std_together(self) -> DataConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std values must be positive, got {self.std}")
+        return self
 
 
 class OptimConfig(_Section):
@@ -75,6 +138,22 @@ class OptimConfig(_Section):
         description="multistep: fractions of training where lr is multiplied by gamma",
     )
     gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="epochs of linear learning-rate warm-up before the schedule (may be fractional)",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the hard-label CE terms")
+    accumulate_steps: int = Field(
+        1, ge=1, le=1024, description="batches whose gradients add up before each optimizer step"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a CUDA device that supports it, fp32 elsewhere"
+    )
+    channels_last: bool | None = Field(
+        None, description="channels_last memory format for the student; None: on CUDA"
+    )
+    compile: bool = Field(False, description="torch.compile what computes each step's loss")
 
     @field_validator("milestones")
     @classmethod
@@ -85,7 +164,9 @@ class OptimConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    name: str = Field(description="teacher architecture from the zoo (services.zoo.TEACHERS)")
+    name: str = Field(
+        description="teacher architecture: a zoo entry (services.zoo.TEACHERS) or timm:<any timm model>"
+    )
     checkpoint: str = Field(
         description="local checkpoint path; trained first when missing (nothing is downloaded); "
         "with a served source, used (when present) to check the service hosts this teacher"
@@ -102,8 +183,7 @@ class TeacherConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_teacher(cls, name: str) -> str:
-        TEACHERS.get(name)
-        return name
+        return check_teacher_name(name)
 
 
 class TeacherSourceConfig(_Section):
@@ -197,7 +277,7 @@ class ExperimentConfig(_Section):
         return self
 
 
-def load_experiment(path: str | Path) -> ExperimentConfig:
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read and validate an experiment YAML; every problem becomes one ConfigError naming the file and
     fields."""
-    return load_yaml_model(path, ExperimentConfig, what="experiment", error=ConfigError)
+    return load_yaml_model(path, ExperimentConfig, what="experiment", overrides=overrides)

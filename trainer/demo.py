@@ -20,7 +20,8 @@ from rich.table import Table
 from services.deployments import deploy
 from services.serve_config import load_serve_config
 from trainer.config import ExecutionConfig, ExperimentConfig, TeacherSourceConfig, load_experiment
-from trainer.experiment import ExperimentResult, ensure_teachers, load_splits
+from trainer.experiment import ExperimentResult, ensure_teachers
+from trainer.inputs import load_splits
 from trainer.loop import resolve_device
 from trainer.methods import METHODS
 from trainer.progress import OnProgress
@@ -78,7 +79,7 @@ def run_demo(
     for name in DEMO_EXPERIMENTS:
         cfg = load_experiment(configs_dir / f"{name}.yaml")
         if cfg.teachers:
-            ensure_teachers(cfg, load_splits(cfg.data), resolve_device(cfg.device), on_progress)
+            ensure_teachers(cfg, load_splits(cfg), resolve_device(cfg.device), on_progress)
     service = load_serve_config(serve_config)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: nothing to authenticate
     # Logical CPUs: one per teacher replica and per training worker, so Serve and Train can share the machine.

@@ -21,17 +21,21 @@ import torch
 from torch import nn
 
 from services.contract import LOGITS
-from trainer.config import DataConfig, ExperimentConfig
-from trainer.data import DatasetSplits, ReplayedViews, load_dataset
+from trainer.config import ExperimentConfig
+from trainer.data import DatasetSplits
+from trainer.inputs import load_splits, loader_settings, train_views
 from trainer.loop import (
     EVAL_BATCH_SIZE,
+    LoaderSettings,
     Shard,
+    StepSettings,
     all_reduce_counts,
     all_reduce_epoch_stats,
     eval_loader,
     evaluate,
     make_optimizer,
     make_scheduler,
+    readable_batches,
     resolve_device,
     train_epoch,
     train_loader,
@@ -101,18 +105,6 @@ def _unique_parameter_count(modules) -> int:
     return sum(seen.values())
 
 
-def load_splits(data: DataConfig) -> DatasetSplits:
-    return load_dataset(
-        data.dataset,
-        root=data.root,
-        image_size=data.image_size,
-        seed=data.split_seed,
-        val_fraction=data.val_fraction,
-        test_fraction=data.test_fraction,
-        fake_samples=data.fake_samples,
-    )
-
-
 def ensure_teachers(
     cfg: ExperimentConfig,
     splits: DatasetSplits,
@@ -149,9 +141,13 @@ def ensure_teachers(
         )
 
 
-def teacher_test_accuracies(source: TeacherSource, count: int, splits: DatasetSplits) -> list[float]:
+def teacher_test_accuracies(
+    source: TeacherSource, count: int, splits: DatasetSplits, loading: LoaderSettings
+) -> list[float]:
     correct, total = [0] * count, 0
-    for images, labels in eval_loader(splits.test, EVAL_BATCH_SIZE):
+    for (images, labels, *_), _skipped in readable_batches(
+        eval_loader(splits.test, EVAL_BATCH_SIZE, loading)
+    ):
         outputs = source.fetch(images, [[LOGITS]] * count)
         for i, logits in enumerate(outputs.logits):
             correct[i] += (logits.argmax(1) == labels).sum().item()
@@ -222,14 +218,12 @@ class ExperimentSession:
         torch.manual_seed(cfg.seed)
         self.method = create_method(
             cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans, teachers=infos
-        ).to(device)
-        self.views = ReplayedViews(
-            splits.train,
-            seed=cfg.data.replay_seed,
-            views=cfg.data.views,
-            pad=cfg.data.pad,
-            hflip=cfg.data.hflip,
         )
+        self.settings = StepSettings.resolve(cfg.train, device)
+        memory_format = torch.channels_last if self.settings.channels_last else torch.preserve_format
+        self.method.to(device, memory_format=memory_format)
+        self.views = train_views(splits, cfg.data)
+        self.loading = loader_settings(cfg.data, device)
         self.history: list[dict[str, float]] = []
         self.stall_seconds = 0.0
         self.val_accuracy = 0.0
@@ -245,7 +239,9 @@ class ExperimentSession:
         return self.shard is None or self.shard.rank == 0
 
     def _train_loader(self, epoch: int):
-        return train_loader(self.views, self.cfg.data.batch_size, self.cfg.seed, epoch, self.shard)
+        return train_loader(
+            self.views, self.cfg.data.batch_size, self.cfg.seed, epoch, self.shard, self.loading
+        )
 
     def fit(
         self,
@@ -268,6 +264,8 @@ class ExperimentSession:
         for stage in range(first_stage, self.method.num_stages):
             self.enter_stage(stage, resume if stage == first_stage else None)
             step_module = make_step_module(self.method) if make_step_module is not None else self.method
+            if self.cfg.train.compile:
+                step_module = torch.compile(step_module)
             for epoch in range(self.epoch + 1, self.cfg.train.epochs):
                 row = self.train_one_epoch(epoch, step_module, tracker.step)
                 tracker.epoch_done(row)
@@ -279,7 +277,13 @@ class ExperimentSession:
         `resume` recorded (then training continues after its epoch)."""
         self.method.set_stage(stage)
         optimizer = make_optimizer(self.method.param_groups(self.cfg.train.lr), self.cfg.train)
-        scheduler = make_scheduler(optimizer, self.cfg.train, self.cfg.train.epochs * self.steps_per_epoch)
+        optimizer_steps = -(-self.steps_per_epoch // self.cfg.train.accumulate_steps)
+        scheduler = make_scheduler(
+            optimizer,
+            self.cfg.train,
+            self.cfg.train.epochs * optimizer_steps,
+            warmup_steps=round(self.cfg.train.warmup_epochs * optimizer_steps),
+        )
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
@@ -306,6 +310,7 @@ class ExperimentSession:
             on_step=(lambda metrics: on_step()) if on_step is not None else None,
             step_module=step_module,
             prefetch_batches=self.cfg.teacher_source.prefetch_batches,
+            settings=self.settings,
         )
         if self.shard is not None and self.shard.world_size > 1:
             stats = all_reduce_epoch_stats(stats)
@@ -318,6 +323,7 @@ class ExperimentSession:
             "loss": stats.loss,
             "val_accuracy": self.val_accuracy,
             "resumes": self.resumes,
+            "skipped_images": stats.skipped_images,
             **stats.terms,
         }
         self.history.append(row)
@@ -329,7 +335,7 @@ class ExperimentSession:
         return evaluate(
             self.method.predict,
             self.method,
-            eval_loader(self.splits.val, EVAL_BATCH_SIZE),
+            eval_loader(self.splits.val, EVAL_BATCH_SIZE, self.loading),
             self.splits.mean,
             self.splits.std,
             self.device,
@@ -391,7 +397,7 @@ class ExperimentSession:
             self._close_source()
             return None
         cfg, splits, method, device = self.cfg, self.splits, self.method, self.device
-        test_loader = eval_loader(splits.test, EVAL_BATCH_SIZE)
+        test_loader = eval_loader(splits.test, EVAL_BATCH_SIZE, self.loading)
         test_accuracy = evaluate(method.predict, method, test_loader, splits.mean, splits.std, device)
         run_dir = Path(cfg.output_dir) / cfg.name
         (run_dir / "students").mkdir(parents=True, exist_ok=True)
@@ -415,7 +421,7 @@ class ExperimentSession:
             exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))
         teacher_summaries = []
         if self.source is not None:
-            accuracies = teacher_test_accuracies(self.source, len(cfg.teachers), splits)
+            accuracies = teacher_test_accuracies(self.source, len(cfg.teachers), splits, self.loading)
             teacher_summaries = [
                 TeacherSummary(t.name, params, acc)
                 for t, params, acc in zip(cfg.teachers, self.source.parameter_counts(), accuracies)
@@ -451,7 +457,7 @@ def run_locally(
     source (it stays open for its owner)."""
     started = time.time()
     device = resolve_device(cfg.device)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     if cfg.teachers and cfg.teacher_source.kind == "in_process":
         ensure_teachers(cfg, splits, device, on_progress)
     session = ExperimentSession(cfg, splits=splits, device=device, started=started, source=source)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from services.errors import ConfigError
 from trainer.config import OptimConfig
-from trainer.data import ReplayedViews, normalize
+from trainer.data import ReplayedViews, collate_readable, normalize
 from trainer.methods.base import Method, TrainingClock
 from trainer.prefetch import prepared_batches
 from trainer.sources import TeacherSource
@@ -43,18 +43,74 @@ def make_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Op
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """Per-step schedule, so that short runs on small data follow the same curve as long ones."""
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, warmup_steps: int = 0
+):
+    """Per-step schedule, so that short runs on small data follow the same curve as long ones: a linear
+    warm-up over `warmup_steps` (from lr / warmup_steps to lr), then the configured schedule over the rest."""
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    steps = max(total_steps - warmup_steps, 1)
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        )
-    if cfg.schedule == "multistep":
-        steps = [int(m * total_steps) for m in cfg.milestones]
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cfg.gamma ** sum(step >= s for s in steps)
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+        def after_warmup(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    elif cfg.schedule == "multistep":
+        boundaries = [int(m * steps) for m in cfg.milestones]
+
+        def after_warmup(step: int) -> float:
+            return cfg.gamma ** sum(step >= b for b in boundaries)
+
+    else:
+
+        def after_warmup(step: int) -> float:
+            return 1.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return after_warmup(step - warmup_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How each training step runs: autocast dtype (None: fp32), memory format, gradient accumulation."""
+
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    accumulate_steps: int = 1
+
+    @classmethod
+    def resolve(cls, cfg: OptimConfig, device: torch.device) -> StepSettings:
+        """`precision: auto` is bf16 autocast on a CUDA device that supports it, fp32 elsewhere;
+        `channels_last: null` is channels_last on CUDA (where convolutions run faster in it)."""
+        on_cuda = device.type == "cuda"
+        if cfg.precision == "auto":
+            bf16 = on_cuda and torch.cuda.is_bf16_supported()
+        else:
+            bf16 = cfg.precision == "bf16"
+        channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+        return cls(torch.bfloat16 if bf16 else None, channels_last, cfg.accumulate_steps)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """DataLoader settings shared by training and evaluation."""
+
+    workers: int = 0  # decoding processes; 0: in the training process
+    pin_memory: bool = False  # page-locked batches, so copies to the GPU can overlap compute
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+
+    def kwargs(self) -> dict:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
+        return {
+            "num_workers": self.workers,
+            "pin_memory": self.pin_memory,
+            "collate_fn": collate_readable,
+            **extra,
+        }
 
 
 @dataclass(frozen=True)
@@ -98,7 +154,12 @@ class ShardSampler(Sampler[int]):
 
 
 def train_loader(
-    views: ReplayedViews, batch_size: int, seed: int, epoch: int, shard: Shard | None = None
+    views: ReplayedViews,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shard: Shard | None = None,
+    loading: LoaderSettings = LoaderSettings(),
 ) -> DataLoader:
     """The epoch's batches: the replayed view of each sample for this epoch, in a seeded order.
 
@@ -108,6 +169,9 @@ def train_loader(
 
     A last batch of a single sample is dropped: BatchNorm in training mode (ONE's gate, every student's BN)
     cannot normalize one value per channel.
+
+    Batches are (views, labels, indices, view numbers, unreadable files skipped), or None when every file of
+    a batch was skipped (`collate_readable`).
     """
     views.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -118,6 +182,7 @@ def train_loader(
             shuffle=True,
             generator=generator,
             drop_last=len(views) % batch_size == 1,
+            **loading.kwargs(),
         )
     per_worker_batch = -(-batch_size // shard.world_size)
     sampler = ShardSampler(len(views), shard, generator)
@@ -129,14 +194,26 @@ def train_loader(
         sampler=sampler,
         generator=generator,
         drop_last=len(sampler) % per_worker_batch == 1,
+        **loading.kwargs(),
     )
 
 
 EVAL_BATCH_SIZE = 256  # evaluation holds no gradients: larger batches than training fit
 
 
-def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+def eval_loader(dataset: Dataset, batch_size: int, loading: LoaderSettings = LoaderSettings()) -> DataLoader:
+    """Batches of (images, labels, ..., unreadable files skipped) in dataset order, None where all were
+    skipped."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loading.kwargs())
+
+
+def readable_batches(loader: Iterable) -> Iterator[tuple[tuple, int]]:
+    """(batch without its skip count, unreadable files skipped) for each batch of a loader built here."""
+    for batch in loader:
+        if batch is None:  # every file of the batch was skipped; the loader knows not how many
+            continue
+        *kept, skipped = batch
+        yield tuple(kept), int(skipped)
 
 
 @dataclass
@@ -146,6 +223,7 @@ class EpochStats:
     samples: int = 0
     seconds: float = 0.0
     stall_seconds: float = 0.0  # time the student waited for teacher outputs
+    skipped_images: int = 0  # unreadable files skipped (data.skip_unreadable)
 
 
 def train_epoch(
@@ -163,35 +241,58 @@ def train_epoch(
     on_step: Callable[[dict[str, float]], None] | None = None,
     step_module: nn.Module | None = None,
     prefetch_batches: int = 0,
+    settings: StepSettings = StepSettings(),
 ) -> EpochStats:
     """One epoch over `loader`. `step_module` is what computes the loss: the method itself, or a
     DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward.
-    Teacher outputs are fetched `prefetch_batches` batches ahead (trainer.prefetch)."""
+    Teacher outputs are fetched `prefetch_batches` batches ahead (trainer.prefetch).
+
+    Each batch's uint8 images and its teacher outputs are copied to `device` (non-blocking: the loader pins
+    them where the config says so) and normalized there, in the same step. With `settings.accumulate_steps`
+    k > 1 the optimizer and the schedule step once per k batches, on the mean of their losses.
+    """
     step_module = step_module or method
     method.train()
     wanted = method.teacher_outputs()
     stats = EpochStats()
     batches = len(loader)  # type: ignore[arg-type]
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    accumulate = settings.accumulate_steps
+
+    def counted(batches_with_counts: Iterable) -> Iterator[tuple]:
+        for batch, skipped in batches_with_counts:
+            stats.skipped_images += skipped
+            yield batch
+
     start = time.perf_counter()
-    for step, batch in enumerate(prepared_batches(loader, source, wanted, prefetch_batches)):
-        images, labels = batch.images, batch.labels
+    optimizer.zero_grad(set_to_none=True)
+    prepared = prepared_batches(counted(readable_batches(loader)), source, wanted, prefetch_batches)
+    for step, batch in enumerate(prepared):
         teacher_outputs = batch.teachers.to(device) if batch.teachers is not None else None
         stats.stall_seconds += batch.stall_seconds
-        inputs = normalize(images, mean, std).to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        images = batch.images.to(device, non_blocking=True)
+        inputs = normalize(images, mean, std).contiguous(memory_format=memory_format)
+        labels = batch.labels.to(device, non_blocking=True)
         clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)
-        result = step_module(inputs, labels, teacher_outputs, clock)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
-        scheduler.step()
+        with torch.autocast(
+            device.type,
+            dtype=settings.autocast_dtype or torch.float32,
+            enabled=settings.autocast_dtype is not None,
+        ):
+            result = step_module(inputs, labels, teacher_outputs, clock)
+        (result.loss / accumulate if accumulate > 1 else result.loss).backward()
+        if (step + 1) % accumulate == 0 or step + 1 == batches:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         n = labels.shape[0]
+        loss = result.loss.item()
         stats.samples += n
-        stats.loss += result.loss.item() * n
+        stats.loss += loss * n
         for k, v in result.terms.items():
             stats.terms[k] = stats.terms.get(k, 0.0) + v * n
         if on_step is not None:
-            on_step({"loss": result.loss.item(), **result.terms})
+            on_step({"loss": loss, **result.terms})
     stats.seconds = time.perf_counter() - start
     stats.loss /= max(stats.samples, 1)
     stats.terms = {k: v / max(stats.samples, 1) for k, v in stats.terms.items()}
@@ -200,7 +301,8 @@ def train_epoch(
 
 def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
     """The epoch's statistics over all workers of the process group: loss and terms averaged per sample,
-    samples summed, seconds and stall seconds averaged per worker. Every worker must call it."""
+    samples and skipped images summed, seconds and stall seconds averaged per worker. Every worker must call
+    it."""
     names = sorted(stats.terms)
     sums = torch.tensor(
         [
@@ -209,11 +311,12 @@ def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
             stats.samples,
             stats.seconds,
             stats.stall_seconds,
+            stats.skipped_images,
         ],
         dtype=torch.float64,
     )
     distributed.all_reduce(sums)
-    *weighted, samples, seconds, stall = sums.tolist()
+    *weighted, samples, seconds, stall, skipped = sums.tolist()
     workers = distributed.get_world_size()
     per_sample = [w / max(samples, 1) for w in weighted]
     return EpochStats(
@@ -222,6 +325,7 @@ def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
         samples=int(samples),
         seconds=seconds / workers,
         stall_seconds=stall / workers,
+        skipped_images=int(skipped),
     )
 
 
@@ -246,8 +350,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct = total = 0
-    for images, labels, *_ in loader:
-        scores = predict(normalize(images, mean, std).to(device))
+    for (images, labels, *_), _skipped in readable_batches(loader):
+        scores = predict(normalize(images.to(device, non_blocking=True), mean, std))
         correct += (scores.argmax(1).cpu() == labels).sum().item()
         total += labels.shape[0]
     model.train(was_training)

@@ -41,7 +41,8 @@ from ray.train.torch import TorchTrainer, get_device
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import ExperimentConfig
-from trainer.experiment import ExperimentResult, ExperimentSession, ensure_teachers, load_splits
+from trainer.experiment import ExperimentResult, ExperimentSession, ensure_teachers
+from trainer.inputs import load_splits
 from trainer.loop import Shard, resolve_device
 from trainer.methods.base import Method
 from trainer.progress import OnProgress, ProgressUpdate
@@ -68,7 +69,7 @@ def run_on_ray_train(
     failure = _failure_injection()
     device = resolve_device(cfg.device)
     if cfg.teachers and cfg.teacher_source.kind == "in_process":
-        ensure_teachers(cfg, load_splits(cfg.data), device, on_progress)
+        ensure_teachers(cfg, load_splits(cfg), device, on_progress)
     run_name = f"{cfg.name}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -119,7 +120,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     shard = Shard(context.get_world_rank(), context.get_world_size())
     device = get_device()
     session = ExperimentSession(
-        cfg, splits=load_splits(cfg.data), device=device, started=config["started"], shard=shard
+        cfg, splits=load_splits(cfg), device=device, started=config["started"], shard=shard
     )
     failure = config["failure"]
 

@@ -12,9 +12,11 @@ import torch
 
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 from trainer.config import DataConfig, TeacherConfig
-from trainer.data import DatasetSplits, ReplayedViews
+from trainer.data import DatasetSplits
+from trainer.inputs import loader_settings, train_views
 from trainer.loop import (
     EVAL_BATCH_SIZE,
+    StepSettings,
     eval_loader,
     evaluate,
     make_optimizer,
@@ -57,18 +59,25 @@ def train_teacher(
     preprocessing = dataset_preprocessing(splits)
     model = create_teacher(cfg.name, splits.num_classes, preprocessing=preprocessing).model
     model.requires_grad_(True)
-    method = CrossEntropyTraining(model).to(device)
-    views = ReplayedViews(
-        splits.train, seed=data.replay_seed, views=data.views, pad=data.pad, hflip=data.hflip
-    )
+    settings = StepSettings.resolve(cfg.train, device)
+    memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
+    method = CrossEntropyTraining(model).to(device, memory_format=memory_format)
+    views = train_views(splits, data)
+    loading = loader_settings(data, device)
     optimizer = make_optimizer(method.param_groups(cfg.train.lr), cfg.train)
-    steps_per_epoch = -(-len(views) // data.batch_size)
-    scheduler = make_scheduler(optimizer, cfg.train, cfg.train.epochs * steps_per_epoch)
+    batches = -(-len(views) // data.batch_size)
+    optimizer_steps = -(-batches // cfg.train.accumulate_steps)
+    scheduler = make_scheduler(
+        optimizer,
+        cfg.train,
+        cfg.train.epochs * optimizer_steps,
+        warmup_steps=round(cfg.train.warmup_epochs * optimizer_steps),
+    )
     seconds, val_accuracy = 0.0, 0.0
     for epoch in range(cfg.train.epochs):
         stats = train_epoch(
             method,
-            train_loader(views, data.batch_size, seed, epoch),
+            train_loader(views, data.batch_size, seed, epoch, loading=loading),
             None,
             optimizer,
             scheduler,
@@ -77,10 +86,16 @@ def train_teacher(
             mean=splits.mean,
             std=splits.std,
             device=device,
+            settings=settings,
         )
         seconds += stats.seconds
         val_accuracy = evaluate(
-            method.predict, method, eval_loader(splits.val, EVAL_BATCH_SIZE), splits.mean, splits.std, device
+            method.predict,
+            method,
+            eval_loader(splits.val, EVAL_BATCH_SIZE, loading),
+            splits.mean,
+            splits.std,
+            device,
         )
         logger.debug(
             "teacher %s epoch %d/%d: loss %.4f, val accuracy %.2f%%",

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from trainer.config import ExperimentConfig
-from trainer.data import ImageTensorDataset, ReplayedViews
+from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews
 from trainer.experiment import TRAINING_STATE_FORMAT, ExperimentResult
 from trainer.loop import Shard, train_loader
 from trainer.ray_train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, TRAINING_STATE_FILE, run_on_ray_train
@@ -108,11 +108,13 @@ def ce_runs(local_ray, tmp_path_factory) -> CeRuns:
 
 def test_shards_of_two_workers_make_up_the_single_process_batches():
     images = torch.zeros(301, 3, 2, 2, dtype=torch.uint8)
-    views = ReplayedViews(ImageTensorDataset(images, torch.zeros(301)), seed=0, views=0, pad=0, hflip=False)
+    views = ReplayedViews(
+        ImageTensorDataset(images, torch.zeros(301)), seed=0, views=0, maker=PadCrop(0, False)
+    )
     for epoch in (0, 1):
-        single = [ids for _, _, ids, _ in train_loader(views, 64, 3, epoch)]
+        single = [ids for _, _, ids, *_ in train_loader(views, 64, 3, epoch)]
         shards = [
-            [ids for _, _, ids, _ in train_loader(views, 64, 3, epoch, Shard(rank, 2))] for rank in (0, 1)
+            [ids for _, _, ids, *_ in train_loader(views, 64, 3, epoch, Shard(rank, 2))] for rank in (0, 1)
         ]
         assert len(shards[0]) == len(shards[1]) == len(single) == 5
         for step, batch in enumerate(single):

@@ -21,6 +21,7 @@ from trainer.data import (
     DATASET_NAMES,
     DatasetNotFoundError,
     ImageTensorDataset,
+    PadCrop,
     ReplayedViews,
     describe,
     load_dataset,
@@ -28,6 +29,7 @@ from trainer.data import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,7 @@ def view_bytes(views: ReplayedViews, index: int) -> bytes:
 
 def test_replayed_view_is_a_zero_padded_crop_of_the_image():
     dataset = random_images(6)
-    views = ReplayedViews(dataset, seed=0, views=4, pad=2, hflip=False)
+    views = ReplayedViews(dataset, seed=0, views=4, maker=PadCrop(2, False))
     for index in range(6):
         image = dataset[index][0]
         padded = torch.nn.functional.pad(image, (2, 2, 2, 2))
@@ -159,7 +161,7 @@ def test_replayed_view_is_a_zero_padded_crop_of_the_image():
 
 
 def test_replay_returns_view_label_index_and_view_number():
-    views = ReplayedViews(random_images(4), seed=1, views=3, pad=1, hflip=True)
+    views = ReplayedViews(random_images(4), seed=1, views=3, maker=PadCrop(1, True))
     views.set_epoch(5)
     image, label, index, view = views[2]
     assert (label, index, view) == (2, 2, 2)
@@ -169,8 +171,8 @@ def test_replay_returns_view_label_index_and_view_number():
 
 def test_epochs_e_and_e_plus_v_give_identical_bytes_and_instances_agree():
     dataset = random_images(8)
-    first = ReplayedViews(dataset, seed=7, views=3, pad=2, hflip=True)
-    second = ReplayedViews(dataset, seed=7, views=3, pad=2, hflip=True)
+    first = ReplayedViews(dataset, seed=7, views=3, maker=PadCrop(2, True))
+    second = ReplayedViews(dataset, seed=7, views=3, maker=PadCrop(2, True))
     for epoch in range(3):
         first.set_epoch(epoch)
         second.set_epoch(epoch + 3)
@@ -180,8 +182,8 @@ def test_epochs_e_and_e_plus_v_give_identical_bytes_and_instances_agree():
 
 def test_different_views_and_seeds_usually_differ():
     dataset = random_images(20)
-    views = ReplayedViews(dataset, seed=0, views=2, pad=2, hflip=True)
-    other_seed = ReplayedViews(dataset, seed=1, views=2, pad=2, hflip=True)
+    views = ReplayedViews(dataset, seed=0, views=2, maker=PadCrop(2, True))
+    other_seed = ReplayedViews(dataset, seed=1, views=2, maker=PadCrop(2, True))
     differs_by_view = sum(not torch.equal(views.view(i, 0), views.view(i, 1)) for i in range(20))
     differs_by_seed = sum(not torch.equal(views.view(i, 0), other_seed.view(i, 0)) for i in range(20))
     assert differs_by_view >= 17 and differs_by_seed >= 17
@@ -189,7 +191,7 @@ def test_different_views_and_seeds_usually_differ():
 
 def test_hflip_flips_some_views_and_not_others():
     image = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(1, 3, 4, 4).repeat(30, 1, 1, 1)
-    views = ReplayedViews(ImageTensorDataset(image, torch.zeros(30)), seed=0, views=1, pad=0, hflip=True)
+    views = ReplayedViews(ImageTensorDataset(image, torch.zeros(30)), seed=0, views=1, maker=PadCrop(0, True))
     flipped = sum(torch.equal(views.view(i, 0), image[0].flip(-1)) for i in range(30))
     kept = sum(torch.equal(views.view(i, 0), image[0]) for i in range(30))
     assert flipped + kept == 30 and 5 <= flipped <= 25
@@ -198,7 +200,7 @@ def test_hflip_flips_some_views_and_not_others():
 @pytest.mark.parametrize("views,pad,hflip", [(0, 4, True), (5, 0, False)])
 def test_no_augmentation_returns_the_image_itself(views, pad, hflip):
     dataset = random_images(3)
-    replay = ReplayedViews(dataset, seed=0, views=views, pad=pad, hflip=hflip)
+    replay = ReplayedViews(dataset, seed=0, views=views, maker=PadCrop(pad, hflip))
     replay.set_epoch(7)
     for index in range(3):
         image, label, returned_index, view = replay[index]
@@ -208,24 +210,26 @@ def test_no_augmentation_returns_the_image_itself(views, pad, hflip):
 
 def test_replay_rejects_negative_arguments():
     with pytest.raises(ValueError, match="pad must be a non-negative int, got -1"):
-        ReplayedViews(random_images(1), seed=0, views=2, pad=-1, hflip=False)
+        PadCrop(-1, False)
+    with pytest.raises(ValueError, match="views must be a non-negative int, got -1"):
+        ReplayedViews(random_images(1), seed=0, views=-1, maker=PadCrop(1, False))
     with pytest.raises(ValueError, match="epoch"):
-        ReplayedViews(random_images(1), seed=0, views=2, pad=1, hflip=False).set_epoch(-1)
+        ReplayedViews(random_images(1), seed=0, views=2, maker=PadCrop(1, False)).set_epoch(-1)
 
 
 def test_another_process_computes_the_same_view_bytes():
-    views = ReplayedViews(random_images(5, seed=11), seed=123, views=4, pad=3, hflip=True)
+    views = ReplayedViews(random_images(5, seed=11), seed=123, views=4, maker=PadCrop(3, True))
     expected = {
         index: hashlib.sha256(views.view(index, view).numpy().tobytes()).hexdigest()
         for index, view in ((0, 1), (4, 3))
     }
     script = (
         "import hashlib, torch\n"
-        "from trainer.data import ImageTensorDataset, ReplayedViews\n"
+        "from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews\n"
         "g = torch.Generator().manual_seed(11)\n"
         "images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=g)\n"
-        "views = ReplayedViews(ImageTensorDataset(images, torch.arange(5) % 3), seed=123, views=4, pad=3, "
-        "hflip=True)\n"
+        "views = ReplayedViews(ImageTensorDataset(images, torch.arange(5) % 3), seed=123, views=4, "
+        "maker=PadCrop(3, True))\n"
         "for index, view in ((0, 1), (4, 3)):\n"
         "    print(index, hashlib.sha256(views.view(index, view).numpy().tobytes()).hexdigest())\n"
     )
@@ -336,13 +340,18 @@ def make_imagefolder(root: Path) -> None:
     Image.fromarray(gray).save(root / "test" / "dog" / "gray.png")
 
 
-def test_imagefolder_from_pngs(tmp_path):
+def test_imagefolder_lists_files_and_decodes_on_access(tmp_path):
     make_imagefolder(tmp_path)
-    folder = load_dataset("imagefolder", root=tmp_path, image_size=16, seed=0, val_fraction=0.5)
+    folder = load_dataset(
+        "imagefolder", root=tmp_path, image_size=16, seed=0, val_fraction=0.5, mean=MEAN, std=STD
+    )
+    assert folder.decoded_on_access and (folder.mean, folder.std) == (MEAN, STD)
     assert (len(folder.train), len(folder.val), len(folder.test)) == (4, 4, 3)
     assert folder.class_names == ("cat", "dog") and folder.num_classes == 2
     assert sorted(folder.val[i][1] for i in range(4)) == [0, 0, 1, 1]
-    for split in (folder.train, folder.test):
+    image, label = folder.train[0]  # training images stay whole: the replayed view crops them
+    assert isinstance(image, Image.Image) and image.size == (24, 20) and label in (0, 1)
+    for split in (folder.val, folder.test):  # evaluation images are centre crops at image_size
         for index in range(len(split)):
             image, label = split[index]
             assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and label in (0, 1)
@@ -350,9 +359,15 @@ def test_imagefolder_from_pngs(tmp_path):
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[0], gray[2])
 
 
+def test_imagefolder_needs_the_students_normalization(tmp_path):
+    make_imagefolder(tmp_path)
+    with pytest.raises(ValueError, match="needs the student's mean and std"):
+        load_dataset("imagefolder", root=tmp_path, image_size=16, seed=0)
+
+
 def test_imagefolder_missing_layout_names_the_expected_folders(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(DatasetNotFoundError, match=r"missing .*test; expected <root>/train/<class>/<image>"):
-        load_dataset("imagefolder", root=tmp_path, image_size=16, seed=0)
+        load_dataset("imagefolder", root=tmp_path, image_size=16, seed=0, mean=MEAN, std=STD)
     with pytest.raises(DatasetNotFoundError, match="imagefolder needs root="):
-        load_dataset("imagefolder", image_size=16, seed=0)
+        load_dataset("imagefolder", image_size=16, seed=0, mean=MEAN, std=STD)

@@ -2,7 +2,7 @@
 
 import torch
 
-from trainer.data import ImageTensorDataset, ReplayedViews
+from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews
 from trainer.loop import Shard, train_loader
 
 
@@ -11,7 +11,7 @@ def views(size: int) -> ReplayedViews:
         0, 256, (size, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     return ReplayedViews(
-        ImageTensorDataset(images, torch.arange(size) % 10), seed=0, views=2, pad=1, hflip=False
+        ImageTensorDataset(images, torch.arange(size) % 10), seed=0, views=2, maker=PadCrop(1, False)
     )
 
 

@@ -1,12 +1,15 @@
-"""Datasets as uint8 pixels, and deterministic augmentation replay.
+"""Datasets as uint8 pixels: in memory (digits, CIFAR, fake) or decoded on access (ImageFolder layouts).
 
 Everything the student and the teachers see is a uint8 image [3, S, S] (grayscale replicated to three
 channels), so that a teacher's output can be keyed by a content hash of the exact input bytes and reused
 across epochs and experiments. Normalization happens last, on the student's side only (`normalize`).
 
-`ReplayedViews` follows the idea of FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
-Recognition", ECCV 2022): the augmented view of sample i at epoch e is a pure function of (seed, i, e mod V),
-so the same V views recur byte for byte: their teacher outputs are computed once, then read from the cache.
+Digits, CIFAR and fake data are small: they are held in memory at the training size, and the student's
+channel statistics are computed on the train split. `imagefolder` and `imagenet` are ImageFolder layouts of
+any size: their files are listed once and decoded in DataLoader workers when asked for (`images.ImageFiles`);
+nothing passes over the images at start, so the student's mean and std come from the caller (the config, or
+the teachers' preprocessing). Their training views are made by `views.RandomResizedCrop`, their evaluation
+images by `views.CentreCrop`.
 
 Nothing here downloads: CIFAR and ImageFolder data are read from a local root, and a missing root raises
 `DatasetNotFoundError` saying what to put where.
@@ -14,6 +17,7 @@ Nothing here downloads: CIFAR and ImageFolder data are read from a local root, a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +32,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
 from services.errors import ConfigError, UserError
+from trainer.data.images import ImageFiles, list_image_folder
+from trainer.data.views import CentreCrop, Interpolation
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet", "fake")
+FILE_DATASETS = ("imagefolder", "imagenet")  # decoded on access, never held in memory
 
 # Resizing a whole dataset at once would hold a float copy of it; chunks bound that copy.
 _RESIZE_CHUNK = 1024
@@ -76,6 +83,7 @@ class DatasetSplits:
     std: tuple[float, ...]
     class_names: tuple[str, ...]
     name: str
+    decoded_on_access: bool = False  # train items are PIL images of any size (ImageFiles), not tensors
 
 
 def load_dataset(
@@ -87,6 +95,11 @@ def load_dataset(
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     fake_samples: int = 512,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float = 0.875,
+    interpolation: Interpolation = "bilinear",
+    skip_unreadable: bool = False,
 ) -> DatasetSplits:
     """Load dataset `name` as uint8 [3, image_size, image_size] splits, split deterministically by `seed`.
 
@@ -94,6 +107,11 @@ def load_dataset(
     `test_fraction` applies only where a dataset has no official test split (digits, fake): the share of all
     samples held out for testing. CIFAR and ImageFolder keep their own test split. `fake_samples` is the total
     number of FakeData images.
+
+    `mean` and `std` are the student's normalization: computed on the train split of in-memory datasets when
+    not given; required for `imagefolder` and `imagenet`, whose images are never passed over at start. Those
+    two evaluate on `CentreCrop(image_size, crop_pct, interpolation)` and skip unreadable files when
+    `skip_unreadable` (else the first one is an `UnreadableImageError` naming it).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
@@ -104,13 +122,22 @@ def load_dataset(
     for label, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"{label} must lie strictly between 0 and 1, got {fraction!r}")
+    if name in FILE_DATASETS:
+        if mean is None or std is None:
+            raise ValueError(f"{name} needs the student's mean and std: its images are not read at start")
+        evaluation = CentreCrop(image_size, crop_pct, interpolation)
+        return _load_image_folders(
+            name, root, image_size, seed, val_fraction, evaluation, skip_unreadable, (tuple(mean), tuple(std))
+        )
     if name == "digits":
-        return _load_digits(image_size, seed, val_fraction, test_fraction)
-    if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, root, image_size, seed, val_fraction)
-    if name == "imagefolder":
-        return _load_imagefolder(root, image_size, seed, val_fraction)
-    return _load_fake(image_size, seed, val_fraction, test_fraction, fake_samples)
+        splits = _load_digits(image_size, seed, val_fraction, test_fraction)
+    elif name in ("cifar10", "cifar100"):
+        splits = _load_cifar(name, root, image_size, seed, val_fraction)
+    else:
+        splits = _load_fake(image_size, seed, val_fraction, test_fraction, fake_samples)
+    if mean is not None and std is not None:
+        return dataclasses.replace(splits, mean=tuple(mean), std=tuple(std))
+    return splits
 
 
 def _load_digits(image_size: int, seed: int, val_fraction: float, test_fraction: float) -> DatasetSplits:
@@ -174,39 +201,57 @@ def _cifar_tensors(dataset: torchvision.datasets.CIFAR10, image_size: int) -> Im
     return ImageTensorDataset(_resize(images, image_size), torch.as_tensor(dataset.targets))
 
 
-def _load_imagefolder(
-    root: str | os.PathLike | None, image_size: int, seed: int, val_fraction: float
+# Where each layout keeps its splits: (training pool, test split); validation is carved from the pool.
+_LAYOUTS = {"imagefolder": ("train", "test"), "imagenet": ("train", "val")}
+
+
+def _load_image_folders(
+    name: str,
+    root: str | os.PathLike | None,
+    image_size: int,
+    seed: int,
+    val_fraction: float,
+    evaluation: CentreCrop,
+    skip_unreadable: bool,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> DatasetSplits:
+    pool_split, test_split = _LAYOUTS[name]
     layout = (
-        "expected <root>/train/<class>/<image> and <root>/test/<class>/<image> with the same class "
-        "folders (validation is carved from train)"
+        f"expected <root>/{pool_split}/<class>/<image> and <root>/{test_split}/<class>/<image> with the same "
+        f"class folders (validation is carved from {pool_split})"
     )
     if root is None:
-        raise DatasetNotFoundError(f"imagefolder needs root=<folder>: {layout}")
-    missing = [str(Path(root) / split) for split in ("train", "test") if not (Path(root) / split).is_dir()]
+        raise DatasetNotFoundError(f"{name} needs root=<folder>: {layout}")
+    missing = [
+        str(Path(root) / split) for split in (pool_split, test_split) if not (Path(root) / split).is_dir()
+    ]
     if missing:
-        raise DatasetNotFoundError(f"imagefolder: missing {', '.join(missing)}; {layout}")
-    to_uint8 = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
-    # torchvision's default loader converts every image to RGB, so grayscale images arrive replicated.
-    train_pool, test = (
-        torchvision.datasets.ImageFolder(Path(root) / split, transform=to_uint8)
-        for split in ("train", "test")
-    )
-    if train_pool.classes != test.classes:
+        raise DatasetNotFoundError(f"{name}: missing {', '.join(missing)}; {layout}")
+    try:
+        classes, pool = list_image_folder(Path(root) / pool_split)
+        test_classes, test = list_image_folder(Path(root) / test_split)
+    except FileNotFoundError as error:  # a split without class folders, or without images
+        raise DatasetNotFoundError(f"{name}: {error}; {layout}") from None
+    if classes != test_classes:
         raise ConfigError(
-            f"imagefolder: train classes {train_pool.classes} differ from test classes "
-            f"{test.classes} under {root}; {layout}"
+            f"{name}: {pool_split} classes {classes} differ from {test_split} classes {test_classes} under "
+            f"{root}; {layout}"
         )
-    train, val = _stratified_split(
-        np.arange(len(train_pool)), np.asarray(train_pool.targets), val_fraction, seed
-    )
-    return _splits(
-        "imagefolder",
-        Subset(train_pool, train),
-        Subset(train_pool, val),
-        test,
-        image_size,
-        tuple(train_pool.classes),
+    labels = np.asarray([label for _, label in pool])
+    train, val = _stratified_split(np.arange(len(pool)), labels, val_fraction, seed)
+    mean, std = normalization
+    return DatasetSplits(
+        train=ImageFiles([pool[i] for i in train], skip_unreadable=skip_unreadable),
+        val=ImageFiles([pool[i] for i in val], transform=evaluation, skip_unreadable=skip_unreadable),
+        test=ImageFiles(test, transform=evaluation, skip_unreadable=skip_unreadable),
+        num_classes=len(classes),
+        in_chans=3,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        class_names=tuple(classes),
+        name=name,
+        decoded_on_access=True,
     )
 
 
@@ -297,82 +342,6 @@ def _channel_mean_std(dataset: Dataset) -> tuple[tuple[float, ...], tuple[float,
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(0.0).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
-
-
-class ReplayedViews(Dataset):
-    """A train split whose augmented views replay exactly: view v of sample i depends only on (seed, i, v).
-
-    At epoch e the view index is v = e mod `views`, so epochs e and e + `views` see identical bytes, in any
-    process (the generator is seeded by a `numpy.random.SeedSequence` hash of (seed, i, v), never by Python's
-    per-process salted `hash`). A view is a random crop of the image zero-padded by `pad` pixels on each
-    side, then, when `hflip`, a horizontal flip with probability 1/2 (the CIFAR recipe; off for digits).
-    `views=0`, or `pad=0` with `hflip=False`, means no augmentation: every view is the image itself, v = 0.
-
-    Items are (view uint8 [C, H, W], label, i, v). DataLoader workers copy the dataset when an iterator
-    starts, so call `set_epoch` before iterating each epoch (and do not use `persistent_workers`).
-    """
-
-    def __init__(self, dataset: Dataset, *, seed: int, views: int, pad: int, hflip: bool) -> None:
-        for label, value in (("seed", seed), ("views", views), ("pad", pad)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{label} must be a non-negative int, got {value!r}")
-        self.dataset = dataset
-        self.seed = seed
-        self.views = views
-        self.pad = pad
-        self.hflip = hflip
-        self.augments = views > 0 and (pad > 0 or hflip)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = epoch
-
-    def view_index(self, epoch: int) -> int:
-        """The view every sample shows at `epoch`."""
-        return epoch % self.views if self.augments else 0
-
-    def view(self, index: int, view: int) -> torch.Tensor:
-        """View `view` of sample `index`: uint8 [C, H, W], contiguous."""
-        image, _ = self.dataset[index]
-        return self._augment(image, index, view)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
-        image, label = self.dataset[index]
-        view = self.view_index(self.epoch)
-        return self._augment(image, index, view), label, index, view
-
-    def _augment(self, image: torch.Tensor, index: int, view: int) -> torch.Tensor:
-        if not self.augments:
-            return image.contiguous()
-        seed = np.random.SeedSequence([self.seed, index, view]).generate_state(1, dtype=np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(seed))
-        channels, height, width = image.shape
-        padded = image.new_zeros(channels, height + 2 * self.pad, width + 2 * self.pad)
-        padded[:, self.pad : self.pad + height, self.pad : self.pad + width] = image
-        top, left = torch.randint(0, 2 * self.pad + 1, (2,), generator=generator).tolist()
-        crop = padded[:, top : top + height, left : left + width]
-        if self.hflip and torch.randint(0, 2, (1,), generator=generator).item() == 1:
-            crop = crop.flip(-1)
-        return crop.contiguous()
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The student's input: uint8 images [..., C, H, W] → float32 `(x / 255 − mean) / std` per channel."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"normalize expects uint8 images, got {images.dtype}")
-    channels = images.shape[-3]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(
-            f"mean and std need {channels} values (one per channel), got {len(mean)} and {len(std)}"
-        )
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    return (images.to(torch.float32) / 255.0 - mean_t) / std_t
 
 
 def describe(splits: DatasetSplits) -> str:
