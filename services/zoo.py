@@ -5,49 +5,82 @@ that records its default preprocessing and feature taps, and `create_teacher` is
 A built teacher carries a `TeacherSpec` (weights + preprocessing + taps) whose `identity` keys the output
 cache.
 
+Besides the registered entries, `timm:<architecture>` names any timm model, with the preprocessing of timm's
+pretrained config for it and its last feature stages as taps.
+
 Weights are never downloaded: entries use the real torchvision / timm / CIFAR constructors with random
-initialisation, and trained weights come from a local checkpoint file, loaded with `weights_only=True`.
+initialisation, and trained weights come from a local file: ekd's own checkpoint, a safetensors file, or a
+torch state dict (bare or nested the way training scripts save it), read with `weights_only=True`, so that
+no file can run code. The key layouts timm and torchvision publish weights in load as they are: torchvision's
+and timm's `resnet152` share the torchvision entry's key names, `senet154` is timm's, and `legacy_senet154`
+is timm's copy of Cadene's SENet154, the layout SENet154's ImageNet weights are usually published in.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import timm
 import torch
 import torchvision
 from torch import nn
 
 from services.cifar_models import CifarResNet, CifarWideResNet
-from services.errors import UserError
+from services.errors import ConfigError, UnknownNameError, UserError
 from services.registry import Registry
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = "ekd.teacher.v1"
+TIMM_PREFIX = "timm:"
+# timm's and torchvision's evaluation convention (resize 256, centre crop 224, bilinear): the values every
+# teacher had before `Preprocessing` carried them, and the ones that its identity leaves out.
+DEFAULT_CROP_PCT = 0.875
+DEFAULT_INTERPOLATION = "bilinear"
+INTERPOLATIONS = ("bilinear", "bicubic")
 _IDENTITY_VERSION = "ekd.teacher-identity.v1"
 _HASH_CHUNK_BYTES = 1 << 20
 _MISMATCHES_SHOWN = 5
+# Where training scripts nest the state dict, in timm's order of preference (EMA weights first).
+_STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# torch.load's weights_only refusal names the class it would have had to unpickle.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_TIMM_TAPPED_STAGES = 2
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How uint8 images become model input: scale to [0, 1], resize to `input_size` square, normalise."""
+    """How uint8 images become model input: scale to [0, 1], resize to `input_size` square, normalise.
+
+    `interpolation` is how that resize samples. `crop_pct` is the share of the resized image an evaluation
+    view keeps (resize to input_size / crop_pct, crop the centre), the convention a model's published accuracy
+    was measured with; the data pipeline makes those views, the engine never crops.
+    """
 
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_chans: int = 3
+    crop_pct: float = DEFAULT_CROP_PCT
+    interpolation: str = DEFAULT_INTERPOLATION
 
     def __post_init__(self) -> None:
         # Stored as plain float tuples so that checkpoints' lists and JSON round trips compare and hash equal.
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
         if self.input_size < 1:
             raise ValueError(f"input_size must be a positive pixel count, got {self.input_size}")
         if self.in_chans < 1:
@@ -59,6 +92,12 @@ class Preprocessing:
             )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {self.std}")
+        if self.crop_pct <= 0:
+            raise ValueError(f"crop_pct must be positive, got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
 
     @classmethod
     def imagenet(cls, input_size: int = 224) -> Preprocessing:
@@ -77,6 +116,8 @@ class Preprocessing:
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
             in_chans=int(data.get("in_chans", 3)),
+            crop_pct=float(data.get("crop_pct", DEFAULT_CROP_PCT)),
+            interpolation=str(data.get("interpolation", DEFAULT_INTERPOLATION)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,7 +126,20 @@ class Preprocessing:
             "mean": list(self.mean),
             "std": list(self.std),
             "in_chans": self.in_chans,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
         }
+
+    def identity_dict(self) -> dict[str, Any]:
+        """`to_dict` less the fields added after identity v1 that hold their defaults.
+
+        Every teacher made before those fields existed keeps its identity, and with it its cached outputs.
+        """
+        data = self.to_dict()
+        for key, default in (("crop_pct", DEFAULT_CROP_PCT), ("interpolation", DEFAULT_INTERPOLATION)):
+            if data[key] == default:
+                del data[key]
+        return data
 
 
 @dataclass(frozen=True)
@@ -111,7 +165,7 @@ class TeacherSpec:
             "name": self.name,
             "num_classes": self.num_classes,
             "weights_sha256": self.weights_sha256,
-            "preprocessing": self.preprocessing.to_dict(),
+            "preprocessing": self.preprocessing.identity_dict(),
             "taps": sorted(self.taps.items()),
         }
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
@@ -149,13 +203,15 @@ class TeacherCheckpointError(UserError, ValueError):
 
 
 TeacherBuilder = Callable[[int, int], nn.Module]
+# A built model's feature taps: {tap name: dotted path of the submodule whose output is the tap}.
+TapFinder = Callable[[nn.Module], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
 class _ZooEntry:
     build: TeacherBuilder
     preprocessing: Preprocessing
-    taps: tuple[tuple[str, str], ...]
+    taps: TapFinder
 
 
 TEACHERS: Registry[_ZooEntry] = Registry("teacher")
@@ -166,11 +222,78 @@ def register_teacher(
 ) -> Callable[[TeacherBuilder], TeacherBuilder]:
     """Register `fn(num_classes, in_chans) -> nn.Module` under its function name with its defaults."""
 
+    fixed_taps = dict(taps)
+
     def register(fn: TeacherBuilder) -> TeacherBuilder:
-        TEACHERS.add(fn.__name__, _ZooEntry(fn, preprocessing, tuple(taps.items())))
+        TEACHERS.add(fn.__name__, _ZooEntry(fn, preprocessing, lambda model: fixed_taps))
         return fn
 
     return register
+
+
+def check_teacher_name(name: str) -> str:
+    """Return `name` if it names a teacher (a registered entry or `timm:<architecture>`).
+
+    Otherwise raise `UnknownNameError` saying what exists; config validators call this.
+    """
+    _zoo_entry(name)
+    return name
+
+
+def default_preprocessing(name: str) -> Preprocessing:
+    """The preprocessing teacher `name` has without a checkpoint saying otherwise (a registered entry's, or
+    timm's pretrained config's), read without building the model."""
+    return _zoo_entry(name).preprocessing
+
+
+def _zoo_entry(name: str) -> _ZooEntry:
+    if name.startswith(TIMM_PREFIX):
+        return _timm_entry(name)
+    try:
+        return TEACHERS.get(name)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"{err}; or {TIMM_PREFIX}<architecture> for any timm model") from None
+
+
+def _timm_entry(name: str) -> _ZooEntry:
+    """`timm:<architecture>`: timm's constructor, its pretrained config's preprocessing, its last stages."""
+    architecture = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5)
+        hint = f"; close matches: {', '.join(TIMM_PREFIX + match for match in close)}" if close else ""
+        raise UnknownNameError(f"unknown teacher {name!r}: timm has no architecture {architecture!r}{hint}")
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(architecture)
+    except RuntimeError as err:  # a `.tag` suffix that timm does not know
+        raise UnknownNameError(f"unknown teacher {name!r}: {err}") from None
+
+    def build(num_classes: int, in_chans: int) -> nn.Module:
+        return timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+    if pretrained_cfg is None:
+        logger.warning("teacher %r: timm has no pretrained config for it; using ImageNet preprocessing", name)
+        return _ZooEntry(build, Preprocessing.imagenet(), _last_feature_stages)
+    in_chans, height, width = pretrained_cfg.input_size
+    if height != width:
+        raise ConfigError(
+            f"teacher {name!r}: timm's config expects {height}x{width} inputs; ekd's teachers take "
+            "square images"
+        )
+    preprocessing = Preprocessing(
+        input_size=width,
+        mean=pretrained_cfg.mean,
+        std=pretrained_cfg.std,
+        in_chans=in_chans,
+        crop_pct=pretrained_cfg.crop_pct,
+        interpolation=pretrained_cfg.interpolation,
+    )
+    return _ZooEntry(build, preprocessing, _last_feature_stages)
+
+
+def _last_feature_stages(model: nn.Module) -> dict[str, str]:
+    """The deepest stages in timm's `feature_info`, named by their module path; none if it lists none."""
+    stages = getattr(model, "feature_info", None) or []
+    return {stage["module"]: stage["module"] for stage in stages[-_TIMM_TAPPED_STAGES:]}
 
 
 def create_teacher(
@@ -183,7 +306,7 @@ def create_teacher(
 
     Preprocessing precedence: the explicit `preprocessing` argument, then the checkpoint's, then the entry's.
     """
-    entry = TEACHERS.get(name)
+    entry = _zoo_entry(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     loaded = _load_checkpoint(Path(checkpoint), name, num_classes) if checkpoint is not None else None
@@ -193,11 +316,11 @@ def create_teacher(
     if preprocessing is not None:
         resolved = preprocessing
     model = entry.build(num_classes, resolved.in_chans)
-    taps = dict(entry.taps)
+    taps = dict(entry.taps(model))
     for module_path in taps.values():
         model.get_submodule(module_path)  # a registration error surfaces here, not at the first request
     if loaded is not None:
-        _load_state_dict(model, loaded.state_dict, Path(checkpoint), name)
+        _load_state_dict(model, loaded.state_dict, Path(checkpoint), name, num_classes)
     model.eval().requires_grad_(False)
     spec = TeacherSpec(
         name=name,
@@ -222,7 +345,7 @@ def save_teacher_checkpoint(
     `preprocessing` defaults to the entry's; store the one the model was trained with. The file is written
     to a temporary name and renamed, so a reader never sees half a checkpoint.
     """
-    entry = TEACHERS.get(name)
+    entry = _zoo_entry(name)
     model = teacher_or_model.model if isinstance(teacher_or_model, Teacher) else teacher_or_model
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -259,19 +382,38 @@ class _LoadedCheckpoint:
 
 
 def _load_checkpoint(path: Path, name: str, num_classes: int) -> _LoadedCheckpoint:
-    """Read an `ekd.teacher.v1` checkpoint or a raw state_dict file, checking it against the request."""
+    """Read a teacher's weights file and check it against the request.
+
+    Formats: an `ekd.teacher.v1` checkpoint, safetensors, or a torch state dict (bare or nested).
+    """
     if not path.is_file():
         raise TeacherCheckpointError(path, name, "file not found")
+    if _is_safetensors(path):
+        try:
+            tensors = safetensors.torch.load_file(path, device="cpu")
+        except Exception as err:  # any failure to parse untrusted bytes means "not a checkpoint"
+            raise TeacherCheckpointError(
+                path, name, f"not a readable safetensors file ({type(err).__name__}: {err})"
+            ) from err
+        return _LoadedCheckpoint(_tensor_dict(tensors, path, name), None, file_sha256(path))
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to parse untrusted bytes means "not a checkpoint"
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise TeacherCheckpointError(
+                path,
+                name,
+                f"holds a pickled {refused.group(1)}; ekd reads only tensors and plain data from torch "
+                "files (weights_only=True): save the state_dict alone, or as safetensors",
+            ) from err
         raise TeacherCheckpointError(
             path, name, f"not a readable torch checkpoint ({type(err).__name__}: {err})"
         ) from err
     if not isinstance(content, dict):
         raise TeacherCheckpointError(path, name, f"holds a {type(content).__name__}, not a checkpoint dict")
     if "format" not in content:
-        return _LoadedCheckpoint(_tensor_dict(content, path, name), None, file_sha256(path))
+        return _LoadedCheckpoint(_tensor_dict(_unwrap(content, path), path, name), None, file_sha256(path))
     if content["format"] != CHECKPOINT_FORMAT:
         raise TeacherCheckpointError(
             path, name, f"unsupported format {content['format']!r}; expected {CHECKPOINT_FORMAT!r}"
@@ -299,6 +441,24 @@ def _load_checkpoint(path: Path, name: str, num_classes: int) -> _LoadedCheckpoi
     return _LoadedCheckpoint(state_dict, preprocessing, file_sha256(path))
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts the safetensors way: a little-endian u64 header length, then a JSON object."""
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+    if len(start) < 9 or start[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(start[:8], "little") <= path.stat().st_size
+
+
+def _unwrap(content: dict[str, Any], path: Path) -> Any:
+    """The state dict nested in a training checkpoint (timm's and torchvision's scripts), else `content`."""
+    for key in _STATE_DICT_KEYS:
+        if isinstance(content.get(key), dict):
+            logger.info("teacher checkpoint %s: loading the weights under %r", path, key)
+            return content[key]
+    return content
+
+
 def _tensor_dict(candidate: Any, path: Path, name: str) -> dict[str, torch.Tensor]:
     if (
         not isinstance(candidate, dict)
@@ -308,19 +468,28 @@ def _tensor_dict(candidate: Any, path: Path, name: str) -> dict[str, torch.Tenso
         raise TeacherCheckpointError(
             path, name, f"neither an {CHECKPOINT_FORMAT} checkpoint nor a state_dict of named tensors"
         )
-    return candidate
+    # A model saved through DistributedDataParallel has every key under its "module." wrapper.
+    return {key.removeprefix("module."): tensor for key, tensor in candidate.items()}
 
 
-def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, name: str) -> None:
+def _load_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, name: str, num_classes: int
+) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    # BatchNorm's batch counters are absent from weights saved before PyTorch 0.4.1 (torchvision's first
+    # ResNets, Cadene's SENet154); evaluation never reads them and load_state_dict zero-fills them.
+    missing = [k for k in expected if k not in state_dict and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
         f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
     ]
-    problems = []
+    problems = [
+        f"{key} has {state_dict[key].shape[0]} classes, asked for {num_classes}"
+        for key in _classifier_weights(model, num_classes)
+        if key in state_dict and state_dict[key].ndim == 2 and state_dict[key].shape[0] != num_classes
+    ]
     findings = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
     for label, keys in findings:
         if keys:
@@ -329,6 +498,14 @@ def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
     if problems:
         raise TeacherCheckpointError(path, name, "state_dict does not fit the model: " + "; ".join(problems))
     model.load_state_dict(state_dict)
+
+
+def _classifier_weights(model: nn.Module, num_classes: int) -> list[str]:
+    return [
+        f"{module_path}.weight"
+        for module_path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.out_features == num_classes
+    ]
 
 
 # ---- entries -------------------------------------------------------------------------------------------
@@ -371,6 +548,13 @@ def senet154(num_classes: int, in_chans: int) -> nn.Module:
     return timm.create_model("senet154", pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
+# timm's legacy_senet154 is Cadene's pretrainedmodels SENet154 (`layer0`, `last_linear`), the layout that
+# SENet154's ImageNet weights are usually published in; its preprocessing is timm's config for it.
+@register_teacher(preprocessing=Preprocessing.imagenet(), taps=SENET_TAPS)
+def legacy_senet154(num_classes: int, in_chans: int) -> nn.Module:
+    return timm.create_model("legacy_senet154", pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
 @register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
 def cifar_resnet20(num_classes: int, in_chans: int) -> nn.Module:
     return CifarResNet(20, num_classes, in_chans=in_chans)
@@ -404,3 +588,12 @@ def cifar_wrn16_4(num_classes: int, in_chans: int) -> nn.Module:
 @register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
 def cifar_wrn28_10(num_classes: int, in_chans: int) -> nn.Module:
     return CifarWideResNet(28, 10, num_classes, in_chans=in_chans)
+
+
+# Near-zero compute (a mean over each channel and a 3 x num_classes linear layer), so that a benchmark of the
+# served path at ImageNet size measures the transport, not the model: benchmarks/serving.py --transport.
+@register_teacher(preprocessing=Preprocessing.imagenet(), taps={"pool": "pool"})
+def benchmark_pool_linear(num_classes: int, in_chans: int) -> nn.Module:
+    return nn.Sequential(
+        OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(in_chans, num_classes))
+    )

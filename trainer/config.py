@@ -174,6 +174,11 @@ class TeacherConfig(_Section):
     served_as: str | None = Field(
         None, description="the teacher's name on the teacher service (default: `name`)"
     )
+    train_if_missing: bool = Field(
+        True,
+        description="train this teacher on the experiment's data when its checkpoint is missing; false: a "
+        "missing checkpoint is an error (for published weights, e.g. ImageNet teachers)",
+    )
     seed: int = Field(0, ge=0, description="seed for training this teacher when its checkpoint is missing")
     train: OptimConfig = Field(
         default_factory=lambda: OptimConfig(epochs=30),

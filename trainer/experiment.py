@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from services.contract import LOGITS
+from services.errors import ConfigError
 from trainer.config import ExperimentConfig
 from trainer.data import DatasetSplits
 from trainer.inputs import load_splits, loader_settings, train_views
@@ -112,10 +113,16 @@ def ensure_teachers(
     on_progress: OnProgress | None = None,
     force: bool = False,
 ) -> None:
-    """Train every teacher whose checkpoint is missing (or all, with force), saying so."""
+    """Train every teacher whose checkpoint is missing (or all, with force), saying so; a missing checkpoint
+    of a teacher with `train_if_missing: false` is a ConfigError."""
     for teacher in cfg.teachers:
         if Path(teacher.checkpoint).is_file() and not force:
             continue
+        if not teacher.train_if_missing and not force:
+            raise ConfigError(
+                f"teacher {teacher.name}: no checkpoint at {teacher.checkpoint} (train_if_missing is false); "
+                f"put its published weights there or point --set teachers.N.checkpoint=PATH at them"
+            )
         if force:
             logger.info("teacher %s: retraining", teacher.name)
         else:

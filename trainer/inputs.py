@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from services.zoo import TEACHERS, Preprocessing
+from services.zoo import Preprocessing, default_preprocessing
 from trainer.config import DataConfig, ExperimentConfig
 from trainer.data import (
     FILE_DATASETS,
@@ -32,7 +32,7 @@ def student_normalization(cfg: ExperimentConfig) -> tuple[tuple[float, ...], tup
     if data.dataset not in FILE_DATASETS:
         return None
     first = cfg.teachers[0].name if cfg.teachers else None
-    preprocessing = TEACHERS.get(first).preprocessing if first in TEACHERS else Preprocessing.imagenet()
+    preprocessing = default_preprocessing(first) if first is not None else Preprocessing.imagenet()
     logger.debug(
         "student normalization from %s: mean %s, std %s",
         first or "ImageNet",

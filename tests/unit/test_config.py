@@ -50,7 +50,7 @@ def test_valid_minimal_config_gets_defaults(tmp_path):
     [
         (KD.replace("temperature: 4.0", "temperature: -1"), "method.kd.temperature", "greater than 0"),
         (KD.replace("name: kd,", "name: kdd,"), "method", "'kd'"),
-        (KD.replace("cifar_resnet20", "resnet9000"), "teachers.0.name", "available: cifar_resnet110"),
+        (KD.replace("cifar_resnet20", "resnet9000"), "teachers.0.name", "cifar_resnet110"),
         (KD + "data: {batch_size: 64, colour: red}\n", "data.colour", "Extra inputs are not permitted"),
         (KD + "data: {dataset: mnist}\n", "data.dataset", "'digits'"),
         (KD + "train: {schedule: linear}\n", "train.schedule", "'cosine'"),

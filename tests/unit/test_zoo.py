@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from services.errors import UnknownNameError
 from services.zoo import (
     CHECKPOINT_FORMAT,
+    IMAGENET_RESNET_TAPS,
     TEACHERS,
     Preprocessing,
     Teacher,
@@ -62,7 +64,9 @@ def assert_checkpoint_error(match: str, path, **kwargs) -> None:
 
 
 def test_list_teachers_names_every_entry():
-    assert TEACHERS.names() == sorted(IMAGENET_ENTRIES + ["senet154"] + CIFAR_ENTRIES)
+    assert TEACHERS.names() == sorted(
+        IMAGENET_ENTRIES + ["senet154", "legacy_senet154", "benchmark_pool_linear"] + CIFAR_ENTRIES
+    )
 
 
 @pytest.mark.parametrize("name", CIFAR_ENTRIES)
@@ -108,9 +112,11 @@ def test_in_chans_comes_from_preprocessing():
 
 
 def test_unknown_teacher_lists_available_names():
-    with pytest.raises(ValueError, match="unknown teacher 'resnet9000'; available: ") as info:
+    with pytest.raises(UnknownNameError, match="unknown teacher 'resnet9000'; available: ") as info:
         create_teacher("resnet9000", 10)
-    assert str(info.value).endswith(", ".join(TEACHERS.names()))
+    assert str(info.value).endswith(
+        ", ".join(TEACHERS.names()) + "; or timm:<architecture> for any timm model"
+    )
 
 
 def test_registering_a_name_twice_is_refused():
@@ -127,6 +133,11 @@ def test_registering_a_name_twice_is_refused():
         (dict(input_size=0, mean=(0.5,), std=(0.5,), in_chans=1), "input_size must be a positive"),
         (dict(input_size=8, mean=(0.5, 0.5), std=(0.5,), in_chans=1), "one value per channel"),
         (dict(input_size=8, mean=(0.5,), std=(0.0,), in_chans=1), "std values must be positive"),
+        (dict(input_size=8, mean=(0.5,), std=(0.5,), in_chans=1, crop_pct=0), "crop_pct must be positive"),
+        (
+            dict(input_size=8, mean=(0.5,), std=(0.5,), in_chans=1, interpolation="nearest"),
+            "interpolation must be one of bilinear, bicubic, got 'nearest'",
+        ),
     ],
 )
 def test_preprocessing_rejects_inconsistent_values(kwargs, match):
@@ -185,6 +196,47 @@ def test_identity_is_the_same_in_another_process():
     assert other == spec().identity
 
 
+# Computed with services/zoo.py as it was before Preprocessing carried crop_pct and interpolation: existing
+# teachers keep their identities, and so their cached outputs.
+@pytest.mark.parametrize(
+    "make_spec, identity",
+    [
+        (spec, "4dc01c2c80d40be960dac7341347f38d363bd5e72c7a4254f0a019e88df496e0"),
+        (
+            lambda: create_teacher("cifar_resnet20", 10).spec,
+            "935e871704cd6e7bc79451109fe2427a5b93fa7a441f2acc389938f16537f26d",
+        ),
+        (
+            lambda: create_teacher("resnet18", 1000).spec,
+            "4c966dc4fb2fa21a5a6f63cc6499270d86ae1f1671ab03878cdd2035c35171f6",
+        ),
+        (
+            lambda: TeacherSpec(
+                "resnet152",
+                1000,
+                Preprocessing.from_dict(Preprocessing.imagenet().to_dict()),
+                IMAGENET_RESNET_TAPS,
+            ),
+            "1cba63e64e844217d2e8beeed6100dcd80e1514d0cb53837d28d768e66849219",
+        ),
+    ],
+)
+def test_identities_of_existing_teachers_are_pinned(make_spec, identity):
+    assert make_spec().identity == identity
+
+
+def test_non_default_crop_pct_or_interpolation_changes_identity():
+    cropped = Preprocessing(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_pct=0.95)
+    bicubic = Preprocessing(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), interpolation="bicubic")
+    identities = {spec().identity, spec(preprocessing=cropped).identity, spec(preprocessing=bicubic).identity}
+    assert len(identities) == 3
+
+
+def test_a_checkpoint_written_before_crop_pct_and_interpolation_reads_their_defaults():
+    old = {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "in_chans": 3}
+    assert Preprocessing.from_dict(old) == Preprocessing(32, (0.5,) * 3, (0.25,) * 3, 3, 0.875, "bilinear")
+
+
 def test_spec_to_dict_is_plain_json():
     data = json.loads(json.dumps(spec().to_dict()))
     assert data["preprocessing"] == {
@@ -192,6 +244,8 @@ def test_spec_to_dict_is_plain_json():
         "mean": [0.4914, 0.4822, 0.4465],
         "std": [0.247, 0.2435, 0.2616],
         "in_chans": 3,
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
     }
     assert data["identity"] == spec().identity and data["taps"]["layer3"] == "layer3"
 

@@ -293,6 +293,12 @@ def _stratified_split(
     indices: np.ndarray, labels: np.ndarray, held_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held) index arrays: a seeded split that keeps each class's share in both parts."""
+    classes = len(np.unique(labels))
+    if round(len(indices) * held_fraction) < classes:
+        raise ConfigError(
+            f"holding out {held_fraction} of {len(indices)} samples leaves fewer samples than the {classes} "
+            "classes a stratified split needs; raise the fraction"
+        )
     kept, held = train_test_split(indices, test_size=held_fraction, stratify=labels, random_state=seed)
     return np.sort(kept), np.sort(held)
 
