@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import timm
 import torch
 import torchvision
@@ -40,6 +38,14 @@ from torch import nn
 from services.cifar_models import CifarResNet, CifarWideResNet
 from services.errors import ConfigError, UnknownNameError, UserError
 from services.registry import Registry
+from services.weights import (
+    NoStateDictError,
+    PickledObjectError,
+    WeightsFileError,
+    WeightsFileNotFoundError,
+    find_state_dict,
+    read_weights_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +59,6 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 _IDENTITY_VERSION = "ekd.teacher-identity.v1"
 _HASH_CHUNK_BYTES = 1 << 20
 _MISMATCHES_SHOWN = 5
-# Where training scripts nest the state dict, in timm's order of preference (EMA weights first).
-_STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-# torch.load's weights_only refusal names the class it would have had to unpickle.
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _TIMM_TAPPED_STAGES = 2
 
 
@@ -384,36 +386,28 @@ class _LoadedCheckpoint:
 def _load_checkpoint(path: Path, name: str, num_classes: int) -> _LoadedCheckpoint:
     """Read a teacher's weights file and check it against the request.
 
-    Formats: an `ekd.teacher.v1` checkpoint, safetensors, or a torch state dict (bare or nested).
+    Formats: an `ekd.teacher.v1` checkpoint, or any weights file `services.weights` reads.
     """
-    if not path.is_file():
-        raise TeacherCheckpointError(path, name, "file not found")
-    if _is_safetensors(path):
-        try:
-            tensors = safetensors.torch.load_file(path, device="cpu")
-        except Exception as err:  # any failure to parse untrusted bytes means "not a checkpoint"
-            raise TeacherCheckpointError(
-                path, name, f"not a readable safetensors file ({type(err).__name__}: {err})"
-            ) from err
-        return _LoadedCheckpoint(_tensor_dict(tensors, path, name), None, file_sha256(path))
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any failure to parse untrusted bytes means "not a checkpoint"
-        refused = _REFUSED_GLOBAL.search(str(err))
-        if refused:
+        content = read_weights_file(path)
+        if not isinstance(content, dict):
             raise TeacherCheckpointError(
-                path,
-                name,
-                f"holds a pickled {refused.group(1)}; ekd reads only tensors and plain data from torch "
-                "files (weights_only=True): save the state_dict alone, or as safetensors",
-            ) from err
-        raise TeacherCheckpointError(
-            path, name, f"not a readable torch checkpoint ({type(err).__name__}: {err})"
-        ) from err
-    if not isinstance(content, dict):
-        raise TeacherCheckpointError(path, name, f"holds a {type(content).__name__}, not a checkpoint dict")
-    if "format" not in content:
-        return _LoadedCheckpoint(_tensor_dict(_unwrap(content, path), path, name), None, file_sha256(path))
+                path, name, f"holds a {type(content).__name__}, not a checkpoint dict"
+            )
+        ekd_checkpoint = "format" in content
+        preprocessing = (
+            _checked_teacher_checkpoint(content, path, name, num_classes) if ekd_checkpoint else None
+        )
+        state_dict = find_state_dict(content["state_dict"] if ekd_checkpoint else content, path)
+    except WeightsFileError as err:
+        raise TeacherCheckpointError(path, name, _teacher_checkpoint_problem(err)) from err
+    return _LoadedCheckpoint(state_dict, preprocessing, file_sha256(path))
+
+
+def _checked_teacher_checkpoint(
+    content: dict[str, Any], path: Path, name: str, num_classes: int
+) -> Preprocessing | None:
+    """Check an `ekd.teacher.v1` checkpoint's metadata against the request; return its preprocessing."""
     if content["format"] != CHECKPOINT_FORMAT:
         raise TeacherCheckpointError(
             path, name, f"unsupported format {content['format']!r}; expected {CHECKPOINT_FORMAT!r}"
@@ -437,39 +431,21 @@ def _load_checkpoint(path: Path, name: str, num_classes: int) -> _LoadedCheckpoi
         raise TeacherCheckpointError(path, name, f"invalid preprocessing {stored!r}: {err}") from err
     if "state_dict" not in content:
         raise TeacherCheckpointError(path, name, "no 'state_dict' entry")
-    state_dict = _tensor_dict(content["state_dict"], path, name)
-    return _LoadedCheckpoint(state_dict, preprocessing, file_sha256(path))
+    return preprocessing
 
 
-def _is_safetensors(path: Path) -> bool:
-    """Whether the file starts the safetensors way: a little-endian u64 header length, then a JSON object."""
-    with open(path, "rb") as handle:
-        start = handle.read(9)
-    if len(start) < 9 or start[8:9] != b"{":
-        return False
-    return 8 + int.from_bytes(start[:8], "little") <= path.stat().st_size
-
-
-def _unwrap(content: dict[str, Any], path: Path) -> Any:
-    """The state dict nested in a training checkpoint (timm's and torchvision's scripts), else `content`."""
-    for key in _STATE_DICT_KEYS:
-        if isinstance(content.get(key), dict):
-            logger.info("teacher checkpoint %s: loading the weights under %r", path, key)
-            return content[key]
-    return content
-
-
-def _tensor_dict(candidate: Any, path: Path, name: str) -> dict[str, torch.Tensor]:
-    if (
-        not isinstance(candidate, dict)
-        or not candidate
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items())
-    ):
-        raise TeacherCheckpointError(
-            path, name, f"neither an {CHECKPOINT_FORMAT} checkpoint nor a state_dict of named tensors"
+def _teacher_checkpoint_problem(err: WeightsFileError) -> str:
+    """The reader's problem in the zoo's words, which teacher checkpoints have always been refused in."""
+    if isinstance(err, WeightsFileNotFoundError):
+        return "file not found"
+    if isinstance(err, PickledObjectError):
+        return (
+            f"holds a pickled {err.global_name}; ekd reads only tensors and plain data from torch files "
+            "(weights_only=True): save the state_dict alone, or as safetensors"
         )
-    # A model saved through DistributedDataParallel has every key under its "module." wrapper.
-    return {key.removeprefix("module."): tensor for key, tensor in candidate.items()}
+    if isinstance(err, NoStateDictError):
+        return f"neither an {CHECKPOINT_FORMAT} checkpoint nor a state_dict of named tensors"
+    return err.problem
 
 
 def _load_state_dict(

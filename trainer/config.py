@@ -217,6 +217,13 @@ class TeacherSourceConfig(_Section):
         "student trains (0: fetch in the training thread)",
     )
     timeout_seconds: float = Field(120.0, gt=0, description="served: deadline of each call to the service")
+    max_in_flight: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="served: Infer requests kept outstanding at the service (and batches submitted ahead "
+        "by the prefetcher), so that its teachers batch and compute the next while one streams back",
+    )
 
     @field_validator("cache")
     @classmethod

@@ -10,6 +10,7 @@ students, write the record).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from services.contract import LOGITS
 from services.errors import ConfigError
 from trainer.config import ExperimentConfig
 from trainer.data import DatasetSplits
+from trainer.export import ExportedNetwork, save_student
 from trainer.inputs import load_splits, loader_settings, train_views
 from trainer.loop import (
     EVAL_BATCH_SIZE,
@@ -221,11 +223,12 @@ class ExperimentSession:
         self.source = source or (
             build_teacher_source(cfg, splits.num_classes, device) if cfg.teachers else None
         )
-        infos = self.source.describe(splits.image_size) if self.source is not None else []
+        self.teacher_infos = self.source.describe(splits.image_size) if self.source is not None else []
         torch.manual_seed(cfg.seed)
         self.method = create_method(
-            cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans, teachers=infos
+            cfg.method, num_classes=splits.num_classes, in_chans=splits.in_chans, teachers=self.teacher_infos
         )
+        self.method.label_smoothing = cfg.train.label_smoothing
         self.settings = StepSettings.resolve(cfg.train, device)
         memory_format = torch.channels_last if self.settings.channels_last else torch.preserve_format
         self.method.to(device, memory_format=memory_format)
@@ -409,21 +412,19 @@ class ExperimentSession:
         run_dir = Path(cfg.output_dir) / cfg.name
         (run_dir / "students").mkdir(parents=True, exist_ok=True)
         exported = []
+        network = ExportedNetwork(
+            method=cfg.method.model_dump(mode="json"),
+            name="",
+            num_classes=splits.num_classes,
+            in_chans=splits.in_chans,
+            image_size=splits.image_size,
+            mean=tuple(splits.mean),
+            std=tuple(splits.std),
+            teachers=self.teacher_infos,
+        )
         for name, student in method.exported_students().items():
             path = run_dir / "students" / f"{name}.pt"
-            # Plain data beside the tensors: enough to rebuild the network with create_method (the method's
-            # config, classes, channels) and pick this student out of it by name.
-            torch.save(
-                {
-                    "format": "ekd.student.v1",
-                    "method": cfg.method.model_dump(mode="json"),
-                    "name": name,
-                    "num_classes": splits.num_classes,
-                    "in_chans": splits.in_chans,
-                    "state_dict": {k: v.cpu() for k, v in student.state_dict().items()},
-                },
-                path,
-            )
+            save_student(path, student, dataclasses.replace(network, name=name))
             acc = evaluate(student, student, test_loader, splits.mean, splits.std, device)
             exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))
         teacher_summaries = []

@@ -251,7 +251,7 @@ def train_epoch(
     them where the config says so) and normalized there, in the same step. With `settings.accumulate_steps`
     k > 1 the optimizer and the schedule step once per k batches, on the mean of their losses.
     """
-    step_module = step_module or method
+    step_module = step_module if step_module is not None else method
     method.train()
     wanted = method.teacher_outputs()
     stats = EpochStats()

@@ -46,8 +46,10 @@ def hinton_kd_loss(
     target_probs: torch.Tensor,
     temperature: float,
     alpha: float,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """λ·CE(s, y) + (1−λ)·T²·KL(p_t^T ‖ p_s^T) with λ = alpha; CE on the raw student logits."""
-    ce = F.cross_entropy(student_logits, labels)
+    """λ·CE(s, y) + (1−λ)·T²·KL(p_t^T ‖ p_s^T) with λ = alpha; CE on the raw student logits (labels smoothed
+    by `label_smoothing`)."""
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     kl = distillation_kl(student_logits, target_probs, temperature)
     return alpha * ce + (1.0 - alpha) * kl, {"ce": ce.item(), "kd": kl.item()}

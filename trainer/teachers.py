@@ -62,6 +62,7 @@ def train_teacher(
     settings = StepSettings.resolve(cfg.train, device)
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
     method = CrossEntropyTraining(model).to(device, memory_format=memory_format)
+    method.label_smoothing = cfg.train.label_smoothing
     views = train_views(splits, data)
     loading = loader_settings(data, device)
     optimizer = make_optimizer(method.param_groups(cfg.train.lr), cfg.train)

@@ -1,4 +1,5 @@
-"""Helpers shared by the method tests: teacher descriptions, a fixed-logits student, a plain softmax."""
+"""Helpers shared by the method tests: teacher descriptions, a fixed-logits student, a plain softmax, unit BN
+scales."""
 
 from __future__ import annotations
 
@@ -32,3 +33,11 @@ def softmax(row: list[float], temperature: float = 1.0) -> list[float]:
     """Plain-Python softmax, for hand-computed expected values."""
     exps = [math.exp(v / temperature) for v in row]
     return [e / sum(exps) for e in exps]
+
+
+def unit_bn_scales(module: nn.Module) -> None:
+    """timm zero-initialises each residual branch's last BN scale, which stops the gradient of the conv before
+    it on the first step; unit scales let a one-step check see every path."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)

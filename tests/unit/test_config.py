@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from services.errors import ConfigError
-from trainer.config import load_experiment
+from trainer.config import ExperimentConfig, load_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs" / "digits").glob("*.yaml"))
@@ -78,3 +78,15 @@ def test_unreadable_files_get_one_clear_error(tmp_path):
         load_experiment(write(tmp_path, "name: [unclosed"))
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_experiment(write(tmp_path, "- just\n- a list\n"))
+
+
+EXPERIMENTS = sorted((REPO / "configs" / "digits").glob("*.yaml")) + sorted(
+    (REPO / "configs" / "imagenet").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_every_shipped_experiment_validates_and_survives_its_own_dump(path):
+    # Ray Train workers and exported students rebuild configs from their JSON dumps.
+    cfg = load_experiment(path)
+    assert ExperimentConfig.model_validate(cfg.model_dump(mode="json")) == cfg

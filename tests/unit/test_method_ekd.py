@@ -4,6 +4,7 @@ optional feature term, gradients, ensemble prediction, builder checks."""
 import pytest
 import torch
 import torch.nn.functional as F
+from method_support import unit_bn_scales
 from pydantic import ValidationError
 
 from trainer.methods import create_method
@@ -195,3 +196,33 @@ def test_training_loss_rejects_missing_teacher_outputs():
 def test_params_reject_bad_values(fields, message):
     with pytest.raises(ValidationError, match=message):
         EKDParams(**fields)
+
+
+@pytest.mark.parametrize("fields", [{}, {"feature_tap": TAP, "feature_weight": 1.0}])
+def test_imagenet_trunk_shares_all_but_layer4_and_trains_every_parameter(fields):
+    torch.manual_seed(0)
+    params = EKDParams(trunk="imagenet_resnet", arch="resnet50", **fields)
+    method = build_ekd(params, num_classes=4, in_chans=3, teachers=teacher_infos(2, num_classes=4))
+    unit_bn_scales(method)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    teachers = TeacherOutputs(
+        logits=[torch.randn(2, 4) for _ in range(2)],
+        features=[{TAP: torch.randn(2, *TAP_SHAPE)} for _ in range(2)],
+    )
+
+    method.training_loss(images, labels, teachers, CLOCK).loss.backward()
+
+    assert params.shared_stages == 3
+    assert [name for name, _ in method.student.shared.named_children()] == ["layer1", "layer2", "layer3"]
+    assert [branch.fc.in_features for branch in method.student.branches] == [2048, 2048]
+    for name, param in method.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    exported = method.exported_students()["ekd_student"].eval()
+    with torch.no_grad():
+        assert exported(images).shape == (2, 4)
+
+
+def test_imagenet_trunk_takes_shared_stages_up_to_3():
+    assert EKDParams(trunk="imagenet_resnet", shared_stages=1).shared_stages == 1
+    with pytest.raises(ValidationError, match="(?s)shared_stages.*less than or equal to 3"):
+        EKDParams(trunk="imagenet_resnet", shared_stages=4)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from method_support import unit_bn_scales
 from pydantic import ValidationError
 
+from services.errors import ConfigError
 from trainer.losses import distillation_kl, soft_targets
 from trainer.methods.base import TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.feed import FeedParams, build_feed, normalized_l1
@@ -293,3 +295,28 @@ def test_params_defaults_and_bounds():
     for bad in ({"beta": -1.0}, {"temperature": 0.0}, {"mode": "cyclic"}, {"unknown": 1}):
         with pytest.raises(ValidationError):
             FeedParams(**bad)
+
+
+def test_a_timm_student_trains_with_feed_and_deploys_alone():
+    feed = make_feed(student=StudentConfig(arch="timm:resnet18"), kd_weight=1.0)
+    unit_bn_scales(feed)
+    _, labels, teachers = make_batch()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+    result = feed.training_loss(images, labels, teachers, CLOCK)
+    result.loss.backward()
+
+    assert [t[0].in_channels for t in feed.transforms] == [512, 512]  # resnet18's layer4 map
+    assert set(result.terms) == {"ce", "factor", "factor/wide", "factor/narrow", "kd"}
+    for name, parameter in feed.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    student = feed.exported_students()["student"].eval()
+    with torch.no_grad():
+        assert student(images).shape == (4, NUM_CLASSES)
+
+
+def test_a_student_without_a_feature_map_is_a_config_error():
+    feed = make_feed(student=StudentConfig(arch="timm:test_vit", options={"img_size": 64}))
+    images, labels, teachers = make_batch()
+    with pytest.raises(ConfigError, match=r"forward_features returns shape \[4, \d+, 64\]"):
+        feed.training_loss(F.interpolate(images, size=64), labels, teachers, CLOCK)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from method_support import unit_bn_scales
 from pydantic import ValidationError
 
 from trainer.methods import create_method
@@ -159,3 +160,36 @@ def test_params_defaults_follow_the_paper():
         params.temperature,
         params.adaptation_lr_scale,
     ) == (20, 5, 0.7, 0.15, 0.15, 2.0, 0.5)
+
+
+def test_imagenet_trunk_shares_stem_and_layer1_and_trains_every_parameter():
+    torch.manual_seed(0)
+    method = build_okd(
+        OKDParams(trunk="imagenet_resnet", arch="resnet26", num_students=3),
+        num_classes=4,
+        in_chans=3,
+        teachers=[],
+    )
+    unit_bn_scales(method)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+
+    method.training_loss(images, labels, None, CLOCK).loss.backward()
+
+    assert [name for name, _ in method.network.shared.named_children()] == ["layer1"]
+    # resnet26: ResNet-50's bottleneck stages, 2 blocks each. layer2..4 per student at int(planes x width)
+    # planes (BOC-KD truncates); a bottleneck outputs 4x planes.
+    assert method.network.branch_stage_channels == [[512, 1024, 2048], [340, 680, 1364], [168, 340, 680]]
+    assert [[conv.in_channels for conv in stages] for stages in method.adaptation] == [
+        [340, 680, 1364],
+        [168, 340, 680],
+    ]
+    assert all([conv.out_channels for conv in stages] == [512, 1024, 2048] for stages in method.adaptation)
+    for name, parameter in method.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    exported = method.exported_students()
+    assert list(exported) == ["student_w1.0", "student_w0.67", "student_w0.33"]
+    sizes = [count_parameters(network) for network in exported.values()]
+    assert sizes == sorted(sizes, reverse=True)
+    with torch.no_grad():
+        for network in exported.values():
+            assert network.eval()(images).shape == (2, 4)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_support import unit_bn_scales
 from pydantic import ValidationError
 
 from trainer.methods import create_method
@@ -120,3 +121,29 @@ def test_params_reject_bad_values(bad):
 def test_params_defaults_follow_the_paper():
     params = ONEParams()
     assert (params.depth, params.branches, params.temperature, params.rampup_epochs) == (32, 3, 3.0, 80.0)
+
+
+def test_imagenet_trunk_copies_layer4_per_branch_and_trains_every_parameter():
+    torch.manual_seed(0)
+    method = build_one(
+        ONEParams(trunk="imagenet_resnet", arch="resnet26", branches=2),
+        num_classes=4,
+        in_chans=3,
+        teachers=[],
+    )
+    unit_bn_scales(method)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+
+    method.training_loss(images, labels, None, TrainingClock(epoch=5.0, total_epochs=20)).loss.backward()
+
+    trunk = method.network.trunk
+    assert [name for name, _ in trunk.shared.named_children()] == ["layer1", "layer2", "layer3"]
+    assert method.network.gate.linear.in_features == 1024  # the gate reads layer3's output
+    for name, param in method.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    method.eval()
+    exported = method.exported_students()
+    assert list(exported) == ["one_ensemble", "branch_0", "branch_1"]
+    with torch.no_grad():
+        for network in exported.values():
+            assert network(images).shape == (2, 4)

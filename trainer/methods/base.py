@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -62,6 +63,12 @@ class Method(nn.Module, ABC):
     name: str = ""
     #: Number of consecutive training stages (FEED sequential trains one stage per teacher).
     num_stages: int = 1
+    #: Label smoothing of every hard-label CE term; the training session sets it from `train.label_smoothing`.
+    label_smoothing: float = 0.0
+
+    def hard_label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CE(logits, y), the labels smoothed by `label_smoothing`: every method's hard-label term."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
     def forward(
         self,

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -45,7 +44,7 @@ class CrossEntropyTraining(Method):
         teachers: TeacherOutputs | None,
         clock: TrainingClock,
     ) -> LossResult:
-        ce = F.cross_entropy(self.model(images), labels)
+        ce = self.hard_label_loss(self.model(images), labels)
         return LossResult(ce, {"ce": ce.item()})
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

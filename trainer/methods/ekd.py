@@ -1,18 +1,23 @@
 """Ensemble Knowledge Distillation (Asif, Tang, Harrer, 2019): a compact student with parallel branches, one
 per teacher, trained with the labels and each branch's own teacher, the branches coupled by their ensemble.
 
-Only the abstract is public; this is ekd's reading of it (shared/methods.md, "EKD"). The student is a CIFAR
-ResNet of `depth` whose stem and first `shared_stages` stages are shared and whose remaining stages and
-classifier are copied once per teacher, every branch at full width. With b_i the logits of branch i, t_i those
-of teacher i and b̄ = mean_i b_i:
+Only the abstract is public; this is ekd's reading of it (shared/methods.md, "EKD"). The student is a ResNet
+whose stem and first `shared_stages` stages are shared and whose remaining stages and classifier are copied
+once per teacher, every branch at full width:
+- `trunk: cifar_resnet` (default): a CIFAR ResNet of `depth`, 3 stages; by default the stem and layer1 are
+  shared, layer2 and layer3 per branch (shared_stages 1).
+- `trunk: imagenet_resnet`: timm's ImageNet ResNet `arch` (e.g. resnet50), 4 stages; by default the stem
+  (conv1, bn1, ReLU, max-pool) and layer1–layer3 are shared and layer4 is copied per branch (shared_stages 3),
+  so that the branches cost a last stage each rather than most of a ResNet-50.
+With b_i the logits of branch i, t_i those of teacher i and b̄ = mean_i b_i:
 
     L = Σ_i [ λ·CE(b_i, y) + (1−λ)·T²·KL(softmax(t_i/T) ‖ softmax(b_i/T)) ]  +  CE(b̄, y)
         [ + β·Σ_i MSE(pool_i(A_i(F_{b_i})), F_{t_i}.detach()) ]
 
 The per-branch "CE + KD" is the Hinton combination from `kd` (λ = alpha weighs the branch's CE, 1−λ its KD
 term), so each branch sees exactly Hinton KD from its own teacher alone; the ensemble's CE carries weight 1.
-Defaults: depth 20, shared_stages 1, T=4, λ=0.5. Inference: the ensemble, the mean of the branch logits (what
-`MultiBranchResNet.forward` computes), exported whole as "ekd_student".
+Defaults: depth 20, shared_stages 1 (imagenet_resnet: 3), T=4, λ=0.5. Inference: the ensemble, the mean of the
+branch logits (what `MultiBranchTrunk.forward` computes), exported whole as "ekd_student".
 
 The bracketed feature term is off by default (feature_weight β=0, feature_tap None). When on, F_{b_i} is
 branch i's last-stage map, A_i a 1×1 conv adapter (with bias) to teacher i's channel count at `feature_tap`,
@@ -23,11 +28,11 @@ the same adaptive pooling (repetition).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from services.contract import LOGITS
@@ -36,25 +41,42 @@ from trainer.losses import hinton_kd_loss, soft_targets
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import check_teachers, require_teacher_logits
 from trainer.methods.registry import register_method
-from trainer.students import CifarResNetDepth, MultiBranchResNet
+from trainer.students import MultiBranchTrunk, MultiBranchTrunkParams
+
+# Stages shared after the stem when the config leaves shared_stages out: CIFAR ResNets have 3 stages,
+# ImageNet ResNets 4; the last stage is always per branch.
+_DEFAULT_SHARED_STAGES = {"cifar_resnet": 1, "imagenet_resnet": 3}
+_MAX_SHARED_STAGES = {"cifar_resnet": 2, "imagenet_resnet": 3}
 
 
-class EKDParams(BaseModel):
-    """A multi-branch CIFAR ResNet student, branch i distilled from teacher i, trained as an ensemble."""
+class EKDParams(MultiBranchTrunkParams):
+    """A multi-branch ResNet student, branch i distilled from teacher i, trained as an ensemble."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["ekd"] = "ekd"
-    depth: CifarResNetDepth = Field(
-        20, description="CIFAR ResNet depth of the student (6n+2: 8, 14, 20, ...)"
+    shared_stages: Annotated[int, Field(ge=0, le=3)] | None = Field(
+        None,
+        description="stages shared by all branches after the stem; None: 1 for cifar_resnet (of 3), "
+        "3 for imagenet_resnet (of 4, layer4 per branch)",
     )
-    shared_stages: int = Field(1, ge=0, le=2, description="stages shared by all branches after the stem")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of each branch's KD term")
     alpha: float = Field(0.5, ge=0, le=1, description="weight λ of each branch's CE; its KD term gets 1−λ")
     feature_tap: str | None = Field(
         None, description="teacher feature tap matched by each branch's last-stage map; None: no feature term"
     )
     feature_weight: float = Field(0.0, ge=0, description="weight β of the per-branch feature MSE term")
+
+    @model_validator(mode="after")
+    def _shared_stages_of_the_trunk(self) -> EKDParams:
+        if self.shared_stages is None:
+            self.shared_stages = _DEFAULT_SHARED_STAGES[self.trunk]
+        elif self.shared_stages > _MAX_SHARED_STAGES[self.trunk]:
+            raise ValueError(
+                f"shared_stages must be less than or equal to {_MAX_SHARED_STAGES[self.trunk]} for trunk "
+                f"{self.trunk!r} (at least its last stage is per branch), got {self.shared_stages}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _feature_term_complete(self) -> EKDParams:
@@ -71,7 +93,7 @@ class EnsembleKnowledgeDistillation(Method):
 
     def __init__(
         self,
-        student: MultiBranchResNet,
+        student: MultiBranchTrunk,
         temperature: float,
         alpha: float,
         feature_tap: str | None,
@@ -107,11 +129,11 @@ class EnsembleKnowledgeDistillation(Method):
         for i, (branch_logits, t) in enumerate(zip(out.logits, teacher_logits)):
             target = soft_targets([t], self.temperature)
             branch_loss, branch_terms = hinton_kd_loss(
-                branch_logits, labels, target, self.temperature, self.alpha
+                branch_logits, labels, target, self.temperature, self.alpha, self.label_smoothing
             )
             total = total + branch_loss
             terms[f"ce_{i}"], terms[f"kd_{i}"] = branch_terms["ce"], branch_terms["kd"]
-        ensemble_ce = F.cross_entropy(torch.stack(out.logits).mean(0), labels)
+        ensemble_ce = self.hard_label_loss(torch.stack(out.logits).mean(0), labels)
         total = total + ensemble_ce
         terms["ce_ensemble"] = ensemble_ce.item()
         if self.feature_tap is not None:
@@ -154,12 +176,11 @@ def build_ekd(params: EKDParams, *, num_classes: int, in_chans: int, teachers: l
                     f"its taps: {', '.join(sorted(teacher.feature_shapes)) or 'none'}"
                 )
             teacher_channels.append(teacher.feature_shapes[params.feature_tap][0])
-    student = MultiBranchResNet(
-        params.depth,
-        num_classes,
+    student = params.build_trunk(
+        num_classes=num_classes,
+        in_chans=in_chans,
         branch_widths=[1.0] * len(teachers),
         shared_stages=params.shared_stages,
-        in_chans=in_chans,
     )
     return EnsembleKnowledgeDistillation(
         student, params.temperature, params.alpha, params.feature_tap, params.feature_weight, teacher_channels

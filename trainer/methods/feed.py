@@ -16,7 +16,10 @@ absolute differences are averaged over batch and elements; the teacher side is a
   k−1 (the same module continues) with teacher k and transform k only; the other transforms are frozen.
 
 Defaults: parallel, cifar_resnet8 student, teacher tap "layer3", β = 500 (FT's), logit KD off (T = 4 when
-on), paraphraser off (rate k = 0.5 when on, FT's).
+on), paraphraser off (rate k = 0.5 when on, FT's). Any student with `forward_features` (returning a map
+[B, C, H, W]), `forward_head` and `num_features` serves: ekd's CIFAR nets and small CNNs, and timm's
+convolutional networks (`timm:resnet50`, `resnet50_l1_pruned`, ...), whose F_s is the output of their last
+stage before pooling.
 
 ekd's reading, where the sources leave a choice:
 - Transform i has FT's translator layout: three 3×3 convs (stride 1, padding 1, with bias, no BN), each
@@ -65,7 +68,9 @@ class FeedParams(BaseModel):
         "parallel", description="parallel: all teachers in one stage; sequential: one stage per teacher"
     )
     student: StudentConfig = Field(
-        default_factory=StudentConfig, description="the student network; needs forward_features/forward_head"
+        default_factory=StudentConfig,
+        description="the student network; needs forward_features (a feature map), forward_head and "
+        "num_features, as ekd's CIFAR nets and timm's convolutional networks (timm:<name>) have",
     )
     teacher_tap: str = Field(
         "layer3", min_length=1, description="teacher feature map to match; every teacher must expose it"
@@ -209,8 +214,13 @@ class FeatureEnsembleDistillation(Method):
         if teachers is None:
             raise ValueError("feed needs teacher feature maps; got no teacher outputs")
         features = self.student.forward_features(images)
+        if features.dim() != 4:
+            raise ConfigError(
+                "feed transforms the student's feature map [B, C, H, W], but its forward_features returns "
+                f"shape {list(features.shape)} (a transformer's tokens?); choose a convolutional student"
+            )
         logits = self.student.forward_head(features)
-        ce = F.cross_entropy(logits, labels)
+        ce = self.hard_label_loss(logits, labels)
         loss, terms = ce, {"ce": ce.item()}
         active = self._active_teachers()
         factor_total = features.new_zeros(())

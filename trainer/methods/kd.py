@@ -123,7 +123,9 @@ class KnowledgeDistillation(Method):
     ) -> LossResult:
         teacher_logits = require_teacher_logits(self.name, teachers, self.num_teachers)
         target = soft_targets(teacher_logits, self.temperature, self.teacher_weights)
-        loss, terms = hinton_kd_loss(self.student(images), labels, target, self.temperature, self.alpha)
+        loss, terms = hinton_kd_loss(
+            self.student(images), labels, target, self.temperature, self.alpha, self.label_smoothing
+        )
         return LossResult(loss, terms)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,10 @@ depth and decreasing width train together, taught by their own ensemble.
 
 Network: a CIFAR ResNet cut into 4 blocks. Block 1 (conv1+BN+ReLU) is shared; blocks 2–4 (the three stages)
 and the classifier are copied per student, student j keeping (N−j)/N of every layer's channels: with N = 5
-the widths are 1.0 (the "pseudo teacher"), 0.8, 0.6, 0.4, 0.2.
+the widths are 1.0 (the "pseudo teacher"), 0.8, 0.6, 0.4, 0.2. With `trunk: imagenet_resnet`, timm's ImageNet
+ResNet `arch` (e.g. resnet50) cut as BOC-KD cuts its ImageNet ResNets: block 1, the stem (conv1, bn1, ReLU,
+max-pool) and layer1, is shared; blocks 2–4 (layer2, layer3, layer4) and the classifier are copied per
+student, each stage with int(planes × width) planes, truncated as BOC-KD's code does.
     z_ens = (1/N) Σ_i z_i, detached                  (the ensemble teacher; no CE of its own)
     L_inter = Σ_{j≥1} Σ_{s=1..3} MSE(A_{j,s}(F_{j,s}), F_{0,s}.detach())
     L = α · Σ_i CE(z_i, y) + β · L_inter + γ · Σ_i T² · KL(p_ens^T ‖ p_i^T)
@@ -25,8 +28,8 @@ Choices ekd made where the sources leave room:
   version of the official loss weights only the ensemble output's CE.
 - The pseudo teacher's maps are detached in L_inter (it learns from CE and KL only); the official MSE does
   not detach them.
-- Channel counts are rounded (`scaled_width`) where the official code truncates, e.g. 13 rather than 12
-  channels in the last stage of the 0.2-wide student.
+- On the CIFAR trunk channel counts are rounded (`scaled_width`) where the official code truncates, e.g. 13
+  rather than 12 channels in the last stage of the 0.2-wide student; the ImageNet trunk truncates.
 - The ensemble weights stay fixed at 1/N, as they do in the official code.
 """
 
@@ -36,10 +39,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
-from services.cifar_models import CIFAR_RESNET_WIDTHS, scaled_width
 from trainer.losses import distillation_kl
 from trainer.methods.base import (
     LossResult,
@@ -49,16 +51,18 @@ from trainer.methods.base import (
     TrainingClock,
 )
 from trainer.methods.registry import register_method
-from trainer.students import CifarResNetDepth, MultiBranchResNet
+from trainer.students import MultiBranchTrunkParams
+
+# Stages shared after the stem: none of a CIFAR ResNet's; layer1 of an ImageNet ResNet (BOC-KD's cut).
+_SHARED_STAGES = {"cifar_resnet": 0, "imagenet_resnet": 1}
 
 
-class OKDParams(BaseModel):
+class OKDParams(MultiBranchTrunkParams):
     """Config section of online ensemble compression (`method: {name: okd, ...}`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["okd"] = "okd"
-    depth: CifarResNetDepth = Field(20, description="CIFAR ResNet depth of every student, 6n+2")
     num_students: int = Field(
         5, ge=2, le=16, description="N students; student j keeps (N-j)/N of the channels (0: pseudo teacher)"
     )
@@ -83,16 +87,17 @@ class OnlineEnsembleCompression(Method):
         super().__init__()
         self.params = params
         self.widths = student_widths(params.num_students)
-        self.network = MultiBranchResNet(
-            params.depth, num_classes, branch_widths=self.widths, shared_stages=0, in_chans=in_chans
+        self.network = params.build_trunk(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            branch_widths=self.widths,
+            shared_stages=_SHARED_STAGES[params.trunk],
         )
         # adaptation[j - 1][s] maps student j's stage-s output (j >= 1) to the pseudo teacher's channels.
+        teacher_channels, *student_channels = self.network.branch_stage_channels
         self.adaptation = nn.ModuleList(
-            nn.ModuleList(
-                nn.Conv2d(scaled_width(channels, width), scaled_width(channels, self.widths[0]), 1)
-                for channels in CIFAR_RESNET_WIDTHS
-            )
-            for width in self.widths[1:]
+            nn.ModuleList(nn.Conv2d(c_in, c_out, 1) for c_in, c_out in zip(channels, teacher_channels))
+            for channels in student_channels
         )
 
     def intermediate_loss(self, stage_features: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -115,7 +120,7 @@ class OnlineEnsembleCompression(Method):
         temperature = self.params.temperature
         ensemble = torch.stack(outputs.logits).mean(0).detach()
         target = F.softmax(ensemble / temperature, dim=1)
-        ce = sum(F.cross_entropy(z, labels) for z in outputs.logits)
+        ce = sum(self.hard_label_loss(z, labels) for z in outputs.logits)
         inter = self.intermediate_loss(outputs.stage_features)
         kl = sum(distillation_kl(z, target, temperature) for z in outputs.logits)
         loss = self.params.alpha * ce + self.params.beta * inter + self.params.gamma * kl

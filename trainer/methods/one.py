@@ -3,7 +3,9 @@ Ensemble", NeurIPS 2018; official code Lan1991Xu/ONE_NeurIPS2018). No external t
 network and their gated ensemble teach each other while training.
 
 Network: a CIFAR ResNet whose conv1, layer1 and layer2 are shared and whose layer3 and classifier are copied
-into m branches (m=3). A gate reads the shared layer2 output:
+into m branches (m=3); with `trunk: imagenet_resnet`, timm's ImageNet ResNet `arch` (e.g. resnet18) in the
+same layout: its stem (conv1, bn1, ReLU, max-pool) and layer1–layer3 shared, its last stage layer4 and the
+classifier per branch. A gate reads the shared output (layer2's; layer3's on the ImageNet trunk):
     g = softmax(ReLU(BN1d(Linear_{C→m}(GAP(shared)))))          (per sample, sums to 1)
     z_e = Σ_i g_i · z_i                                            (the on-the-fly teacher's logits)
 Loss (paper Eq. 1–5, as the official training script computes it):
@@ -21,8 +23,9 @@ Prediction is the gated ensemble z_e (the stronger model); each branch is also e
 Choices ekd made where the sources leave room:
 - w(t) reads the fractional epoch of the training clock, so the weight rises within an epoch too; the
   official script evaluates it once per whole epoch.
-- The network is `MultiBranchResNet`, built from basic blocks at every depth; the official ResNet-110
-  (depth ≥ 44) uses bottleneck blocks instead.
+- The CIFAR network is `MultiBranchResNet`, built from basic blocks at every depth; the official ResNet-110
+  (depth ≥ 44) uses bottleneck blocks instead. The ImageNet trunk has timm's blocks (bottleneck from
+  resnet50 on).
 - The KL target is the plain softened ensemble; the official KL adds 1e-7 to it before the log, which
   `F.kl_div` does not need (it defines 0·log 0 = 0).
 """
@@ -30,11 +33,11 @@ Choices ekd made where the sources leave room:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from trainer.losses import distillation_kl
@@ -46,17 +49,20 @@ from trainer.methods.base import (
     TrainingClock,
 )
 from trainer.methods.registry import register_method
-from trainer.students import BranchOutputs, CifarResNetDepth, MultiBranchResNet
+from trainer.students import BranchOutputs, MultiBranchTrunk, MultiBranchTrunkParams
+
+# Every stage but the last is shared: CIFAR ResNets have 3 stages, ImageNet ResNets 4.
+_SHARED_STAGES = {"cifar_resnet": 2, "imagenet_resnet": 3}
 
 
-class ONEParams(BaseModel):
+class ONEParams(MultiBranchTrunkParams):
     """Config section of ONE (`method: {name: one, ...}`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["one"] = "one"
-    depth: CifarResNetDepth = Field(32, description="CIFAR ResNet depth, 6n+2 (the paper uses 32 and 110)")
-    branches: int = Field(3, ge=2, le=16, description="number of branches m sharing conv1, layer1 and layer2")
+    default_depth: ClassVar[int] = 32  # the paper's smallest CIFAR network
+    branches: int = Field(3, ge=2, le=16, description="number of branches m sharing every stage but the last")
     temperature: float = Field(3.0, gt=0.0, description="softmax temperature T of the branch-to-ensemble KL")
     rampup_epochs: float = Field(
         80.0, ge=0.0, description="epochs over which the KL weight w(t) rises to 1 (0: 1 throughout)"
@@ -88,7 +94,7 @@ class BranchGate(nn.Module):
 class GatedBranchNet(nn.Module):
     """ONE's network: the multi-branch trunk and its gate. `forward` returns the gated ensemble logits z_e."""
 
-    def __init__(self, trunk: MultiBranchResNet) -> None:
+    def __init__(self, trunk: MultiBranchTrunk) -> None:
         super().__init__()
         self.trunk = trunk
         self.gate = BranchGate(trunk.shared_channels, trunk.num_branches)
@@ -116,12 +122,11 @@ class OnTheFlyNativeEnsemble(Method):
     def __init__(self, params: ONEParams, *, num_classes: int, in_chans: int) -> None:
         super().__init__()
         self.params = params
-        trunk = MultiBranchResNet(
-            params.depth,
-            num_classes,
-            branch_widths=[1.0] * params.branches,
-            shared_stages=2,
+        trunk = params.build_trunk(
+            num_classes=num_classes,
             in_chans=in_chans,
+            branch_widths=[1.0] * params.branches,
+            shared_stages=_SHARED_STAGES[params.trunk],
         )
         self.network = GatedBranchNet(trunk)
 
@@ -136,8 +141,8 @@ class OnTheFlyNativeEnsemble(Method):
         ensemble = self.network.ensemble_logits(outputs.logits, gate)
         temperature = self.params.temperature
         target = F.softmax(ensemble.detach() / temperature, dim=1)
-        ce_branches = sum(F.cross_entropy(z, labels) for z in outputs.logits)
-        ce_ensemble = F.cross_entropy(ensemble, labels)
+        ce_branches = sum(self.hard_label_loss(z, labels) for z in outputs.logits)
+        ce_ensemble = self.hard_label_loss(ensemble, labels)
         kl = sum(distillation_kl(z, target, temperature) for z in outputs.logits)
         weight = sigmoid_rampup(clock.epoch, self.params.rampup_epochs)
         loss = ce_branches + ce_ensemble + weight * kl

@@ -137,7 +137,7 @@ class StudentEnsemble(Method):
         terms: dict[str, float] = {}
         for i, student in enumerate(self.students):
             logits = student(images)
-            hard = F.cross_entropy(logits, labels)
+            hard = self.hard_label_loss(logits, labels)
             soft = soft_cross_entropy(logits, target, self.temperature, self.soft_term_t2)
             total = total + self.alpha * hard + (1.0 - self.alpha) * soft
             terms[f"ce_{i}"] = hard.item()
