@@ -55,10 +55,10 @@ class StudentConfig(BaseModel):
     )
     init_checkpoint: str | None = Field(
         None,
-        description="local file of initial weights: safetensors (*.safetensors) or a torch state dict "
-        "(read with weights_only=True), bare or under 'state_dict'/'model', in the architecture's own "
-        "key layout (timm's; torchvision's ResNets share it); a classifier over another number of classes "
-        "is re-initialised. None: random initialisation",
+        description="local file of initial weights (services.weights.read_state_dict): safetensors, or a "
+        "torch state dict read with weights_only=True, bare or under 'state_dict_ema'/'model_ema'/'state_dict'"
+        "/'model', in the architecture's own key layout (timm's; torchvision's ResNets share it); a "
+        "classifier over another number of classes is re-initialised. None: random initialisation",
     )
 
     @field_validator("arch")
