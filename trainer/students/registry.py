@@ -56,8 +56,8 @@ class StudentConfig(BaseModel):
     init_checkpoint: str | None = Field(
         None,
         description="local file of initial weights (services.weights.read_state_dict): safetensors, or a "
-        "torch state dict read with weights_only=True, bare or under 'state_dict_ema'/'model_ema'/'state_dict'"
-        "/'model', in the architecture's own key layout (timm's; torchvision's ResNets share it); a "
+        "torch state dict read with weights_only=True, bare or nested as timm saves it, in the "
+        "architecture's own key layout (timm's; torchvision's ResNets share it); a "
         "classifier over another number of classes is re-initialised. None: random initialisation",
     )
 
