@@ -15,19 +15,40 @@ give logits beyond fp16's range (resnet152's do), and logits are small next to t
 Both sides compute with `--threads` torch threads: the Ray replica is given that many CPUs, because Ray sets a
 replica's thread count from its CPUs.
 
+`--transport` measures the transport pair instead, where compute hides nothing: the registered near-zero
+compute teacher `benchmark_pool_linear` at 224x224 (150,528 bytes per image, 1000 classes, float16 logits on
+the wire, no cache), requests of 64 and 256 images:
+- (e) in-process engine: the engine's own work for the batch;
+- (r) raw gRPC echo between two processes: a grpc.aio server (like the service's) whose one method takes the
+  image bytes (no protobuf, no tensors) and answers as many bytes as the service's logits reply;
+- (s) the teacher server (`BackgroundServer` + `LocalBackend`) in a process of its own, one `TeacherClient`;
+- (s') the Ray Serve application (ingress and teacher replicas are processes of their own), batching up to
+  the largest request with no wait, so that each request is one forward like (e).
+"Serving adds" is the input MB of a request over (its served time - (e)'s time for the same batch): what
+serving costs beyond the engine's work, which a GPU spends on the device. The goal: (s) at least half of
+(r)'s input MB/s.
+
 Run: .venv/bin/python benchmarks/serving.py [--batch-sizes 64 128] [--seconds 6] [--model cifar_resnet56]
                                             [--image-size N] [--threads 1]
      .venv/bin/python benchmarks/serving.py --full --threads 8   # resnet152, 224x224, 1000 classes
+     .venv/bin/python benchmarks/serving.py --transport [--batch-sizes 64 256] [--seconds 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import multiprocessing
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
+import grpc
 import ray
 import torch
 from _timing import interleaved_rates  # benchmarks/ is the script's folder, first on sys.path
@@ -38,6 +59,7 @@ from rich.table import Table
 from services.backends import LocalBackend
 from services.cache import open_store
 from services.client import TeacherClient
+from services.contract import DEFAULT_MAX_MESSAGE_BYTES
 from services.deployments import deploy
 from services.engine import TeacherEngine
 from services.serve_config import CacheConfig, GrpcConfig, ServeConfig, TeacherDeploymentConfig
@@ -48,6 +70,20 @@ TEACHER = "teacher"  # the teacher's name on both services
 OUTPUTS = ["logits"]
 OUTPUT_DTYPE = "float32"
 ROUNDS = 3
+# The transport figure is a difference of two timings (served - engine), so it takes each one's least
+# disturbed round out of more of them.
+TRANSPORT_ROUNDS = 5
+TRANSPORT_TEACHER = "benchmark_pool_linear"
+TRANSPORT_CLASSES = 1000
+TRANSPORT_IMAGE_SIZE = 224
+RAW_ECHO_SERVICE = "ekd.benchmark.RawEcho"
+RAW_ECHO_METHOD = "Echo"
+TRANSPORT_PATHS = {
+    "engine": "(e) in-process engine",
+    "raw_grpc": "(r) raw gRPC echo, two processes",
+    "served": "(s) gRPC server in its own process, no cache",
+    "ray_serve": "(s') Ray Serve application, no cache",
+}
 PATHS = {
     "in_process": "(a) in-process engine",
     "ray_serve": "(b) Ray Serve, no cache",
@@ -98,7 +134,7 @@ def path_rates(
     return rates
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cifar_resnet56", help="teacher architecture from the zoo")
     parser.add_argument(
@@ -107,12 +143,15 @@ def main() -> None:
         default=None,
         help="side of the uint8 images (default: the model's input size)",
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="default 64 128 (--transport: 64 256)"
+    )
     parser.add_argument(
         "--seconds",
         type=float,
         default=6.0,
-        help=f"measuring time per path and batch size, over {ROUNDS} interleaved rounds",
+        help=f"measuring time per path and batch size, over {ROUNDS} interleaved rounds "
+        f"({TRANSPORT_ROUNDS} with --transport)",
     )
     parser.add_argument(
         "--full",
@@ -126,15 +165,20 @@ def main() -> None:
         help="torch threads; 1 keeps figures steady on a shared machine, where one busy core "
         "stalls every multi-threaded op",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--transport",
+        action="store_true",
+        help=f"the transport pair instead: {TRANSPORT_TEACHER} at 224x224 served from its own process, "
+        "beside a raw gRPC echo of the same bytes (default batch sizes 64 256)",
+    )
+    return parser.parse_args()
+
+
+def compute_bound(args: argparse.Namespace) -> None:
+    """Paths (a)-(d): a real teacher, where compute dominates."""
     model, image_size, num_classes = args.model, args.image_size, 10
     if args.full:
         model, image_size, num_classes = "resnet152", 224, 1000
-    if min(args.batch_sizes) < 1:
-        raise ValueError(f"batch sizes must be at least 1, got {args.batch_sizes}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     console = Console()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     load_before = os.getloadavg()[0]
@@ -176,7 +220,7 @@ def main() -> None:
                 # glibc's allocator makes the same forward slower in the main thread (its heap returns freed
                 # memory to the kernel, so every batch faults it back in), which would handicap (a) alone.
                 with ThreadPoolExecutor(max_workers=1) as worker:
-                    for batch_size in args.batch_sizes:
+                    for batch_size in args.batch_sizes or [64, 128]:
                         images = torch.randint(
                             0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8
                         )
@@ -208,6 +252,203 @@ def main() -> None:
         f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
         f"({os.cpu_count()} CPUs); a load above the CPU count means other work shared them."
     )
+
+
+# ---- the transport pair ----------------------------------------------------------------------------------
+
+
+def image_bytes(images: torch.Tensor) -> int:
+    return images.numel() * images.element_size()
+
+
+def echo_reply_bytes(request_bytes: int) -> int:
+    """What the raw echo answers a request of `request_bytes`: as many bytes as the service's reply, one
+    float16 logits row per 3x224x224 image."""
+    return request_bytes // (3 * TRANSPORT_IMAGE_SIZE**2) * TRANSPORT_CLASSES * 2
+
+
+def run_teacher_server(checkpoint: str, threads: int, ready: Queue, stop: Event) -> None:
+    """Child process: the teacher server (`BackgroundServer` + `LocalBackend`, no cache) until `stop`."""
+    torch.set_num_threads(threads)
+    engine = TeacherEngine(create_teacher(TRANSPORT_TEACHER, TRANSPORT_CLASSES, checkpoint))
+    with BackgroundServer(LocalBackend({TEACHER: engine})) as server:
+        ready.put(server.address)
+        stop.wait()
+
+
+def run_raw_echo_server(ready: Queue, stop: Event) -> None:
+    """Child process: a grpc.aio server (like the service's) whose one method takes raw bytes and streams back
+    one message of `echo_reply_bytes`: gRPC alone, no protobuf, no tensors."""
+
+    async def serve() -> None:
+        replies: dict[int, bytes] = {}
+
+        async def echo(request: bytes, context: grpc.aio.ServicerContext):
+            size = echo_reply_bytes(len(request))
+            yield replies.setdefault(size, bytes(size))
+
+        server = grpc.aio.server(options=message_limits())
+        handler = grpc.unary_stream_rpc_method_handler(echo)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(RAW_ECHO_SERVICE, {RAW_ECHO_METHOD: handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.put(f"127.0.0.1:{port}")
+        await asyncio.to_thread(stop.wait)
+        await server.stop(None)
+
+    asyncio.run(serve())
+
+
+def message_limits() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ]
+
+
+@contextlib.contextmanager
+def child_server(target, *args) -> Iterator[str]:
+    """Run `target(*args, ready, stop)` in a process of its own; yield the address it reports."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Queue(), context.Event()
+    process = context.Process(target=target, args=(*args, ready, stop), daemon=True)
+    process.start()
+    try:
+        yield ready.get(timeout=120)
+    finally:
+        stop.set()
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+
+
+def transport_rates(
+    engine: TeacherEngine,
+    raw_address: str,
+    clients: dict[str, TeacherClient],
+    images: torch.Tensor,
+    seconds: float,
+) -> dict[str, float]:
+    """Images per second of every path in `TRANSPORT_PATHS` on `images`."""
+    batch_size = images.shape[0]
+    payload = images.numpy().tobytes()
+    with grpc.insecure_channel(raw_address, options=message_limits()) as channel:
+        echo = channel.unary_stream(f"/{RAW_ECHO_SERVICE}/{RAW_ECHO_METHOD}")
+
+        def raw() -> int:
+            received = sum(len(reply) for reply in echo(payload, timeout=60))
+            if received != echo_reply_bytes(len(payload)):
+                raise RuntimeError(f"the raw echo answered {received} bytes")
+            return batch_size
+
+        def engine_logits() -> torch.Tensor:
+            return engine.infer(images, OUTPUTS)["logits"]
+
+        def fetched(path: str) -> torch.Tensor:
+            return clients[path].fetch(images, [TEACHER], OUTPUTS)[TEACHER]["logits"]
+
+        reference = engine_logits()
+        for path in clients:
+            check_same_outputs(TRANSPORT_PATHS[path], fetched(path), reference)
+        work = {"engine": lambda: (engine_logits(), batch_size)[1], "raw_grpc": raw}
+        work.update({path: (lambda path=path: (fetched(path), batch_size)[1]) for path in clients})
+        return interleaved_rates(work, seconds, TRANSPORT_ROUNDS)
+
+
+def transport(args: argparse.Namespace) -> None:
+    """The transport pair: what serving adds per image beyond the engine's work, beside raw gRPC."""
+    console = Console()
+    load_before = os.getloadavg()[0]
+    batch_sizes = args.batch_sizes or [64, 256]
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = saved_teacher(TRANSPORT_TEACHER, TRANSPORT_CLASSES, Path(tmp))
+        engine = TeacherEngine(create_teacher(TRANSPORT_TEACHER, TRANSPORT_CLASSES, checkpoint))
+        teacher_config = TeacherDeploymentConfig(
+            name=TEACHER,
+            architecture=TRANSPORT_TEACHER,
+            num_classes=TRANSPORT_CLASSES,
+            checkpoint=str(checkpoint),
+            num_cpus=args.threads,
+            # One request at a time: the whole request is one forward, as in (e), and no wait for others.
+            max_batch_size=max(batch_sizes),
+            batch_wait_timeout_s=0.0,
+        )
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, args.threads), include_dashboard=False, log_to_driver=False
+        )
+        try:
+            ray_address = deploy(ServeConfig(teachers=[teacher_config], grpc=GrpcConfig(port=0)))
+            with (
+                child_server(run_teacher_server, str(checkpoint), args.threads) as served_address,
+                child_server(run_raw_echo_server) as raw_address,
+                TeacherClient(served_address) as served_client,
+                TeacherClient(ray_address) as ray_client,
+                ThreadPoolExecutor(max_workers=1) as worker,  # see compute_bound
+            ):
+                clients = {"served": served_client, "ray_serve": ray_client}
+                rates = {}
+                for batch_size in batch_sizes:
+                    images = torch.randint(
+                        0, 256, (batch_size, 3, TRANSPORT_IMAGE_SIZE, TRANSPORT_IMAGE_SIZE), dtype=torch.uint8
+                    )
+                    rates[batch_size] = worker.submit(
+                        transport_rates, engine, raw_address, clients, images, args.seconds
+                    ).result()
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    table = Table(
+        title=f"transport: {TRANSPORT_TEACHER} at {TRANSPORT_IMAGE_SIZE}x{TRANSPORT_IMAGE_SIZE} "
+        f"({3 * TRANSPORT_IMAGE_SIZE**2:,} bytes per image), {TRANSPORT_CLASSES} classes, float16 logits, "
+        f"cpu, {args.threads} torch threads"
+    )
+    table.add_column("batch", justify="right")
+    table.add_column("path")
+    for column in ("images/s", "ms per request", "input MB/s", "serving adds: MB/s", "÷ raw gRPC"):
+        table.add_column(column, justify="right")
+    for batch_size, by_path in rates.items():
+        megabytes = batch_size * 3 * TRANSPORT_IMAGE_SIZE**2 / 1e6
+        raw_rate = by_path["raw_grpc"] / batch_size * megabytes
+        engine_seconds = batch_size / by_path["engine"]
+        for path, label in TRANSPORT_PATHS.items():
+            seconds = batch_size / by_path[path]
+            added, ratio = "", ""
+            if path in ("served", "ray_serve"):
+                overhead = megabytes / (seconds - engine_seconds)
+                added, ratio = f"{overhead:,.0f}", f"{overhead / raw_rate:.2f}"
+            table.add_row(
+                str(batch_size),
+                label,
+                f"{by_path[path]:,.0f}",
+                f"{seconds * 1000:.1f}",
+                f"{megabytes / seconds:,.0f}",
+                added,
+                ratio,
+            )
+    console.print(table)
+    console.print(
+        "serving adds: input MB per (a request's time - the engine's time for the same batch); "
+        "÷ raw gRPC: that, over raw gRPC's input MB/s. "
+        f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"({os.cpu_count()} CPUs)."
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.batch_sizes is not None and min(args.batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be at least 1, got {args.batch_sizes}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    if args.transport:
+        transport(args)
+    else:
+        compute_bound(args)
 
 
 if __name__ == "__main__":

@@ -82,13 +82,16 @@ async def _forward_together(requests: list[PendingRequest], forward: Forward) ->
     """One forward over the requests' samples and the union of their outputs, split back per request; a
     request the engine rejects fails alone."""
     outputs = list(dict.fromkeys(name for request in requests for name in request.outputs))
-    images = torch.cat([request.images for request in requests])
+    # One request alone (the usual case once requests are large) is forwarded as it is, without a copy.
+    images = requests[0].images if len(requests) == 1 else torch.cat([request.images for request in requests])
     try:
         merged = await forward(images, outputs)
     except (InputSpecError, UnknownOutputError) as error:
         if len(requests) == 1:
             return [error]
         return [result for request in requests for result in await _forward_together([request], forward)]
+    if len(requests) == 1:
+        return [merged]
     results: list[Result] = []
     start = 0
     for request in requests:

@@ -14,8 +14,9 @@ CIFAR_RESNET_WIDTHS = (16, 32, 64)
 
 
 def scaled_width(channels: int, width: float) -> int:
-    """Channel count of a width-scaled layer; never below one channel."""
-    return max(1, int(round(channels * width)))
+    """Channel count of a width-scaled layer, truncated as online ensemble compression's code (BOC-KD)
+    truncates it (`int(channels * width)`: 12, not 13, of 64 at width 0.2); never below one channel."""
+    return max(1, int(channels * width))
 
 
 class BasicBlock(nn.Module):
@@ -79,16 +80,25 @@ def init_weights(module: nn.Module) -> None:
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32-class inputs; `width` scales every layer's channels (1.0: the paper's
-    16/32/64)."""
+    16/32/64), the stem's too unless `full_width_stem` (online ensemble compression's students keep the
+    shared 16-channel stem at every width)."""
 
-    def __init__(self, depth: int, num_classes: int, width: float = 1.0, in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        width: float = 1.0,
+        in_chans: int = 3,
+        full_width_stem: bool = False,
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
         blocks = (depth - 2) // 6
         c1, c2, c3 = (scaled_width(c, width) for c in CIFAR_RESNET_WIDTHS)
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, c1, 3, 1, 1, bias=False), nn.BatchNorm2d(c1), nn.ReLU())
-        self.layer1 = make_stage(BasicBlock, c1, c1, blocks, 1)
+        c0 = CIFAR_RESNET_WIDTHS[0] if full_width_stem else c1
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
+        self.layer1 = make_stage(BasicBlock, c0, c1, blocks, 1)
         self.layer2 = make_stage(BasicBlock, c1, c2, blocks, 2)
         self.layer3 = make_stage(BasicBlock, c2, c3, blocks, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -107,7 +117,11 @@ class CifarResNet(nn.Module):
 
 
 class CifarWideResNet(nn.Module):
-    """WRN-(6n+4)-k for 32x32-class inputs (no dropout)."""
+    """WRN-(6n+4)-k for 32x32-class inputs (no dropout).
+
+    The blocks are pre-activation, so layer3's output has not been through a BN-ReLU yet; `final_act`
+    applies the network's last one, and a feature tap of the last stage reads `final_act`'s output (the
+    map the classifier pools, Factor Transfer's and FEED's convention)."""
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int, in_chans: int = 3) -> None:
         super().__init__()
@@ -120,13 +134,14 @@ class CifarWideResNet(nn.Module):
         self.layer2 = make_stage(WideBasicBlock, c1, c2, blocks, 2)
         self.layer3 = make_stage(WideBasicBlock, c2, c3, blocks, 2)
         self.bn = nn.BatchNorm2d(c3)
+        self.final_act = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c3, num_classes)
         self.num_features = c3
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.layer3(self.layer2(self.layer1(self.stem(x))))))
+        return self.final_act(self.bn(self.layer3(self.layer2(self.layer1(self.stem(x))))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))

@@ -12,6 +12,10 @@ second client, or a second epoch, finds it. Teachers with an empty `weights_sha2
 looked up, because the service never caches them. The teacher list (identities included) is read once per
 client: after the service is redeployed with other weights under the same names, make a new client.
 
+`submit` starts a fetch and returns a `PendingFetch`; up to `max_in_flight` Infer requests (of one fetch or
+of several submitted ones) are outstanding at once, so that the service computes the next while this thread
+reads the last, and each response stream is written into the results chunk by chunk as it arrives.
+
 Every RPC has a deadline (`timeout_seconds`). UNAVAILABLE is retried with exponential backoff (and
 DEADLINE_EXCEEDED too for ListTeachers, which is cheap and idempotent; an Infer that ran out of time is not
 repeated); other status codes raise `TeacherServiceError` at once.
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TypeVar
@@ -33,20 +38,21 @@ import grpc
 import torch
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from services._generated import teacher_pb2, teacher_pb2_grpc
+from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
 from services.cache import TeacherOutputStore, input_digests, output_key
 from services.codec import (
     DTYPES_BY_PROTO_NAME,
     PROTO_DTYPE_NAMES,
     CodecError,
+    decode_into,
     tensor_from_bytes,
-    tensor_to_bytes,
 )
 from services.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, LOGITS, OUTPUT_DTYPES
 from services.errors import UserError
+from services.wire import OutgoingInferRequest, serialize_infer_request
 
-# Bytes an InferRequest may gain beyond its measured empty form once image bytes go in: the data field's tag
-# and length varint (at most 11 bytes) and the growth of the images message's own length varint (at most 5).
+# Bytes an InferRequest may gain beyond its measured form without images once B images go in: the varints of
+# the batch dimension, of the image bytes' length and of the images field's length (each at most 4 more).
 _IMAGE_FIELD_OVERHEAD_BYTES = 16
 
 _Result = TypeVar("_Result")
@@ -148,14 +154,59 @@ class _ServiceLimits:
     max_message_bytes: int
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    """One streamed InferResponse, decoded: outputs [count, ...] for samples start .. start + count - 1."""
+@dataclass(eq=False)
+class _Flight:
+    """One Infer request of a submitted fetch: sent when its turn comes, its stream written into the fetch's
+    results. `rows` are the fetch's batch positions of the request's images (a slice when consecutive)."""
 
-    teacher: str
-    start: int
+    fetch: PendingFetch
+    request: OutgoingInferRequest
+    request_id: str
+    rows: slice | torch.Tensor
+    teachers: list[str]
+    outputs: list[str]
     count: int
-    values: dict[str, torch.Tensor]
+    call: Iterator[teacher_pb2.InferResponse] | None = None
+    error: TeacherServiceError | None = None
+    done: bool = False
+
+
+class PendingFetch:
+    """A fetch submitted with `TeacherClient.submit`; `result()` waits for its outputs."""
+
+    def __init__(self, client: TeacherClient, results: dict[str, dict[str, torch.Tensor]]) -> None:
+        self._client = client
+        # The result tensors, written as the responses land: complete once `result()` has returned.
+        self.results = results
+        self.flights: list[_Flight] = []
+
+    def result(self) -> dict[str, dict[str, torch.Tensor]]:
+        """teacher -> output -> float32 [B, ...] in input order, as `TeacherClient.fetch` returns; raises the
+        error of the first of its requests that failed."""
+        self._client._land(self)
+        for flight in self.flights:
+            if flight.error is not None:
+                raise flight.error
+        return self.results
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        described = (
+            f"{images.dtype} with shape {tuple(images.shape)}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"images must be a uint8 [B, C, H, W] batch; got {described}")
+    if images.shape[0] == 0:
+        raise ValueError(f"images must hold at least one sample; got shape {tuple(images.shape)}")
+
+
+def _chunk_rows(rows: slice | torch.Tensor, start: int, count: int) -> slice | torch.Tensor:
+    """The fetch's rows of a request's samples start .. start + count - 1."""
+    if isinstance(rows, slice):
+        return slice(rows.start + start, rows.start + start + count)
+    return rows[start : start + count]
 
 
 def _dtype_name(proto_dtype: int) -> str:
@@ -177,6 +228,8 @@ class TeacherClient:
     cache keys (fp16 by default, what the service caches); `fetch` returns float32 either way. `retries` is
     the number of repeated attempts after the first (so at most retries + 1), waiting `backoff_seconds`, then
     twice that, and so on. `max_request_samples` caps the images per Infer request below the server's limits.
+    `max_in_flight` is how many Infer requests may be outstanding at once, across the fetches `submit`
+    started: more than one lets the service batch and compute the next request while this one streams back.
     """
 
     def __init__(
@@ -189,6 +242,7 @@ class TeacherClient:
         retries: int = 3,
         backoff_seconds: float = 0.2,
         max_request_samples: int | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         if not address:
             raise ValueError("address must be a non-empty host:port")
@@ -202,6 +256,8 @@ class TeacherClient:
             raise ValueError(f"backoff_seconds must be >= 0; got {backoff_seconds!r}")
         if max_request_samples is not None and max_request_samples < 1:
             raise ValueError(f"max_request_samples must be at least 1 or None; got {max_request_samples!r}")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an int of at least 1; got {max_in_flight!r}")
         self.address = address
         self.store = store
         self.output_dtype = output_dtype
@@ -209,9 +265,13 @@ class TeacherClient:
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.max_request_samples = max_request_samples
+        self.max_in_flight = max_in_flight
+        # Requests of submitted fetches: not yet sent, and sent but not yet consumed, both oldest first.
+        self._waiting: deque[_Flight] = deque()
+        self._in_flight: deque[_Flight] = deque()
         self._stats = ClientStats()
         self._limits: _ServiceLimits | None = None
-        self._channel, self._stub = self._open_channel(DEFAULT_MAX_MESSAGE_BYTES)
+        self._open_channel(DEFAULT_MAX_MESSAGE_BYTES)
         self._channel_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
 
     # --- public -----------------------------------------------------------------------------------------
@@ -230,38 +290,64 @@ class TeacherClient:
         """Outputs of `teachers` for uint8 images [B, C, H, W]: teacher -> output -> float32 [B, ...] in input
         order. `outputs` is one list of output names ("logits", tap names) for every teacher, or a mapping
         teacher -> list that names every teacher (an empty list returns {} for that teacher)."""
+        return self.submit(images, teachers, outputs).result()
+
+    def submit(
+        self,
+        images: torch.Tensor,
+        teachers: Sequence[str],
+        outputs: Sequence[str] | Mapping[str, Sequence[str]],
+    ) -> PendingFetch:
+        """`fetch`, started: the cache is read now and the Infer requests for the misses are sent as soon as
+        fewer than `max_in_flight` are outstanding; `result()` of the returned `PendingFetch` gives what
+        `fetch` returns. Submitting the next batches before asking for this one's result keeps the service
+        busy while this thread does other work; results are consumed in submission order."""
         limits = self._limits_knowing(teachers)
         requested = self._requested_outputs(teachers, outputs, limits)
-        digests = input_digests(images)  # also checks that images are uint8 [B, C, H, W]
-        if not digests:
-            raise ValueError(f"images must hold at least one sample; got shape {tuple(images.shape)}")
+        _check_images(images)
         images = images.detach().cpu().contiguous()
+        batch_size = images.shape[0]
         results = {
             teacher: {
-                output: torch.empty(len(digests), *limits.teachers[teacher].output_shape(output))
+                output: torch.empty(batch_size, *limits.teachers[teacher].output_shape(output))
                 for output in names
             }
             for teacher, names in requested.items()
         }
-        misses = self._read_cache(requested, digests, limits, results)
+        misses = self._read_cache(requested, images, limits, results)
 
         # Teachers that miss the same images and want the same outputs share one request.
         groups: dict[tuple[tuple[int, ...], tuple[str, ...]], list[str]] = {}
         for teacher, missed in misses.items():
             if missed:
                 groups.setdefault((tuple(missed), tuple(requested[teacher])), []).append(teacher)
+        pending = PendingFetch(self, results)
         for (missed, names), group_teachers in groups.items():
-            positions = torch.tensor(missed)
             per_request = self._samples_per_request(images, group_teachers, list(names), limits)
-            for first in range(0, len(positions), per_request):
-                request_positions = positions[first : first + per_request]
-                for chunk in self._infer(images[request_positions], group_teachers, list(names), limits):
-                    chunk_positions = request_positions[chunk.start : chunk.start + chunk.count]
-                    for output, values in chunk.values.items():
-                        results[chunk.teacher][output][chunk_positions] = values
-
-        self._count(samples=len(digests), remote_samples=sum(len(missed) for missed in misses.values()))
-        return results
+            # Every image missed (the cold case): slices of the batch, no gather.
+            everything = len(missed) == batch_size
+            for first in range(0, len(missed), per_request):
+                count = min(per_request, len(missed) - first)
+                rows: slice | torch.Tensor = (
+                    slice(first, first + count) if everything else torch.tensor(missed[first : first + count])
+                )
+                request_images = images[rows]
+                request_id = uuid.uuid4().hex
+                pending.flights.append(
+                    _Flight(
+                        pending,
+                        self._request(group_teachers, list(names), request_images, request_id=request_id),
+                        request_id,
+                        rows,
+                        group_teachers,
+                        list(names),
+                        count,
+                    )
+                )
+        self._waiting.extend(pending.flights)
+        self._send_waiting()
+        self._count(samples=batch_size, remote_samples=sum(len(missed) for missed in misses.values()))
+        return pending
 
     @property
     def stats(self) -> ClientStats:
@@ -269,7 +355,9 @@ class TeacherClient:
         return self._stats
 
     def close(self) -> None:
-        """Close the channel (the store belongs to the caller)."""
+        """Close the channel, cancelling requests still in flight (the store belongs to the caller)."""
+        self._waiting.clear()
+        self._in_flight.clear()
         self._channel.close()
 
     def __enter__(self) -> TeacherClient:
@@ -344,13 +432,14 @@ class TeacherClient:
     def _read_cache(
         self,
         requested: dict[str, list[str]],
-        digests: list[bytes],
+        images: torch.Tensor,
         limits: _ServiceLimits,
         results: dict[str, dict[str, torch.Tensor]],
     ) -> dict[str, list[int]]:
         """Fill in every (teacher, image) whose requested outputs are all in the store, with one multi-get;
-        return, per teacher, the batch positions the service must answer."""
-        everything = list(range(len(digests)))
+        return, per teacher, the batch positions the service must answer. Images are digested only when
+        some teacher is looked up."""
+        everything = list(range(images.shape[0]))
         misses = {teacher: everything if names else [] for teacher, names in requested.items()}
         looked_up = [
             teacher
@@ -359,6 +448,7 @@ class TeacherClient:
         ]
         if not looked_up:
             return misses
+        digests = input_digests(images)
         keys = [
             output_key(limits.teachers[teacher].identity, output, self.output_dtype, 0, digest)
             for teacher in looked_up
@@ -390,8 +480,7 @@ class TeacherClient:
             bound = min(bound, self.max_request_samples)
         sample_bytes = math.prod(images.shape[1:])
         empty = self._request(teachers, outputs, images[:0], request_id=uuid.uuid4().hex)
-        empty.images.shape[0] = bound  # the widest batch-size varint this request can carry
-        room = limits.max_message_bytes - empty.ByteSize() - _IMAGE_FIELD_OVERHEAD_BYTES
+        room = limits.max_message_bytes - empty.byte_size() - _IMAGE_FIELD_OVERHEAD_BYTES
         if room < sample_bytes:
             raise ValueError(
                 f"one image of shape {tuple(images.shape[1:])} ({sample_bytes} bytes) does not fit in a "
@@ -401,82 +490,112 @@ class TeacherClient:
 
     def _request(
         self, teachers: list[str], outputs: list[str], images: torch.Tensor, *, request_id: str
-    ) -> teacher_pb2.InferRequest:
-        dtype, shape, data = tensor_to_bytes(images)
-        return teacher_pb2.InferRequest(
+    ) -> OutgoingInferRequest:
+        message = teacher_pb2.InferRequest(
             teachers=teachers,
             outputs=outputs,
             output_dtype=_proto_dtype(self.output_dtype),
-            images=teacher_pb2.Tensor(dtype=_proto_dtype(dtype), shape=shape, data=data),
             request_id=request_id,
         )
+        return OutgoingInferRequest(message, images.contiguous())
 
-    def _infer(
-        self, images: torch.Tensor, teachers: list[str], outputs: list[str], limits: _ServiceLimits
-    ) -> list[_Chunk]:
-        """One Infer request, its whole stream decoded and checked to cover every image of every teacher
-        exactly once. A retry repeats the whole stream."""
-        request_id = uuid.uuid4().hex
-        request = self._request(teachers, outputs, images, request_id=request_id)
+    # --- requests in flight -----------------------------------------------------------------------------
 
-        def call() -> list[teacher_pb2.InferResponse]:
-            return list(self._stub.Infer(request, timeout=self.timeout_seconds))
+    def _send_waiting(self) -> None:
+        """Send waiting requests, oldest first, while fewer than `max_in_flight` are outstanding."""
+        while self._waiting and len(self._in_flight) < self.max_in_flight:
+            flight = self._waiting.popleft()
+            flight.call = self._infer(flight.request, timeout=self.timeout_seconds)
+            self._in_flight.append(flight)
 
-        responses = self._call(f"Infer (request {request_id})", call, {grpc.StatusCode.UNAVAILABLE})
-        batch_size = images.shape[0]
-        covered = {teacher: torch.zeros(batch_size, dtype=torch.int32) for teacher in teachers}
-        chunks = []
-        for response in responses:
+    def _land(self, pending: PendingFetch) -> None:
+        """Consume responses, oldest request first, until every request of `pending` is done: those of fetches
+        submitted earlier land on the way (into their own results), as their streams are ahead in line."""
+        while not all(flight.done for flight in pending.flights):
+            self._send_waiting()
+            flight = self._in_flight.popleft()
+            try:
+                self._call(
+                    f"Infer (request {flight.request_id})",
+                    lambda flight=flight: self._consume(flight),
+                    {grpc.StatusCode.UNAVAILABLE},
+                )
+            except TeacherServiceError as error:
+                flight.error = error
+            finally:
+                flight.done = True
+        self._send_waiting()
+
+    def _consume(self, flight: _Flight) -> None:
+        """Read one request's stream, writing each chunk into its fetch's results as it arrives, and check
+        that the chunks cover every image of every teacher exactly once. A retry sends the request again and
+        rewrites the same rows."""
+        if flight.call is None:  # a retry: the first call failed
+            flight.call = self._infer(flight.request, timeout=self.timeout_seconds)
+        call, flight.call = flight.call, None
+        covered = {teacher: torch.zeros(flight.count, dtype=torch.int32) for teacher in flight.teachers}
+        limits = self._service_limits()
+        for response in call:
             if response.teacher not in covered:
                 raise self._malformed(
-                    request_id, f"a chunk for teacher {response.teacher!r}, not one of {teachers}"
+                    flight.request_id,
+                    f"a chunk for teacher {response.teacher!r}, not one of {flight.teachers}",
                 )
-            chunk = self._decode(response, batch_size, outputs, limits.teachers[response.teacher], request_id)
-            covered[chunk.teacher][chunk.start : chunk.start + chunk.count] += 1
-            chunks.append(chunk)
+            self._check_chunk(response, flight)
+            description = limits.teachers[response.teacher]
+            rows = _chunk_rows(flight.rows, response.start, response.count)
+            for name, message in response.outputs.items():
+                target = flight.fetch.results[response.teacher][name]
+                self._write_output(target, rows, message, response, description, name, flight.request_id)
+            covered[response.teacher][response.start : response.start + response.count] += 1
         for teacher, times in covered.items():
             if not bool((times == 1).all()):
                 raise self._malformed(
-                    request_id,
+                    flight.request_id,
                     f"the chunks of teacher {teacher!r} cover samples "
                     f"{times.tolist()} times each; each must be covered once",
                 )
         self._count(requests=1)
-        return chunks
 
-    def _decode(
+    def _check_chunk(self, response: teacher_pb2.InferResponse, flight: _Flight) -> None:
+        if response.count < 1 or response.start + response.count > flight.count:
+            raise self._malformed(
+                flight.request_id,
+                f"chunk start={response.start} count={response.count} outside "
+                f"the request's {flight.count} samples",
+            )
+        if sorted(response.outputs) != sorted(flight.outputs):
+            raise self._malformed(
+                flight.request_id, f"chunk outputs {sorted(response.outputs)}, asked for {flight.outputs}"
+            )
+
+    def _write_output(
         self,
+        target: torch.Tensor,
+        rows: slice | torch.Tensor,
+        message: teacher_pb2.Tensor,
         response: teacher_pb2.InferResponse,
-        batch_size: int,
-        outputs: list[str],
         description: TeacherDescription,
+        name: str,
         request_id: str,
-    ) -> _Chunk:
-        if response.count < 1 or response.start + response.count > batch_size:
+    ) -> None:
+        """Decode one output of a chunk into its rows of the fetch's float32 result, after checking its dtype,
+        shape and length against what the teacher gives."""
+        expected = (response.count, *description.output_shape(name))
+        if tuple(message.shape) != expected:
             raise self._malformed(
                 request_id,
-                f"chunk start={response.start} count={response.count} outside "
-                f"the request's {batch_size} samples",
+                f"output {name!r} of teacher {response.teacher!r} has "
+                f"shape {tuple(message.shape)}, expected {expected}",
             )
-        if sorted(response.outputs) != sorted(outputs):
-            raise self._malformed(
-                request_id, f"chunk outputs {sorted(response.outputs)}, asked for {outputs}"
-            )
-        values = {}
-        for name, message in response.outputs.items():
-            try:
-                tensor = tensor_from_bytes(message.data, _dtype_name(message.dtype), message.shape)
-            except (CodecError, KeyError, ValueError) as error:
-                raise self._malformed(request_id, f"output {name!r}: {error}") from error
-            expected = (response.count, *description.output_shape(name))
-            if tuple(tensor.shape) != expected:
-                raise self._malformed(
-                    request_id,
-                    f"output {name!r} of teacher {response.teacher!r} has "
-                    f"shape {tuple(tensor.shape)}, expected {expected}",
-                )
-            values[name] = tensor.float()
-        return _Chunk(response.teacher, response.start, response.count, values)
+        try:
+            dtype = _dtype_name(message.dtype)
+            if isinstance(rows, slice):  # decoded straight into the result, converting on the way
+                decode_into(target[rows], message.data, dtype, expected)
+            else:
+                target[rows] = tensor_from_bytes(message.data, dtype, expected).float()
+        except (CodecError, KeyError, ValueError) as error:
+            raise self._malformed(request_id, f"output {name!r}: {error}") from error
 
     def _malformed(self, request_id: str, problem: str) -> TeacherServiceError:
         return TeacherServiceError(
@@ -501,16 +620,17 @@ class TeacherClient:
                 max_message_bytes=response.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
             )
             if limits.max_message_bytes != self._channel_message_bytes:
-                # Responses up to the server's limit must be receivable: reopen the channel sized for them.
+                # Responses up to the server's limit must be receivable: reopen the channel sized for them,
+                # once the requests on the old one have landed.
+                while self._in_flight or self._waiting:
+                    self._land(self._in_flight[-1].fetch if self._in_flight else self._waiting[-1].fetch)
                 self._channel.close()
-                self._channel, self._stub = self._open_channel(limits.max_message_bytes)
+                self._open_channel(limits.max_message_bytes)
                 self._channel_message_bytes = limits.max_message_bytes
             self._limits = limits
         return self._limits
 
-    def _open_channel(
-        self, max_message_bytes: int
-    ) -> tuple[grpc.Channel, teacher_pb2_grpc.TeacherServiceStub]:
+    def _open_channel(self, max_message_bytes: int) -> None:
         backoff_ms = max(1, round(self.backoff_seconds * 1000))
         channel = grpc.insecure_channel(
             self.address,
@@ -523,7 +643,14 @@ class TeacherClient:
                 ("grpc.max_reconnect_backoff_ms", backoff_ms * 2**self.retries),
             ],
         )
-        return channel, teacher_pb2_grpc.TeacherServiceStub(channel)
+        self._channel = channel
+        self._stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+        # Infer with the image bytes serialized straight from the tensor (services.wire), not via protobuf.
+        self._infer = channel.unary_stream(
+            f"/{TEACHER_SERVICE_FULL_NAME}/Infer",
+            request_serializer=serialize_infer_request,
+            response_deserializer=teacher_pb2.InferResponse.FromString,
+        )
 
     def _call(
         self, rpc: str, call: Callable[[], _Result], retry_codes: Collection[grpc.StatusCode]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,14 +92,29 @@ def _payload_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.numpy().astype(_WIRE_NUMPY_DTYPES[name], copy=False).tobytes()
 
 
-def _tensor_from_payload(payload: bytes | memoryview, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _tensor_from_payload(
+    payload: bytes | memoryview, name: str, shape: tuple[int, ...], *, copy: bool = True
+) -> torch.Tensor:
     wire = _WIRE_NUMPY_DTYPES[name]
-    # One copy: into a writable, native-endian array that the tensor then shares.
-    array = np.frombuffer(payload, dtype=wire).astype(wire.newbyteorder("="), copy=True)
-    tensor = torch.from_numpy(array)
+    array = np.frombuffer(payload, dtype=wire)
+    if copy or array.dtype.newbyteorder("=") != array.dtype:
+        # One copy: into a writable, native-endian array that the tensor then shares.
+        array = array.astype(wire.newbyteorder("="), copy=True)
+        tensor = torch.from_numpy(array)
+    else:
+        tensor = shared_tensor(array)
     if name == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
     return tensor.reshape(shape)
+
+
+def shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing `array`'s memory, which may be read-only (received bytes, Ray's object store): the
+    caller must not write to it, since torch has no read-only tensors."""
+    with warnings.catch_warnings():
+        # torch warns (once) about exactly that; the caller has promised not to write.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def _expected_payload_length(name: str, shape: tuple[int, ...]) -> int:
@@ -110,9 +126,14 @@ def tensor_to_bytes(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     return _name_of(tensor.dtype), tuple(tensor.shape), _payload_bytes(tensor)
 
 
-def tensor_from_bytes(data: bytes | memoryview, dtype_name: str, shape: Sequence[int]) -> torch.Tensor:
+def tensor_from_bytes(
+    data: bytes | memoryview, dtype_name: str, shape: Sequence[int], *, copy: bool = True
+) -> torch.Tensor:
     """Inverse of `tensor_to_bytes`. CodecError when the dtype is unknown, a dimension is negative, or the
-    byte length does not match dtype x shape."""
+    byte length does not match dtype x shape.
+
+    `copy=False` shares `data` instead of copying it where the bytes are already in native order: the tensor
+    then keeps `data` alive, and nothing may write to it (torch has no read-only tensors)."""
     _check_dtype_name(dtype_name)
     shape = tuple(int(dim) for dim in shape)
     if any(dim < 0 for dim in shape):
@@ -120,7 +141,27 @@ def tensor_from_bytes(data: bytes | memoryview, dtype_name: str, shape: Sequence
     expected = _expected_payload_length(dtype_name, shape)
     if len(data) != expected:
         raise CodecError(f"{dtype_name} tensor of shape {shape} needs {expected} bytes, got {len(data)}")
-    return _tensor_from_payload(data, dtype_name, shape)
+    return _tensor_from_payload(data, dtype_name, shape, copy=copy)
+
+
+def decode_into(out: torch.Tensor, data: bytes | memoryview, dtype_name: str, shape: Sequence[int]) -> None:
+    """`tensor_from_bytes` written straight into `out` (a CPU tensor of that shape and of a dtype numpy has,
+    e.g. rows of a larger float32 result), converting the dtype on the way: one pass over the bytes instead
+    of a copy, a cast and another copy. Checks and errors as `tensor_from_bytes`."""
+    _check_dtype_name(dtype_name)
+    shape = tuple(int(dim) for dim in shape)
+    if any(dim < 0 for dim in shape):
+        raise CodecError(f"shape {shape} has a negative dimension")
+    expected = _expected_payload_length(dtype_name, shape)
+    if len(data) != expected:
+        raise CodecError(f"{dtype_name} tensor of shape {shape} needs {expected} bytes, got {len(data)}")
+    if tuple(out.shape) != shape:
+        raise CodecError(f"cannot decode a tensor of shape {shape} into one of shape {tuple(out.shape)}")
+    wire = np.frombuffer(data, dtype=_WIRE_NUMPY_DTYPES[dtype_name]).reshape(shape)
+    if dtype_name == "bfloat16":  # numpy has no bfloat16: its bits are the upper half of a float32's
+        out.copy_(torch.from_numpy((wire.astype("<i4") << 16).view("<f4")))
+    else:
+        np.copyto(out.numpy(), wire, casting="unsafe")
 
 
 def encode_value(tensor: torch.Tensor) -> bytes:

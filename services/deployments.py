@@ -12,18 +12,25 @@ own Healthz). So the ingress is our grpc.aio server (`services.server.create_ser
 that calls the teacher deployments' handles, and it is a Serve deployment itself (`GrpcIngress`): its async
 constructor starts the server on the configured port in the replica's event loop, which then serves it. So
 `serve run`/`serve deploy` of `app_builder`, and KubeRay's RayService, bring up the whole service. The
-ingress also exposes the Prometheus metrics (`services.metrics`) on `metrics_port`. It is one replica, because
-it binds a fixed port.
+ingress also exposes the Prometheus metrics (`services.metrics`) on `metrics_port`. It scales out:
+`grpc.replicas` replicas bind the same port with SO_REUSEPORT (grpc's default on Linux, set explicitly by
+`create_server`), so the kernel spreads client connections over them on a node, and
+`grpc.max_replicas_per_node: 1` puts one on each node instead, behind a Kubernetes Service.
+
+Teachers scale by `num_replicas`, or with `autoscaling` by the samples queued at them: each replica reports
+its queued samples (`record_autoscaling_stats`) and `QueuedSamplesPolicy` asks Serve for
+`ceil(total queued / target_queued_samples)` replicas.
 
 Entry points: `build_app(config)` from Python; `app_builder({"config": PATH})` for Serve's import-path form
 (`serve run services.deployments:app_builder config=configs/serve/digits.yaml`, or an application with
 `import_path: services.deployments:app_builder` and `args: {config: PATH}` in a Serve config file, where PATH
-is read where Serve builds the app, e.g. inside the cluster); `serve_locally(PATH)` behind `ekd serve`.
+is read where Serve builds the app, e.g. inside the cluster); `serve_locally(config)` behind `ekd serve`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import threading
@@ -31,21 +38,24 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
-from ray.serve.config import ProxyLocation
+from ray.serve.config import AutoscalingContext, ProxyLocation
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from services.backends import BackendUnavailableError
 from services.batching import PendingRequest, Result, forward_batch, infer_in_pieces, sample_count
 from services.cache import open_store
+from services.codec import shared_tensor
 from services.engine import TeacherEngine
 from services.metrics import Metrics, start_metrics_server
 from services.serve_config import (
+    AutoscalingConfig,
     BatchingConfig,
     CacheConfig,
     GrpcConfig,
@@ -61,6 +71,8 @@ INGRESS_DEPLOYMENT = "GrpcIngress"
 # Forward-pass sizes a teacher replica remembers for inspection (tests, debugging); older ones are dropped.
 RECENT_BATCHES = 1024
 STOP_GRACE_SECONDS = 5.0
+# The custom autoscaling metric a teacher replica reports: samples in it, batching or computing.
+QUEUED_SAMPLES = "queued_samples"
 
 FeatureShapes = dict[str, tuple[int, int, int]]
 # What a teacher call raises when no replica can take it now (overloaded, restarting, failed to deploy).
@@ -77,9 +89,16 @@ class TeacherDeployment:
     """One teacher's engine behind Serve's dynamic batching; `infer` is what the ingress calls."""
 
     def __init__(self, teacher: TeacherDeploymentConfig) -> None:
+        self._queued_samples = 0  # samples of the requests in this replica: batching or computing
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         model = create_teacher(teacher.architecture, teacher.num_classes, teacher.checkpoint)
-        self._engine = TeacherEngine(model, device, precision=teacher.precision, compile=teacher.compile)
+        self._engine = TeacherEngine(
+            model,
+            device,
+            precision=teacher.precision,
+            compile=teacher.compile,
+            channels_last=teacher.channels_last,
+        )
         self._feature_shapes = self._engine.feature_shapes(self._engine.spec.preprocessing.input_size)
         self._batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)
         self._apply(teacher.batching())
@@ -98,16 +117,33 @@ class TeacherDeployment:
         """The teacher's spec and the (C, H, W) of each tap at its input size."""
         return self._engine.spec, dict(self._feature_shapes)
 
-    async def infer(self, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
-        """Forward uint8 images [B, C, H, W]: {output: float32 CPU tensor [B, ...]} per requested output.
+    async def infer(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        """Forward uint8 images [B, C, H, W]: {output: float32 [B, ...]} per requested output.
 
-        The request joins the next batch; one larger than `max_batch_size` is split into several.
+        The request joins the next batch; one larger than `max_batch_size` is split into several. Arrays,
+        not tensors, cross the handle: Ray passes numpy arrays through its object store without copies
+        (the images arrive as a read-only view of it), where it pickles a tensor's storage.
         """
-        return await infer_in_pieces(images, outputs, self._batching.max_batch_size, self._forward)
+        self._queued_samples += len(images)
+        try:
+            results = await infer_in_pieces(
+                shared_tensor(images), outputs, self._batching.max_batch_size, self._forward
+            )
+        finally:
+            self._queued_samples -= len(images)
+        return {name: tensor.numpy() for name, tensor in results.items()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics: the signal `QueuedSamplesPolicy` scales on."""
+        return {QUEUED_SAMPLES: float(self._queued_samples)}
 
     def forward_count(self) -> int:
         """Forward passes this replica's engine has run."""
         return self._engine.calls
+
+    def replica_forward_count(self) -> tuple[str, int]:
+        """This replica's id and `forward_count`: which replica answered, when there are several."""
+        return serve.get_replica_context().replica_id.unique_id, self._engine.calls
 
     def recent_batch_sizes(self) -> list[int]:
         """Samples in each of the latest forward passes, oldest first."""
@@ -126,6 +162,37 @@ class TeacherDeployment:
         merged = await asyncio.to_thread(self._engine.infer, images, outputs)
         self._batch_sizes.append(images.shape[0])
         return merged
+
+
+class QueuedSamplesPolicy:
+    """Serve autoscaling policy (`AutoscalingConfig.policy`) for a teacher deployment: enough replicas that
+    each has `target_queued_samples` samples queued, from the replicas' `record_autoscaling_stats`. Serve
+    applies the bounds and the up- and downscale delays around it."""
+
+    def __init__(self, target_queued_samples: float) -> None:
+        if not target_queued_samples > 0:
+            raise ValueError(f"target_queued_samples must be positive, got {target_queued_samples}")
+        self.target_queued_samples = target_queued_samples
+
+    def __call__(self, context: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        queued = (context.aggregated_metrics or {}).get(QUEUED_SAMPLES)
+        if not queued:  # no report yet: keep what there is
+            return context.target_num_replicas, {}
+        return math.ceil(sum(queued.values()) / self.target_queued_samples), {}
+
+
+def autoscaling_options(autoscaling: AutoscalingConfig) -> dict[str, Any]:
+    """Serve's `autoscaling_config` for a teacher's `autoscaling` section."""
+    return {
+        "min_replicas": autoscaling.min_replicas,
+        "max_replicas": autoscaling.max_replicas,
+        "upscale_delay_s": autoscaling.upscale_delay_s,
+        "downscale_delay_s": autoscaling.downscale_delay_s,
+        "policy": {
+            "policy_function": f"{__name__}:{QueuedSamplesPolicy.__name__}",
+            "policy_kwargs": {"target_queued_samples": autoscaling.target_queued_samples},
+        },
+    }
 
 
 class RayServeBackend:
@@ -171,9 +238,10 @@ class RayServeBackend:
         handle = self._handles[self._known(name)]
         self._calls += 1
         try:
-            return await handle.infer.remote(images, list(outputs))
+            results = await handle.infer.remote(images.numpy(), list(outputs))
         except _UNAVAILABLE as error:
             raise BackendUnavailableError(f"teacher {name!r} cannot serve right now: {error}") from error
+        return {output: shared_tensor(array) for output, array in results.items()}
 
     def teacher_calls(self) -> int:
         """Infer calls sent to the teacher deployments; they may merge several into one forward pass (each
@@ -224,6 +292,16 @@ class GrpcIngress:
         """host:port the gRPC server listens on (the bound port when the config asked for port 0)."""
         return f"{self._host}:{self._server.port}"
 
+    def replica_requests(self) -> tuple[str, int]:
+        """This replica's id and the Infer requests it has received: which replicas share the port."""
+        received = sum(
+            sample.value
+            for metric in self._metrics.requests.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+        return serve.get_replica_context().replica_id.unique_id, int(received)
+
     def metrics_address(self) -> str | None:
         """host:port of the Prometheus endpoint, None when the config exposes none."""
         if self._metrics_http is None:
@@ -243,7 +321,7 @@ def _auto_gpus_per_replica(config: ServeConfig) -> float:
     equal share, so that e.g. two small teachers on one GPU both start instead of one waiting forever."""
     if not torch.cuda.is_available():
         return 0.0
-    replicas = sum(teacher.num_replicas for teacher in config.teachers if teacher.num_gpus == "auto")
+    replicas = sum(teacher.most_replicas for teacher in config.teachers if teacher.num_gpus == "auto")
     return min(1.0, torch.cuda.device_count() / max(replicas, 1))
 
 
@@ -253,7 +331,11 @@ def build_app(config: ServeConfig) -> Application:
     teachers = {
         teacher.name: TeacherDeployment.options(
             name=teacher_deployment_name(teacher.name),
-            num_replicas=teacher.num_replicas,
+            **(
+                {"autoscaling_config": autoscaling_options(teacher.autoscaling)}
+                if teacher.autoscaling is not None
+                else {"num_replicas": teacher.num_replicas}
+            ),
             max_ongoing_requests=teacher.max_ongoing_requests,
             user_config=teacher.batching().model_dump(),
             ray_actor_options={
@@ -263,7 +345,10 @@ def build_app(config: ServeConfig) -> Application:
         ).bind(teacher)
         for teacher in config.teachers
     }
-    return GrpcIngress.bind(config.grpc, config.cache, config.metrics_port, teachers)
+    ingress = GrpcIngress.options(
+        num_replicas=config.grpc.replicas, max_replicas_per_node=config.grpc.max_replicas_per_node
+    )
+    return ingress.bind(config.grpc, config.cache, config.metrics_port, teachers)
 
 
 def app_builder(args: dict[str, str]) -> Application:
@@ -283,10 +368,9 @@ def deploy(config: ServeConfig) -> str:
     return ingress.address.remote().result()
 
 
-def serve_locally(config_path: str | os.PathLike, *, on_ready: Callable[[str], None] | None = None) -> None:
+def serve_locally(config: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Start a private local Ray (no dashboard), deploy the service, report the gRPC address (to `on_ready`,
     or print it), serve until SIGINT or SIGTERM, then shut Serve and Ray down."""
-    config = load_serve_config(config_path)
     # A cluster of this process alone, on this machine: Ray's token authentication has nothing to protect.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False)

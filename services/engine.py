@@ -3,7 +3,8 @@
 Preprocessing follows the teacher's `Preprocessing`: scale to [0, 1], resize to the model's input size when
 the images differ, normalise per channel. Feature taps are read with forward hooks on the named submodules, so
 the model code stays unchanged and only requested taps are kept. On CUDA the input goes through a pinned host
-buffer with a non-blocking copy, convolutions run channels_last, and precision "auto" means bf16 autocast.
+buffer with a non-blocking copy, convolutions run channels_last (unless `channels_last=False`), and precision
+"auto" means bf16 autocast.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class TeacherEngine:
         *,
         precision: str = "auto",
         compile: bool = False,
+        channels_last: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -48,7 +50,7 @@ class TeacherEngine:
         on_cuda = self.device.type == "cuda"
         self._bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
         # channels_last is a layout choice, not a precision one: on CUDA it is the faster one for convs.
-        self._memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+        self._memory_format = torch.channels_last if on_cuda and channels_last else torch.contiguous_format
         self.model = teacher.model.to(self.device, memory_format=self._memory_format).eval()
         preprocessing = teacher.spec.preprocessing
         shape = (1, preprocessing.in_chans, 1, 1)
@@ -152,10 +154,18 @@ class TeacherEngine:
         return staged.to(self.device, non_blocking=True)
 
     def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        # (pixel / 255 - mean) / std in place, in the order written: at 224x224 a new tensor per step costs
+        # more than a small model's forward.
         x = images.float().div_(255.0)
         size = self.spec.preprocessing.input_size
         if x.shape[-2:] != (size, size):
             # antialias matters only when shrinking, where it matches torchvision's Resize.
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self._mean) / self._std
-        return x.contiguous(memory_format=self._memory_format)
+            x = F.interpolate(
+                x,
+                size=(size, size),
+                mode=self.spec.preprocessing.interpolation,
+                align_corners=False,
+                antialias=True,
+            )
+        x = x.contiguous(memory_format=self._memory_format)
+        return x.sub_(self._mean).div_(self._std)

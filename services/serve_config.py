@@ -66,6 +66,34 @@ class BatchingConfig(_Section):
     batch_wait_timeout_s: BatchWaitTimeout
 
 
+class AutoscalingConfig(_Section):
+    """Serve autoscaling for one teacher: replicas follow the samples queued at the teacher (waiting for or
+    in a forward pass), `ceil(queued / target_queued_samples)` within [min_replicas, max_replicas]
+    (`services.deployments.QueuedSamplesPolicy`), after Serve's up- and downscale delays."""
+
+    min_replicas: int = Field(1, ge=1, description="replicas kept however idle the teacher is")
+    max_replicas: int = Field(ge=1, description="most replicas (each takes its num_gpus and num_cpus)")
+    target_queued_samples: int = Field(
+        ge=1,
+        description="samples one replica should have queued; a few batches (e.g. 2 x max_batch_size) keep "
+        "its device busy while the next batch fills",
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0, description="seconds a higher demand must last to add replicas"
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="seconds a lower demand must last to remove replicas"
+    )
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
 class TeacherDeploymentConfig(_Section):
     """One hosted teacher and the Ray Serve deployment that runs it."""
 
@@ -81,7 +109,12 @@ class TeacherDeploymentConfig(_Section):
         description="local checkpoint file (ekd.teacher.v1 or a state_dict); relative "
         "paths are resolved against the working directory"
     )
-    num_replicas: int = Field(1, ge=1, description="replicas of this teacher's deployment")
+    num_replicas: int = Field(
+        1, ge=1, description="replicas of this teacher's deployment (without autoscaling)"
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="scale the replicas with the queued samples instead of a fixed num_replicas"
+    )
     max_batch_size: MaxBatchSize = 64
     batch_wait_timeout_s: BatchWaitTimeout = 0.01
     max_ongoing_requests: int | None = Field(
@@ -102,6 +135,9 @@ class TeacherDeploymentConfig(_Section):
         "autocast on CUDA, fp32 on CPU)",
     )
     compile: bool = Field(False, description="torch.compile the model in each replica")
+    channels_last: bool = Field(
+        True, description="on CUDA, run the model in channels_last (NHWC) memory layout, faster for convs"
+    )
 
     @field_validator("architecture")
     @classmethod
@@ -121,6 +157,17 @@ class TeacherDeploymentConfig(_Section):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
         return precision
+
+    @model_validator(mode="after")
+    def _replicas_fixed_or_autoscaled(self) -> TeacherDeploymentConfig:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("give either num_replicas or autoscaling, not both")
+        return self
+
+    @property
+    def most_replicas(self) -> int:
+        """The replicas this teacher may run at once."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
 
     @model_validator(mode="after")
     def _default_max_ongoing_requests(self) -> TeacherDeploymentConfig:
@@ -154,11 +201,31 @@ class GrpcConfig(_Section):
         ge=1,
         description="samples per streamed response when a request leaves chunk_size at 0",
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="GrpcIngress replicas; they share `port` (SO_REUSEPORT, so the kernel spreads the "
+        "connections) on one node, or run one per node (max_replicas_per_node) behind a Service",
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="most ingress replicas on one node; 1 puts each on its own node, where metrics_port "
+        "can then be fixed too",
+    )
     default_dtype: Literal[OUTPUT_DTYPES] = Field(
         DEFAULT_OUTPUT_DTYPE,
         description="output dtype when a request leaves output_dtype unspecified; what the "
         "cache stores by default",
     )
+
+    @model_validator(mode="after")
+    def _shared_port_is_fixed(self) -> GrpcConfig:
+        if self.replicas > 1 and self.port == 0:
+            raise ValueError(
+                "several ingress replicas share one port: give a fixed port (0 would give each its own)"
+            )
+        return self
 
     @property
     def address(self) -> str:
@@ -200,6 +267,17 @@ class ServeConfig(_Section):
         le=65535,
         description="port of the ingress's Prometheus endpoint (/metrics); absent: not exposed",
     )
+
+    @model_validator(mode="after")
+    def _metrics_port_per_node(self) -> ServeConfig:
+        grpc = self.grpc
+        shared_node = grpc.replicas > 1 and grpc.max_replicas_per_node != 1
+        if shared_node and self.metrics_port not in (None, 0):
+            raise ValueError(
+                f"metrics_port {self.metrics_port} would be bound by every ingress replica on a node: use 0 "
+                "(each its own port) or grpc.max_replicas_per_node: 1"
+            )
+        return self
 
     @field_validator("teachers")
     @classmethod

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from services._generated import teacher_pb2, teacher_pb2_grpc
+from services._generated import teacher_pb2
 from services.backends import BackendUnavailableError, TeacherBackend
 from services.cache import CacheError, TeacherOutputStore, input_digests, output_key
 from services.codec import DTYPES, DTYPES_BY_PROTO_NAME, PROTO_DTYPE_NAMES, tensor_from_bytes, tensor_to_bytes
@@ -46,6 +46,7 @@ from services.contract import (
     OUTPUT_DTYPES,
 )
 from services.metrics import NO_TEACHER, Metrics
+from services.wire import ReceivedInferRequest
 from services.zoo import TeacherSpec
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,11 @@ class _Plan:
     request_id: str
 
 
-class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
+class TeacherServicer:
     """Serves the teachers of `backend`, caching their outputs in `store` (None: no cache).
+
+    Its `Infer` takes a `ReceivedInferRequest` (`services.wire`: the request and a view of its image bytes),
+    so `services.server` registers it with `parse_infer_request` as the request deserializer.
 
     The hosted teachers are read from the backend once, here. `max_message_bytes` must equal the server's
     gRPC message length limits (`services.server.create_server` sets both).
@@ -169,10 +173,11 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             return self._teacher_list
 
     async def Infer(
-        self, request: teacher_pb2.InferRequest, context: grpc.aio.ServicerContext
+        self, request: ReceivedInferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[teacher_pb2.InferResponse]:
         started = time.perf_counter()
-        labels = [name for name in dict.fromkeys(request.teachers) if name in self._hosted] or [NO_TEACHER]
+        message = request.message
+        labels = [name for name in dict.fromkeys(message.teachers) if name in self._hosted] or [NO_TEACHER]
         for label in labels:
             self.metrics.requests.labels(label).inc()
         failure = None
@@ -192,7 +197,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
 
     # ---- validation -----------------------------------------------------------------------------------
 
-    def _validate(self, request: teacher_pb2.InferRequest) -> _Plan:
+    def _validate(self, received: ReceivedInferRequest) -> _Plan:
+        request = received.message
         hosted_names = ", ".join(self._hosted)
         teachers = list(request.teachers)
         if not teachers:
@@ -225,7 +231,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 f"top_k={top_k} exceeds the number of classes; allowed: 0 (full logits) to "
                 f"{fewest_classes} (the fewest classes of the requested teachers)",
             )
-        images = self._images(request.images, teachers)
+        images = self._images(request.images, received.image_data, teachers)
         top_k = top_k if LOGITS in outputs else 0
         parts = {name: self._parts(self._hosted[name], outputs, dtype, top_k) for name in teachers}
         chunk_size = request.chunk_size or self.default_chunk_size
@@ -246,7 +252,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             )
         return name
 
-    def _images(self, images: teacher_pb2.Tensor, teachers: Sequence[str]) -> torch.Tensor:
+    def _images(self, images: teacher_pb2.Tensor, data: memoryview, teachers: Sequence[str]) -> torch.Tensor:
         channels = {name: self._hosted[name].spec.preprocessing.in_chans for name in teachers}
         if len(set(channels.values())) > 1:
             raise _RequestError(
@@ -282,12 +288,13 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 f"batch of {shape[0]} images exceeds max_batch_size={self.max_batch_size}; "
                 f"split it into requests of at most {self.max_batch_size} images",
             )
-        if len(images.data) != math.prod(shape):
+        if len(data) != math.prod(shape):
             raise _RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{spec}; got {len(images.data)} bytes for shape {shape}, which needs {math.prod(shape)}",
+                f"{spec}; got {len(data)} bytes for shape {shape}, which needs {math.prod(shape)}",
             )
-        return tensor_from_bytes(images.data, "uint8", shape)
+        # A view of the received bytes, not a copy: nothing on the serving path writes to the images.
+        return tensor_from_bytes(data, "uint8", shape, copy=False)
 
     @staticmethod
     def _parts(hosted: _Hosted, outputs: Sequence[str], dtype: str, top_k: int) -> list[_Part]:

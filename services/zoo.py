@@ -341,11 +341,13 @@ def save_teacher_checkpoint(
     name: str,
     num_classes: int,
     preprocessing: Preprocessing | None = None,
+    training_data: Mapping[str, Any] | None = None,
 ) -> str:
     """Write an `ekd.teacher.v1` checkpoint (tensors and plain data only) and return its sha256.
 
-    `preprocessing` defaults to the entry's; store the one the model was trained with. The file is written
-    to a temporary name and renamed, so a reader never sees half a checkpoint.
+    `preprocessing` defaults to the entry's; store the one the model was trained with. `training_data`
+    (plain data) records what the teacher was trained on, for whoever reuses the checkpoint. The file is
+    written to a temporary name and renamed, so a reader never sees half a checkpoint.
     """
     entry = _zoo_entry(name)
     model = teacher_or_model.model if isinstance(teacher_or_model, Teacher) else teacher_or_model
@@ -356,6 +358,8 @@ def save_teacher_checkpoint(
         "preprocessing": (preprocessing or entry.preprocessing).to_dict(),
         "state_dict": {key: value.detach().to("cpu") for key, value in model.state_dict().items()},
     }
+    if training_data is not None:
+        payload["training_data"] = dict(training_data)
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -489,6 +493,8 @@ def _classifier_weights(model: nn.Module, num_classes: int) -> list[str]:
 IMAGENET_RESNET_TAPS = {f"layer{i}": f"layer{i}" for i in (1, 2, 3, 4)}
 SENET_TAPS = {"layer3": "layer3", "layer4": "layer4"}
 CIFAR_TAPS = {f"layer{i}": f"layer{i}" for i in (1, 2, 3)}
+# The last stage's tap after the network's final BN-ReLU (CifarWideResNet.final_act), FT's and FEED's map.
+CIFAR_WIDE_RESNET_TAPS = {"layer1": "layer1", "layer2": "layer2", "layer3": "final_act"}
 
 
 def _torchvision_resnet(builder: Callable[..., nn.Module], num_classes: int, in_chans: int) -> nn.Module:
@@ -551,17 +557,17 @@ def cifar_resnet110(num_classes: int, in_chans: int) -> nn.Module:
     return CifarResNet(110, num_classes, in_chans=in_chans)
 
 
-@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_WIDE_RESNET_TAPS)
 def cifar_wrn16_2(num_classes: int, in_chans: int) -> nn.Module:
     return CifarWideResNet(16, 2, num_classes, in_chans=in_chans)
 
 
-@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_WIDE_RESNET_TAPS)
 def cifar_wrn16_4(num_classes: int, in_chans: int) -> nn.Module:
     return CifarWideResNet(16, 4, num_classes, in_chans=in_chans)
 
 
-@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_TAPS)
+@register_teacher(preprocessing=Preprocessing.cifar(), taps=CIFAR_WIDE_RESNET_TAPS)
 def cifar_wrn28_10(num_classes: int, in_chans: int) -> nn.Module:
     return CifarWideResNet(28, 10, num_classes, in_chans=in_chans)
 

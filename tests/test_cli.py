@@ -44,12 +44,41 @@ def test_distill_trains_missing_teacher_then_reuses_it(tmp_path):
     assert results[0]["method"] == "kd" and 0.0 <= results[0]["test_accuracy"] <= 1.0
     assert results[0]["teachers"][0]["name"] == "cifar_resnet20"
     assert (run_dir / "accuracy_vs_params.png").stat().st_size > 1000
-    loaded = load_student(run_dir / "students" / "student.pt")  # weights_only, rebuilt from plain data
+    loaded = load_student(run_dir / "students" / "seed0" / "student.pt")  # weights_only, from plain data
     assert loaded.predict(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape == (2, 10)
 
     second = run("distill", str(config), "--seeds", "1", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "training it" not in second.stderr
+
+
+def test_limited_data_teachers_baselines_and_exports_that_evaluate_back(tmp_path):
+    checkpoint = tmp_path / "teachers" / "r20-half.pt"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(checkpoint=checkpoint, output=tmp_path / "runs"))
+    limited = ("--set", "data.train_fraction=0.5", "--set", "data.val_fraction=0")
+
+    first = run("distill", str(config), *limited, "--baselines", "--seeds", "0,1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "training it" in first.stderr  # the teacher trains on the experiment's subset
+    results = json.loads((tmp_path / "runs" / "tiny-kd" / "results.json").read_text())
+    kd = [r for r in results if r["name"] == "tiny-kd"]
+    alone = [r for r in results if r["name"] == "tiny-kd-alone-cifar_resnet8"]
+    assert [r["seed"] for r in kd] == [0, 1] and [r["seed"] for r in alone] == [0, 1]
+    assert kd[0]["students"][0]["alone"] == "tiny-kd-alone-cifar_resnet8" and alone[0]["method"] == "ce"
+    assert kd[0]["val_accuracy"] is None and kd[0]["train_samples"] == alone[0]["train_samples"]
+    assert kd[0]["teachers"][0]["training_data"]["train_fraction"] == 0.5
+    assert "tiny-kd-alone-cifar_resnet8" in first.stdout and "pp" in first.stdout
+
+    # The same teacher checkpoint for the whole training split is refused: it was trained on the subset.
+    full = run("distill", str(config), cwd=tmp_path)
+    assert full.returncode == 2
+    assert "teachers.0" in full.stderr and "train_fraction 0.5" in full.stderr
+    assert "Traceback" not in full.stderr
+
+    evaluated = run("evaluate", str(tmp_path / "runs" / "tiny-kd"), cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert evaluated.stdout.count("yes") == 2 and "NO" not in evaluated.stdout  # seeds 0 and 1
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):

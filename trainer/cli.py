@@ -19,7 +19,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from services.cache.store import redact_url
 from services.errors import ConfigError, UserError
 from services.yaml_config import format_validation_error
 from trainer.config import ExperimentConfig, load_experiment
@@ -34,6 +36,8 @@ app = typer.Typer(
 )
 teachers_app = typer.Typer(help="Train the teachers ekd distills from.", no_args_is_help=True)
 app.add_typer(teachers_app, name="teachers")
+cache_app = typer.Typer(help="See, audit and prune the teacher-output cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 err_console = Console(stderr=True)
 # Tables stay readable when stdout is a pipe or a file (rich would otherwise squeeze them to 80 columns).
@@ -207,9 +211,17 @@ def distill(
             help="address of a running Ray cluster: train there with Ray Train (execution.backend ray_train)"
         ),
     ] = None,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            help="also train each network the method exports alone with CE (same data, schedule and seeds; "
+            "linked runs <name>-alone-<network> beside it) and show every student's gain over it"
+        ),
+    ] = False,
     overrides: SetOption = None,
 ) -> None:
     """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
+    from trainer.baselines import alone_experiments
     from trainer.report import plot_results, results_table, teacher_table, write_results_json
 
     cfg = with_cli_overrides(
@@ -225,6 +237,12 @@ def distill(
         for seed in parse_seeds(seeds, cfg.seed):
             run_cfg = cfg.model_copy(update={"seed": seed})
             results.append(run_experiment(run_cfg, on_progress=bars, ray_address=address))
+        if baselines:
+            networks = [s.alone_network for s in results[0].students if s.alone_network is not None]
+            for alone_cfg in alone_experiments(cfg, networks):
+                for seed in parse_seeds(seeds, cfg.seed):
+                    run_cfg = alone_cfg.model_copy(update={"seed": seed})
+                    results.append(run_experiment(run_cfg, on_progress=bars, ray_address=address))
     run_dir = Path(results[0].run_dir)
     out_console.print(results_table(results, title=f"ekd distill {config}"))
     if (teachers := teacher_table(results)) is not None:
@@ -232,6 +250,37 @@ def distill(
     json_path = write_results_json(results, run_dir / "results.json")
     plot_path = plot_results(results, run_dir / "accuracy_vs_params.png")
     err_console.print(f"results: {json_path}\nplot: {plot_path}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="a run directory of `ekd distill`, e.g. runs/digits-okd", show_default=False),
+    ],
+) -> None:
+    """Load every student a run exported (weights_only) and check it reproduces its recorded test accuracy;
+    exit status 1 when one does not."""
+    from rich.table import Table
+
+    from trainer.export import check_exports
+
+    checks = check_exports(run_dir)
+    table = Table(title=f"ekd evaluate {run_dir}")
+    for column in ("seed", "export", "recorded", "loaded back", "reproduced"):
+        table.add_column(column, justify="left" if column == "export" else "right")
+    for check in checks:
+        table.add_row(
+            str(check.seed),
+            check.name + (" (headline)" if check.headline else ""),
+            f"{check.recorded:.4%}",
+            f"{check.measured:.4%}",
+            "yes" if check.reproduced else "NO",
+        )
+    out_console.print(table)
+    if not all(check.reproduced for check in checks):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -291,6 +340,199 @@ def demo(
     json_path = write_results_json(results, output_dir / "results.json")
     plot_path = plot_results(results, output_dir / "accuracy_vs_params.png")
     err_console.print(f"results: {json_path}\nplot: {plot_path}")
+
+
+def _cache_uri(cfg: ExperimentConfig, cache: str | None) -> str:
+    uri = cache or cfg.teacher_source.cache or os.environ.get("EKD_CACHE_URI")
+    if not uri:
+        raise ConfigError(
+            "no cache to warm: give --cache URI, set teacher_source.cache in the experiment or $EKD_CACHE_URI"
+        )
+    return uri
+
+
+@app.command()
+@user_errors
+def warm(
+    config: ConfigArg,
+    cache: Annotated[
+        str | None, typer.Option(help="cache URI (default: the experiment's teacher_source.cache)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="views per teacher batch")] = 256,
+    ray_address: Annotated[
+        str | None, typer.Option(help="a running Ray cluster to run on (default: a private local one)")
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Precompute every teacher output the experiment trains from into the cache (a Ray Data job), in the
+    form teacher_source.soft_labels names; what is cached already is skipped, so it resumes."""
+    from trainer.experiment import ensure_teachers
+    from trainer.inputs import load_splits
+    from trainer.loop import resolve_device
+    from trainer.warm import warm_bank
+
+    cfg = load_experiment(config, overrides or ())
+    uri = _cache_uri(cfg, cache)
+    with ProgressBars() as bars:
+        ensure_teachers(cfg, load_splits(cfg), resolve_device(cfg.device), bars)
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} views/s, {task.fields[written]} written"),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_batch(teachers) -> None:
+        for teacher in teachers:
+            if teacher.name not in tasks:
+                tasks[teacher.name] = progress.add_task(teacher.name, total=None, rate="0", written="0 B")
+            progress.update(
+                tasks[teacher.name],
+                completed=teacher.views,
+                rate=f"{teacher.views_per_second:,.0f}",
+                written=_bytes(teacher.bytes_written),
+            )
+
+    with progress:
+        warmed = warm_bank(cfg, uri, batch_size=batch_size, ray_address=ray_address, on_batch=on_batch)
+    table = Table(title=f"ekd warm {cfg.name} -> {redact_url(uri)}")
+    for column in (
+        "teacher",
+        "tag",
+        "outputs",
+        "form",
+        "views",
+        "already cached",
+        "computed",
+        "bytes written",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("teacher", "tag", "outputs", "form") else "right"
+        )
+    table.add_column("views/s", justify="right")
+    for t in warmed:
+        table.add_row(
+            t.name,
+            t.tag,
+            ", ".join(t.outputs),
+            t.form,
+            f"{t.views:,}",
+            f"{t.cached:,}",
+            f"{t.computed:,}",
+            _bytes(t.bytes_written),
+            f"{t.views_per_second:,.0f}",
+        )
+    out_console.print(table)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+@cache_app.command("stats")
+@user_errors
+def cache_stats(
+    uri: Annotated[str, typer.Argument(help="cache URI: lmdb:///path, a path, or redis://host:port/db")],
+    views: Annotated[int, typer.Option(min=1, help="replayed views per image of the ImageNet estimate")] = 16,
+) -> None:
+    """Entries and bytes per teacher, output and form (from the keys, without reading values), and what a
+    full ImageNet bank would take at each group's bytes per entry."""
+    from services.cache import open_store
+    from services.cache.inventory import IMAGENET_TRAIN_IMAGES, inventory
+
+    with open_store(uri) as store:
+        groups, unrecognized = inventory(store)
+    table = Table(title=f"ekd cache {redact_url(uri)}")
+    for column in ("teacher tag", "output", "form", "entries", "key bytes", "value bytes", "bytes/entry"):
+        table.add_column(column, justify="left" if column in ("teacher tag", "output", "form") else "right")
+    table.add_column(f"ImageNet bank ({views} views)", justify="right")
+    for g in groups:
+        table.add_row(
+            g.tag,
+            g.output,
+            g.form,
+            f"{g.entries:,}",
+            _bytes(g.key_bytes),
+            _bytes(g.value_bytes),
+            f"{g.bytes_per_entry:,.0f}",
+            _bytes(g.bytes_per_entry * IMAGENET_TRAIN_IMAGES * views),
+        )
+    out_console.print(table)
+    total = sum(g.key_bytes + g.value_bytes for g in groups)
+    out_console.print(
+        f"{sum(g.entries for g in groups):,} entries, {_bytes(total)} of keys and values"
+        + (f"; {unrecognized} other keys under the namespace" if unrecognized else "")
+    )
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify(
+    uri: Annotated[str, typer.Argument(help="cache URI")],
+    config: ConfigArg,
+    sample: Annotated[int, typer.Option(min=1, help="entries to recompute per teacher output")] = 64,
+    fix: Annotated[bool, typer.Option(help="delete the entries beyond tolerance")] = False,
+    logit_tolerance: Annotated[float, typer.Option(min=0)] = 0.05,
+    probability_tolerance: Annotated[float, typer.Option(min=0)] = 0.005,
+    overrides: SetOption = None,
+) -> None:
+    """Recompute a random sample of the experiment's cached teacher outputs with the teachers and report the
+    largest deviations (logits; probabilities at the experiment's temperature)."""
+    from services.cache import open_store
+    from trainer.cache_audit import verify_cache
+
+    cfg = load_experiment(config, overrides or ())
+    with open_store(uri) as store:
+        audits = verify_cache(
+            cfg,
+            store,
+            sample,
+            logit_tolerance=logit_tolerance,
+            probability_tolerance=probability_tolerance,
+            fix=fix,
+        )
+    temperature = getattr(cfg.method, "temperature", 1.0)
+    table = Table(title=f"ekd cache verify {redact_url(uri)} against {cfg.name} (T = {temperature:g})")
+    for column in ("teacher", "tag", "output", "form", "checked", "max |Δ logit|", "max |Δ p|", "beyond"):
+        table.add_column(
+            column, justify="left" if column in ("teacher", "tag", "output", "form") else "right"
+        )
+    for a in audits:
+        table.add_row(
+            a.teacher,
+            a.tag,
+            a.output,
+            a.form,
+            str(a.checked),
+            f"{a.max_logit_deviation:.4g}",
+            f"{a.max_probability_deviation:.3g}",
+            f"{len(a.bad)}" + (" (deleted)" if fix and a.bad else ""),
+        )
+    out_console.print(table)
+    if any(a.bad for a in audits) and not fix:
+        raise typer.Exit(1)
+
+
+@cache_app.command("evict")
+@user_errors
+def cache_evict(
+    uri: Annotated[str, typer.Argument(help="cache URI")],
+    teacher: Annotated[str, typer.Option(help="the teacher's identity, or its 12-character key tag")],
+) -> None:
+    """Drop every entry of one teacher."""
+    from services.cache import open_store
+    from services.cache.inventory import evict_teacher
+
+    with open_store(uri) as store:
+        deleted = evict_teacher(store, teacher)
+    out_console.print(f"deleted {deleted:,} entries of teacher {teacher} from {redact_url(uri)}")
 
 
 def main() -> None:

@@ -37,7 +37,19 @@ class DataConfig(_Section):
     )
     image_size: int = Field(16, ge=8, le=512, description="side of the square uint8 images every model sees")
     val_fraction: float = Field(
-        0.15, gt=0, lt=0.5, description="share of the training data held out for validation"
+        0.15,
+        ge=0,
+        lt=0.5,
+        description="share of the training data held out for validation; 0: none (the papers' setting), "
+        "the whole training split trains and no validation accuracy is reported",
+    )
+    train_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the training split trained on (the limited-data regime): that share of each "
+        "class, drawn by split_seed, so every experiment and teacher with this split seed sees the same "
+        "subset (a smaller fraction's within a larger one's); validation and test splits do not change",
     )
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="share held out for test (digits only)")
     split_seed: int = Field(
@@ -124,7 +136,15 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    epochs: int = Field(20, ge=1, le=10_000)
+    epochs: int = Field(20, ge=1, le=10_000, description="passes over the training split (see `steps`)")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="optimizer steps to train for instead of `epochs`: epochs = ceil(steps / optimizer "
+        "steps per epoch), so runs on training splits of different sizes (data.train_fraction) get the "
+        "same number of updates, within one epoch's",
+    )
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -180,6 +200,13 @@ class TeacherConfig(_Section):
         "missing checkpoint is an error (for published weights, e.g. ImageNet teachers)",
     )
     seed: int = Field(0, ge=0, description="seed for training this teacher when its checkpoint is missing")
+    train_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of the training split this teacher is (or was) trained on; None: the "
+        "experiment's data.train_fraction, so a limited-data experiment's teachers see only its subset",
+    )
     train: OptimConfig = Field(
         default_factory=lambda: OptimConfig(epochs=30),
         description="how to train this teacher when its checkpoint is missing",
@@ -208,6 +235,12 @@ class TeacherSourceConfig(_Section):
         description="served: URI of the output cache the service writes "
         "(lmdb:///path or redis://host:port/db; ${VAR} expands from the environment); "
         "None: ask the service for everything",
+    )
+    soft_labels: Literal["full", "compact"] = Field(
+        "full",
+        description="the form of the teacher logits the student learns from: full (every logit) or compact "
+        "(services/soft_labels.py: the top logits and the tail's log-sum-exp, 63 bytes a view for 1000 "
+        "classes; the form `ekd warm` writes and that a served cache can hold)",
     )
     prefetch_batches: int = Field(
         2,

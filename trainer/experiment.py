@@ -23,7 +23,8 @@ from torch import nn
 
 from services.contract import LOGITS
 from services.errors import ConfigError
-from trainer.config import ExperimentConfig
+from trainer.baselines import alone_experiment_name
+from trainer.config import DataConfig, ExperimentConfig, TeacherConfig
 from trainer.data import DatasetSplits
 from trainer.export import ExportedNetwork, save_student
 from trainer.inputs import load_splits, loader_settings, train_views
@@ -40,6 +41,7 @@ from trainer.loop import (
     make_scheduler,
     readable_batches,
     resolve_device,
+    resolved_epochs,
     train_epoch,
     train_loader,
 )
@@ -48,7 +50,7 @@ from trainer.methods.base import Method
 from trainer.progress import OnProgress, ProgressUpdate
 from trainer.sources import TeacherSource, build_teacher_source
 from trainer.students import count_parameters
-from trainer.teachers import train_teacher
+from trainer.teachers import recorded_training_data, teacher_training_data, train_teacher
 
 EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
 StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in a stage
@@ -64,6 +66,10 @@ class ExportedStudent:
     params: int
     test_accuracy: float
     path: str
+    # The same network as a student config (JSON data), and the name of the experiment that trains it alone
+    # with CE (a linked run, trainer.baselines); None for an ensemble.
+    alone_network: dict | None = None
+    alone: str | None = None
 
 
 @dataclass
@@ -71,6 +77,9 @@ class TeacherSummary:
     name: str
     params: int
     test_accuracy: float
+    # What the teacher's checkpoint records it was trained on (dataset, split_seed, val_fraction,
+    # train_fraction); None: the checkpoint records nothing (published weights, or older ekd checkpoints).
+    training_data: dict | None = None
 
 
 @dataclass
@@ -78,8 +87,8 @@ class ExperimentResult:
     name: str
     method: str
     seed: int
-    test_accuracy: float  # of the method's prediction (an ensemble where the method predicts with one)
-    val_accuracy: float
+    test_accuracy: float  # of the method's prediction: its headline export's
+    val_accuracy: float | None  # None: no validation split (data.val_fraction 0)
     student_params: int  # parameters the prediction uses (shared parts counted once)
     teachers: list[TeacherSummary]
     students: list[ExportedStudent]
@@ -88,6 +97,10 @@ class ExperimentResult:
     run_dir: str
     counters: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    headline: str = ""  # the exported student whose accuracy is test_accuracy
+    train_samples: int = 0  # images in the training split (after data.train_fraction)
+    optimizer_steps: int = 0  # optimizer steps taken, over every stage
+    config: dict = field(default_factory=dict)  # the experiment's config, as JSON data
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -103,11 +116,6 @@ class ExperimentResult:
         )
 
 
-def _unique_parameter_count(modules) -> int:
-    seen = {id(p): p.numel() for m in modules for p in m.parameters()}
-    return sum(seen.values())
-
-
 def ensure_teachers(
     cfg: ExperimentConfig,
     splits: DatasetSplits,
@@ -115,10 +123,14 @@ def ensure_teachers(
     on_progress: OnProgress | None = None,
     force: bool = False,
 ) -> None:
-    """Train every teacher whose checkpoint is missing (or all, with force), saying so; a missing checkpoint
-    of a teacher with `train_if_missing: false` is a ConfigError."""
-    for teacher in cfg.teachers:
+    """Train every teacher whose checkpoint is missing (or all, with force), saying so, on its training
+    data (`teacher_training_data`: the experiment's subset unless the teacher's `train_fraction` says
+    otherwise). A missing checkpoint of a teacher with `train_if_missing: false`, or an existing one that
+    records other training data than asked for, is a ConfigError."""
+    for index, teacher in enumerate(cfg.teachers):
+        wanted = teacher_training_data(teacher, cfg.data)
         if Path(teacher.checkpoint).is_file() and not force:
+            check_teacher_training_data(index, teacher, wanted, cfg.data)
             continue
         if not teacher.train_if_missing and not force:
             raise ConfigError(
@@ -136,17 +148,51 @@ def ensure_teachers(
             )
         task = f"teacher {teacher.name}"
 
-        def on_epoch(done: int, total: int, val: float, task: str = task) -> None:
+        def on_epoch(done: int, total: int, val: float | None, task: str = task) -> None:
             if on_progress is not None:
-                on_progress(ProgressUpdate(task, done, total, f"{task} val {val:.1%}"))
+                shown = task if val is None else f"{task} val {val:.1%}"
+                on_progress(ProgressUpdate(task, done, total, shown))
 
-        result = train_teacher(teacher, splits, cfg.data, device=device, on_epoch=on_epoch)
+        own_splits = (
+            splits
+            if wanted["train_fraction"] == cfg.data.train_fraction
+            else load_splits(cfg, wanted["train_fraction"])
+        )
+        result = train_teacher(teacher, own_splits, cfg.data, device=device, on_epoch=on_epoch)
         logger.info(
-            "teacher %s: saved %s (val accuracy %.2f%%, %.0f s)",
+            "teacher %s: saved %s (trained on %d images, %s, %.0f s)",
             teacher.name,
             result.checkpoint,
-            100 * result.val_accuracy,
+            len(own_splits.train),
+            "no validation split"
+            if result.val_accuracy is None
+            else f"val accuracy {100 * result.val_accuracy:.2f}%",
             result.seconds,
+        )
+
+
+def check_teacher_training_data(index: int, teacher: TeacherConfig, wanted: dict, data: DataConfig) -> None:
+    """Refuse an existing checkpoint trained on other data than `wanted`; on a subset of the training
+    split (train_fraction < 1), also one recording nothing (it may have seen images the subset leaves out)."""
+    recorded = recorded_training_data(teacher.checkpoint)
+    field_name = f"teachers.{index}"
+    if recorded is not None and recorded != wanted:
+        differing = ", ".join(
+            f"{key} {recorded.get(key)!r} (asked for {value!r})"
+            for key, value in wanted.items()
+            if recorded.get(key) != value
+        )
+        raise ConfigError(
+            f"{field_name} ({teacher.name}): checkpoint {teacher.checkpoint} was trained on other data: "
+            f"{differing}; point {field_name}.checkpoint at another file (trained when missing) or set "
+            f"{field_name}.train_fraction to the fraction it was trained on"
+        )
+    if recorded is None and wanted["train_fraction"] < 1 and teacher.train_fraction is None:
+        raise ConfigError(
+            f"{field_name} ({teacher.name}): checkpoint {teacher.checkpoint} records no training data, and "
+            f"this experiment trains on data.train_fraction {data.train_fraction}: point "
+            f"{field_name}.checkpoint at a file of its own (trained on the same subset when missing), or set "
+            f"{field_name}.train_fraction (e.g. 1.0) to say what the checkpoint was trained on"
         )
 
 
@@ -186,8 +232,10 @@ class _StepProgress:
             session = self.session
             self.description = (
                 f"{session.cfg.name} stage {session.stage + 1}/{session.method.num_stages} "
-                f"epoch {session.epoch + 1}/{session.cfg.train.epochs} val {row['val_accuracy']:.1%}"
+                f"epoch {session.epoch + 1}/{session.cfg.train.epochs}"
             )
+            if "val_accuracy" in row:
+                self.description += f" val {row['val_accuracy']:.1%}"
             self._report()
 
     def _report(self) -> None:
@@ -234,9 +282,13 @@ class ExperimentSession:
         self.method.to(device, memory_format=memory_format)
         self.views = train_views(splits, cfg.data)
         self.loading = loader_settings(cfg.data, device)
+        # From here on `cfg.train.epochs` is what trains: `train.steps` turned into whole epochs.
+        epochs = resolved_epochs(cfg.train, self.steps_per_epoch)
+        self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
         self.history: list[dict[str, float]] = []
         self.stall_seconds = 0.0
-        self.val_accuracy = 0.0
+        self.val_accuracy: float | None = None
+        self.optimizer_steps = 0
         self.resumes = 0  # times this run resumed from a training state
         # Where training stands: the last epoch completed in `stage`, and that stage's optimizer and schedule.
         self.stage, self.epoch = 0, -1
@@ -321,27 +373,26 @@ class ExperimentSession:
             step_module=step_module,
             prefetch_batches=self.cfg.teacher_source.prefetch_batches,
             settings=self.settings,
+            soft_labels=self.cfg.teacher_source.soft_labels,
         )
         if self.shard is not None and self.shard.world_size > 1:
             stats = all_reduce_epoch_stats(stats)
         self.stall_seconds += stats.stall_seconds
+        self.optimizer_steps += stats.optimizer_steps
         self.val_accuracy = self.evaluate_validation()
         self.epoch = epoch
-        row = {
-            "stage": self.stage,
-            "epoch": epoch,
-            "loss": stats.loss,
-            "val_accuracy": self.val_accuracy,
-            "resumes": self.resumes,
-            "skipped_images": stats.skipped_images,
-            **stats.terms,
-        }
+        row = {"stage": self.stage, "epoch": epoch, "loss": stats.loss}
+        if self.val_accuracy is not None:
+            row["val_accuracy"] = self.val_accuracy
+        row.update(resumes=self.resumes, skipped_images=stats.skipped_images, **stats.terms)
         self.history.append(row)
         logger.debug("%s: %s", self.cfg.name, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         return row
 
-    def evaluate_validation(self) -> float:
-        """Accuracy of the method's prediction on the validation split."""
+    def evaluate_validation(self) -> float | None:
+        """Accuracy of the method's prediction on the validation split; None without one."""
+        if len(self.splits.val) == 0:
+            return None
         return evaluate(
             self.method.predict,
             self.method,
@@ -373,6 +424,7 @@ class ExperimentSession:
             "history": self.history,
             "stall_seconds": self.stall_seconds,
             "val_accuracy": self.val_accuracy,
+            "optimizer_steps": self.optimizer_steps,
             "resumes": self.resumes,
             "rng": rng,
         }
@@ -392,6 +444,7 @@ class ExperimentSession:
         self.stage, self.epoch = state["stage"], state["epoch"]
         self.history = list(state["history"])
         self.stall_seconds, self.val_accuracy = state["stall_seconds"], state["val_accuracy"]
+        self.optimizer_steps = state["optimizer_steps"]
         self.resumes = state["resumes"] + 1
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -410,7 +463,9 @@ class ExperimentSession:
         test_loader = eval_loader(splits.test, EVAL_BATCH_SIZE, self.loading)
         test_accuracy = evaluate(method.predict, method, test_loader, splits.mean, splits.std, device)
         run_dir = Path(cfg.output_dir) / cfg.name
-        (run_dir / "students").mkdir(parents=True, exist_ok=True)
+        students_dir = run_dir / "students" / f"seed{cfg.seed}"
+        students_dir.mkdir(parents=True, exist_ok=True)
+        alone = method.alone_networks()
         exported = []
         network = ExportedNetwork(
             method=cfg.method.model_dump(mode="json"),
@@ -423,15 +478,19 @@ class ExperimentSession:
             teachers=self.teacher_infos,
         )
         for name, student in method.exported_students().items():
-            path = run_dir / "students" / f"{name}.pt"
+            path = students_dir / f"{name}.pt"
             save_student(path, student, dataclasses.replace(network, name=name))
             acc = evaluate(student, student, test_loader, splits.mean, splits.std, device)
-            exported.append(ExportedStudent(name, count_parameters(student), acc, str(path)))
+            network_alone = alone[name].model_dump(mode="json") if name in alone else None
+            baseline = alone_experiment_name(cfg.name, alone[name]) if name in alone else None
+            exported.append(
+                ExportedStudent(name, count_parameters(student), acc, str(path), network_alone, baseline)
+            )
         teacher_summaries = []
         if self.source is not None:
             accuracies = teacher_test_accuracies(self.source, len(cfg.teachers), splits, self.loading)
             teacher_summaries = [
-                TeacherSummary(t.name, params, acc)
+                TeacherSummary(t.name, params, acc, recorded_training_data(t.checkpoint))
                 for t, params, acc in zip(cfg.teachers, self.source.parameter_counts(), accuracies)
             ]
         self._close_source()
@@ -441,7 +500,7 @@ class ExperimentSession:
             seed=cfg.seed,
             test_accuracy=test_accuracy,
             val_accuracy=self.val_accuracy,
-            student_params=_unique_parameter_count(method.exported_students().values()),
+            student_params=count_parameters(method.exported_students()[method.headline()]),
             teachers=teacher_summaries,
             students=exported,
             seconds=time.time() - self.started,
@@ -449,6 +508,10 @@ class ExperimentSession:
             run_dir=str(run_dir),
             counters={**counters, "resumes": self.resumes},
             history=self.history,
+            headline=method.headline(),
+            train_samples=len(splits.train),
+            optimizer_steps=self.optimizer_steps,
+            config=cfg.model_dump(mode="json"),
         )
         (run_dir / f"results_seed{cfg.seed}.json").write_text(json.dumps(result.to_json(), indent=2))
         return result

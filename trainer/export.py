@@ -4,10 +4,15 @@ An export holds the student's tensors and, as plain data, what rebuilds its netw
 it: the method's config (minus the files that gave initial weights, which the saved tensors replace), the
 teachers' descriptions its method was sized for, the class count and channels, and the student's
 normalization and image size, so that `LoadedStudent.predict` takes the same uint8 images training saw.
+
+Every export a run wrote (an ensemble's combined prediction too) is checked by `check_exports` (`ekd evaluate
+RUN_DIR`): each is loaded back with `weights_only=True` and evaluated on the run's test split, which must give
+exactly the accuracy the run recorded.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +22,10 @@ import torch
 from torch import nn
 
 from services.errors import UserError
+from trainer.config import ExperimentConfig
 from trainer.data import normalize
+from trainer.inputs import load_splits
+from trainer.loop import EVAL_BATCH_SIZE, eval_loader, readable_batches
 from trainer.methods import METHODS, create_method
 from trainer.methods.base import TeacherInfo
 
@@ -98,6 +106,57 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     network = method.exported_students()[exported.name]
     network.load_state_dict(payload["state_dict"])
     return LoadedStudent(network.to(device).eval(), exported)
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """One export of a run, loaded back and evaluated on the run's test split."""
+
+    seed: int
+    name: str
+    path: str
+    recorded: float  # the test accuracy the run recorded for it
+    measured: float  # the test accuracy of the loaded export
+    headline: bool  # the method's prediction: its accuracy is the run's test_accuracy too
+
+    @property
+    def reproduced(self) -> bool:
+        return self.measured == self.recorded
+
+
+def accuracy_on(student: LoadedStudent, dataset) -> float:
+    """Top-1 accuracy of a loaded student on a dataset of (uint8 image, label), in its order."""
+    correct = total = 0
+    for (images, labels, *_), _skipped in readable_batches(eval_loader(dataset, EVAL_BATCH_SIZE)):
+        correct += (student.predict(images).argmax(1).cpu() == labels).sum().item()
+        total += labels.shape[0]
+    return correct / max(total, 1)
+
+
+def check_exports(run_dir: str | os.PathLike) -> list[ExportCheck]:
+    """Load every export of every seed recorded in `run_dir` (`results_seed<N>.json`, `students/seed<N>/`)
+    and measure its test accuracy on the split its run used."""
+    run_dir = Path(run_dir)
+    records = sorted(run_dir.glob("results_seed*.json"))
+    if not records:
+        raise ExportError(f"{run_dir} holds no results_seed<N>.json: not a run directory of `ekd distill`")
+    checks = []
+    for record_path in records:
+        record = json.loads(record_path.read_text())
+        if not record.get("config"):
+            raise ExportError(
+                f"{record_path} records no config (written by an older ekd): rerun the experiment"
+            )
+        splits = load_splits(ExperimentConfig.model_validate(record["config"]))
+        for student in record["students"]:
+            path = run_dir / "students" / f"seed{record['seed']}" / f"{student['name']}.pt"
+            headline = student["name"] == record["headline"]
+            recorded = record["test_accuracy"] if headline else student["test_accuracy"]
+            measured = accuracy_on(load_student(path), splits.test)
+            checks.append(
+                ExportCheck(record["seed"], student["name"], str(path), recorded, measured, headline)
+            )
+    return checks
 
 
 def _without_initial_weights(data: Any) -> Any:

@@ -42,7 +42,8 @@ def student_normalization(cfg: ExperimentConfig) -> tuple[tuple[float, ...], tup
     return preprocessing.mean, preprocessing.std
 
 
-def load_splits(cfg: ExperimentConfig) -> DatasetSplits:
+def load_splits(cfg: ExperimentConfig, train_fraction: float | None = None) -> DatasetSplits:
+    """The experiment's splits; `train_fraction` replaces `data.train_fraction` (a teacher's own)."""
     data = cfg.data
     normalization = student_normalization(cfg)
     mean, std = normalization if normalization is not None else (None, None)
@@ -53,6 +54,7 @@ def load_splits(cfg: ExperimentConfig) -> DatasetSplits:
         seed=data.split_seed,
         val_fraction=data.val_fraction,
         test_fraction=data.test_fraction,
+        train_fraction=data.train_fraction if train_fraction is None else train_fraction,
         fake_samples=data.fake_samples,
         mean=mean,
         std=std,

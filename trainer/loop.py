@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from services.errors import ConfigError
 from trainer.config import OptimConfig
 from trainer.data import ReplayedViews, collate_readable, normalize
-from trainer.methods.base import Method, TrainingClock
+from trainer.methods.base import Method, TrainingClock, in_soft_label_form
 from trainer.prefetch import prepared_batches
 from trainer.sources import TeacherSource
 
@@ -198,6 +198,15 @@ def train_loader(
     )
 
 
+def resolved_epochs(cfg: OptimConfig, batches_per_epoch: int) -> int:
+    """Epochs to train: `cfg.epochs`, or with `cfg.steps` the fewest whole epochs that make that many
+    optimizer steps (the last epoch's steps are counted whole, so a run may make up to one epoch's more)."""
+    if cfg.steps is None:
+        return cfg.epochs
+    optimizer_steps = -(-batches_per_epoch // cfg.accumulate_steps)
+    return max(1, -(-cfg.steps // optimizer_steps))
+
+
 EVAL_BATCH_SIZE = 256  # evaluation holds no gradients: larger batches than training fit
 
 
@@ -224,6 +233,7 @@ class EpochStats:
     seconds: float = 0.0
     stall_seconds: float = 0.0  # time the student waited for teacher outputs
     skipped_images: int = 0  # unreadable files skipped (data.skip_unreadable)
+    optimizer_steps: int = 0
 
 
 def train_epoch(
@@ -242,6 +252,7 @@ def train_epoch(
     step_module: nn.Module | None = None,
     prefetch_batches: int = 0,
     settings: StepSettings = StepSettings(),
+    soft_labels: str = "full",
 ) -> EpochStats:
     """One epoch over `loader`. `step_module` is what computes the loss: the method itself, or a
     DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward.
@@ -249,7 +260,8 @@ def train_epoch(
 
     Each batch's uint8 images and its teacher outputs are copied to `device` (non-blocking: the loader pins
     them where the config says so) and normalized there, in the same step. With `settings.accumulate_steps`
-    k > 1 the optimizer and the schedule step once per k batches, on the mean of their losses.
+    k > 1 the optimizer and the schedule step once per k batches, on the mean of their losses. The teachers'
+    logits reach the method in the form `soft_labels` names ("full" or "compact").
     """
     step_module = step_module if step_module is not None else method
     method.train()
@@ -268,7 +280,9 @@ def train_epoch(
     optimizer.zero_grad(set_to_none=True)
     prepared = prepared_batches(counted(readable_batches(loader)), source, wanted, prefetch_batches)
     for step, batch in enumerate(prepared):
-        teacher_outputs = batch.teachers.to(device) if batch.teachers is not None else None
+        teacher_outputs = (
+            in_soft_label_form(batch.teachers, soft_labels).to(device) if batch.teachers is not None else None
+        )
         stats.stall_seconds += batch.stall_seconds
         images = batch.images.to(device, non_blocking=True)
         inputs = normalize(images, mean, std).contiguous(memory_format=memory_format)
@@ -285,6 +299,7 @@ def train_epoch(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            stats.optimizer_steps += 1
         n = labels.shape[0]
         loss = result.loss.item()
         stats.samples += n
@@ -326,6 +341,7 @@ def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
         seconds=seconds / workers,
         stall_seconds=stall / workers,
         skipped_images=int(skipped),
+        optimizer_steps=stats.optimizer_steps,  # every worker steps together
     )
 
 

@@ -1,9 +1,12 @@
 """Teacher outputs fetched ahead, so the student does not wait for them.
 
 A bounded background thread walks the epoch's batches and fetches each batch's teacher outputs while the
-student trains on an earlier one; the queue between them holds at most `depth` batches. A thread rather than
-Ray Data's streaming pipeline: what to fetch depends on the method (and, for FEED sequential, on the stage),
-the fetch itself is cache reads and gRPC calls that release the GIL, and the core stays free of Ray.
+student trains on an earlier one; the queue between them holds at most `depth` batches. The thread submits up
+to the source's `batches_in_flight` batches before it waits for the oldest, so that a served source keeps
+that many requests at the service (which batches and computes them) while their answers stream back.
+A thread rather than Ray Data's streaming pipeline: what to fetch depends on the method (and, for FEED
+sequential, on the stage), the fetch itself is cache reads and gRPC calls that release the GIL, and the core
+stays free of Ray.
 The time the training thread waits on the queue is the student's stall time.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -71,8 +75,16 @@ def _prefetched(
 
     def produce() -> None:
         try:
+            submitted: deque = deque()
             for images, labels, *_ in batches:
-                if not put((images, labels, source.fetch(images, wanted))):
+                submitted.append((images, labels, source.submit(images, wanted)))
+                if len(submitted) >= source.batches_in_flight:
+                    images, labels, outputs = submitted.popleft()
+                    if not put((images, labels, outputs())):
+                        return
+            while submitted:
+                images, labels, outputs = submitted.popleft()
+                if not put((images, labels, outputs())):
                     return
             put(_EndOfEpoch())
         except BaseException as err:  # handed to the training thread, which re-raises it

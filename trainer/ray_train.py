@@ -26,6 +26,7 @@ so the run fails exactly once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -127,8 +128,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
     def on_epoch_end(row: dict[str, float]) -> None:
         if session.is_primary:
             with open(config["progress_file"], "a") as progress_file:
+                val = row.get("val_accuracy", float("nan"))  # nan: no validation split
                 progress_file.write(
-                    f"{session.method.num_stages} {row['stage']} {row['epoch']} {row['val_accuracy']:.6f}\n"
+                    f"{session.method.num_stages} {row['stage']} {row['epoch']} {session.cfg.train.epochs} "
+                    f"{val:.6f}\n"
                 )
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
@@ -153,7 +156,8 @@ def _fit_showing_progress(
     trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig, on_progress: OnProgress | None
 ):
     """`trainer.fit()`, while a progress bar follows the epochs worker 0 appends to `progress_file` (a line
-    "stages stage epoch val_accuracy" per epoch: the driver cannot see into the workers otherwise)."""
+    "stages stage epoch epochs val_accuracy" per epoch, epochs as `train.steps` resolved them, val_accuracy
+    nan without a validation split: the driver cannot see into the workers otherwise)."""
     if on_progress is None:
         return trainer.fit()
     task = f"{cfg.name} (ray_train)"
@@ -171,21 +175,15 @@ def _fit_showing_progress(
     while worker.is_alive():
         worker.join(timeout=PROGRESS_POLL_SECONDS)
         fields = progress_file.read_text().split() if progress_file.exists() else []
-        if len(fields) >= 4:
-            stages, stage, epoch, accuracy = (
-                int(fields[-4]),
-                int(fields[-3]),
-                int(fields[-2]),
-                float(fields[-1]),
-            )
-            epochs = cfg.train.epochs
+        if len(fields) >= 5:
+            stages, stage, epoch, epochs = (int(field) for field in fields[-5:-1])
+            accuracy = float(fields[-1])
+            description = f"{task} stage {stage + 1}/{stages} epoch {epoch + 1}/{epochs}"
+            if not math.isnan(accuracy):
+                description += f" val {accuracy:.1%}"
             on_progress(
                 ProgressUpdate(
-                    task,
-                    completed=stage * epochs + epoch + 1,
-                    total=stages * epochs,
-                    description=f"{task} stage {stage + 1}/{stages} epoch {epoch + 1}/{epochs} "
-                    f"val {accuracy:.1%}",
+                    task, completed=stage * epochs + epoch + 1, total=stages * epochs, description=description
                 )
             )
     if "error" in outcome:

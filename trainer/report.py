@@ -1,5 +1,9 @@
 """Results for people: one table (mean ± std over seeds) and one plot (accuracy against student parameters,
-teachers marked), plus the JSON they are drawn from."""
+teachers marked), plus the JSON they are drawn from.
+
+Every exported student has a row; one linked to a baseline (the same network trained alone with CE,
+trainer.baselines) shows that baseline's accuracy and the gain over it, absolute (percentage points) and
+relative (as BOC-KD reports its "+10.64 %"), when the baseline's results are among those given."""
 
 from __future__ import annotations
 
@@ -26,6 +30,17 @@ def _pct(values: list[float]) -> str:
     return f"{mean:.2%}" + (f" ± {std:.2%}" if len(values) > 1 else "")
 
 
+def gain(accuracy: float, alone: float) -> tuple[float, float]:
+    """(absolute gain in percentage points, relative gain in %) of `accuracy` over `alone` (fractions)."""
+    return 100 * (accuracy - alone), 100 * (accuracy - alone) / alone if alone > 0 else float("nan")
+
+
+def alone_accuracies(results: list[ExperimentResult], alone: str, seeds: list[int]) -> list[float]:
+    """The test accuracies of baseline experiment `alone` for these seeds (those present among `results`)."""
+    by_seed = {r.seed: r.test_accuracy for r in results if r.name == alone}
+    return [by_seed[seed] for seed in seeds if seed in by_seed]
+
+
 def group_by_experiment(results: list[ExperimentResult]) -> dict[str, list[ExperimentResult]]:
     groups: dict[str, list[ExperimentResult]] = defaultdict(list)
     for r in results:
@@ -42,6 +57,8 @@ def results_table(results: list[ExperimentResult], title: str = "ekd results") -
         "student params",
         "teacher params",
         "test accuracy",
+        "alone (CE)",
+        "gain",
         "teacher calls",
         "time (s)",
     ):
@@ -57,13 +74,31 @@ def results_table(results: list[ExperimentResult], title: str = "ekd results") -
             f"{first.student_params:,}",
             f"{teacher_params:,}" if teacher_params else "—",
             _pct([r.test_accuracy for r in runs]),
+            "",
+            "",
             str(sum(calls)),
             f"{statistics.fmean(r.seconds for r in runs):.0f}",
         )
-        if len(first.students) > 1:
-            for i, student in enumerate(first.students):
-                accs = [r.students[i].test_accuracy for r in runs]
-                table.add_row(f"  └ {student.name}", "", "", f"{student.params:,}", "", _pct(accs), "", "")
+        for i, student in enumerate(first.students):
+            accs = [r.students[i].test_accuracy for r in runs]
+            alone = alone_accuracies(results, student.alone, [r.seed for r in runs]) if student.alone else []
+            alone_cell = gain_cell = ""
+            if alone:
+                absolute, relative = gain(statistics.fmean(accs), statistics.fmean(alone))
+                alone_cell, gain_cell = _pct(alone), f"{absolute:+.2f} pp ({relative:+.1f} %)"
+            headline = " (headline)" if student.name == first.headline else ""
+            table.add_row(
+                f"  └ {student.name}{headline}",
+                "",
+                "",
+                f"{student.params:,}",
+                "",
+                _pct(accs),
+                alone_cell,
+                gain_cell,
+                "",
+                "",
+            )
     return table
 
 
@@ -80,11 +115,21 @@ def teacher_table(results: list[ExperimentResult]) -> Table | None:
     if not points:
         return None
     table = Table(title="teachers")
-    for column in ("teacher", "params", "test accuracy"):
-        table.add_column(column, justify="left" if column == "teacher" else "right")
+    for column in ("teacher", "params", "test accuracy", "trained on"):
+        table.add_column(column, justify="right" if column in ("params", "test accuracy") else "left")
     for name, (params, accs) in points.items():
-        table.add_row(name, f"{params:,}", _pct(accs))
+        table.add_row(name, f"{params:,}", _pct(accs), _training_data(results, name))
     return table
+
+
+def _training_data(results: list[ExperimentResult], teacher: str) -> str:
+    recorded = next(t.training_data for r in results for t in r.teachers if t.name == teacher)
+    if recorded is None:
+        return "not recorded in its checkpoint"
+    return (
+        f"{recorded['dataset']}, train_fraction {recorded['train_fraction']:g} "
+        f"(split_seed {recorded['split_seed']}, val_fraction {recorded['val_fraction']:g})"
+    )
 
 
 def plot_results(results: list[ExperimentResult], path: Path) -> Path:

@@ -8,7 +8,7 @@ that the served path is measured against.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,9 +30,18 @@ class TeacherSource(ABC):
     def describe(self, image_size: int) -> list[TeacherInfo]:
         """What methods may know before training: classes and tap shapes for images of `image_size`."""
 
+    # How many batches `submit` may have outstanding for the service to work on while earlier ones are read.
+    batches_in_flight = 1
+
     @abstractmethod
     def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
         """Outputs for uint8 images [B, C, H, W]; `wanted[i]` names teacher i's outputs ([] skips it)."""
+
+    def submit(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> Callable[[], TeacherOutputs]:
+        """`fetch`, started: call the returned function for its outputs. Here it runs at once; a source that
+        can overlap work (the served one) returns before its outputs are in."""
+        outputs = self.fetch(images, wanted)
+        return lambda: outputs
 
     @abstractmethod
     def parameter_counts(self) -> list[int]:
@@ -79,7 +88,8 @@ class ServedTeacherSource(TeacherSource):
 
     `teachers[i]` is teacher i's name on the service. When `expected_identities[i]` is given (the identity of
     a local checkpoint of the same teacher), the service must host exactly that teacher: same architecture,
-    weights and preprocessing; a mismatch is an error, not silently different targets.
+    weights and preprocessing; a mismatch is an error, not silently different targets. `max_in_flight` is how
+    many Infer requests the client keeps outstanding, and how many batches `submit` lets run ahead.
     """
 
     def __init__(
@@ -90,10 +100,14 @@ class ServedTeacherSource(TeacherSource):
         cache_uri: str | None = None,
         expected_identities: Sequence[str | None] | None = None,
         timeout_seconds: float = 120.0,
+        max_in_flight: int = 1,
     ) -> None:
         self.names = list(teachers)
         self.store = open_store(cache_uri) if cache_uri else None
-        self.client = TeacherClient(address, store=self.store, timeout_seconds=timeout_seconds)
+        self.client = TeacherClient(
+            address, store=self.store, timeout_seconds=timeout_seconds, max_in_flight=max_in_flight
+        )
+        self.batches_in_flight = max_in_flight
         hosted = self.client.teachers()
         for i, name in enumerate(self.names):
             if name not in hosted:
@@ -118,8 +132,18 @@ class ServedTeacherSource(TeacherSource):
         ]
 
     def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
+        return self.submit(images, wanted)()
+
+    def submit(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> Callable[[], TeacherOutputs]:
         asked = {name: list(outputs) for name, outputs in zip(self.names, wanted, strict=True) if outputs}
-        result = self.client.fetch(images, list(asked), asked) if asked else {}
+        if not asked:
+            return lambda: self._outputs({}, wanted)
+        pending = self.client.submit(images, list(asked), asked)
+        return lambda: self._outputs(pending.result(), wanted)
+
+    def _outputs(
+        self, result: dict[str, dict[str, torch.Tensor]], wanted: Sequence[Sequence[str]]
+    ) -> TeacherOutputs:
         logits, features = [], []
         for name, outputs in zip(self.names, wanted):
             got = result.get(name, {}) if outputs else {}
@@ -178,4 +202,5 @@ def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.
         cache_uri=settings.cache,
         expected_identities=expected,
         timeout_seconds=settings.timeout_seconds,
+        max_in_flight=settings.max_in_flight,
     )

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.weights import WeightsFileError, read_weights_file
+from services.zoo import CHECKPOINT_FORMAT, Preprocessing, create_teacher, save_teacher_checkpoint
 from trainer.config import DataConfig, TeacherConfig
 from trainer.data import DatasetSplits
 from trainer.inputs import loader_settings, train_views
@@ -21,6 +22,7 @@ from trainer.loop import (
     evaluate,
     make_optimizer,
     make_scheduler,
+    resolved_epochs,
     train_epoch,
     train_loader,
 )
@@ -28,15 +30,39 @@ from trainer.methods.ce import CrossEntropyTraining
 
 logger = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, int, float], None]  # (epoch done, total epochs, val accuracy)
+EpochCallback = Callable[[int, int, float | None], None]  # (epoch done, total epochs, val accuracy or None)
 
 
 @dataclass
 class TeacherTrainingResult:
     name: str
     checkpoint: str
-    val_accuracy: float
+    val_accuracy: float | None  # None: no validation split
     seconds: float
+
+
+def teacher_training_data(teacher: TeacherConfig, data: DataConfig) -> dict:
+    """What a teacher is (or would be) trained on, as recorded in the checkpoints ekd writes: the dataset,
+    its split, and the share of the training split (the teacher's own `train_fraction`, else the
+    experiment's)."""
+    return {
+        "dataset": data.dataset,
+        "split_seed": data.split_seed,
+        "val_fraction": data.val_fraction,
+        "train_fraction": data.train_fraction if teacher.train_fraction is None else teacher.train_fraction,
+    }
+
+
+def recorded_training_data(checkpoint: str) -> dict | None:
+    """The training data an ekd teacher checkpoint records; None for a missing file, a file of published
+    weights, or an ekd checkpoint written before checkpoints recorded it."""
+    try:
+        content = read_weights_file(checkpoint)
+    except WeightsFileError:
+        return None
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        return None
+    return content.get("training_data")
 
 
 def dataset_preprocessing(splits: DatasetSplits) -> Preprocessing:
@@ -68,14 +94,15 @@ def train_teacher(
     optimizer = make_optimizer(method.param_groups(cfg.train.lr), cfg.train)
     batches = -(-len(views) // data.batch_size)
     optimizer_steps = -(-batches // cfg.train.accumulate_steps)
+    epochs = resolved_epochs(cfg.train, batches)
     scheduler = make_scheduler(
         optimizer,
         cfg.train,
-        cfg.train.epochs * optimizer_steps,
+        epochs * optimizer_steps,
         warmup_steps=round(cfg.train.warmup_epochs * optimizer_steps),
     )
-    seconds, val_accuracy = 0.0, 0.0
-    for epoch in range(cfg.train.epochs):
+    seconds, val_accuracy = 0.0, None
+    for epoch in range(epochs):
         stats = train_epoch(
             method,
             train_loader(views, data.batch_size, seed, epoch, loading=loading),
@@ -83,31 +110,32 @@ def train_teacher(
             optimizer,
             scheduler,
             epoch=epoch,
-            total_epochs=cfg.train.epochs,
+            total_epochs=epochs,
             mean=splits.mean,
             std=splits.std,
             device=device,
             settings=settings,
         )
         seconds += stats.seconds
-        val_accuracy = evaluate(
-            method.predict,
-            method,
-            eval_loader(splits.val, EVAL_BATCH_SIZE, loading),
-            splits.mean,
-            splits.std,
-            device,
-        )
-        logger.debug(
-            "teacher %s epoch %d/%d: loss %.4f, val accuracy %.2f%%",
-            cfg.name,
-            epoch + 1,
-            cfg.train.epochs,
-            stats.loss,
-            100 * val_accuracy,
-        )
+        if len(splits.val):
+            val_accuracy = evaluate(
+                method.predict,
+                method,
+                eval_loader(splits.val, EVAL_BATCH_SIZE, loading),
+                splits.mean,
+                splits.std,
+                device,
+            )
+        logger.debug("teacher %s epoch %d/%d: loss %.4f", cfg.name, epoch + 1, epochs, stats.loss)
         if on_epoch is not None:
-            on_epoch(epoch + 1, cfg.train.epochs, val_accuracy)
+            on_epoch(epoch + 1, epochs, val_accuracy)
     Path(cfg.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-    save_teacher_checkpoint(cfg.checkpoint, model.cpu(), cfg.name, splits.num_classes, preprocessing)
+    save_teacher_checkpoint(
+        cfg.checkpoint,
+        model.cpu(),
+        cfg.name,
+        splits.num_classes,
+        preprocessing,
+        training_data=teacher_training_data(cfg, data),
+    )
     return TeacherTrainingResult(cfg.name, cfg.checkpoint, val_accuracy, seconds)

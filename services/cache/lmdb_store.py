@@ -10,6 +10,7 @@ growing it safely needs every process to reopen, so a full map is reported with 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,18 @@ class LmdbStore(TeacherOutputStore):
                 f"{len(items)} values of {needed} bytes; reopen it with a larger map_size, "
                 f"e.g. map_size={2 * self.map_size}"
             ) from error
+
+    def _scan_raw(self, prefix: bytes) -> Iterator[tuple[bytes, int]]:
+        # One read transaction with buffers: the values' sizes come from the memory map, nothing is copied.
+        with self._env.begin(write=False, buffers=True) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(prefix):
+                return
+            for key, value in cursor:
+                key = bytes(key)
+                if not key.startswith(prefix):
+                    return
+                yield key, len(value)
 
     def _delete_raw(self, keys: list[bytes]) -> None:
         # A read-only handle cannot delete; the damaged value stays a miss until a writer replaces it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import islice
 
 import redis
 from redis.backoff import NoBackoff
@@ -22,6 +23,15 @@ from services.cache.store import (
     TeacherOutputStore,
     redact_url,
 )
+
+_SCAN_STEP = 1000
+
+
+def _glob_escaped(text: bytes) -> bytes:
+    """`text` with Redis glob's special characters escaped, to match literally in SCAN MATCH."""
+    for special in (b"\\", b"*", b"?", b"[", b"]"):
+        text = text.replace(special, b"\\" + special)
+    return text
 
 
 class RedisStore(TeacherOutputStore):
@@ -65,6 +75,11 @@ class RedisStore(TeacherOutputStore):
     def _translated_errors(self) -> Iterator[None]:
         try:
             yield
+        except redis.AuthenticationError as error:
+            raise CacheUnavailableError(
+                f"Redis cache at {self.url} refuses the password ({error}); give the right one in the URL: "
+                "redis://:PASSWORD@host:port/db"
+            ) from error
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise CacheUnavailableError(f"Redis cache at {self.url} is unavailable: {error}") from error
         except OutOfMemoryError as error:
@@ -85,6 +100,20 @@ class RedisStore(TeacherOutputStore):
             for key, value in items:
                 pipeline.set(self._prefix + key, value, ex=self.ttl_seconds)
             pipeline.execute()
+
+    def _scan_raw(self, prefix: bytes) -> Iterator[tuple[bytes, int]]:
+        # SCAN MATCH walks the keyspace in steps without blocking the server; STRLEN, pipelined per step,
+        # gives each value's size without sending it.
+        pattern = _glob_escaped(self._prefix + prefix) + b"*"
+        with self._translated_errors():
+            keys = self._client.scan_iter(match=pattern, count=_SCAN_STEP)
+            while step := list(islice(keys, _SCAN_STEP)):
+                pipeline = self._client.pipeline(transaction=False)
+                for key in step:
+                    pipeline.strlen(key)
+                for key, size in zip(step, pipeline.execute(), strict=True):
+                    if size:  # 0: expired or evicted since the scan saw it
+                        yield key[len(self._prefix) :], size
 
     def _delete_raw(self, keys: list[bytes]) -> None:
         # A concurrent writer may have just replaced a damaged value with a good one; deleting it then costs

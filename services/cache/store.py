@@ -1,18 +1,30 @@
 """The teacher-output cache: key derivation and the store interface every backend implements.
 
 A key is derived from everything that determines a teacher's output for one sample (the teacher's identity,
-which output, its dtype and top-k truncation, and the exact input bytes), so a key never returns another
-input's or another teacher's output, and any experiment that feeds the same input to the same teacher reuses
-the entry. Values are framed by `services.codec`, so damage is detected on read, never returned as data.
-"""
+which output, its dtype, its form: full, top-k or compact, and the exact input bytes), so a key never returns
+another input's or another teacher's output, full and compact values never mix, and any experiment that feeds
+the same input to the same teacher reuses the entry.
+
+Keys (namespace v2; v1 keys were one opaque hash, so caches written before are not read, only re-filled) start
+with a readable prefix, so that entries can be counted and dropped per teacher, output and form by a prefix
+scan (Redis SCAN MATCH, an LMDB cursor) without reading any value:
+
+    ekd:v2:<teacher tag>:<output>:<form label>:<xxh3_128 of every field, 16 raw bytes>
+
+The teacher tag is the identity's first 12 characters when it is hex (every zoo teacher's identity is a sha256
+hex digest), else the first 12 hex digits of its xxh3_64; the form label is the dtype's short name for a full
+value (`f16`), `top<k>.<dtype>` for a top-k part and `compact` for the compact soft-label form (its own
+encoding, whatever the dtype). Values are framed by `services.codec`, or by `services.soft_labels` for the
+compact form, so damage is detected on read, never returned as data."""
 
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -22,12 +34,26 @@ import xxhash
 
 from services.codec import DTYPES, CorruptValueError, decode_value, encode_value
 from services.errors import UserError
+from services.soft_labels import CompactLogits, decode, encode, is_compact_frame
 
 logger = logging.getLogger(__name__)
 
-KEY_NAMESPACE = b"ekd:v1:"
+KEY_NAMESPACE = b"ekd:v2:"
 INPUT_DIGEST_SIZE = 16  # bytes of an xxh3_128 digest
+KEY_HASH_SIZE = 16  # bytes of the xxh3_128 that ends a key
+TEACHER_TAG_LENGTH = 12
 _INPUT_DIGEST_DOMAIN = b"ekd-input-v1"
+
+FULL = "full"
+COMPACT = "compact"
+FORMS = (FULL, COMPACT)
+"""Value forms: `full` stores the tensor (or, with top_k > 0, a top-k part) in its dtype; `compact` stores
+logits as `services.soft_labels` frames."""
+
+_DTYPE_LABELS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "uint8": "u8", "int64": "i64"}
+_HEX = re.compile(r"[0-9a-f]+")
+
+CachedValue = torch.Tensor | CompactLogits
 
 
 class CacheError(RuntimeError):
@@ -84,25 +110,84 @@ def input_digest(image: torch.Tensor) -> bytes:
     return input_digests(image.unsqueeze(0))[0]
 
 
-def output_key(teacher_identity: str, output: str, dtype: str, top_k: int, digest: bytes) -> bytes:
-    """The cache key of one teacher output for one input: `ekd:v1:` + hex xxh3_128 over all fields,
-    length-prefixed. `top_k` is whatever truncation the caller applies (its convention, e.g. 0 for none)."""
+def teacher_tag(teacher_identity: str) -> str:
+    """The short name of a teacher in keys (see the module doc)."""
     if not teacher_identity:
         raise ValueError("teacher_identity must be a non-empty string")
-    if not output:
-        raise ValueError("output must be a non-empty output name")
+    if len(teacher_identity) >= TEACHER_TAG_LENGTH and _HEX.fullmatch(teacher_identity):
+        return teacher_identity[:TEACHER_TAG_LENGTH]
+    return xxhash.xxh3_64_hexdigest(teacher_identity.encode())[:TEACHER_TAG_LENGTH]
+
+
+def form_label(dtype: str, top_k: int, form: str) -> str:
+    """The form segment of a key: `compact`, `top<k>.<dtype>` or the dtype's short name."""
+    if form == COMPACT:
+        return COMPACT
+    return f"top{top_k}.{_DTYPE_LABELS[dtype]}" if top_k else _DTYPE_LABELS[dtype]
+
+
+def key_prefix(tag: str, output: str | None = None, label: str | None = None) -> bytes:
+    """The prefix every key of teacher tag `tag` (and of `output`, and of form `label`) starts with."""
+    if label is not None and output is None:
+        raise ValueError("a key prefix with a form label needs the output too")
+    parts = [tag, *(part for part in (output, label) if part is not None)]
+    return KEY_NAMESPACE + ":".join(parts).encode() + b":"
+
+
+@dataclass(frozen=True)
+class KeyFields:
+    """What a key's readable prefix says: teacher tag, output and form label."""
+
+    tag: str
+    output: str
+    label: str
+
+
+def parse_key(key: bytes) -> KeyFields | None:
+    """The readable fields of a v2 key; None for anything else (another namespace, a foreign key)."""
+    if not key.startswith(KEY_NAMESPACE) or len(key) <= len(KEY_NAMESPACE) + KEY_HASH_SIZE:
+        return None
+    fields_part = key[len(KEY_NAMESPACE) : -KEY_HASH_SIZE]
+    parts = fields_part.split(b":")
+    if len(parts) != 4 or parts[3] != b"":
+        return None
+    try:
+        return KeyFields(*(part.decode() for part in parts[:3]))
+    except UnicodeDecodeError:
+        return None
+
+
+def output_key(
+    teacher_identity: str, output: str, dtype: str, top_k: int, digest: bytes, *, form: str = FULL
+) -> bytes:
+    """The cache key of one teacher output for one input (layout in the module doc). `top_k` is whatever
+    truncation the caller applies to a full-form value (its convention, e.g. 0 for none); the compact form
+    fixes its own encoding, so with it `top_k` must be 0 and `dtype` is not part of the key."""
+    tag = teacher_tag(teacher_identity)
+    if not output or ":" in output:
+        raise ValueError(f"output must be a non-empty output name without ':'; got {output!r}")
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; allowed: {', '.join(FORMS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
+    if form == COMPACT and top_k:
+        raise ValueError(f"the compact form keeps its own top entries; top_k must be 0, got {top_k}")
     if not isinstance(digest, bytes) or len(digest) != INPUT_DIGEST_SIZE:
         raise ValueError(
             f"digest must be the {INPUT_DIGEST_SIZE}-byte bytes from input_digest; got {digest!r}"
         )
+    label = form_label(dtype, top_k, form)
     fields = _length_prefixed(
-        teacher_identity.encode(), output.encode(), dtype.encode(), struct.pack("<Q", top_k), digest
+        teacher_identity.encode(),
+        output.encode(),
+        (COMPACT if form == COMPACT else dtype).encode(),
+        struct.pack("<Q", top_k),
+        form.encode(),
+        digest,
     )
-    return KEY_NAMESPACE + xxhash.xxh3_128_hexdigest(fields).encode()
+    return key_prefix(tag, output, label) + xxhash.xxh3_128_digest(fields)
 
 
 @dataclass(frozen=True)
@@ -116,6 +201,14 @@ class CacheStats:
     puts: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+
+
+def _encoded(value: CachedValue) -> bytes:
+    if isinstance(value, CompactLogits):
+        if len(value) != 1:
+            raise ValueError(f"a cache value is one sample's compact logits; got {len(value)} rows")
+        return encode(value)[0]
+    return encode_value(value)
 
 
 def _check_keys(keys: Sequence[bytes]) -> None:
@@ -137,7 +230,8 @@ class TeacherOutputStore(ABC):
 
     @abstractmethod
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
-        """The stored bytes for each key, None where absent; one round trip."""
+        """The stored bytes for each key, None where absent; one round trip. A value is written whole or
+        not at all (one LMDB transaction, one Redis SET), so a value read back is never half of one."""
 
     @abstractmethod
     def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
@@ -148,12 +242,28 @@ class TeacherOutputStore(ABC):
         """Remove the keys; absent keys are not an error."""
 
     @abstractmethod
+    def _scan_raw(self, prefix: bytes) -> Iterator[tuple[bytes, int]]:
+        """(key, stored value bytes) of every key starting with `prefix`, without reading the values."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the backend's connections or handles."""
 
-    def get_many(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
-        """The cached tensor for each key, in order, None for a miss. A damaged value is counted, deleted and
-        returned as None."""
+    def scan(self, prefix: bytes = KEY_NAMESPACE) -> Iterator[tuple[bytes, int]]:
+        """(key, value size in bytes) of every entry whose key starts with `prefix` (all of this namespace by
+        default), in no particular order; values are not read."""
+        return self._scan_raw(prefix)
+
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        """Remove the keys; absent keys are not an error."""
+        keys = list(keys)
+        _check_keys(keys)
+        if keys:
+            self._delete_raw(keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[CachedValue | None]:
+        """The cached value for each key, in order, None for a miss: a tensor, or a one-row `CompactLogits`
+        for a compact-form key. A damaged value is counted, deleted and returned as None."""
         keys = list(keys)
         _check_keys(keys)
         if not keys:
@@ -167,7 +277,7 @@ class TeacherOutputStore(ABC):
                 continue
             bytes_read += len(raw)
             try:
-                values.append(decode_value(raw))
+                values.append(decode(raw) if is_compact_frame(raw) else decode_value(raw))
             except CorruptValueError as error:
                 logger.warning("deleting corrupt cache value under %r: %s", key, error)
                 corrupt_keys.append(key)
@@ -178,12 +288,13 @@ class TeacherOutputStore(ABC):
         self._count(hits=hits, misses=len(keys) - hits, corrupt=len(corrupt_keys), bytes_read=bytes_read)
         return values
 
-    def put_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
-        """Store each (key, tensor), overwriting existing values."""
+    def put_many(self, items: Sequence[tuple[bytes, CachedValue]]) -> None:
+        """Store each (key, value), overwriting existing values: a tensor, or a one-row `CompactLogits` under
+        a compact-form key."""
         _check_keys([key for key, _ in items])
         if not items:
             return
-        encoded = [(key, encode_value(tensor)) for key, tensor in items]
+        encoded = [(key, _encoded(value)) for key, value in items]
         self._put_raw(encoded)
         self._count(puts=len(encoded), bytes_written=sum(len(value) for _, value in encoded))
 

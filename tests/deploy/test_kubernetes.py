@@ -27,6 +27,13 @@ CUSTOM_KINDS = {"RayService", "RayJob", "ServiceMonitor"}
 SCHEMAS = yaml.safe_load((Path(__file__).parent / "custom_resources.schema.yaml").read_text())["$defs"]
 OVERLAYS = ["base", "cpu"]
 INGRESS_RESOURCE = "ekd_grpc_ingress"
+HEADLINE_CONFIG = "/app/configs/serve/imagenet.yaml"
+"""What deploy/base serves: SENet154 + ResNet152 on GPUs (deploy/overlays/cpu: docker-compose's digits)."""
+HEADLINE_RECIPE = REPO / "configs" / "imagenet" / "seed000_ensemble_kd.yaml"
+IMAGENET_TRAIN_IMAGES = 1_281_167
+BYTES_PER_LOGITS_ENTRY = 2160
+"""Redis memory per cached output of 1000 fp16 logits (value, key and Redis's per-key overhead), measured with
+services.cache's RedisStore and `INFO memory` over 20,000 entries."""
 
 
 def validate_custom(obj: dict) -> None:
@@ -167,41 +174,66 @@ def test_serve_config_v2_is_a_valid_serve_config(builds, overlay):
     ServeDeploySchema.model_validate(serve_config_v2(builds[overlay]))
 
 
+@pytest.fixture(scope="module")
+def applications(local_application) -> dict[str, dict]:
+    """What each overlay's RayService should run: deploy/base the headline ensemble, deploy/overlays/cpu the
+    local stack's digits application."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("EKD_CACHE_URI", "redis://ekd-redis:6379/0")
+        headline = load_serve_config(repo_path(HEADLINE_CONFIG))
+    return {
+        "base": {**local_application, "args": {"config": HEADLINE_CONFIG}, "config": headline},
+        "cpu": local_application,
+    }
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_serve_config_v2_runs_the_application_the_local_stack_runs(builds, local_application, overlay):
+def test_serve_config_v2_runs_the_overlays_application(builds, applications, overlay):
     (application,) = serve_config_v2(builds[overlay])["applications"]
     for field in ("name", "import_path", "args", "route_prefix"):
-        assert application[field] == local_application[field], field
-    config = local_application["config"]
+        assert application[field] == applications[overlay][field], field
+    config = applications[overlay]["config"]
     expected = {deployments.teacher_deployment_name(teacher.name) for teacher in config.teachers}
     expected.add(deployments.INGRESS_DEPLOYMENT)
     assert set(serve_deployments(builds[overlay])) == expected
 
 
-def test_cpu_overlay_changes_only_the_teachers_gpus(builds):
-    base, cpu = serve_config_v2(builds["base"]), serve_config_v2(builds["cpu"])
-    for deployment in base["applications"][0]["deployments"]:
-        if "num_gpus" in deployment["ray_actor_options"]:
-            deployment["ray_actor_options"]["num_gpus"] = 0
-    assert cpu == base
+def test_base_serves_the_headline_ensemble_as_the_recipe_names_it(applications):
+    config = applications["base"]["config"]
+    recipe = yaml.safe_load(HEADLINE_RECIPE.read_text())
+    assert [teacher.name for teacher in config.teachers] == [t["name"] for t in recipe["teachers"]]
+    assert {teacher.architecture for teacher in config.teachers} == {"legacy_senet154", "resnet152"}
+    for teacher in config.teachers:
+        assert teacher.num_classes == 1000
+        assert (teacher.precision, teacher.channels_last, teacher.compile) == ("bf16", True, True)
+        assert teacher.autoscaling is not None and teacher.autoscaling.max_replicas > 1
 
 
-def test_gpu_base_gives_each_teacher_replica_a_gpu_of_its_own(builds):
-    teachers = {
-        name: deployment
-        for name, deployment in serve_deployments(builds["base"]).items()
-        if name.startswith("teacher-")
-    }
-    assert teachers and all(d["ray_actor_options"]["num_gpus"] == 1 for d in teachers.values())
-    gpus_needed = sum(
-        deployment.get("num_replicas", 1) * deployment["ray_actor_options"]["num_gpus"]
-        for deployment in teachers.values()
+def test_cpu_overlay_serves_the_digits_stack(applications):
+    architectures = {teacher.architecture for teacher in applications["cpu"]["config"].teachers}
+    assert architectures == {"cifar_resnet56", "cifar_wrn16_4"}
+
+
+def test_gpu_base_gives_each_teacher_replica_a_gpu_of_its_own(builds, applications):
+    config = applications["base"]["config"]
+    deployment_options = serve_deployments(builds["base"])
+    teachers = {deployments.teacher_deployment_name(teacher.name): teacher for teacher in config.teachers}
+    assert all(deployment_options[name]["ray_actor_options"]["num_gpus"] == 1 for name in teachers)
+    # Replicas come from the config (autoscaling): serveConfigV2 sets none, which would override it.
+    assert not any(
+        {"num_replicas", "autoscaling_config"} & set(deployment_options[name]) for name in teachers
     )
+    least = sum(teacher.autoscaling.min_replicas for teacher in teachers.values())
+    most = sum(teacher.most_replicas for teacher in teachers.values())
     group = worker_group(builds["base"], "teachers")
     (worker,) = containers(group["template"])
     gpus_per_pod = int(worker["resources"]["limits"]["nvidia.com/gpu"])
-    assert group["replicas"] * gpus_per_pod >= gpus_needed
+    assert group["minReplicas"] * gpus_per_pod >= least
+    assert group["maxReplicas"] * gpus_per_pod >= most
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    # Pods beyond the minimum come only from Ray's autoscaler, when Serve asks for more replicas.
+    cluster = ray_cluster_spec(by_kind_and_name(builds["base"])["RayService", "ekd-teachers"])
+    assert cluster["enableInTreeAutoscaling"] is True
 
 
 def test_cpu_overlay_asks_for_no_gpu_and_runs_the_cpu_image(builds):
@@ -219,11 +251,11 @@ def test_cpu_overlay_asks_for_no_gpu_and_runs_the_cpu_image(builds):
         assert images == {image}
 
 
-def test_only_the_ingress_group_offers_the_ingress_resource(builds):
+def test_only_the_ingress_group_offers_the_ingress_resource(builds, applications):
     for overlay in OVERLAYS:
         ingress = serve_deployments(builds[overlay])[deployments.INGRESS_DEPLOYMENT]
         assert ingress["ray_actor_options"]["resources"] == {INGRESS_RESOURCE: 1}
-        assert "num_replicas" not in ingress  # one replica: it binds fixed ports
+        assert "num_replicas" not in ingress  # the config's grpc.replicas decide
         cluster = ray_cluster_spec(by_kind_and_name(builds[overlay])["RayService", "ekd-teachers"])
         offered = {}
         for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
@@ -231,7 +263,11 @@ def test_only_the_ingress_group_offers_the_ingress_resource(builds):
             resources = json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))
             offered[group.get("groupName", "head")] = resources.get(INGRESS_RESOURCE, 0)
         assert offered == {"head": 0, "teachers": 0, "grpc-ingress": 1}
-        assert worker_group(builds[overlay], "grpc-ingress")["replicas"] == 1
+        # One replica per ingress pod: each binds the fixed ports in its own pod.
+        grpc = applications[overlay]["config"].grpc
+        group = worker_group(builds[overlay], "grpc-ingress")
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == grpc.replicas
+        assert grpc.replicas == 1 or grpc.max_replicas_per_node == 1
         # Nothing else lands on the head or the ingress worker.
         assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
         assert worker_group(builds[overlay], "grpc-ingress")["rayStartParams"]["num-cpus"] == "0"
@@ -241,11 +277,12 @@ def test_only_the_ingress_group_offers_the_ingress_resource(builds):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_grpc_service_reaches_the_ingress_pod_once_it_serves(builds, local_application, overlay):
+def test_grpc_service_reaches_the_ingress_pods_once_they_serve(builds, applications, overlay):
+    config = applications[overlay]["config"]
     objects = by_kind_and_name(builds[overlay])
     service = objects["Service", "ekd-teachers-grpc"]
     ports = {port["name"]: port for port in service["spec"]["ports"]}
-    assert ports["serve-grpc"]["port"] == local_application["config"].grpc.port == 50051
+    assert ports["serve-grpc"]["port"] == config.grpc.port == 50051
     templates = pod_templates(objects["RayService", "ekd-teachers"])
     selected = [
         role
@@ -255,10 +292,10 @@ def test_grpc_service_reaches_the_ingress_pod_once_it_serves(builds, local_appli
     assert selected == ["grpc-ingress"]
     (ingress,) = containers(templates["grpc-ingress"])
     container_ports = {port["name"]: port["containerPort"] for port in ingress["ports"]}
-    assert container_ports[ports["serve-grpc"]["targetPort"]] == local_application["config"].grpc.port
-    assert container_ports[ports["ekd-metrics"]["targetPort"]] == local_application["config"].metrics_port
+    assert container_ports[ports["serve-grpc"]["targetPort"]] == config.grpc.port
+    assert container_ports[ports["ekd-metrics"]["targetPort"]] == config.metrics_port
     # Kubernetes's native gRPC probe asks grpc.health.v1 about the whole server.
-    assert ingress["readinessProbe"]["grpc"] == {"port": local_application["config"].grpc.port}
+    assert ingress["readinessProbe"]["grpc"] == {"port": config.grpc.port}
 
 
 def test_ray_pods_keep_what_kuberay_relies_on(builds):
@@ -321,8 +358,18 @@ def test_every_cache_user_gets_the_password_from_the_secret(builds, jobs):
     assert password not in json.dumps(everything_else)
 
 
-def test_redis_requires_the_password_and_evicts_lru_at_its_memory_limit(builds):
-    objects = by_kind_and_name(builds["base"])
+def redis_bytes(size: str) -> int:
+    """A redis.conf memory size ("96gb") or Kubernetes quantity ("104Gi") in bytes."""
+    units = {"gb": 2**30, "mb": 2**20, "Gi": 2**30, "Mi": 2**20}
+    for unit, factor in units.items():
+        if size.endswith(unit):
+            return int(float(size.removesuffix(unit)) * factor)
+    raise ValueError(f"unknown unit in {size!r}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis_requires_the_password_and_evicts_lru_at_its_memory_limit(builds, overlay):
+    objects = by_kind_and_name(builds[overlay])
     statefulset = objects["StatefulSet", "ekd-redis"]
     (redis,) = containers(statefulset["spec"]["template"])
     assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
@@ -336,14 +383,15 @@ def test_redis_requires_the_password_and_evicts_lru_at_its_memory_limit(builds):
     config_map = objects["ConfigMap", volume["configMap"]["name"]]
     lines = config_map["data"][Path(config_path).name].splitlines()
     directives = dict(line.split(maxsplit=1) for line in lines if line and not line.startswith("#"))
-    assert directives["maxmemory"] == "2gb"
     assert directives["maxmemory-policy"] == "allkeys-lru"
+    # The pod has room for the cache and Redis's own overhead.
+    assert redis_bytes(directives["maxmemory"]) < redis_bytes(redis["resources"]["requests"]["memory"])
     assert statefulset["spec"]["serviceName"] == "ekd-redis"
     pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
     assert selects(objects["Service", "ekd-redis"]["spec"]["selector"], pod_labels)
 
 
-def test_teacher_workers_read_checkpoints_from_the_models_volume(builds, local_application):
+def test_teacher_workers_read_checkpoints_from_the_models_volume(builds, applications):
     objects = by_kind_and_name(builds["base"])
     claim = objects["PersistentVolumeClaim", "ekd-models"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
@@ -353,7 +401,8 @@ def test_teacher_workers_read_checkpoints_from_the_models_volume(builds, local_a
     assert mount["readOnly"] is True
     (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
     assert volume["persistentVolumeClaim"]["claimName"] == "ekd-models"
-    assert all(t.checkpoint.startswith("/models/") for t in local_application["config"].teachers)
+    for application in applications.values():
+        assert all(t.checkpoint.startswith("/models/") for t in application["config"].teachers)
 
 
 def test_distill_job_asks_the_teacher_service(builds, jobs):
@@ -392,3 +441,12 @@ def test_ray_containers_run_as_the_images_user(builds, jobs):
                 context = template["spec"]["securityContext"]
                 user = (context["runAsNonRoot"], context["runAsUser"], context["runAsGroup"])
                 assert user == (True, 10001, 10001)
+
+
+def test_base_redis_holds_the_headline_recipes_soft_label_bank(builds):
+    (config_map,) = [obj for obj in builds["base"] if obj["kind"] == "ConfigMap"]
+    lines = config_map["data"]["redis.conf"].splitlines()
+    directives = dict(line.split(maxsplit=1) for line in lines if line and not line.startswith("#"))
+    recipe = yaml.safe_load(HEADLINE_RECIPE.read_text())
+    entries = IMAGENET_TRAIN_IMAGES * recipe["data"]["views"] * len(recipe["teachers"])
+    assert entries * BYTES_PER_LOGITS_ENTRY <= redis_bytes(directives["maxmemory"])

@@ -12,20 +12,24 @@ import lmdb
 import pytest
 import redis
 import torch
+import xxhash
 
 from services.cache import (
     CacheError,
     CacheFullError,
     CacheStats,
     CacheUnavailableError,
+    KeyFields,
     input_digest,
     input_digests,
     open_store,
     output_key,
+    parse_key,
 )
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
 from services.codec import encode_value
+from services.soft_labels import compress, encode
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +86,15 @@ def test_output_key_differs_in_every_field_and_is_unambiguous():
     ]
     keys = [output_key(*fields) for fields in variants]
     assert len(set(keys)) == len(keys) - 1 and keys[0] == keys[-1]
-    assert all(key.startswith(b"ekd:v1:") and len(key) == len(b"ekd:v1:") + 32 for key in keys)
+    assert len({output_key(*base, form="compact"), output_key(*base)}) == 2
+    # A readable prefix (namespace, teacher tag, output, form), then the 16-byte hash of every field.
+    assert keys[0].startswith(b"ekd:v2:" + xxhash.xxh3_64_hexdigest(b"resnet20@sha256:abc")[:12].encode())
+    assert keys[0][:-16].endswith(b":logits:f16:") and keys[3][:-16].endswith(b":logits:f32:")
+    assert keys[4][:-16].endswith(b":logits:top5.f16:")
+    assert output_key(*base, form="compact")[:-16].endswith(b":logits:compact:")
+    assert parse_key(keys[2]) == KeyFields(keys[2][7:19].decode(), "layer3", "f16")
+    sha_identity = "ab" * 32
+    assert output_key(sha_identity, *base[1:]).startswith(b"ekd:v2:abababababab:logits:f16:")
 
 
 def test_output_key_names_bad_fields():
@@ -97,13 +109,17 @@ def test_output_key_names_bad_fields():
         output_key("t", "logits", "float16", -1, digest)
     with pytest.raises(ValueError, match="16-byte"):
         output_key("t", "logits", "float16", 0, digest[:8])
+    with pytest.raises(ValueError, match="without ':'"):
+        output_key("t", "a:b", "float16", 0, digest)
+    with pytest.raises(ValueError, match="top_k must be 0, got 5"):
+        output_key("t", "logits", "float16", 5, digest, form="compact")
 
 
 KEY_PROGRAM = """
 import torch
 from services.cache import input_digests, output_key
 batch = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(2, 3, 16, 16)
-print(output_key("resnet20@sha256:abc", "logits", "float16", 5, input_digests(batch)[1]).decode())
+print(output_key("resnet20@sha256:abc", "logits", "float16", 5, input_digests(batch)[1]).hex())
 """
 
 
@@ -120,7 +136,7 @@ def test_keys_are_identical_across_processes():
     outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
     assert [process.returncode for process in processes] == [0, 0]
     batch = torch.arange(2 * 3 * 16 * 16).remainder(251).to(torch.uint8).reshape(2, 3, 16, 16)
-    expected = output_key("resnet20@sha256:abc", "logits", "float16", 5, input_digest(batch[1])).decode()
+    expected = output_key("resnet20@sha256:abc", "logits", "float16", 5, input_digest(batch[1])).hex()
     assert outputs == [expected, expected]
 
 
@@ -216,7 +232,7 @@ def test_keys_must_be_bytes(backend):
         backend.open() as store,
         pytest.raises(TypeError, match="cache keys are bytes from output_key; got str"),
     ):
-        store.get_many(["ekd:v1:abc"])
+        store.get_many(["ekd:v2:abc"])
 
 
 def test_stats_stay_exact_under_concurrent_readers(tmp_path):
@@ -226,7 +242,7 @@ def test_stats_stay_exact_under_concurrent_readers(tmp_path):
 
         def read() -> None:
             for _ in range(25):
-                store.get_many([key, b"ekd:v1:absent"])
+                store.get_many([key, b"ekd:v2:absent"])
 
         threads = [threading.Thread(target=read) for _ in range(4)]
         for thread in threads:
@@ -392,3 +408,56 @@ def test_lmdb_stores_on_one_directory_share_it_within_a_process(tmp_path):
     second.close()
     with LmdbStore(tmp_path / "shared") as reopened:
         assert reopened.get_many([key])[0] is not None
+
+
+def test_compact_values_round_trip_and_damage_reads_as_a_miss(backend):
+    compact = compress(torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 3)
+    keys = [
+        output_key("teacher", "logits", "float16", 0, input_digest(image(i)), form="compact")
+        for i in range(3)
+    ]
+    with backend.open() as store:
+        store.put_many([(key, compact[i]) for i, key in enumerate(keys)])
+        read = store.get_many(keys)
+        assert all(torch.equal(value.indices, compact[i].indices) for i, value in enumerate(read))
+        assert store.stats.bytes_written == 3 * 63
+        damaged = bytearray(encode(compact[0])[0])
+        damaged[-7] ^= 0x10
+        store._put_raw([(keys[0], bytes(damaged)), (keys[1], encode(compact[1])[0][:40])])
+        assert store.get_many(keys)[:2] == [None, None]
+        assert store.stats.corrupt == 2
+
+
+def test_scan_counts_entries_per_prefix_without_reading_values_and_delete_drops_them(backend, teacher):
+    # Hex identities of this test's own (the session's redis-server is shared), so their tags are readable.
+    first, second = (xxhash.xxh3_128_hexdigest(f"{teacher}:{n}".encode()) for n in (1, 2))
+    with backend.open() as store:
+        full = [output_key(first, "logits", "float16", 0, input_digest(image(i))) for i in range(4)]
+        compact = [
+            output_key(first, "logits", "float16", 0, input_digest(image(i)), form="compact")
+            for i in range(2)
+        ]
+        other = [output_key(second, "layer3", "float16", 0, input_digest(image(i))) for i in range(3)]
+        store.put_many([(key, logits(i)) for i, key in enumerate(full + other)])
+        store.put_many([(key, compress(logits(i).unsqueeze(0).float())) for i, key in enumerate(compact)])
+        sizes = dict(store.scan())
+        assert set(full + compact + other) <= set(sizes)
+        assert {sizes[key] for key in compact} == {39}  # 10 classes, all kept
+        assert sorted(dict(store.scan(f"ekd:v2:{first[:12]}:logits:compact:".encode()))) == sorted(compact)
+        assert sorted(dict(store.scan(f"ekd:v2:{first[:12]}:".encode()))) == sorted(full + compact)
+        assert len(dict(store.scan(f"ekd:v2:{second[:12]}:".encode()))) == 3
+        store.delete_many(other)
+        assert dict(store.scan(f"ekd:v2:{second[:12]}:".encode())) == {}
+
+
+def test_a_refused_redis_password_is_one_line_naming_the_store(start_redis_server):
+    server = start_redis_server()
+    with redis.Redis.from_url(server.url) as client:
+        client.config_set("requirepass", "right")
+    wrong = server.url.replace("redis://", "redis://:wrong@")
+    with pytest.raises(
+        CacheUnavailableError, match=r"Redis cache at redis://:\*\*\*@127.0.0.1:\d+/0 refuses the"
+    ):
+        open_store(wrong)
+    with pytest.raises(CacheUnavailableError, match="refuses the password"):
+        open_store(server.url)

@@ -7,6 +7,7 @@ trainer; the client under test is the ordinary blocking one. Every wait is bound
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -247,6 +248,68 @@ def test_small_server_message_limit_is_respected_by_splitting(serve, reference):
         assert client.stats.requests == 4
     for name in TEACHERS:
         assert_fp16_close(fetched[name]["logits"], reference[name].infer(batch, ["logits"])["logits"])
+
+
+# ---- requests in flight ----------------------------------------------------------------------------------
+
+
+class GatedBackend(LocalBackend):
+    """Holds each forward until `together` requests are at the server at once (a bounded wait), noting the
+    most it ever held together: how many requests the client had in flight."""
+
+    def __init__(self, engines: dict[str, TeacherEngine], together: int) -> None:
+        super().__init__(engines)
+        self.together = together
+        self.held = 0
+        self.most_held = 0
+        self.forwards: list[tuple[str, int]] = []
+
+    async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
+        self.held += 1
+        self.most_held = max(self.most_held, self.held)
+        deadline = time.monotonic() + DEADLINE_SECONDS / 2
+        while self.most_held < self.together and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        try:
+            self.forwards.append((name, images.shape[0]))
+            return await super().infer(name, images, outputs)
+        finally:
+            self.held -= 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_max_in_flight_requests_are_at_the_server_together(serve, checkpoints, reference, in_flight):
+    server = serve(GatedBackend(load_engines(checkpoints), together=in_flight))
+    batch = images(40, batch=12)
+    with client_of(server, max_request_samples=2, max_in_flight=in_flight) as client:
+        fetched = client.fetch(batch, ["a"], ["logits"])
+        assert client.stats.requests == 6
+    assert server.backend.most_held == in_flight
+    assert sorted(server.backend.forwards) == [("a", 2)] * 6
+    assert_fp16_close(fetched["a"]["logits"], reference["a"].infer(batch, ["logits"])["logits"])
+
+
+def test_submitted_fetches_overlap_and_each_gets_its_own_results(serve, checkpoints, reference):
+    server = serve(GatedBackend(load_engines(checkpoints), together=2))
+    first, second = images(41, batch=3), images(42, batch=5)
+    with client_of(server, max_in_flight=2) as client:
+        pending_first = client.submit(first, ["a"], ["logits"])
+        pending_second = client.submit(second, ["b"], ["logits", "layer3"])
+        second_result = pending_second.result()  # asked first: the first fetch lands on the way
+        first_result = pending_first.result()
+        assert client.stats.requests == 2
+    assert server.backend.most_held == 2
+    assert_fp16_close(first_result["a"]["logits"], reference["a"].infer(first, ["logits"])["logits"])
+    expected = reference["b"].infer(second, ["logits", "layer3"])
+    for output in ("logits", "layer3"):
+        assert_fp16_close(second_result["b"][output], expected[output])
+
+
+def test_max_in_flight_must_be_a_positive_int(serve):
+    server = serve()
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_in_flight"):
+            client_of(server, max_in_flight=bad)
 
 
 # ---- errors and retries ----------------------------------------------------------------------------------

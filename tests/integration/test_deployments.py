@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -31,11 +32,25 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
+from services.cache.local_redis import free_port
+from services.client import TeacherClient
 from services.codec import DTYPES_BY_PROTO_NAME, tensor_from_bytes
-from services.deployments import APP_NAME, teacher_deployment_name
+from services.deployments import (
+    APP_NAME,
+    QUEUED_SAMPLES,
+    QueuedSamplesPolicy,
+    build_app,
+    teacher_deployment_name,
+)
 from services.engine import TeacherEngine
 from services.errors import ConfigError
-from services.serve_config import load_serve_config
+from services.serve_config import (
+    AutoscalingConfig,
+    GrpcConfig,
+    ServeConfig,
+    TeacherDeploymentConfig,
+    load_serve_config,
+)
 from services.zoo import Preprocessing, create_teacher, file_sha256, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -364,6 +379,102 @@ def test_ingress_exposes_prometheus_metrics(served: Served) -> None:
     assert f'ekd_requests_total{{teacher="{TEACHERS[0]}"}}' in text
 
 
+# ---- scaled out: two ingress replicas on one port, two teacher replicas, requests in flight ---------------
+
+SCALED_APP = "ekd-scaled"
+CONNECTIONS = 16  # all on one of two listeners: probability 2 * 2**-16
+
+
+@pytest.fixture(scope="module")
+def scaled(served: Served) -> Iterator[tuple[str, DeploymentHandle, DeploymentHandle]]:
+    """A second application on the module's Ray: two GrpcIngress replicas sharing one fixed port, and the
+    first teacher autoscaled on queued samples between 2 and 2 replicas (both run from the start). Its
+    address, ingress handle and teacher handle."""
+    teacher = TEACHERS[0]
+    config = ServeConfig(
+        teachers=[
+            TeacherDeploymentConfig(
+                name=teacher,
+                architecture="cifar_resnet20",
+                num_classes=NUM_CLASSES,
+                checkpoint=str(served.checkpoints[teacher]),
+                max_batch_size=MAX_BATCH_SIZE,
+                num_cpus=0.25,
+                precision="fp32",
+                autoscaling=AutoscalingConfig(min_replicas=2, max_replicas=2, target_queued_samples=8),
+            )
+        ],
+        grpc=GrpcConfig(port=free_port(), replicas=2),
+        metrics_port=0,
+    )
+    ingress = serve.run(build_app(config), name=SCALED_APP, route_prefix=None)
+    try:
+        address = ingress.address.remote().result(timeout_s=DEADLINE_SECONDS)
+        yield address, ingress, serve.get_deployment_handle(teacher_deployment_name(teacher), SCALED_APP)
+    finally:
+        serve.delete(SCALED_APP)
+
+
+def per_replica(method: Callable[[], Any], replicas: int = 2) -> dict[str, int]:
+    """Ask a deployment handle's method (answering (replica id, count)) until every replica answered."""
+    answers: dict[str, int] = {}
+    for _ in range(200):
+        replica, count = method().result(timeout_s=DEADLINE_SECONDS)
+        answers[replica] = count
+        if len(answers) == replicas:
+            return answers
+    pytest.fail(f"only replicas {sorted(answers)} answered 200 calls; expected {replicas}", pytrace=False)
+
+
+def test_two_ingress_replicas_share_the_port_and_both_answer(scaled) -> None:
+    address, ingress, _ = scaled
+    request = infer_request(images(seed=800, count=2), teachers=TEACHERS[:1])
+
+    for _ in range(CONNECTIONS):
+        # A channel of its own pool opens a TCP connection of its own, which the kernel gives to one of the
+        # listeners on the port.
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            outputs, _ = infer(teacher_pb2_grpc.TeacherServiceStub(channel), request)
+            assert outputs[TEACHERS[0]]["logits"].shape == (2, NUM_CLASSES)
+
+    received = per_replica(ingress.replica_requests.remote)
+    assert all(count > 0 for count in received.values()), received
+    assert sum(received.values()) >= CONNECTIONS
+
+
+def test_requests_in_flight_reach_both_teacher_replicas(scaled, served: Served) -> None:
+    address, _, teacher = scaled
+    batch = images(seed=900, count=32)
+
+    with TeacherClient(
+        address, timeout_seconds=DEADLINE_SECONDS, max_request_samples=4, max_in_flight=4
+    ) as client:
+        fetched = client.fetch(batch, TEACHERS[:1], ["logits"])
+        assert client.stats.requests == 8
+
+    expected = in_process_engine(served.checkpoints[TEACHERS[0]]).infer(batch, ["logits"])["logits"]
+    torch.testing.assert_close(fetched[TEACHERS[0]]["logits"], expected, atol=2e-2, rtol=1e-2)
+    forwards = per_replica(teacher.replica_forward_count.remote)
+    assert all(count > 0 for count in forwards.values()), forwards
+    # Nothing is queued once every request is answered: the autoscaling signal falls back to zero.
+    assert teacher.record_autoscaling_stats.remote().result(timeout_s=DEADLINE_SECONDS) == {
+        QUEUED_SAMPLES: 0.0
+    }
+
+
+def test_queued_samples_policy_asks_for_replicas_by_queued_samples() -> None:
+    policy = QueuedSamplesPolicy(target_queued_samples=128)
+
+    def decision(queued: dict[str, float] | None, current: int = 1) -> int:
+        metrics = {QUEUED_SAMPLES: queued} if queued is not None else {}
+        return policy(SimpleNamespace(aggregated_metrics=metrics, target_num_replicas=current))[0]
+
+    assert decision({"r1": 300.0, "r2": 212.0}) == 4
+    assert decision({"r1": 1.0}) == 1
+    assert decision({"r1": 0.0, "r2": 0.0}, current=2) == 0  # Serve's min_replicas bounds it
+    assert decision(None, current=3) == 3  # no report yet: keep the replicas
+
+
 # ---- the config file -------------------------------------------------------------------------------------
 
 
@@ -409,3 +520,28 @@ def test_bad_serve_config_names_the_field_and_value(tmp_path: Path, monkeypatch:
     assert "teachers.1.max_batch_size" in message
     assert "teachers.1.replicas" in message  # an unknown field
     assert "cache.uri" in message and "EKD_UNSET_CACHE_URI" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"grpc": {"port": 0, "replicas": 2}}, "grpc: Value error, several ingress replicas share one port"),
+        ({"grpc": {"port": 50051, "replicas": 2}, "metrics_port": 9090}, "metrics_port 9090 would be bound"),
+        ({"autoscaling": {"max_replicas": 1, "target_queued_samples": 8}, "num_replicas": 2}, "not both"),
+        (
+            {"autoscaling": {"min_replicas": 3, "max_replicas": 2, "target_queued_samples": 8}},
+            "must not exceed",
+        ),
+    ],
+)
+def test_scaling_options_that_cannot_work_are_config_errors(
+    tmp_path: Path, section: dict[str, Any], problem: str
+) -> None:
+    teacher = {"name": "a", "architecture": "cifar_resnet20", "num_classes": 10, "checkpoint": "a.pt"}
+    teacher_fields = {key: value for key, value in section.items() if key in ("autoscaling", "num_replicas")}
+    config = {key: value for key, value in section.items() if key not in teacher_fields}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"teachers": [{**teacher, **teacher_fields}], **config}))
+
+    with pytest.raises(ConfigError, match=problem):
+        load_serve_config(path)

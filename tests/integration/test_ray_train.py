@@ -149,7 +149,7 @@ def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
     # Worker 0 exported the student and wrote the record where the local backend does.
     run_dir = Path(distributed.run_dir)
     assert run_dir == tmp_path / "runs" / "kd-ray"
-    loaded = load_student(run_dir / "students" / "student.pt")  # weights_only, rebuilt from plain data
+    loaded = load_student(run_dir / "students" / "seed0" / "student.pt")  # weights_only, from plain data
     assert loaded.predict(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape == (2, 10)
     assert (run_dir / "results_seed0.json").is_file()
 

@@ -123,9 +123,36 @@ def test_unknown_dataset_name_lists_the_allowed_names():
         assert name in str(error.value)
 
 
-def test_fractions_outside_zero_one_are_rejected():
+def test_fractions_outside_their_ranges_are_rejected():
     with pytest.raises(ValueError, match="val_fraction"):
-        load_dataset("digits", image_size=16, seed=0, val_fraction=0.0)
+        load_dataset("digits", image_size=16, seed=0, val_fraction=1.0)
+    with pytest.raises(ValueError, match="train_fraction"):
+        load_dataset("digits", image_size=16, seed=0, train_fraction=0.0)
+
+
+def test_val_fraction_zero_trains_on_the_whole_training_split():
+    full = load_dataset("digits", image_size=16, seed=0, val_fraction=0.0)
+    held = load_dataset("digits", image_size=16, seed=0)
+    assert len(full.val) == 0
+    assert len(full.train) == len(held.train) + len(held.val)
+    assert full.test.indices.tolist() == held.test.indices.tolist()
+
+
+def test_train_fraction_keeps_a_seeded_stratified_nested_subset():
+    full = load_dataset("digits", image_size=16, seed=0, val_fraction=0.0)
+    tenth = load_dataset("digits", image_size=16, seed=0, val_fraction=0.0, train_fraction=0.1)
+    again = load_dataset("digits", image_size=16, seed=0, val_fraction=0.0, train_fraction=0.1)
+    quarter = load_dataset("digits", image_size=16, seed=0, val_fraction=0.0, train_fraction=0.25)
+    other_seed = load_dataset("digits", image_size=16, seed=1, val_fraction=0.0, train_fraction=0.1)
+    kept = set(tenth.train.indices.tolist())
+    assert kept == set(again.train.indices.tolist())  # every experiment and teacher: the same subset
+    assert kept <= set(quarter.train.indices.tolist()) <= set(full.train.indices.tolist())
+    assert kept != set(other_seed.train.indices.tolist())
+    assert tenth.test.indices.tolist() == full.test.indices.tolist()  # the held-out split does not move
+    labels = full.train.dataset.labels
+    for label in range(10):  # each class keeps its share
+        of_class = (labels[full.train.indices] == label).sum().item()
+        assert (labels[tenth.train.indices] == label).sum().item() == max(1, round(0.1 * of_class))
 
 
 # ---- fake ------------------------------------------------------------------------------------------------

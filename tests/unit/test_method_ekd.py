@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from trainer.methods import create_method
 from trainer.methods.base import TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.ekd import EKDParams, EnsembleKnowledgeDistillation, build_ekd
-from trainer.students import MultiBranchResNet
+from trainer.students import MultiBranchResNet, count_parameters
 
 NUM_CLASSES = 10
 CLOCK = TrainingClock(epoch=0.0, total_epochs=1)
@@ -142,8 +142,13 @@ def test_predicts_with_the_mean_of_branch_logits_and_exports_the_whole_trunk():
     assert len(branches) == 3
     torch.testing.assert_close(method.predict(images), (branches[0] + branches[1] + branches[2]) / 3)
     exported = method.exported_students()
-    assert list(exported) == ["ekd_student"] and isinstance(exported["ekd_student"], MultiBranchResNet)
+    assert list(exported) == ["ekd_student", "branch_0", "branch_1", "branch_2"]
+    assert method.headline() == "ekd_student" and isinstance(exported["ekd_student"], MultiBranchResNet)
     assert exported["ekd_student"].branch_widths == (1.0, 1.0, 1.0)
+    for index in range(3):  # each branch deploys alone, and its CE baseline is the same network
+        torch.testing.assert_close(exported[f"branch_{index}"](images), branches[index])
+        baseline = method.alone_networks()[f"branch_{index}"].build(NUM_CLASSES, 3)
+        assert count_parameters(baseline) == count_parameters(exported[f"branch_{index}"])
 
 
 def test_teacher_outputs_ask_for_the_tap_only_when_the_feature_term_is_on():

@@ -97,10 +97,10 @@ def test_every_parameter_receives_gradient(batch):
 def test_adaptation_layers_map_to_the_pseudo_teacher_channels():
     method = make_method()
     assert [[conv.in_channels for conv in stages] for stages in method.adaptation] == [
-        [13, 26, 51],
-        [10, 19, 38],
-        [6, 13, 26],
-        [3, 6, 13],
+        [12, 25, 51],
+        [9, 19, 38],
+        [6, 12, 25],
+        [3, 6, 12],
     ]
     assert all([conv.out_channels for conv in stages] == [16, 32, 64] for stages in method.adaptation)
 
@@ -117,8 +117,17 @@ def test_param_groups_put_adaptation_layers_at_half_lr():
 
 def test_exported_students_run_alone_and_shrink(batch):
     images, _ = batch
-    exported = make_method().exported_students()
-    assert list(exported) == ["student_w1.0", "student_w0.8", "student_w0.6", "student_w0.4", "student_w0.2"]
+    method = make_method()
+    exported = method.exported_students()
+    assert list(exported) == [
+        "ensemble_mean",
+        "student_w1.0",
+        "student_w0.8",
+        "student_w0.6",
+        "student_w0.4",
+        "student_w0.2",
+    ]
+    assert method.headline() == "ensemble_mean" and exported.pop("ensemble_mean") is method.network
     sizes = [count_parameters(network) for network in exported.values()]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 5
     for network in exported.values():
@@ -187,9 +196,47 @@ def test_imagenet_trunk_shares_stem_and_layer1_and_trains_every_parameter():
     for name, parameter in method.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     exported = method.exported_students()
-    assert list(exported) == ["student_w1.0", "student_w0.67", "student_w0.33"]
+    assert list(exported) == ["ensemble_mean", "student_w1.0", "student_w0.67", "student_w0.33"]
+    del exported["ensemble_mean"]
     sizes = [count_parameters(network) for network in exported.values()]
     assert sizes == sorted(sizes, reverse=True)
     with torch.no_grad():
         for network in exported.values():
             assert network.eval()(images).shape == (2, 4)
+
+
+def test_channel_counts_are_truncated_as_the_official_code_counts_them():
+    # BOC-KD's 0.2-wide ResNet-110 student on CIFAR-100: its BaseNet (conv1+BN, 16 channels) and stages of
+    # int(16·0.2), int(32·0.2), int(64·0.2) = 3, 6, 12 channels: 64,233 parameters.
+    method = build_okd(OKDParams(depth=110), num_classes=100, in_chans=3, teachers=[])
+    assert count_parameters(method.exported_students()["student_w0.2"]) == 64_233
+
+
+def test_alone_networks_are_the_exported_students_as_single_networks():
+    method = make_method()
+    exported = method.exported_students()
+    alone = method.alone_networks()
+    assert set(alone) == set(exported) - {"ensemble_mean"}
+    for name, config in alone.items():
+        network = config.build(NUM_CLASSES, 3)
+        assert count_parameters(network) == count_parameters(exported[name])
+        # the same layers: the export's state dict loads into the baseline network
+        assert [tuple(v.shape) for v in network.state_dict().values()] == [
+            tuple(v.shape) for v in exported[name].state_dict().values()
+        ]
+
+
+def test_official_code_recipe_trains_the_ensemble_ce_and_leaves_adaptation_out(batch):
+    images, labels = batch
+    method = make_method(recipe="official_code")
+    outputs = method.network.forward_branches(images)
+    ensemble = torch.stack(outputs.logits).mean(0)
+    target = F.softmax(ensemble.detach() / 2.0, dim=1)
+    kl = sum(
+        4.0 * F.kl_div(F.log_softmax(z / 2.0, dim=1), target, reduction="batchmean") for z in outputs.logits
+    )
+    inter = method.intermediate_loss(outputs.stage_features, detach_teacher=False)
+    expected = 0.7 * F.cross_entropy(ensemble, labels) + 0.15 * inter + 0.15 * kl
+    assert method.training_loss(images, labels, None, CLOCK).loss.item() == pytest.approx(expected.item())
+    (group,) = method.param_groups(0.1)
+    assert not {id(p) for p in group["params"]} & {id(p) for p in method.adaptation.parameters()}

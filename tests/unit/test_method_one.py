@@ -61,7 +61,11 @@ def test_training_loss_matches_the_paper_equation_by_hand(method, batch):
 
     torch.testing.assert_close(result.loss.detach(), expected)
     assert result.terms["kl_weight"] == pytest.approx(weight)
-    torch.testing.assert_close(method.predict(images).detach(), ensemble)
+    # The headline is one branch (the paper's and the official code's ONE); ONE-E, the gated ensemble, is
+    # exported beside it.
+    torch.testing.assert_close(method.predict(images).detach(), logits[0])
+    assert method.headline() == "branch_0"
+    torch.testing.assert_close(method.exported_students()["one_ensemble"](images).detach(), ensemble)
 
 
 def test_kl_target_is_detached_so_the_gate_learns_only_from_the_ensemble_ce(method, batch):
@@ -143,7 +147,7 @@ def test_imagenet_trunk_copies_layer4_per_branch_and_trains_every_parameter():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     method.eval()
     exported = method.exported_students()
-    assert list(exported) == ["one_ensemble", "branch_0", "branch_1"]
+    assert list(exported) == ["branch_0", "branch_1", "one_ensemble"]
     with torch.no_grad():
         for network in exported.values():
             assert network(images).shape == (2, 4)

@@ -147,7 +147,18 @@ def test_contract_outputs_and_export():
         teachers=teacher_infos(2),
     )
     assert method.teacher_outputs() == [["logits"], ["logits"]]
-    assert method.exported_students() == {"student_0": method.students[0], "student_1": method.students[1]}
+    exported = method.exported_students()
+    assert (
+        list(exported)
+        == ["student_0", "student_1", "ensemble_vote"]
+        == [*method.alone_networks(), "ensemble_vote"]
+    )
+    assert exported["student_0"] is method.students[0] and exported["student_1"] is method.students[1]
+    assert method.headline() == "ensemble_vote"
+    images = torch.randn(4, 3, 16, 16)
+    method.eval()
+    with torch.no_grad():  # the exported vote is the method's prediction
+        torch.testing.assert_close(exported["ensemble_vote"](images), method.predict(images))
 
 
 def test_defaults_are_the_papers_best_mnist_setting_with_differing_small_cnns():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_CLASSES, TRAIN_PER_CLASS, TRUNCATED_FILE, VAL_PER_CLASS
+from image_folders import IMAGE_CLASSES, TRAIN_PER_CLASS, TRUNCATED_FILE, VAL_PER_CLASS
 from PIL import Image
 from torchvision.transforms import v2
 

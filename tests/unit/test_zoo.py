@@ -76,7 +76,10 @@ def test_cifar_entries_construct_frozen_with_cifar_defaults(name):
     assert not any(p.requires_grad for p in teacher.model.parameters())
     assert teacher.model.fc.out_features == 3
     assert teacher.spec.preprocessing == Preprocessing.cifar()
-    assert teacher.spec.taps == {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3"}
+    # The wide ResNets are pre-activation: their last-stage tap is read after the final BN-ReLU (FT's and
+    # FEED's convention), the map their classifier pools.
+    last = "final_act" if name.startswith("cifar_wrn") else "layer3"
+    assert teacher.spec.taps == {"layer1": "layer1", "layer2": "layer2", "layer3": last}
     assert teacher.spec.weights_sha256 is None and teacher.spec.checkpoint is None
 
 
@@ -389,3 +392,19 @@ def test_teacher_dataclass_holds_model_and_spec():
     teacher = create_teacher("cifar_resnet20", 2)
     assert isinstance(teacher, Teacher) and isinstance(teacher.spec, TeacherSpec)
     assert teacher.spec.num_classes == 2 and teacher.spec.name == "cifar_resnet20"
+
+
+def test_wide_resnet_last_stage_tap_is_after_the_final_bn_relu():
+    teacher = create_teacher("cifar_wrn16_2", 3)
+    model = teacher.model
+    seen = {}
+    model.get_submodule(teacher.spec.taps["layer3"]).register_forward_hook(
+        lambda module, args, output: seen.setdefault("tap", output)
+    )
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(images)
+        expected = torch.relu(model.bn(model.layer3(model.layer2(model.layer1(model.stem(images))))))
+    torch.testing.assert_close(seen["tap"], expected)
+    assert (seen["tap"] >= 0).all()
+    torch.testing.assert_close(model.fc(seen["tap"].mean((2, 3))), logits)

@@ -94,6 +94,7 @@ def load_dataset(
     seed: int,
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
+    train_fraction: float = 1.0,
     fake_samples: int = 512,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -103,7 +104,9 @@ def load_dataset(
 ) -> DatasetSplits:
     """Load dataset `name` as uint8 [3, image_size, image_size] splits, split deterministically by `seed`.
 
-    `val_fraction` is the share of the training pool held out for validation (stratified by class).
+    `val_fraction` is the share of the training pool held out for validation (stratified by class; 0: none,
+    the whole pool trains and `val` is empty). `train_fraction` keeps that share of the training split, per
+    class (`limited_training_subset`), the limited-data regime: the held-out splits do not change with it.
     `test_fraction` applies only where a dataset has no official test split (digits, fake): the share of all
     samples held out for testing. CIFAR and ImageFolder keep their own test split. `fake_samples` is the total
     number of FakeData images.
@@ -119,36 +122,77 @@ def load_dataset(
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not isinstance(seed, int) or not 0 <= seed < 2**32:  # sklearn's random_state range
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    for label, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"{label} must lie strictly between 0 and 1, got {fraction!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must lie in (0, 1], got {train_fraction!r}")
+    carving = _PoolSplit(seed, val_fraction, train_fraction)
     if name in FILE_DATASETS:
         if mean is None or std is None:
             raise ValueError(f"{name} needs the student's mean and std: its images are not read at start")
         evaluation = CentreCrop(image_size, crop_pct, interpolation)
         return _load_image_folders(
-            name, root, image_size, seed, val_fraction, evaluation, skip_unreadable, (tuple(mean), tuple(std))
+            name, root, image_size, carving, evaluation, skip_unreadable, (tuple(mean), tuple(std))
         )
     if name == "digits":
-        splits = _load_digits(image_size, seed, val_fraction, test_fraction)
+        splits = _load_digits(image_size, carving, test_fraction)
     elif name in ("cifar10", "cifar100"):
-        splits = _load_cifar(name, root, image_size, seed, val_fraction)
+        splits = _load_cifar(name, root, image_size, carving)
     else:
-        splits = _load_fake(image_size, seed, val_fraction, test_fraction, fake_samples)
+        splits = _load_fake(image_size, carving, test_fraction, fake_samples)
     if mean is not None and std is not None:
         return dataclasses.replace(splits, mean=tuple(mean), std=tuple(std))
     return splits
 
 
-def _load_digits(image_size: int, seed: int, val_fraction: float, test_fraction: float) -> DatasetSplits:
+@dataclass(frozen=True)
+class _PoolSplit:
+    """How a training pool becomes the train and validation splits (the test split is set apart before)."""
+
+    seed: int
+    val_fraction: float
+    train_fraction: float
+
+    def split(self, indices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) index arrays of the pool `indices` whose labels are `labels` (aligned)."""
+        if self.val_fraction > 0:
+            train, val = _stratified_split(indices, labels, self.val_fraction, self.seed)
+        else:
+            train, val = np.sort(indices), indices[:0]
+        if self.train_fraction < 1:
+            by_index = dict(zip(indices.tolist(), labels.tolist()))
+            train_labels = np.asarray([by_index[i] for i in train.tolist()])
+            train = limited_training_subset(train, train_labels, self.train_fraction, self.seed)
+        return train, val
+
+
+def limited_training_subset(
+    indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
+    """The sorted indices kept when training on `fraction` of `indices`: round(fraction · n_c) of each
+    class's n_c (at least one), drawn by a permutation seeded by `seed` alone, so that every experiment and
+    teacher with the same split seed trains on the same images, and a smaller fraction's subset lies within
+    a larger one's."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label in np.unique(labels):
+        members = indices[labels == label]
+        order = rng.permutation(len(members))
+        kept.append(members[order[: max(1, round(fraction * len(members)))]])
+    return np.sort(np.concatenate(kept))
+
+
+def _load_digits(image_size: int, carving: _PoolSplit, test_fraction: float) -> DatasetSplits:
     digits = load_digits()
     # load_digits pixels are counts 0..16 (of a 4x4 block of the original 32x32 bitmap); scale them to 0..255.
     pixels = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0))).to(torch.uint8)
     images = _resize(pixels.unsqueeze(1), image_size).expand(-1, 3, -1, -1)
     pool = ImageTensorDataset(images, torch.from_numpy(digits.target))
     indices = np.arange(len(pool))
-    rest, test = _stratified_split(indices, digits.target, test_fraction, seed)
-    train, val = _stratified_split(rest, digits.target[rest], val_fraction, seed)
+    rest, test = _stratified_split(indices, digits.target, test_fraction, carving.seed)
+    train, val = carving.split(rest, digits.target[rest])
     return _splits(
         "digits",
         Subset(pool, train),
@@ -160,7 +204,7 @@ def _load_digits(image_size: int, seed: int, val_fraction: float, test_fraction:
 
 
 def _load_cifar(
-    name: str, root: str | os.PathLike | None, image_size: int, seed: int, val_fraction: float
+    name: str, root: str | os.PathLike | None, image_size: int, carving: _PoolSplit
 ) -> DatasetSplits:
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     expected = [dataset_class.meta["filename"]]
@@ -185,7 +229,7 @@ def _load_cifar(
             f"{how_to.replace('<root>', str(root))}"
         ) from error
     pool = _cifar_tensors(train_pool, image_size)
-    train, val = _stratified_split(np.arange(len(pool)), np.asarray(train_pool.targets), val_fraction, seed)
+    train, val = carving.split(np.arange(len(pool)), np.asarray(train_pool.targets))
     return _splits(
         name,
         Subset(pool, train),
@@ -209,8 +253,7 @@ def _load_image_folders(
     name: str,
     root: str | os.PathLike | None,
     image_size: int,
-    seed: int,
-    val_fraction: float,
+    carving: _PoolSplit,
     evaluation: CentreCrop,
     skip_unreadable: bool,
     normalization: tuple[tuple[float, ...], tuple[float, ...]],
@@ -238,7 +281,7 @@ def _load_image_folders(
             f"{root}; {layout}"
         )
     labels = np.asarray([label for _, label in pool])
-    train, val = _stratified_split(np.arange(len(pool)), labels, val_fraction, seed)
+    train, val = carving.split(np.arange(len(pool)), labels)
     mean, std = normalization
     return DatasetSplits(
         train=ImageFiles([pool[i] for i in train], skip_unreadable=skip_unreadable),
@@ -256,19 +299,19 @@ def _load_image_folders(
 
 
 def _load_fake(
-    image_size: int, seed: int, val_fraction: float, test_fraction: float, fake_samples: int
+    image_size: int, carving: _PoolSplit, test_fraction: float, fake_samples: int
 ) -> DatasetSplits:
     num_test = round(fake_samples * test_fraction)
-    num_val = round((fake_samples - num_test) * val_fraction)
+    num_val = round((fake_samples - num_test) * carving.val_fraction)
     sizes = (fake_samples - num_test - num_val, num_val, num_test)
-    if min(sizes) < 1:
+    if min(sizes[0], sizes[2]) < 1 or (num_val < 1 and carving.val_fraction > 0):
         raise ConfigError(
             f"fake_samples={fake_samples} leaves an empty split (train, val, test = {sizes}); "
             "use more samples"
         )
     # FakeData draws image k from torch.manual_seed(k + random_offset): disjoint offsets give disjoint splits,
     # and the seed shifts them all.
-    offsets = np.cumsum((seed * fake_samples,) + sizes[:-1])
+    offsets = np.cumsum((carving.seed * fake_samples,) + sizes[:-1])
     train, val, test = (
         _materialize(
             torchvision.datasets.FakeData(
@@ -281,10 +324,18 @@ def _load_fake(
         )
         for size, offset in zip(sizes, offsets)
     )
+    if carving.train_fraction < 1:
+        kept = limited_training_subset(
+            np.arange(len(train)), train.labels.numpy(), carving.train_fraction, carving.seed
+        )
+        train = Subset(train, kept)
     return _splits("fake", train, val, test, image_size, tuple(str(c) for c in range(_FAKE_NUM_CLASSES)))
 
 
-def _materialize(dataset: Dataset) -> ImageTensorDataset:
+def _materialize(dataset: torchvision.datasets.FakeData) -> ImageTensorDataset:
+    if len(dataset) == 0:  # the validation split of `val_fraction: 0`
+        empty = torch.empty((0, *dataset.image_size), dtype=torch.uint8)
+        return ImageTensorDataset(empty, torch.empty(0, dtype=torch.int64))
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     return ImageTensorDataset(torch.stack(images), torch.as_tensor(labels))
 

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.soft_labels import CompactLogits, compress
+from trainer.students import StudentConfig
+
 
 @dataclass(frozen=True)
 class TeacherInfo:
@@ -28,19 +31,34 @@ class TeacherInfo:
 class TeacherOutputs:
     """Teacher outputs for one batch, in the configured teacher order; float32, on the student's device."""
 
-    logits: list[torch.Tensor | None]  # per teacher: [B, classes]; None where that teacher was not asked
+    # Per teacher: [B, classes] or its compact form (services/soft_labels.py); None where not asked.
+    logits: list[torch.Tensor | CompactLogits | None]
     features: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per teacher: tap -> [B, C, H, W]
 
     def to(self, device: torch.device | str) -> TeacherOutputs:
         return TeacherOutputs(
             logits=[
-                None if t is None else t.to(device, torch.float32, non_blocking=True) for t in self.logits
+                None
+                if t is None
+                else t.to(device, non_blocking=True)
+                if isinstance(t, CompactLogits)
+                else t.to(device, torch.float32, non_blocking=True)
+                for t in self.logits
             ],
             features=[
                 {k: v.to(device, torch.float32, non_blocking=True) for k, v in f.items()}
                 for f in self.features
             ],
         )
+
+
+def in_soft_label_form(outputs: TeacherOutputs, form: str) -> TeacherOutputs:
+    """`outputs` with dense logits turned into the compact form when `form` is "compact" (exactly the values
+    a compact cache entry decodes to); a source that already returns compact logits passes through."""
+    if form != "compact":
+        return outputs
+    logits = [t if t is None or isinstance(t, CompactLogits) else compress(t) for t in outputs.logits]
+    return TeacherOutputs(logits=logits, features=outputs.features)
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,19 @@ class Method(nn.Module, ABC):
 
     @abstractmethod
     def exported_students(self) -> dict[str, nn.Module]:
-        """The networks a user deploys after training, by name; training-only modules are not in them."""
+        """The networks a user deploys after training, by name; training-only modules are not in them.
+        Whatever the results table measures is among them (an ensemble's combined prediction too)."""
+
+    def headline(self) -> str:
+        """The exported student whose prediction is the method's (`predict`): its accuracy is the result's.
+        Methods exporting several override it."""
+        (name,) = self.exported_students()
+        return name
+
+    def alone_networks(self) -> dict[str, StudentConfig]:
+        """Per exported single network, the same network as a student config: what trains alone with CE as
+        the baseline its gain is measured against (trainer.baselines). Ensembles have none."""
+        return {}
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer parameter groups; override where some parameters need their own learning rate."""

@@ -17,7 +17,9 @@ With b_i the logits of branch i, t_i those of teacher i and b̄ = mean_i b_i:
 The per-branch "CE + KD" is the Hinton combination from `kd` (λ = alpha weighs the branch's CE, 1−λ its KD
 term), so each branch sees exactly Hinton KD from its own teacher alone; the ensemble's CE carries weight 1.
 Defaults: depth 20, shared_stages 1 (imagenet_resnet: 3), T=4, λ=0.5. Inference: the ensemble, the mean of the
-branch logits (what `MultiBranchTrunk.forward` computes), exported whole as "ekd_student".
+branch logits (what `MultiBranchTrunk.forward` computes), exported whole as "ekd_student" (the headline);
+each branch is exported too ("branch_i", stem and shared stages included), and its baseline is the same
+network (a plain ResNet of `depth`, or timm's `arch`) trained alone with CE.
 
 The bracketed feature term is off by default (feature_weight β=0, feature_tap None). When on, F_{b_i} is
 branch i's last-stage map, A_i a 1×1 conv adapter (with bias) to teacher i's channel count at `feature_tap`,
@@ -41,7 +43,7 @@ from trainer.losses import hinton_kd_loss, soft_targets
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import check_teachers, require_teacher_logits
 from trainer.methods.registry import register_method
-from trainer.students import MultiBranchTrunk, MultiBranchTrunkParams
+from trainer.students import MultiBranchTrunk, MultiBranchTrunkParams, StudentConfig
 
 # Stages shared after the stem when the config leaves shared_stages out: CIFAR ResNets have 3 stages,
 # ImageNet ResNets 4; the last stage is always per branch.
@@ -127,7 +129,7 @@ class EnsembleKnowledgeDistillation(Method):
         total = images.new_zeros(())
         terms: dict[str, float] = {}
         for i, (branch_logits, t) in enumerate(zip(out.logits, teacher_logits)):
-            target = soft_targets([t], self.temperature)
+            target = soft_targets([t], self.temperature, student_logits=branch_logits)
             branch_loss, branch_terms = hinton_kd_loss(
                 branch_logits, labels, target, self.temperature, self.alpha, self.label_smoothing
             )
@@ -160,8 +162,17 @@ class EnsembleKnowledgeDistillation(Method):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
 
+    def headline(self) -> str:
+        return "ekd_student"
+
     def exported_students(self) -> dict[str, nn.Module]:
-        return {"ekd_student": self.student}
+        students: dict[str, nn.Module] = {self.headline(): self.student}
+        for index in range(self.student.num_branches):
+            students[f"branch_{index}"] = self.student.export_branch(index)
+        return students
+
+    def alone_networks(self) -> dict[str, StudentConfig]:
+        return {f"branch_{i}": self.student.alone_network(i) for i in range(self.student.num_branches)}
 
 
 @register_method(EKDParams, uses_teachers=True)

@@ -21,6 +21,10 @@ on), paraphraser off (rate k = 0.5 when on, FT's). Any student with `forward_fea
 convolutional networks (`timm:resnet50`, `resnet50_l1_pruned`, ...), whose F_s is the output of their last
 stage before pooling.
 
+The teacher maps are last-stage maps after the network's final BN-ReLU, FT's convention (its teachers'
+features are the pooled map): the pre-activation wide ResNets expose `layer3` there (`final_act`), the
+post-activation CIFAR ResNets' `layer3` already ends in one.
+
 ekd's reading, where the sources leave a choice:
 - Transform i has FT's translator layout: three 3×3 convs (stride 1, padding 1, with bias, no BN), each
   followed by LeakyReLU(0.1), channels C_s → C_s → C_t → C_t, with C_t teacher i's channel count at
@@ -239,7 +243,9 @@ class FeatureEnsembleDistillation(Method):
         loss = loss + self.params.beta * factor_total
         terms["factor"] = factor_total.item()
         if self.params.kd_weight > 0:
-            target_probs = soft_targets([teachers.logits[i] for i in active], self.params.temperature)
+            target_probs = soft_targets(
+                [teachers.logits[i] for i in active], self.params.temperature, student_logits=logits
+            )
             kd = distillation_kl(logits, target_probs, self.params.temperature)
             loss = loss + self.params.kd_weight * kd
             terms["kd"] = kd.item()
@@ -250,6 +256,9 @@ class FeatureEnsembleDistillation(Method):
 
     def exported_students(self) -> dict[str, nn.Module]:
         return {"student": self.student}
+
+    def alone_networks(self) -> dict[str, StudentConfig]:
+        return {"student": self.params.student}
 
 
 @register_method(FeedParams, uses_teachers=True)

@@ -25,7 +25,7 @@ from torch import nn
 
 from services.contract import LOGITS
 from services.errors import ConfigError
-from trainer.losses import hinton_kd_loss, soft_targets
+from trainer.losses import TeacherLogits, hinton_kd_loss, soft_targets
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
@@ -68,7 +68,7 @@ def check_teachers(
 
 def require_teacher_logits(
     method: str, teachers: TeacherOutputs | None, num_teachers: int
-) -> list[torch.Tensor]:
+) -> list[TeacherLogits]:
     """The teachers' logits for this batch, checked to hold one tensor per configured teacher."""
     received = [] if teachers is None else [t for t in teachers.logits if t is not None]
     if teachers is None or len(teachers.logits) != num_teachers or len(received) != num_teachers:
@@ -103,9 +103,11 @@ class KnowledgeDistillation(Method):
         temperature: float,
         alpha: float,
         teacher_weights: list[float] | None,
+        student_config: StudentConfig | None = None,
     ) -> None:
         super().__init__()
         self.student = student
+        self.student_config = student_config  # what built `student`: its CE baseline trains the same
         self.num_teachers = num_teachers
         self.temperature = temperature
         self.alpha = alpha
@@ -122,9 +124,10 @@ class KnowledgeDistillation(Method):
         clock: TrainingClock,
     ) -> LossResult:
         teacher_logits = require_teacher_logits(self.name, teachers, self.num_teachers)
-        target = soft_targets(teacher_logits, self.temperature, self.teacher_weights)
+        logits = self.student(images)
+        target = soft_targets(teacher_logits, self.temperature, self.teacher_weights, logits)
         loss, terms = hinton_kd_loss(
-            self.student(images), labels, target, self.temperature, self.alpha, self.label_smoothing
+            logits, labels, target, self.temperature, self.alpha, self.label_smoothing
         )
         return LossResult(loss, terms)
 
@@ -134,11 +137,14 @@ class KnowledgeDistillation(Method):
     def exported_students(self) -> dict[str, nn.Module]:
         return {"student": self.student}
 
+    def alone_networks(self) -> dict[str, StudentConfig]:
+        return {} if self.student_config is None else {"student": self.student_config}
+
 
 @register_method(KDParams, uses_teachers=True)
 def build_kd(params: KDParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]) -> Method:
     check_teachers("kd", teachers, num_classes, min_teachers=1, teacher_weights=params.teacher_weights)
     student = params.student.build(num_classes, in_chans)
     return KnowledgeDistillation(
-        student, len(teachers), params.temperature, params.alpha, params.teacher_weights
+        student, len(teachers), params.temperature, params.alpha, params.teacher_weights, params.student
     )

@@ -18,7 +18,11 @@ official README's advice; short runs set it smaller). Official schedule: SGD lr 
 decay 1e-4, batch 128, 300 epochs, lr ×0.1 at epochs 151 and 225. Reported test error (%): CIFAR-10
 ResNet-32 5.99, ResNet-110 5.17; CIFAR-100 ResNet-32 26.61, ResNet-110 21.62.
 
-Prediction is the gated ensemble z_e (the stronger model); each branch is also exported to deploy alone.
+The headline is a single branch, as the paper and the official code report ONE (a deployed ONE network is
+one branch; the official script keeps the best branch): `predict` is branch 0's logits (the branches are
+alike, and choosing the best on the test split would select on test data). The gated ensemble z_e is
+"ONE-E", exported as `one_ensemble` and reported beside it; every branch is exported to deploy alone, and
+its baseline is the same network (a plain ResNet of `depth`) trained alone with CE.
 
 Choices ekd made where the sources leave room:
 - w(t) reads the fractional epoch of the training clock, so the weight rises within an epoch too; the
@@ -49,7 +53,7 @@ from trainer.methods.base import (
     TrainingClock,
 )
 from trainer.methods.registry import register_method
-from trainer.students import BranchOutputs, MultiBranchTrunk, MultiBranchTrunkParams
+from trainer.students import BranchOutputs, MultiBranchTrunk, MultiBranchTrunkParams, StudentConfig
 
 # Every stage but the last is shared: CIFAR ResNets have 3 stages, ImageNet ResNets 4.
 _SHARED_STAGES = {"cifar_resnet": 2, "imagenet_resnet": 3}
@@ -157,13 +161,23 @@ class OnTheFlyNativeEnsemble(Method):
         )
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images)
+        return self.network.trunk.forward_branches(images).logits[0]
+
+    def headline(self) -> str:
+        return "branch_0"
 
     def exported_students(self) -> dict[str, nn.Module]:
-        students: dict[str, nn.Module] = {"one_ensemble": self.network}
+        students: dict[str, nn.Module] = {}
         for index in range(self.network.trunk.num_branches):
             students[f"branch_{index}"] = self.network.trunk.export_branch(index)
+        students["one_ensemble"] = self.network
         return students
+
+    def alone_networks(self) -> dict[str, StudentConfig]:
+        return {
+            f"branch_{index}": self.network.trunk.alone_network(index)
+            for index in range(self.network.trunk.num_branches)
+        }
 
 
 @register_method(ONEParams, uses_teachers=False)

@@ -22,6 +22,10 @@ Choices ekd made where the source is silent:
   vote counts plus half the students' averaged probabilities, so the argmax is the majority class and ties
   are broken by the averaged probabilities (a remaining exact tie goes to the lowest class index).
   combine="average": the mean of the students' probabilities.
+
+The combined prediction is exported too (`ensemble_vote` or `ensemble_average`: the students in one module
+whose output is these scores) and is the method's headline; each student is exported on its own, with the
+same small network trained alone with CE as its baseline.
 """
 
 from __future__ import annotations
@@ -99,6 +103,18 @@ def combine_predictions(student_logits: list[torch.Tensor], combine: Combine) ->
     return votes + 0.5 * mean_probs
 
 
+class CombinedStudents(nn.Module):
+    """The students as one deployable network: scores whose argmax is the ensemble's prediction."""
+
+    def __init__(self, students: nn.ModuleList, combine: Combine) -> None:
+        super().__init__()
+        self.students = students
+        self.combine = combine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_predictions([student(x) for student in self.students], self.combine)
+
+
 class StudentEnsemble(Method):
     name = "student_ensemble"
 
@@ -111,8 +127,10 @@ class StudentEnsemble(Method):
         teacher_weights: list[float] | None,
         combine: Combine,
         soft_term_t2: bool,
+        student_configs: list[StudentConfig] | None = None,
     ) -> None:
         super().__init__()
+        self.student_configs = student_configs  # what built `students`: their CE baselines train the same
         self.soft_term_t2 = soft_term_t2
         self.students = nn.ModuleList(students)
         self.num_teachers = num_teachers
@@ -132,11 +150,12 @@ class StudentEnsemble(Method):
         clock: TrainingClock,
     ) -> LossResult:
         teacher_logits = require_teacher_logits(self.name, teachers, self.num_teachers)
-        target = soft_targets(teacher_logits, self.temperature, self.teacher_weights)
         total = images.new_zeros(())
         terms: dict[str, float] = {}
         for i, student in enumerate(self.students):
             logits = student(images)
+            # Per student: a compact teacher's tail is spread as this student's softmax spreads it.
+            target = soft_targets(teacher_logits, self.temperature, self.teacher_weights, logits)
             hard = self.hard_label_loss(logits, labels)
             soft = soft_cross_entropy(logits, target, self.temperature, self.soft_term_t2)
             total = total + self.alpha * hard + (1.0 - self.alpha) * soft
@@ -147,8 +166,18 @@ class StudentEnsemble(Method):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return combine_predictions([student(images) for student in self.students], self.combine)
 
+    def headline(self) -> str:
+        return f"ensemble_{self.combine}"
+
     def exported_students(self) -> dict[str, nn.Module]:
-        return {f"student_{i}": student for i, student in enumerate(self.students)}
+        students: dict[str, nn.Module] = {f"student_{i}": student for i, student in enumerate(self.students)}
+        students[self.headline()] = CombinedStudents(self.students, self.combine)
+        return students
+
+    def alone_networks(self) -> dict[str, StudentConfig]:
+        if self.student_configs is None:
+            return {}
+        return {f"student_{i}": config for i, config in enumerate(self.student_configs)}
 
 
 @register_method(StudentEnsembleParams, uses_teachers=True)
@@ -167,4 +196,5 @@ def build_student_ensemble(
         params.teacher_weights,
         params.combine,
         params.soft_term_t2,
+        params.students,
     )

@@ -69,8 +69,12 @@ class SmallCNN(nn.Module):
 
 
 def _cifar_resnet(depth: int):
-    def build(num_classes: int, width: float = 1.0, in_chans: int = 3) -> nn.Module:
-        return CifarResNet(depth, num_classes, width=width, in_chans=in_chans)
+    def build(
+        num_classes: int, width: float = 1.0, in_chans: int = 3, full_width_stem: bool = False
+    ) -> nn.Module:
+        return CifarResNet(
+            depth, num_classes, width=width, in_chans=in_chans, full_width_stem=full_width_stem
+        )
 
     build.__name__ = f"cifar_resnet{depth}"
     build.__doc__ = f"CIFAR ResNet-{depth} (He et al. 2016), width-scaled."

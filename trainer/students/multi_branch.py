@@ -23,7 +23,7 @@ from torch import nn
 
 from services.cifar_models import CIFAR_RESNET_WIDTHS, BasicBlock, init_weights, make_stage, scaled_width
 from trainer.students.cifar import CifarResNetDepth
-from trainer.students.registry import STUDENTS
+from trainer.students.registry import STUDENTS, StudentConfig
 
 
 @dataclass
@@ -96,6 +96,10 @@ class MultiBranchTrunk(nn.Module):
         """Branch `index` as a standalone network (stem + shared stages + its own stages and classifier)."""
         return SingleBranchNet(self.stem, self.shared, self.branches[index])
 
+    def alone_network(self, index: int) -> StudentConfig:
+        """The student config of a network with the layers of `export_branch(index)`, to train alone."""
+        raise NotImplementedError(f"{type(self).__name__} names no single network for its branches")
+
 
 class SingleBranchNet(nn.Module):
     """One branch of a multi-branch trunk, deployable alone."""
@@ -113,7 +117,7 @@ class MultiBranchResNet(MultiBranchTrunk):
     classifier are copied once per branch, branch i at width `branch_widths[i]` (channels rounded).
 
     shared_stages=2 is ONE's layout (conv1, layer1, layer2 shared; layer3 per branch); shared_stages=0 is
-    online ensemble compression's (only conv1+BN+ReLU shared).
+    online ensemble compression's (only conv1+BN+ReLU shared, at full width, as BOC-KD's `BaseNet`).
     """
 
     def __init__(
@@ -150,7 +154,20 @@ class MultiBranchResNet(MultiBranchTrunk):
             branches.append(Branch(stages, in_c, num_classes))
             stage_channels.append(channels)
         super().__init__(stem, nn.Sequential(*shared), prev, branches, branch_widths, stage_channels)
+        self.depth, self.shared_stage_count = depth, shared_stages
         init_weights(self)
+
+    def alone_network(self, index: int) -> StudentConfig:
+        width = self.branch_widths[index]
+        arch = f"cifar_resnet{self.depth}"
+        if width == 1.0:
+            return StudentConfig(arch=arch)
+        if self.shared_stage_count == 0:
+            return StudentConfig(arch=arch, options={"width": width, "full_width_stem": True})
+        raise ValueError(
+            f"branch {index} (width {width} after {self.shared_stage_count} full-width shared stages) has no "
+            "single CIFAR ResNet equivalent"
+        )
 
 
 class ImageNetMultiBranchResNet(MultiBranchTrunk):
@@ -190,9 +207,10 @@ class ImageNetMultiBranchResNet(MultiBranchTrunk):
             OrderedDict((name, getattr(full, name)) for name in stage_names[:shared_stages])
         )
         shared_channels = full.feature_info[shared_stages]["num_chs"]
-        branches, stage_channels = [], []
+        branches, stage_channels, branch_planes = [], [], []
         for width in branch_widths:
             channels = tuple(p if s < shared_stages else max(1, int(p * width)) for s, p in enumerate(planes))
+            branch_planes.append(list(channels))
             # A whole timm ResNet at these channels, of which the branch keeps the unshared stages: timm
             # builds every variant's blocks (attention, anti-aliasing, avg-down shortcuts) and their init.
             copy = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, channels=channels)
@@ -200,6 +218,12 @@ class ImageNetMultiBranchResNet(MultiBranchTrunk):
             branches.append(Branch(own, copy.num_features, num_classes))
             stage_channels.append([c * expansion for c in channels[shared_stages:]])
         super().__init__(stem, shared, shared_channels, branches, branch_widths, stage_channels)
+        self.arch, self.branch_planes = arch, branch_planes
+
+    def alone_network(self, index: int) -> StudentConfig:
+        if self.branch_widths[index] == 1.0:
+            return StudentConfig(arch=f"timm:{self.arch}")
+        return StudentConfig(arch=f"timm:{self.arch}", options={"channels": self.branch_planes[index]})
 
 
 TrunkName = Literal["cifar_resnet", "imagenet_resnet"]

@@ -1,0 +1,158 @@
+"""InferRequest on the wire without protobuf's copies of the image bytes.
+
+An InferRequest is almost entirely `images.data`: 150 KB per 224x224 image, 10-40 MB per request. Through
+protobuf the client copies those bytes three times (tensor -> bytes, bytes -> message, message -> wire) and
+the server three more (wire -> message, message -> bytes on each `.data` read, bytes -> tensor). Here each
+side handles the payload once: `serialize_infer_request` writes the wire form in one join, the image bytes
+straight from the tensor's memory, and `parse_infer_request` reads it into a protobuf message of everything
+else plus a zero-copy view of the image bytes inside the received buffer.
+
+The bytes are ordinary protobuf wire format (fields may come in any order and a message may be split into
+parts that concatenate), so a client that sends a plain `InferRequest` and a server that reads one both
+interoperate with these functions. The one case handled by protobuf itself is `images` appearing more than
+once, which protobuf merges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from google.protobuf.message import DecodeError
+
+from services._generated import teacher_pb2
+
+_LENGTH_DELIMITED = 2
+_IMAGES_FIELD = teacher_pb2.InferRequest.DESCRIPTOR.fields_by_name["images"].number
+_DATA_FIELD = teacher_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_IMAGES_TAG = bytes([_IMAGES_FIELD << 3 | _LENGTH_DELIMITED])
+_DATA_TAG = bytes([_DATA_FIELD << 3 | _LENGTH_DELIMITED])
+_FIXED_WIDTHS = {1: 8, 5: 4}  # wire types 1 (64-bit) and 5 (32-bit)
+_MAX_VARINT_BYTES = 10
+
+
+@dataclass(frozen=True)
+class OutgoingInferRequest:
+    """What the client sends: the request without its images (`message.images` unset), and the images, a
+    contiguous uint8 CPU tensor [B, C, H, W]."""
+
+    message: teacher_pb2.InferRequest
+    images: torch.Tensor
+
+    def __post_init__(self) -> None:
+        images = self.images
+        if images.dtype != torch.uint8 or images.device.type != "cpu" or not images.is_contiguous():
+            raise ValueError(
+                f"images must be a contiguous uint8 CPU tensor; got {images.dtype} on {images.device}, "
+                f"contiguous={images.is_contiguous()}"
+            )
+        if self.message.HasField("images"):
+            raise ValueError("the message must leave `images` unset: the images tensor provides it")
+
+    def byte_size(self) -> int:
+        """The length of `serialize_infer_request(self)`."""
+        return sum(len(piece) for piece in self._pieces())
+
+    def _pieces(self) -> tuple[bytes | memoryview, ...]:
+        tensor_head = teacher_pb2.Tensor(dtype=teacher_pb2.UINT8, shape=self.images.shape).SerializeToString()
+        payload = memoryview(self.images.numpy().reshape(-1))
+        payload_length = _varint(len(payload))
+        tensor_length = len(tensor_head) + len(_DATA_TAG) + len(payload_length) + len(payload)
+        return (
+            self.message.SerializeToString(),
+            _IMAGES_TAG,
+            _varint(tensor_length),
+            tensor_head,
+            _DATA_TAG,
+            payload_length,
+            payload,
+        )
+
+
+@dataclass(frozen=True)
+class ReceivedInferRequest:
+    """What the server reads: the request with `images.data` left empty, and the image bytes, a read-only view
+    into the received buffer."""
+
+    message: teacher_pb2.InferRequest
+    image_data: memoryview
+
+
+def serialize_infer_request(request: OutgoingInferRequest) -> bytes:
+    """The wire form of `request.message` with `images` = (UINT8, the tensor's shape, its bytes): one copy of
+    the image bytes, into the returned buffer."""
+    return b"".join(request._pieces())
+
+
+def parse_infer_request(data: bytes) -> ReceivedInferRequest:
+    """Read an InferRequest's wire form; DecodeError when it is not one."""
+    view = memoryview(data)
+    rest, images = _split_field(view, _IMAGES_FIELD)
+    if len(images) > 1:  # protobuf merges repeated message fields; let it
+        message = teacher_pb2.InferRequest.FromString(data)
+        image_data = memoryview(message.images.data)
+        message.images.ClearField("data")
+        return ReceivedInferRequest(message, image_data)
+    message = teacher_pb2.InferRequest.FromString(b"".join(rest))
+    image_data = memoryview(b"")
+    if images:
+        tensor_rest, payloads = _split_field(images[0], _DATA_FIELD)
+        # A scalar field repeated on the wire: the last one wins, as in protobuf.
+        image_data = payloads[-1] if payloads else image_data
+        message.images.CopyFrom(teacher_pb2.Tensor.FromString(b"".join(tensor_rest)))
+    return ReceivedInferRequest(message, image_data)
+
+
+def _split_field(view: memoryview, number: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The wire form `view` of a message cut into (every field but `number`, whole; the values of the
+    length-delimited field `number`)."""
+    others, values = [], []
+    position = 0
+    while position < len(view):
+        tag, value_start = _read_varint(view, position)
+        wire_type = tag & 7
+        if wire_type == 0:
+            _, end = _read_varint(view, value_start)
+        elif wire_type == _LENGTH_DELIMITED:
+            length, content_start = _read_varint(view, value_start)
+            end = content_start + length
+            if tag >> 3 == number:
+                if end > len(view):
+                    raise DecodeError("truncated length-delimited field")
+                values.append(view[content_start:end])
+                position = end
+                continue
+        elif wire_type in _FIXED_WIDTHS:
+            end = value_start + _FIXED_WIDTHS[wire_type]
+        else:
+            raise DecodeError(f"unsupported wire type {wire_type}")
+        if end > len(view):
+            raise DecodeError("truncated field")
+        others.append(view[position:end])
+        position = end
+    return others, values
+
+
+def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at `position`."""
+    value = 0
+    for index in range(_MAX_VARINT_BYTES):
+        if position + index >= len(view):
+            raise DecodeError("truncated varint")
+        byte = view[position + index]
+        value |= (byte & 0x7F) << (7 * index)
+        if not byte & 0x80:
+            return value, position + index + 1
+    raise DecodeError("varint longer than 10 bytes")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

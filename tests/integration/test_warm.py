@@ -1,0 +1,104 @@
+"""`ekd warm` (a real Ray Data job, real LMDB and redis-server) fills the cache under the servicer's keys, so
+served `ekd distill` of the same experiment makes no teacher call; `ekd cache stats/verify/evict` read it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_served_distill import KD, experiment, serve_teachers
+from typer.testing import CliRunner
+
+from services.cache import open_store
+from trainer.cli import app
+from trainer.config import ExperimentConfig
+from trainer.run import run_experiment
+
+pytestmark = pytest.mark.integration
+
+EKD = str(Path(sys.executable).parent / "ekd")
+
+
+def warm(tmp_path: Path, config: Path, cache_uri: str) -> str:
+    run = subprocess.run(
+        [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "512"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+@pytest.fixture(params=["lmdb", "redis"])
+def cache_uri(request, tmp_path):
+    if request.param == "lmdb":
+        return f"lmdb://{tmp_path / 'cache'}"
+    base = request.getfixturevalue("redis_url")
+    return base[: base.rindex("/")] + f"/{abs(hash(str(tmp_path))) % 15 + 1}"
+
+
+def test_after_warm_a_served_distill_makes_no_teacher_call(tmp_path, cache_uri):
+    config = tmp_path / "kd.yaml"
+    config.write_text(yaml.safe_dump(experiment(tmp_path, "kd-warm", KD)))
+    table = warm(tmp_path, config, cache_uri)
+    assert "t0" not in table and "cifar_resnet20" in table  # one row per teacher, by zoo name
+
+    server, backend = serve_teachers(tmp_path, cache_uri)
+    with server:
+        calls_at_start = backend.teacher_calls()  # the service's own start-up forwards (feature shapes)
+        served_cfg = experiment(
+            tmp_path,
+            "kd-served",
+            KD,
+            teacher_source={"kind": "served", "address": server.address, "cache": cache_uri},
+        )
+        result = run_experiment(ExperimentConfig.model_validate(served_cfg))
+        assert backend.teacher_calls() == calls_at_start
+    assert result.counters["teacher_calls"] == 0 and result.counters["cache_misses"] == 0
+
+
+def test_compact_bank_resumes_and_is_seen_audited_and_evicted(tmp_path):
+    cache_uri = f"lmdb://{tmp_path / 'cache'}"
+    config = tmp_path / "kd.yaml"
+    config.write_text(
+        yaml.safe_dump(experiment(tmp_path, "kd-compact", KD, teacher_source={"soft_labels": "compact"}))
+    )
+    first = warm(tmp_path, config, cache_uri)
+    assert "compact" in first
+    again = warm(tmp_path, config, cache_uri)  # everything is cached: a rerun computes nothing
+    rows = [line for line in again.splitlines() if "cifar_resnet20" in line]
+    assert len(rows) == 2 and all(row.split("│")[7].strip() == "0" for row in rows)
+
+    runner = CliRunner()
+    stats = runner.invoke(app, ["cache", "stats", cache_uri])
+    assert stats.exit_code == 0, stats.output
+    # Per teacher: the training views' compact logits (51-byte key + 39-byte frame for 10 classes) and the
+    # test images' fp16 logits.
+    rows = [line for line in stats.output.splitlines() if "│ logits" in line]
+    assert sorted(row.split("│")[3].strip() for row in rows) == ["compact", "compact", "f16", "f16"]
+    assert all(row.split("│")[7].strip() == "90" for row in rows if "compact" in row)
+
+    verify = runner.invoke(app, ["cache", "verify", cache_uri, str(config), "--sample", "16"])
+    assert verify.exit_code == 0, verify.output
+    assert verify.output.count("│      16 │") == 2
+
+    with open_store(cache_uri) as store:
+        entries = sum(1 for _ in store.scan())
+        tag = next(iter(store.scan()))[0][7:19].decode()
+    evict = runner.invoke(app, ["cache", "evict", cache_uri, "--teacher", tag])
+    assert evict.exit_code == 0, evict.output
+    with open_store(cache_uri) as store:
+        assert 0 < sum(1 for _ in store.scan()) < entries
+
+
+def test_cache_commands_name_a_bad_store_in_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["cache", "stats", "memcached://localhost:11211"])
+    assert result.exit_code == 2
+    assert "unsupported cache URI 'memcached://localhost:11211'" in result.output
