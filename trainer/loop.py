@@ -6,6 +6,7 @@ epoch's batches with `Shard` and averages each epoch's statistics with `all_redu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -278,36 +279,43 @@ def train_epoch(
 
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    prepared = prepared_batches(counted(readable_batches(loader)), source, wanted, prefetch_batches)
-    for step, batch in enumerate(prepared):
-        teacher_outputs = (
-            in_soft_label_form(batch.teachers, soft_labels).to(device) if batch.teachers is not None else None
-        )
-        stats.stall_seconds += batch.stall_seconds
-        images = batch.images.to(device, non_blocking=True)
-        inputs = normalize(images, mean, std).contiguous(memory_format=memory_format)
-        labels = batch.labels.to(device, non_blocking=True)
-        clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)
-        with torch.autocast(
-            device.type,
-            dtype=settings.autocast_dtype or torch.float32,
-            enabled=settings.autocast_dtype is not None,
-        ):
-            result = step_module(inputs, labels, teacher_outputs, clock)
-        (result.loss / accumulate if accumulate > 1 else result.loss).backward()
-        if (step + 1) % accumulate == 0 or step + 1 == batches:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats.optimizer_steps += 1
-        n = labels.shape[0]
-        loss = result.loss.item()
-        stats.samples += n
-        stats.loss += loss * n
-        for k, v in result.terms.items():
-            stats.terms[k] = stats.terms.get(k, 0.0) + v * n
-        if on_step is not None:
-            on_step({"loss": loss, **result.terms})
+    # Closed on any exit, an exception included: the prefetching thread stops before this frame unwinds, so
+    # it never outlives the run inside a teacher forward (that aborts the interpreter at exit).
+    batches_with_teachers = prepared_batches(
+        counted(readable_batches(loader)), source, wanted, prefetch_batches
+    )
+    with contextlib.closing(batches_with_teachers) as prepared:
+        for step, batch in enumerate(prepared):
+            teacher_outputs = (
+                in_soft_label_form(batch.teachers, soft_labels).to(device)
+                if batch.teachers is not None
+                else None
+            )
+            stats.stall_seconds += batch.stall_seconds
+            images = batch.images.to(device, non_blocking=True)
+            inputs = normalize(images, mean, std).contiguous(memory_format=memory_format)
+            labels = batch.labels.to(device, non_blocking=True)
+            clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)
+            with torch.autocast(
+                device.type,
+                dtype=settings.autocast_dtype or torch.float32,
+                enabled=settings.autocast_dtype is not None,
+            ):
+                result = step_module(inputs, labels, teacher_outputs, clock)
+            (result.loss / accumulate if accumulate > 1 else result.loss).backward()
+            if (step + 1) % accumulate == 0 or step + 1 == batches:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats.optimizer_steps += 1
+            n = labels.shape[0]
+            loss = result.loss.item()
+            stats.samples += n
+            stats.loss += loss * n
+            for k, v in result.terms.items():
+                stats.terms[k] = stats.terms.get(k, 0.0) + v * n
+            if on_step is not None:
+                on_step({"loss": loss, **result.terms})
     stats.seconds = time.perf_counter() - start
     stats.loss /= max(stats.samples, 1)
     stats.terms = {k: v / max(stats.samples, 1) for k, v in stats.terms.items()}
