@@ -1,5 +1,13 @@
 """The compact soft-label form: one teacher's logits for one view in at most 64 bytes (1000 classes), framing
-included, exact enough for knowledge distillation at any temperature.
+included: exact on the kept classes and on the tail's total mass at any temperature, not on how the tail's
+mass splits among its classes (at T >= 2 on long-tailed 1000-class logits that costs 23-84 % of the KD loss:
+see `benchmarks/soft_labels.py`; use the full form where that matters).
+
+Where it is used: the trainer reads it (`teacher_source.soft_labels: compact`), `ekd warm` writes it, and
+the cache keys it apart from full values. The gRPC contract does not carry it yet: a served run asking for it
+reads full values and compresses them before the loss. Carrying it needs a compact flag in `InferRequest`, a
+`compact_logits` uint8 [count, frame bytes] tensor in `InferResponse`, the servicer caching and streaming
+`compress(logits)` rows under `output_key(..., form=COMPACT)`, and the client reading those keys and frames.
 
 What it keeps. Logits, not probabilities, so that any experiment's temperature T applies to one stored value:
 the k largest logits (class index and gap below the largest logit, k = 16 for 1000 classes, every class for up
