@@ -293,10 +293,10 @@ def write_table(results: list[ExperimentResult], fractions: list[float], path: P
 
 
 def plot(results: list[ExperimentResult], fractions: list[float], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for row in ROWS:
-        if row.kind == "teacher":
-            continue
+    fig, ax = plt.subplots(figsize=(11, 7))
+    # 40 distinct colours, one per line (matplotlib's default cycle repeats after 10).
+    colours = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    for row, colour in zip((row for row in ROWS if row.kind != "teacher"), colours):
         means = [100 * statistics.fmean(v) if (v := accuracies(results, f, row)) else None for f in fractions]
         ax.plot(
             [100 * f for f in fractions],
@@ -304,6 +304,7 @@ def plot(results: list[ExperimentResult], fractions: list[float], path: Path) ->
             linestyle="--" if row.kind == "baseline" else "-",
             marker="o" if row.kind == "method" else ".",
             linewidth=1.8 if row.kind == "method" else 1.0,
+            color=colour,
             label=row.label,
         )
     ax.set_xscale("log")

@@ -68,7 +68,7 @@ def test_limited_data_teachers_baselines_and_exports_that_evaluate_back(tmp_path
     assert kd[0]["students"][0]["alone"] == "tiny-kd-alone-cifar_resnet8" and alone[0]["method"] == "ce"
     assert kd[0]["val_accuracy"] is None and kd[0]["train_samples"] == alone[0]["train_samples"]
     assert kd[0]["teachers"][0]["training_data"]["train_fraction"] == 0.5
-    assert "tiny-kd-alone-cifar_resnet8" in first.stdout and "pp" in first.stdout
+    assert "tiny-kd-alone-cifar_resnet8" in first.stdout and " pp (" in first.stdout
 
     # The same teacher checkpoint for the whole training split is refused: it was trained on the subset.
     full = run("distill", str(config), cwd=tmp_path)

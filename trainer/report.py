@@ -62,7 +62,11 @@ def results_table(results: list[ExperimentResult], title: str = "ekd results") -
         "teacher calls",
         "time (s)",
     ):
-        table.add_column(column, justify="left" if column in ("experiment", "method") else "right")
+        table.add_column(
+            column,
+            justify="left" if column in ("experiment", "method") else "right",
+            no_wrap=column in ("experiment", "gain"),  # names and gains stay whole (and searchable)
+        )
     for name, runs in group_by_experiment(results).items():
         first = runs[0]
         calls = [r.counters.get("teacher_calls", 0) for r in runs]
