@@ -134,6 +134,13 @@ def tensor_from_bytes(
 
     `copy=False` shares `data` instead of copying it where the bytes are already in native order: the tensor
     then keeps `data` alive, and nothing may write to it (torch has no read-only tensors)."""
+    shape = _checked_payload(data, dtype_name, shape)
+    return _tensor_from_payload(data, dtype_name, shape, copy=copy)
+
+
+def _checked_payload(data: bytes | memoryview, dtype_name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape as ints, once the dtype is known, no dimension is negative and `data` holds exactly dtype x
+    shape bytes (else CodecError)."""
     _check_dtype_name(dtype_name)
     shape = tuple(int(dim) for dim in shape)
     if any(dim < 0 for dim in shape):
@@ -141,20 +148,14 @@ def tensor_from_bytes(
     expected = _expected_payload_length(dtype_name, shape)
     if len(data) != expected:
         raise CodecError(f"{dtype_name} tensor of shape {shape} needs {expected} bytes, got {len(data)}")
-    return _tensor_from_payload(data, dtype_name, shape, copy=copy)
+    return shape
 
 
 def decode_into(out: torch.Tensor, data: bytes | memoryview, dtype_name: str, shape: Sequence[int]) -> None:
     """`tensor_from_bytes` written straight into `out` (a CPU tensor of that shape and of a dtype numpy has,
     e.g. rows of a larger float32 result), converting the dtype on the way: one pass over the bytes instead
     of a copy, a cast and another copy. Checks and errors as `tensor_from_bytes`."""
-    _check_dtype_name(dtype_name)
-    shape = tuple(int(dim) for dim in shape)
-    if any(dim < 0 for dim in shape):
-        raise CodecError(f"shape {shape} has a negative dimension")
-    expected = _expected_payload_length(dtype_name, shape)
-    if len(data) != expected:
-        raise CodecError(f"{dtype_name} tensor of shape {shape} needs {expected} bytes, got {len(data)}")
+    shape = _checked_payload(data, dtype_name, shape)
     if tuple(out.shape) != shape:
         raise CodecError(f"cannot decode a tensor of shape {shape} into one of shape {tuple(out.shape)}")
     wire = np.frombuffer(data, dtype=_WIRE_NUMPY_DTYPES[dtype_name]).reshape(shape)
