@@ -13,6 +13,11 @@ from trainer.methods.one import ONEParams, OnTheFlyNativeEnsemble, build_one, si
 NUM_CLASSES = 10
 
 
+# The gate's linear bias feeds a BatchNorm, which cancels any constant: its gradient is zero up to rounding
+# (the official code keeps the bias all the same).
+BN_CANCELLED = {"network.gate.linear.bias"}
+
+
 @pytest.fixture
 def method() -> OnTheFlyNativeEnsemble:
     torch.manual_seed(0)
@@ -89,7 +94,9 @@ def test_every_parameter_receives_gradient(method, batch):
     images, labels = batch
     method.training_loss(images, labels, None, TrainingClock(epoch=1.0, total_epochs=20)).loss.backward()
     for name, parameter in method.named_parameters():
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        assert parameter.grad is not None, name
+        if name not in BN_CANCELLED:
+            assert parameter.grad.abs().sum() > 0, name
 
 
 def test_param_groups_hold_every_parameter_at_lr(method):
@@ -144,7 +151,9 @@ def test_imagenet_trunk_copies_layer4_per_branch_and_trains_every_parameter():
     assert [name for name, _ in trunk.shared.named_children()] == ["layer1", "layer2", "layer3"]
     assert method.network.gate.linear.in_features == 1024  # the gate reads layer3's output
     for name, param in method.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert param.grad is not None, name
+        if name not in BN_CANCELLED:
+            assert param.grad.abs().sum() > 0, name
     method.eval()
     exported = method.exported_students()
     assert list(exported) == ["branch_0", "branch_1", "one_ensemble"]
