@@ -10,6 +10,7 @@ through `MultiBranchTrunkParams`.
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class Branch(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1)), features
 
 
-class MultiBranchTrunk(nn.Module):
+class MultiBranchTrunk(nn.Module, ABC):
     """`stem` and `shared` run once; every branch runs its own stages and classifier on their output."""
 
     def __init__(
@@ -96,9 +97,9 @@ class MultiBranchTrunk(nn.Module):
         """Branch `index` as a standalone network (stem + shared stages + its own stages and classifier)."""
         return SingleBranchNet(self.stem, self.shared, self.branches[index])
 
+    @abstractmethod
     def alone_network(self, index: int) -> StudentConfig:
         """The student config of a network with the layers of `export_branch(index)`, to train alone."""
-        raise NotImplementedError(f"{type(self).__name__} names no single network for its branches")
 
 
 class SingleBranchNet(nn.Module):
