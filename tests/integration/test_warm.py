@@ -4,8 +4,10 @@ served `ekd distill` of the same experiment makes no teacher call; `ekd cache st
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,75 @@ def test_cache_commands_name_a_bad_store_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["cache", "stats", "memcached://localhost:11211"])
     assert result.exit_code == 2
     assert "unsupported cache URI 'memcached://localhost:11211'" in result.output
+
+
+def entries(cache_uri: str) -> int:
+    with open_store(cache_uri) as store:
+        return sum(1 for _ in store.scan())
+
+
+def writer_actor_pids() -> list[int]:
+    """Processes whose title names the warm job's writer actor (Ray titles its workers `ray::<actor>...`)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"_WriterActor" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path):
+    """kill -9 of a writer actor mid-job: the job replaces it and completes. Ctrl-C mid-job: every value
+    written so far reads back whole, and the rerun skips them and completes the bank."""
+    cache_uri = f"lmdb://{tmp_path / 'cache'}"
+    config = tmp_path / "kd.yaml"
+    config.write_text(yaml.safe_dump(experiment(tmp_path, "kd-faults", KD)))
+    complete = tmp_path / "complete"
+    warm(tmp_path, config, f"lmdb://{complete}")  # the bank as an uninterrupted job writes it
+    expected = entries(f"lmdb://{complete}")
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(
+            [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "32"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=tmp_path,
+        )
+
+    job = start()
+    try:
+        wait_until(lambda: entries(cache_uri) > 0, 120, "the first values")
+        killed = writer_actor_pids()
+        assert killed
+        os.kill(killed[0], signal.SIGKILL)
+        wait_until(lambda: entries(cache_uri) > expected // 2, 180, "the job to go on past the kill")
+        job.send_signal(signal.SIGINT)
+        job.communicate(timeout=60)
+    finally:
+        job.kill()
+    at_interrupt = entries(cache_uri)
+    assert 0 < at_interrupt < expected
+    with open_store(cache_uri) as store:
+        keys = [key for key, _ in store.scan()]
+        assert all(value is not None for value in store.get_many(keys))
+        assert store.stats.corrupt == 0
+
+    resumed = warm(tmp_path, config, cache_uri)
+    assert entries(cache_uri) == expected
+    rows = [row.split("│") for row in resumed.splitlines() if "cifar_resnet20" in row]
+    # Every value written before the interrupt is skipped, not recomputed (views that repeat an image, e.g.
+    # the same crop twice, are skipped too, so the count may be higher).
+    assert sum(int(row[6].strip().replace(",", "")) for row in rows) >= at_interrupt

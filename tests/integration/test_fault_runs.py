@@ -1,0 +1,193 @@
+"""The fault suite's training runs: a served-teacher distillation with a Redis cache survives the cache being
+killed (kill -9, restarted empty on the same port) or frozen (SIGSTOP for 10 s) in the middle of an epoch, and
+finishes as the uninterrupted run does: the same optimizer steps over the same samples, the same losses epoch
+by epoch and the same test accuracy. Real redis-server processes, real gRPC on 127.0.0.1, the local
+backend."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from services.backends import LocalBackend
+from services.cache import open_store
+from services.cache.local_redis import RedisServer, redis_server_binary, running_redis_server
+from services.engine import TeacherEngine
+from services.server import BackgroundServer
+from services.zoo import create_teacher
+from trainer.config import ExperimentConfig
+from trainer.experiment import ExperimentResult, ensure_teachers
+from trainer.inputs import load_splits
+from trainer.progress import ProgressUpdate
+from trainer.run import run_experiment
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
+
+TEACHER = "t0"
+EPOCHS = 3
+# Where the fault strikes: this many steps into the second epoch, with some of the epoch's batches fetched.
+FAULT_STEP_IN_EPOCH = 2
+KILLED_SECONDS = 3.0
+FROZEN_SECONDS = 10.0
+
+
+def experiment(tmp_path: Path, name: str, address: str, cache_uri: str) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "seed": 0,
+            "data": {"dataset": "digits", "image_size": 8, "views": 2, "pad": 1, "batch_size": 128},
+            "teachers": [
+                {
+                    "name": "cifar_resnet20",
+                    "checkpoint": str(tmp_path / f"{TEACHER}.pt"),
+                    "served_as": TEACHER,
+                    "train": {"epochs": 2, "lr": 0.05},
+                }
+            ],
+            "method": {"name": "kd", "student": {"arch": "cifar_resnet8"}},
+            "train": {"epochs": EPOCHS, "lr": 0.05},
+            "teacher_source": {"kind": "served", "address": address, "cache": cache_uri},
+            "output_dir": str(tmp_path / "runs"),
+        }
+    )
+
+
+@dataclass
+class ServedTeacher:
+    tmp_path: Path
+    redis: RedisServer
+    server: BackgroundServer
+
+    def config(self, name: str) -> ExperimentConfig:
+        return experiment(self.tmp_path, name, self.server.address, self.redis.url)
+
+    def steps_per_epoch(self) -> int:
+        cfg = self.config("probe")
+        return -(-len(load_splits(cfg).train) // cfg.data.batch_size)
+
+    def flush_cache(self) -> None:
+        client = redis.Redis.from_url(self.redis.url)
+        client.flushall()
+        client.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ServedTeacher]:
+    """One trained teacher served over gRPC on 127.0.0.1 with a Redis cache of its own."""
+    with running_redis_server(tmp_path / "redis") as redis_server:
+        cfg = experiment(tmp_path, "teacher", "127.0.0.1:1", redis_server.url)
+        ensure_teachers(cfg, load_splits(cfg), torch.device("cpu"))
+        engine = TeacherEngine(create_teacher("cifar_resnet20", 10, checkpoint=tmp_path / f"{TEACHER}.pt"))
+        with BackgroundServer(LocalBackend({TEACHER: engine}), store=open_store(redis_server.url)) as server:
+            yield ServedTeacher(tmp_path, redis_server, server)
+
+
+def restart_on_port(url: str, directory: Path) -> subprocess.Popen:
+    """A fresh, empty redis-server on the port of `url` (free again), once it answers PING."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [redis_server_binary(), "--port", port, "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                if client.ping():
+                    return process
+            time.sleep(0.05)
+    finally:
+        client.close()
+    process.kill()
+    raise AssertionError(f"redis-server did not come back on port {port}")
+
+
+def run_with_fault(cfg: ExperimentConfig, at_step: int, fault: Callable[[], None]) -> ExperimentResult:
+    """Run `cfg`, calling `fault` once when its progress reaches step `at_step`; it must have fired."""
+    fired = threading.Event()
+
+    def on_progress(update: ProgressUpdate) -> None:
+        if update.task == cfg.name and update.completed >= at_step and not fired.is_set():
+            fired.set()
+            fault()
+
+    result = run_experiment(cfg, on_progress=on_progress)
+    assert fired.is_set(), f"the fault never fired: the run has fewer than {at_step} steps"
+    return result
+
+
+def assert_same_run(faulted: ExperimentResult, clean: ExperimentResult) -> None:
+    """The same optimizer steps over the same training samples, with the same targets: the same losses, epoch
+    by epoch, and the same test accuracy."""
+    assert faulted.train_samples == clean.train_samples
+    assert faulted.optimizer_steps == clean.optimizer_steps
+    assert [row["loss"] for row in faulted.history] == pytest.approx([row["loss"] for row in clean.history])
+    assert faulted.test_accuracy == clean.test_accuracy
+
+
+def test_a_run_survives_redis_killed_mid_epoch_and_restarted_empty(served: ServedTeacher):
+    clean = run_experiment(served.config("clean"))
+    served.flush_cache()
+    restarted: list[subprocess.Popen] = []
+
+    def kill_then_restart() -> None:
+        os.kill(served.redis.process.pid, signal.SIGKILL)
+        served.redis.process.wait(timeout=5)
+
+        def restart() -> None:
+            time.sleep(KILLED_SECONDS)
+            restarted.append(restart_on_port(served.redis.url, served.tmp_path / "redis-again"))
+
+        threading.Thread(target=restart, daemon=True).start()
+
+    try:
+        faulted = run_with_fault(
+            served.config("redis-killed"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, kill_then_restart
+        )
+    finally:
+        for process in restarted:
+            process.kill()
+    assert_same_run(faulted, clean)
+    assert faulted.counters["cache_unavailable"] >= 1
+
+
+def test_a_run_survives_redis_frozen_mid_epoch(served: ServedTeacher):
+    clean = run_experiment(served.config("clean"))
+    served.flush_cache()
+    thawed = threading.Event()
+
+    def freeze() -> None:
+        os.kill(served.redis.process.pid, signal.SIGSTOP)
+        timer = threading.Timer(
+            FROZEN_SECONDS, lambda: (os.kill(served.redis.process.pid, signal.SIGCONT), thawed.set())
+        )
+        timer.daemon = True
+        timer.start()
+
+    try:
+        started = time.perf_counter()
+        faulted = run_with_fault(
+            served.config("redis-frozen"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, freeze
+        )
+        seconds = time.perf_counter() - started
+    finally:
+        os.kill(served.redis.process.pid, signal.SIGCONT)
+    assert_same_run(faulted, clean)
+    assert faulted.counters["cache_unavailable"] >= 1
+    # The frozen cache costs a timeout or two, not a wait for the thaw: the run may even end before it.
+    assert faulted.stall_seconds < clean.stall_seconds + FROZEN_SECONDS / 2, (seconds, faulted.stall_seconds)
