@@ -15,12 +15,19 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT16: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     INT64: _ClassVar[DType]
+
+class LogitsForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOGITS_FORM_FULL: _ClassVar[LogitsForm]
+    LOGITS_FORM_COMPACT: _ClassVar[LogitsForm]
 DTYPE_UNSPECIFIED: DType
 UINT8: DType
 FLOAT32: DType
 FLOAT16: DType
 BFLOAT16: DType
 INT64: DType
+LOGITS_FORM_FULL: LogitsForm
+LOGITS_FORM_COMPACT: LogitsForm
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -93,7 +100,7 @@ class ListTeachersResponse(_message.Message):
     def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("teachers", "outputs", "output_dtype", "top_k", "images", "chunk_size", "request_id")
+    __slots__ = ("teachers", "outputs", "output_dtype", "top_k", "images", "chunk_size", "request_id", "logits_form", "bypass_cache")
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +108,8 @@ class InferRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FORM_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
     teachers: _containers.RepeatedScalarFieldContainer[str]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DType
@@ -108,7 +117,9 @@ class InferRequest(_message.Message):
     images: Tensor
     chunk_size: int
     request_id: str
-    def __init__(self, teachers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_size: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logits_form: LogitsForm
+    bypass_cache: bool
+    def __init__(self, teachers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_size: _Optional[int] = ..., request_id: _Optional[str] = ..., logits_form: _Optional[_Union[LogitsForm, str]] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
 
 class TopK(_message.Message):
     __slots__ = ("values", "indices")
@@ -119,7 +130,7 @@ class TopK(_message.Message):
     def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("teacher", "start", "count", "outputs", "logits_top_k", "cached")
+    __slots__ = ("teacher", "start", "count", "outputs", "logits_top_k", "cached", "compact_logits")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,10 +144,12 @@ class InferResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_TOP_K_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_LOGITS_FIELD_NUMBER: _ClassVar[int]
     teacher: str
     start: int
     count: int
     outputs: _containers.MessageMap[str, Tensor]
     logits_top_k: TopK
     cached: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, teacher: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., logits_top_k: _Optional[_Union[TopK, _Mapping]] = ..., cached: _Optional[_Iterable[bool]] = ...) -> None: ...
+    compact_logits: Tensor
+    def __init__(self, teacher: _Optional[str] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ..., logits_top_k: _Optional[_Union[TopK, _Mapping]] = ..., cached: _Optional[_Iterable[bool]] = ..., compact_logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
