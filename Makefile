@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint system-deps
+.PHONY: demo test lint system-deps dev-secrets
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,3 +27,7 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+# A development CA, server certificate and bearer token in ./secrets, for the docker-compose stack.
+dev-secrets:
+	bash scripts/make_dev_secrets.sh secrets

@@ -8,6 +8,7 @@ it.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +16,11 @@ import torch
 
 from services.engine import TeacherEngine
 from services.zoo import TeacherSpec
+
+FORWARD_SLICE_BYTES = 8 * 2**20
+"""`LocalBackend` runs a forward pass over at most this many bytes of images at a time, so that the float
+copies an engine makes of its input (4 bytes per pixel, and more once resized) and the activations scale with
+a slice, not with the request."""
 
 
 class BackendUnavailableError(RuntimeError):
@@ -41,7 +47,8 @@ class TeacherBackend(Protocol):
 
 class LocalBackend:
     """`TeacherEngine`s in this process, by name. Forward passes run in worker threads (`asyncio.to_thread`),
-    so the event loop keeps serving while a teacher computes; each engine runs one forward at a time."""
+    so the event loop keeps serving while a teacher computes; each engine runs one forward at a time, over
+    slices of at most FORWARD_SLICE_BYTES of a request's images."""
 
     def __init__(self, engines: Mapping[str, TeacherEngine]) -> None:
         if not engines:
@@ -60,7 +67,7 @@ class LocalBackend:
         return dict(self._feature_shapes[self._known(name)])
 
     async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
-        return await asyncio.to_thread(self._engines[self._known(name)].infer, images, outputs)
+        return await asyncio.to_thread(_infer_in_slices, self._engines[self._known(name)], images, outputs)
 
     def teacher_calls(self) -> int:
         return sum(engine.calls for engine in self._engines.values())
@@ -69,3 +76,16 @@ class LocalBackend:
         if name not in self._engines:
             raise ValueError(f"unknown teacher {name!r}; hosted: {', '.join(sorted(self._engines))}")
         return name
+
+
+def _infer_in_slices(
+    engine: TeacherEngine, images: torch.Tensor, outputs: list[str]
+) -> dict[str, torch.Tensor]:
+    """`engine.infer` over slices of at most FORWARD_SLICE_BYTES of `images`, joined. In one thread: the
+    allocator keeps what a thread frees for that thread, so slices spread over threads would each keep one."""
+    sample_bytes = math.prod(images.shape[1:]) * images.element_size() if images.ndim == 4 else 0
+    per_slice = max(1, FORWARD_SLICE_BYTES // max(sample_bytes, 1))
+    if images.ndim != 4 or images.shape[0] <= per_slice:  # one forward; the engine checks the images
+        return engine.infer(images, outputs)
+    pieces = [engine.infer(piece, outputs) for piece in images.split(per_slice)]
+    return {output: torch.cat([piece[output] for piece in pieces]) for output in pieces[0]}

@@ -12,6 +12,10 @@ second client, or a second epoch, finds it. Teachers with an empty `weights_sha2
 looked up, because the service never caches them. The teacher list (identities included) is read once per
 client: after the service is redeployed with other weights under the same names, make a new client.
 
+The cache is read through a circuit breaker (`services.cache.guard`): one that fails or freezes costs one
+short timeout, then nothing, and the service answers every pair until the cache answers again. A cached value
+of the wrong dtype or shape is never used.
+
 `submit` starts a fetch and returns a `PendingFetch`; up to `max_in_flight` Infer requests (of one fetch or
 of several submitted ones) are outstanding at once, so that the service computes the next while this thread
 reads the last, and each response stream is written into the results chunk by chunk as it arrives.
@@ -39,7 +43,15 @@ import torch
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
-from services.cache import TeacherOutputStore, input_digests, output_key
+from services.cache import (
+    GuardedStore,
+    Outcome,
+    TeacherOutputStore,
+    ValueSpec,
+    guarded,
+    input_digests,
+    output_key,
+)
 from services.codec import (
     DTYPES_BY_PROTO_NAME,
     PROTO_DTYPE_NAMES,
@@ -49,6 +61,7 @@ from services.codec import (
 )
 from services.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, LOGITS, OUTPUT_DTYPES
 from services.errors import UserError
+from services.security import ClientSecurity
 from services.wire import OutgoingInferRequest, serialize_infer_request
 
 # Bytes an InferRequest may gain beyond its measured form without images once B images go in: the varints of
@@ -136,12 +149,17 @@ class ClientStats:
     """Totals since the client was made. `samples` counts images passed to `fetch`; `cache_hits`,
     `cache_misses` and `remote_samples` count (teacher, image) pairs: a hit has every requested output in the
     cache, a miss lacks one, and remote pairs were answered by the service (the misses plus every pair not
-    looked up: no store, or a teacher without weights_sha256). `requests` counts Infer requests answered;
-    `retries` counts repeated attempts of any RPC."""
+    looked up: no store, or a teacher without weights_sha256). `cache_unavailable` counts the pairs that were
+    to be looked up but the cache failed or was skipped (its circuit breaker open: `services.cache.guard`),
+    so the service answered them; they are neither hits nor misses. `corrupt` counts cached values found
+    damaged, forged or of the wrong dtype or shape (deleted, answered by the service). `requests` counts Infer
+    requests answered; `retries` counts repeated attempts of any RPC."""
 
     samples: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    cache_unavailable: int = 0
+    cache_corrupt: int = 0
     remote_samples: int = 0
     requests: int = 0
     retries: int = 0
@@ -224,25 +242,29 @@ def _is_status(codes: Collection[grpc.StatusCode]) -> Callable[[BaseException], 
 class TeacherClient:
     """Fetches teacher outputs for uint8 images: cache first, misses over gRPC, results in input order.
 
-    `store` is read only and not closed by the client. `output_dtype` is the wire dtype and the dtype in the
-    cache keys (fp16 by default, what the service caches); `fetch` returns float32 either way. `retries` is
-    the number of repeated attempts after the first (so at most retries + 1), waiting `backoff_seconds`, then
-    twice that, and so on. `max_request_samples` caps the images per Infer request below the server's limits.
-    `max_in_flight` is how many Infer requests may be outstanding at once, across the fetches `submit`
-    started: more than one lets the service batch and compute the next request while this one streams back.
+    `store` is read only (through `guarded(store)`) and not closed by the client. `output_dtype` is the wire
+    dtype and the dtype in the cache keys (fp16 by default, what the service caches); `fetch` returns float32
+    either way. `retries` is the number of repeated attempts after the first (so at most retries + 1), waiting
+    `backoff_seconds`, then twice that, and so on. `max_request_samples` caps the images per Infer request
+    below the server's limits. `max_in_flight` is how many Infer requests may be outstanding at once, across
+    the fetches `submit` started: more than one lets the service batch and compute the next request while
+    this one streams back.
+    `security` is the channel's TLS and bearer token (`services.security`); None reads them from the EKD_*
+    environment variables, and with none set the channel is insecure and sends no token.
     """
 
     def __init__(
         self,
         address: str,
         *,
-        store: TeacherOutputStore | None = None,
+        store: TeacherOutputStore | GuardedStore | None = None,
         output_dtype: str = "float16",
         timeout_seconds: float = 60.0,
         retries: int = 3,
         backoff_seconds: float = 0.2,
         max_request_samples: int | None = None,
         max_in_flight: int = 1,
+        security: ClientSecurity | None = None,
     ) -> None:
         if not address:
             raise ValueError("address must be a non-empty host:port")
@@ -259,13 +281,14 @@ class TeacherClient:
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an int of at least 1; got {max_in_flight!r}")
         self.address = address
-        self.store = store
+        self.store = guarded(store) if store is not None else None
         self.output_dtype = output_dtype
         self.timeout_seconds = timeout_seconds
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.max_request_samples = max_request_samples
         self.max_in_flight = max_in_flight
+        self._security = security if security is not None else ClientSecurity.from_environment()
         # Requests of submitted fetches: not yet sent, and sent but not yet consumed, both oldest first.
         self._waiting: deque[_Flight] = deque()
         self._in_flight: deque[_Flight] = deque()
@@ -436,9 +459,10 @@ class TeacherClient:
         limits: _ServiceLimits,
         results: dict[str, dict[str, torch.Tensor]],
     ) -> dict[str, list[int]]:
-        """Fill in every (teacher, image) whose requested outputs are all in the store, with one multi-get;
-        return, per teacher, the batch positions the service must answer. Images are digested only when
-        some teacher is looked up."""
+        """Fill in every (teacher, image) whose requested outputs are all in the store, with one multi-get
+        that checks each value's dtype and shape against its output; return, per teacher, the batch positions
+        the service must answer. Images are digested only when some teacher is looked up. A cache that fails,
+        or is skipped while its breaker is open, answers nothing: the service answers every pair."""
         everything = list(range(images.shape[0]))
         misses = {teacher: everything if names else [] for teacher, names in requested.items()}
         looked_up = [
@@ -449,13 +473,18 @@ class TeacherClient:
         if not looked_up:
             return misses
         digests = input_digests(images)
-        keys = [
-            output_key(limits.teachers[teacher].identity, output, self.output_dtype, 0, digest)
-            for teacher in looked_up
-            for output in requested[teacher]
-            for digest in digests
-        ]
-        values = iter(self.store.get_many(keys))
+        keys, expected = [], []
+        for teacher in looked_up:
+            description = limits.teachers[teacher]
+            for output in requested[teacher]:
+                spec = ValueSpec.full(self.output_dtype, description.output_shape(output))
+                keys += [output_key(description.identity, output, self.output_dtype, 0, d) for d in digests]
+                expected += [spec] * len(digests)
+        lookup = self.store.get_many(keys, expected)
+        if lookup.outcome is not Outcome.DONE:  # the guard said so once; the service answers every pair
+            self._count(cache_unavailable=len(looked_up) * len(digests))
+            return misses
+        values = iter(lookup.values)
         hits = 0
         for teacher in looked_up:
             by_output = {output: [next(values) for _ in digests] for output in requested[teacher]}
@@ -467,7 +496,9 @@ class TeacherClient:
             hit_set = set(hit)
             misses[teacher] = [i for i in everything if i not in hit_set]
             hits += len(hit)
-        self._count(cache_hits=hits, cache_misses=len(looked_up) * len(digests) - hits)
+        self._count(
+            cache_hits=hits, cache_misses=len(looked_up) * len(digests) - hits, cache_corrupt=lookup.corrupt
+        )
         return misses
 
     def _samples_per_request(
@@ -632,7 +663,7 @@ class TeacherClient:
 
     def _open_channel(self, max_message_bytes: int) -> None:
         backoff_ms = max(1, round(self.backoff_seconds * 1000))
-        channel = grpc.insecure_channel(
+        channel = self._security.channel(
             self.address,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),

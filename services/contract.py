@@ -24,3 +24,23 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 
 DEFAULT_CHUNK_SIZE = 64
 """Samples per streamed InferResponse when the request leaves `chunk_size` at 0."""
+
+MAX_TEACHERS_PER_REQUEST = 64
+"""The most teachers one InferRequest may name (INVALID_ARGUMENT beyond)."""
+
+MAX_OUTPUTS_PER_REQUEST = 64
+"""The most outputs one InferRequest may name (INVALID_ARGUMENT beyond)."""
+
+MAX_NAME_LENGTH = 256
+"""The longest teacher or output name, in characters, a request may carry (INVALID_ARGUMENT beyond)."""
+
+MAX_REQUEST_ID_LENGTH = 128
+"""The longest InferRequest.request_id, in characters (INVALID_ARGUMENT beyond); it appears in server logs."""
+
+DEFAULT_MAX_CONCURRENT_RPCS = 64
+"""The most TeacherService RPCs a server runs at once, unless configured otherwise (RESOURCE_EXHAUSTED
+beyond; health checks and reflection are not counted)."""
+
+DEFAULT_MAX_INFLIGHT_REQUEST_BYTES = 4 * DEFAULT_MAX_MESSAGE_BYTES
+"""The most bytes of Infer requests a server processes at once, unless configured otherwise
+(RESOURCE_EXHAUSTED beyond)."""

@@ -265,6 +265,7 @@ class GrpcIngress:
         cache_config: CacheConfig,
         metrics_port: int | None,
         teachers: dict[str, DeploymentHandle],
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         backend = await RayServeBackend.connect(teachers)
         self._host = grpc_config.host
@@ -280,10 +281,16 @@ class GrpcIngress:
             metrics=self._metrics,
             default_chunk_size=grpc_config.default_chunk_size,
             default_dtype=grpc_config.default_dtype,
+            max_concurrent_rpcs=grpc_config.max_concurrent_rpcs,
+            max_inflight_request_bytes=grpc_config.max_inflight_request_bytes,
+            # TLS and the token from this replica's environment (services.security): the pod's or
+            # container's, which Ray workers inherit; never through Ray's runtime_env, which Ray records.
+            auth_exempt_services=grpc_config.auth_exempt_services,
         )
         await self._server.start()
+        self._metrics_host = metrics_host
         self._metrics_http = (
-            start_metrics_server(self._metrics, metrics_port, addr=grpc_config.host)
+            start_metrics_server(self._metrics, metrics_port, addr=metrics_host)
             if metrics_port is not None
             else None
         )
@@ -306,7 +313,7 @@ class GrpcIngress:
         """host:port of the Prometheus endpoint, None when the config exposes none."""
         if self._metrics_http is None:
             return None
-        return f"{self._host}:{self._metrics_http[0].server_port}"
+        return f"{self._metrics_host}:{self._metrics_http[0].server_port}"
 
     async def __del__(self) -> None:
         await self._server.stop(STOP_GRACE_SECONDS)
@@ -348,7 +355,7 @@ def build_app(config: ServeConfig) -> Application:
     ingress = GrpcIngress.options(
         num_replicas=config.grpc.replicas, max_replicas_per_node=config.grpc.max_replicas_per_node
     )
-    return ingress.bind(config.grpc, config.cache, config.metrics_port, teachers)
+    return ingress.bind(config.grpc, config.cache, config.metrics_port, teachers, config.metrics_host)
 
 
 def app_builder(args: dict[str, str]) -> Application:

@@ -6,6 +6,11 @@ Exits 0 when the server answers SERVING, 1 otherwise (NOT_SERVING, an unknown se
 slow), and prints one line saying which. It is the probe of the images' HEALTHCHECK and of docker-compose,
 which cannot speak gRPC themselves (Kubernetes probes gRPC natively). An empty service name, the default, asks
 about the whole server; `ekd.v1.TeacherService` asks about the teacher service alone.
+
+It connects as any client does (`services.security.ClientSecurity.from_environment`): over TLS when
+EKD_TLS_CA_FILE is set (and EKD_TLS_SERVER_NAME when the certificate does not name the address's host), with
+the bearer token when EKD_AUTH_TOKEN or EKD_AUTH_TOKEN_FILE is set (health is exempt from it by default).
+There are no command-line options for either: a secret there would be visible in the process list.
 """
 
 from __future__ import annotations
@@ -16,17 +21,26 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.errors import ConfigError
+from services.security import ClientSecurity
+
 DEFAULT_TIMEOUT_S = 5.0
 
 
-def probe(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
+def probe(
+    address: str,
+    service: str = "",
+    timeout: float = DEFAULT_TIMEOUT_S,
+    security: ClientSecurity | None = None,
+) -> tuple[bool, str]:
     """(serving, one-line message) for `service` on the server at `address`, waiting at most `timeout`
-    seconds. The call does not wait for a connection: a refused connection fails at once, a silent host at the
-    deadline."""
+    seconds, connecting with `security` (None: from the environment). The call does not wait for a
+    connection: a refused connection fails at once, a silent host at the deadline."""
     if timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     shown = repr(service) if service else "the server"
-    with grpc.insecure_channel(address) as channel:
+    security = security if security is not None else ClientSecurity.from_environment()
+    with security.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -67,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})",
     )
     args = parser.parse_args(argv)
-    serving, message = probe(args.address, args.service, args.timeout)
+    try:
+        serving, message = probe(args.address, args.service, args.timeout)
+    except ConfigError as error:
+        serving, message = False, f"unhealthy: cannot connect as configured: {error}"
     print(message, file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1
 

@@ -79,8 +79,23 @@ class Metrics:
         )
         self.cache_errors = Counter(
             "ekd_cache_errors",
-            "Cache reads or writes that failed; requests were served without them.",
+            "Cache reads or writes that did not happen (failed, skipped while the cache was unavailable, or "
+            "dropped over the pending-write bound); requests were served without them.",
             ["teacher", "operation"],
+            registry=self.registry,
+        )
+        self.cache_skipped = Counter(
+            "ekd_cache_skipped",
+            "Cache reads or writes not tried because the cache had just failed (its circuit breaker was "
+            "open); each cost microseconds. A subset of ekd_cache_errors.",
+            ["teacher", "operation"],
+            registry=self.registry,
+        )
+        self.cache_dropped_writes = Counter(
+            "ekd_cache_dropped_writes",
+            "Computed values not written to the cache because the pending background writes were at their "
+            "bound (the cache is slower than the service).",
+            ["teacher"],
             registry=self.registry,
         )
         self.served_bytes = Counter(

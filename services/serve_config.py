@@ -22,11 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from services.contract import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OUTPUT_DTYPE,
     OUTPUT_DTYPES,
 )
 from services.engine import PRECISIONS
+from services.security import DEFAULT_AUTH_EXEMPT_SERVICES
 from services.yaml_config import expand_environment, load_yaml_model
 from services.zoo import check_teacher_name
 
@@ -182,7 +185,11 @@ class TeacherDeploymentConfig(_Section):
 
 
 class GrpcConfig(_Section):
-    """Where the gRPC ingress listens and the limits it announces in ListTeachers."""
+    """Where the gRPC ingress listens, the limits it announces in ListTeachers and those that protect it.
+
+    TLS and the bearer token are not here: they come from the environment of the process that serves
+    (EKD_TLS_CERT_FILE, EKD_AUTH_TOKEN_FILE, ...; `services.security`), so that no secret sits in a config.
+    """
 
     host: str = Field("127.0.0.1", min_length=1, description="interface to bind; 0.0.0.0 in a container")
     port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one (reported when ready)")
@@ -218,6 +225,32 @@ class GrpcConfig(_Section):
         description="output dtype when a request leaves output_dtype unspecified; what the "
         "cache stores by default",
     )
+
+    max_concurrent_rpcs: int = Field(
+        DEFAULT_MAX_CONCURRENT_RPCS,
+        ge=1,
+        description="most Infer RPCs one ingress replica processes at once (RESOURCE_EXHAUSTED beyond)",
+    )
+    max_inflight_request_bytes: int = Field(
+        DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
+        ge=64 * 1024,
+        description="most bytes of Infer requests one ingress replica processes at once (RESOURCE_EXHAUSTED "
+        "beyond); at least max_message_bytes",
+    )
+    auth_exempt_services: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_AUTH_EXEMPT_SERVICES),
+        description="gRPC services callable without the bearer token when one is set (full names); "
+        "health and reflection by default, so that probes need no secret",
+    )
+
+    @model_validator(mode="after")
+    def _inflight_holds_a_message(self) -> GrpcConfig:
+        if self.max_inflight_request_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"max_inflight_request_bytes ({self.max_inflight_request_bytes}) must be at least "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _shared_port_is_fixed(self) -> GrpcConfig:
@@ -266,6 +299,12 @@ class ServeConfig(_Section):
         ge=0,
         le=65535,
         description="port of the ingress's Prometheus endpoint (/metrics); absent: not exposed",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="interface the metrics endpoint binds (plain HTTP, no authentication); 0.0.0.0 where a "
+        "scraper in another container or pod must reach it",
     )
 
     @model_validator(mode="after")

@@ -9,12 +9,24 @@ grpc.health.v1 health service and server reflection, like grpc's examples/python
 
 Call `create_server` from a coroutine running on the event loop that will serve: grpc.aio binds a server to
 the loop current when it is created.
+
+Transport security (`services.security`) comes from the environment unless given: TLS when EKD_TLS_CERT_FILE
+and EKD_TLS_KEY_FILE are set (client certificates required when EKD_TLS_CLIENT_CA_FILE is), a bearer token on
+every RPC but health and reflection when EKD_AUTH_TOKEN or EKD_AUTH_TOKEN_FILE is. Unset, the server listens
+without either, and says so in a warning when its address is reachable from other machines.
+
+Hostile callers meet bounds: at most `max_concurrent_rpcs` Infer RPCs and `max_inflight_request_bytes` of
+their requests are processed at once (RESOURCE_EXHAUSTED beyond, from the servicer), and gRPC itself runs at
+most `max_concurrent_rpcs` + PROBE_RPCS RPCs of any kind, the headroom keeping health checks answered while
+Infer is at its bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import grpc
@@ -27,15 +39,30 @@ from services.cache import TeacherOutputStore
 from services.contract import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OUTPUT_DTYPE,
 )
 from services.metrics import Metrics
+from services.security import (
+    DEFAULT_AUTH_EXEMPT_SERVICES,
+    TLS_CERT_FILE,
+    TLS_KEY_FILE,
+    ServerSecurity,
+    is_loopback,
+)
 from services.servicer import TeacherServicer
 from services.wire import parse_infer_request
 
+logger = logging.getLogger(__name__)
+
 OVERALL_HEALTH = ""
 """The health-check service name that stands for the whole server."""
+
+PROBE_RPCS = 16
+"""RPCs gRPC admits beyond `max_concurrent_rpcs`: room for health checks, reflection and refusals while the
+servicer runs its most Infer RPCs."""
 
 
 @dataclass
@@ -54,9 +81,11 @@ class RunningServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, then stop, giving running RPCs `grace` seconds (None: cancel them now)."""
+        """Report NOT_SERVING, then stop, giving running RPCs `grace` seconds (None: cancel them now); then
+        wait for the cache writes of the requests answered (bounded: `wait_for_cache_writes`)."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await asyncio.to_thread(self.servicer.wait_for_cache_writes)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -72,12 +101,19 @@ def create_server(
     metrics: Metrics | None = None,
     default_chunk_size: int = DEFAULT_CHUNK_SIZE,
     default_dtype: str = DEFAULT_OUTPUT_DTYPE,
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
+    max_inflight_request_bytes: int = DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
+    security: ServerSecurity | None = None,
+    auth_exempt_services: Collection[str] = DEFAULT_AUTH_EXEMPT_SERVICES,
 ) -> RunningServer:
     """A server for `backend`'s teachers on `address` (port 0: a free one, see `.port`), not yet started.
 
     `max_message_bytes` bounds the messages the server receives and sends; the servicer announces it in
-    ListTeachers and keeps its response chunks under it.
+    ListTeachers and keeps its response chunks under it. `security` None reads it from the environment
+    (`ServerSecurity.from_environment`); `ServerSecurity()` is explicitly insecure. `auth_exempt_services`
+    are the services callable without the token (full names; health and reflection by default).
     """
+    security = security if security is not None else ServerSecurity.from_environment()
     metrics = metrics if metrics is not None else Metrics()
     servicer = TeacherServicer(
         backend,
@@ -87,15 +123,19 @@ def create_server(
         max_message_bytes=max_message_bytes,
         default_chunk_size=default_chunk_size,
         default_dtype=default_dtype,
+        max_concurrent_rpcs=max_concurrent_rpcs,
+        max_inflight_request_bytes=max_inflight_request_bytes,
     )
     server = grpc.aio.server(
+        interceptors=security.interceptors(auth_exempt_services),
+        maximum_concurrent_rpcs=max_concurrent_rpcs + PROBE_RPCS,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             # Several servers (ingress replicas on one node) may listen on one port; the kernel spreads the
             # connections over them. grpc's default on Linux, stated because scaling out relies on it.
             ("grpc.so_reuseport", 1),
-        ]
+        ],
     )
     server.add_generic_rpc_handlers((_teacher_service_handler(servicer),))
     health_servicer = health.aio.HealthServicer()
@@ -103,7 +143,19 @@ def create_server(
     reflection.enable_server_reflection(
         [TEACHER_SERVICE_FULL_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    credentials = security.credentials()
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        if not is_loopback(address):
+            logger.warning(
+                "the teacher service listens on %s without TLS: its traffic can be read and altered on the "
+                "network (set %s and %s)",
+                address,
+                TLS_CERT_FILE,
+                TLS_KEY_FILE,
+            )
+        port = server.add_insecure_port(address)
     return RunningServer(server=server, port=port, metrics=metrics, servicer=servicer, health=health_servicer)
 
 

@@ -5,8 +5,10 @@ names and a message saying what is allowed. Then every requested teacher runs co
 all its (sample, output) entries, one forward pass over the samples with any miss, a cast to the requested
 dtype, and messages of at most `chunk_size` samples (fewer where they would not fit under the message size
 limit) put on one queue that the response stream drains, so the first teacher's results leave before the last
-teacher is done. Computed outputs are written back to the cache before the stream ends, so the next identical
-request is a hit. The cache only ever saves work: when it fails, the request is computed and still answered.
+teacher is done. Computed outputs are handed to a background writer (`services.cache.writer`, bounded) and the
+stream ends without waiting for the write; `wait_for_cache_writes` waits for it. The cache only ever saves
+work: it is read and written through a circuit breaker (`services.cache.guard`), so when it fails or freezes
+the request is computed and still answered, after at most one short cache timeout, then microseconds.
 
 Cache entries, one per sample and output (shared with `services.client`, which reads the same store directly):
 
@@ -25,9 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -35,14 +36,28 @@ import torch
 
 from services._generated import teacher_pb2
 from services.backends import BackendUnavailableError, TeacherBackend
-from services.cache import CacheError, TeacherOutputStore, input_digests, output_key
+from services.cache import (
+    Outcome,
+    TeacherOutputStore,
+    ValueSpec,
+    guarded,
+    input_digests,
+    output_key,
+)
+from services.cache.writer import BackgroundWriter
 from services.codec import DTYPES, DTYPES_BY_PROTO_NAME, PROTO_DTYPE_NAMES, tensor_from_bytes, tensor_to_bytes
 from services.contract import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OUTPUT_DTYPE,
     LOGITS,
+    MAX_NAME_LENGTH,
+    MAX_OUTPUTS_PER_REQUEST,
+    MAX_REQUEST_ID_LENGTH,
+    MAX_TEACHERS_PER_REQUEST,
     OUTPUT_DTYPES,
 )
 from services.metrics import NO_TEACHER, Metrics
@@ -57,6 +72,16 @@ _MESSAGE_FRAMING_BYTES = 512
 _TENSOR_FRAMING_BYTES = 64
 
 _INDICES_DTYPE = "int64"
+
+# Long enough for any backlog of writes: each write either finishes, or fails within the store's short
+# timeouts and opens the breaker, after which the rest are skipped at once.
+DEFAULT_CACHE_DRAIN_SECONDS = 30.0
+
+# Error messages go back as gRPC trailing metadata, whose size is limited (8 KB by default): a message lists
+# at most this many names, each cut to this many characters, and is cut to this many characters in all.
+_LISTED_NAMES = 8
+_LISTED_NAME_CHARS = 64
+MAX_ERROR_MESSAGE_CHARS = 1024
 
 
 class _RequestError(Exception):
@@ -100,6 +125,11 @@ class _Part:
     def key(self, identity: str, digest: bytes) -> bytes:
         return output_key(identity, self.output, self.dtype, self.top_k, digest)
 
+    @property
+    def spec(self) -> ValueSpec:
+        """What a cached value of this part must be."""
+        return ValueSpec.full(self.dtype, self.shape)
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -120,7 +150,10 @@ class TeacherServicer:
     so `services.server` registers it with `parse_infer_request` as the request deserializer.
 
     The hosted teachers are read from the backend once, here. `max_message_bytes` must equal the server's
-    gRPC message length limits (`services.server.create_server` sets both).
+    gRPC message length limits (`services.server.create_server` sets both). At most `max_concurrent_rpcs`
+    TeacherService RPCs, and Infer requests of at most `max_inflight_request_bytes` in all, are processed at
+    once; beyond either an Infer ends at once with RESOURCE_EXHAUSTED. (ListTeachers, answered from memory
+    without waiting, needs no such bound.)
     """
 
     def __init__(
@@ -133,7 +166,16 @@ class TeacherServicer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         default_chunk_size: int = DEFAULT_CHUNK_SIZE,
         default_dtype: str = DEFAULT_OUTPUT_DTYPE,
+        max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
+        max_inflight_request_bytes: int = DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
     ) -> None:
+        if max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be at least 1, got {max_concurrent_rpcs}")
+        if max_inflight_request_bytes < max_message_bytes:
+            raise ValueError(
+                f"max_inflight_request_bytes ({max_inflight_request_bytes}) must be at least "
+                f"max_message_bytes ({max_message_bytes}), or a request of the largest size could never run"
+            )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_message_bytes <= _MESSAGE_FRAMING_BYTES:
@@ -147,12 +189,17 @@ class TeacherServicer:
                 f"default_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {default_dtype!r}"
             )
         self._backend = backend
-        self._store = store
+        self._store = guarded(store) if store is not None else None
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_message_bytes = max_message_bytes
         self.default_chunk_size = default_chunk_size
         self.default_dtype = default_dtype
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.max_inflight_request_bytes = max_inflight_request_bytes
+        # Admission state, touched only on the event loop's thread (RPC entry and exit), so unlocked.
+        self._active_rpcs = 0
+        self._inflight_request_bytes = 0
         self._hosted = {
             name: _hosted(name, spec, backend.feature_shapes(name))
             for name, spec in sorted(backend.specs().items())
@@ -160,9 +207,9 @@ class TeacherServicer:
         if not self._hosted:
             raise ValueError("the backend hosts no teachers")
         self._teacher_list = self._list_teachers_response()
-        # Corrupt values are only visible as a change in the store's stats; reading them around each lookup
-        # under one lock attributes every corrupt value to the teacher whose lookup found it.
-        self._cache_read_lock = threading.Lock()
+        self._cache_writer = (
+            BackgroundWriter(self._store, on_written=self._cache_written) if self._store is not None else None
+        )
 
     # ---- RPCs -----------------------------------------------------------------------------------------
 
@@ -177,11 +224,15 @@ class TeacherServicer:
     ) -> AsyncIterator[teacher_pb2.InferResponse]:
         started = time.perf_counter()
         message = request.message
-        labels = [name for name in dict.fromkeys(message.teachers) if name in self._hosted] or [NO_TEACHER]
+        requested = set(message.teachers)
+        labels = [name for name in self._hosted if name in requested] or [NO_TEACHER]
         for label in labels:
             self.metrics.requests.labels(label).inc()
         failure = None
+        admitted = False
         try:
+            self._admit(request.wire_bytes)
+            admitted = True
             plan = self._validate(request)
             async for response in self._stream(plan):
                 yield response
@@ -190,37 +241,70 @@ class TeacherServicer:
             for label in labels:
                 self.metrics.request_errors.labels(label, error.code.name).inc()
         finally:
+            if admitted:
+                self._release(request.wire_bytes)
             # Before abort() sends the status, so that a client that has the status sees the metrics too.
             self.metrics.request_seconds.labels("Infer").observe(time.perf_counter() - started)
         if failure is not None:
-            await context.abort(failure.code, failure.message)
+            await context.abort(failure.code, _truncated(failure.message))
+
+    # ---- admission ------------------------------------------------------------------------------------
+
+    def _admit(self, request_bytes: int) -> None:
+        """Count an Infer of `request_bytes` request bytes as running, or refuse it: RESOURCE_EXHAUSTED."""
+        if self._active_rpcs >= self.max_concurrent_rpcs:
+            raise _RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is running its maximum of {self.max_concurrent_rpcs} concurrent requests "
+                f"(max_concurrent_rpcs); retry later",
+            )
+        if self._inflight_request_bytes + request_bytes > self.max_inflight_request_bytes:
+            raise _RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is processing {self._inflight_request_bytes} bytes of requests; this one's "
+                f"{request_bytes} would exceed max_inflight_request_bytes={self.max_inflight_request_bytes}; "
+                f"retry later",
+            )
+        self._active_rpcs += 1
+        self._inflight_request_bytes += request_bytes
+
+    def _release(self, request_bytes: int) -> None:
+        self._active_rpcs -= 1
+        self._inflight_request_bytes -= request_bytes
 
     # ---- validation -----------------------------------------------------------------------------------
 
     def _validate(self, received: ReceivedInferRequest) -> _Plan:
         request = received.message
-        hosted_names = ", ".join(self._hosted)
+        hosted_names = _listed(self._hosted, quoted=False)
         teachers = list(request.teachers)
         if not teachers:
             raise _RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"no teachers requested; hosted teachers: {hosted_names}"
             )
-        _reject_duplicates(teachers, "teachers")
+        _check_names(teachers, "teachers", MAX_TEACHERS_PER_REQUEST)
         unknown = [name for name in teachers if name not in self._hosted]
         if unknown:
             raise _RequestError(
-                grpc.StatusCode.NOT_FOUND, f"unknown teachers {unknown}; hosted teachers: {hosted_names}"
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown teachers {_listed(unknown)}; hosted teachers: {hosted_names}",
             )
         outputs = list(request.outputs) or [LOGITS]
-        _reject_duplicates(outputs, "outputs")
+        _check_names(outputs, "outputs", MAX_OUTPUTS_PER_REQUEST)
+        if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id of {len(request.request_id)} characters; "
+                f"at most {MAX_REQUEST_ID_LENGTH} allowed",
+            )
         for name in teachers:
             available = self._hosted[name].outputs
             missing = [output for output in outputs if output not in available]
             if missing:
                 raise _RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"teacher {name!r} has no outputs {missing}; available outputs of "
-                    f"{name!r}: {', '.join(available)}",
+                    f"teacher {name!r} has no outputs {_listed(missing)}; available outputs of "
+                    f"{name!r}: {_listed(available, quoted=False)}",
                 )
         dtype = self._output_dtype(request.output_dtype)
         top_k = request.top_k
@@ -379,7 +463,7 @@ class TeacherServicer:
             for response in responses:
                 queue.put_nowait(response)
             if keys is not None and misses:
-                await self._cache_put(
+                self._cache_put(
                     name,
                     [(keys[part][i], computed[part][row]) for part in parts for row, i in enumerate(misses)],
                 )
@@ -476,59 +560,51 @@ class TeacherServicer:
     async def _cache_get(
         self, name: str, parts: Sequence[_Part], keys: dict[_Part, list[bytes]]
     ) -> dict[_Part, list[torch.Tensor | None]] | None:
-        """The cached value of every key, None where missing or not of the part's dtype and shape; None
-        altogether when the cache fails."""
+        """The cached value of every key, None where missing, damaged or not of the part's dtype and shape
+        (the store checks each against its part); None altogether when the cache failed or was skipped."""
         flat_keys = [key for part in parts for key in keys[part]]
-        try:
-            values, corrupt = await asyncio.to_thread(self._lookup, flat_keys)
-        except Exception as error:  # the cache only saves work: whatever fails in it, compute instead
-            self._cache_failed(name, "get", error)
-            return None
-        found: dict[_Part, list[torch.Tensor | None]] = {}
         batch = len(flat_keys) // len(parts)
-        for index, part in enumerate(parts):
-            column = values[index * batch : (index + 1) * batch]
-            # A value of another dtype or shape under this key can only be foreign or stale: recompute it.
-            fitting = [
-                value
-                if value is not None
-                and value.dtype == DTYPES[part.dtype]
-                and tuple(value.shape) == part.shape
-                else None
-                for value in column
-            ]
-            corrupt += sum(value is not None for value in column) - sum(
-                value is not None for value in fitting
-            )
-            found[part] = fitting
-        hits = sum(value is not None for column in found.values() for value in column)
+        expected = [part.spec for part in parts for _ in range(batch)]
+        try:
+            lookup = await asyncio.to_thread(self._store.get_many, flat_keys, expected)
+        except Exception:  # a bug in the cache: it only saves work, so compute instead, with the trace logged
+            logger.exception("cache read for teacher %r failed, serving without the cache", name)
+            self.metrics.cache_errors.labels(name, "get").inc()
+            return None
+        if lookup.outcome is not Outcome.DONE:
+            self._count_cache_error(name, "get", lookup.outcome)
+            return None
+        found = {part: lookup.values[index * batch : (index + 1) * batch] for index, part in enumerate(parts)}
+        hits = sum(value is not None for value in lookup.values)
         self.metrics.cache_hits.labels(name).inc(hits)
         self.metrics.cache_misses.labels(name).inc(len(flat_keys) - hits)
-        self.metrics.cache_corrupt.labels(name).inc(corrupt)
+        self.metrics.cache_corrupt.labels(name).inc(lookup.corrupt)
         return found
 
-    def _lookup(self, keys: list[bytes]) -> tuple[list[torch.Tensor | None], int]:
-        with self._cache_read_lock:
-            corrupt_before = self._store.stats.corrupt
-            values = self._store.get_many(keys)
-            return values, self._store.stats.corrupt - corrupt_before
+    def _cache_put(self, name: str, items: list[tuple[bytes, torch.Tensor]]) -> None:
+        """Hand the computed values to the background writer and return at once (the answer is already on
+        its way; a lost write costs one recomputation)."""
+        if not self._store.available:  # decided here, so the metrics move before the response ends
+            self._count_cache_error(name, "put", Outcome.SKIPPED)
+        elif not self._cache_writer.submit(name, items):
+            self.metrics.cache_errors.labels(name, "put").inc()
+            self.metrics.cache_dropped_writes.labels(name).inc(len(items))
 
-    async def _cache_put(self, name: str, items: list[tuple[bytes, torch.Tensor]]) -> None:
-        try:
-            await asyncio.to_thread(self._store.put_many, items)
-        except Exception as error:  # the answer is already on its way; a lost write costs one recomputation
-            self._cache_failed(name, "put", error)
+    def _cache_written(self, name: str, outcome: Outcome, values: int) -> None:
+        if outcome is not Outcome.DONE:
+            self._count_cache_error(name, "put", outcome)
 
-    def _cache_failed(self, name: str, operation: str, error: Exception) -> None:
+    def _count_cache_error(self, name: str, operation: str, outcome: Outcome) -> None:
+        """A cache read or write that did not happen (the guard logged why, once per outage)."""
         self.metrics.cache_errors.labels(name, operation).inc()
-        # A CacheError is an expected outage (server down, disk full); anything else is a bug worth a trace.
-        logger.warning(
-            "cache %s for teacher %r failed, serving without the cache: %s",
-            operation,
-            name,
-            error,
-            exc_info=not isinstance(error, CacheError),
-        )
+        if outcome is Outcome.SKIPPED:
+            self.metrics.cache_skipped.labels(name, operation).inc()
+
+    def wait_for_cache_writes(self, timeout_seconds: float = DEFAULT_CACHE_DRAIN_SECONDS) -> bool:
+        """Block until every cache write handed over so far is done or given up (False if `timeout_seconds`
+        passed first): before a graceful stop, or before reading the cache right after a request. Any thread
+        may call it; on the event loop, call it through `asyncio.to_thread`."""
+        return self._cache_writer.wait(timeout_seconds) if self._cache_writer is not None else True
 
     # ---- teacher list ---------------------------------------------------------------------------------
 
@@ -574,12 +650,55 @@ def _hosted(name: str, spec: TeacherSpec, feature_shapes: dict[str, Sequence[int
     return _Hosted(spec, {tap: tuple(int(dim) for dim in shape) for tap, shape in feature_shapes.items()})
 
 
+def _check_names(names: Sequence[str], field: str, most: int) -> None:
+    """INVALID_ARGUMENT unless `names` holds at most `most` distinct names of at most MAX_NAME_LENGTH
+    characters each; linear in the request's size, so a hostile request costs no more than reading it."""
+    if len(names) > most:
+        raise _RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{len(names)} {field} requested; at most {most} per request"
+        )
+    too_long = [name for name in names if len(name) > MAX_NAME_LENGTH]
+    if too_long:
+        raise _RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field} {_listed(too_long)} longer than {MAX_NAME_LENGTH} characters",
+        )
+    _reject_duplicates(names, field)
+
+
 def _reject_duplicates(names: Sequence[str], field: str) -> None:
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    seen: set[str] = set()
+    duplicates: dict[str, None] = {}  # in order of first repetition
+    for name in names:
+        if name in seen:
+            duplicates[name] = None
+        seen.add(name)
     if duplicates:
         raise _RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"duplicate {field} {duplicates}; name each at most once"
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"duplicate {field} {_listed(duplicates)}; name each at most once",
         )
+
+
+def _listed(names: Iterable[str], *, quoted: bool = True) -> str:
+    """`names` for an error message, "['x', 'y'] and 3 more" (or "x, y and 3 more" unquoted): at most
+    _LISTED_NAMES of them, each cut to _LISTED_NAME_CHARS characters."""
+    names = list(names)
+    shown = [
+        name if len(name) <= _LISTED_NAME_CHARS else name[:_LISTED_NAME_CHARS] + "..."
+        for name in names[:_LISTED_NAMES]
+    ]
+    more = len(names) - len(shown)
+    listed = str(shown) if quoted else ", ".join(shown)
+    return listed + (f" and {more} more" if more > 0 else "")
+
+
+def _truncated(message: str) -> str:
+    """`message` cut to MAX_ERROR_MESSAGE_CHARS characters: what a status detail may carry."""
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    marker = " ... (truncated)"
+    return message[: MAX_ERROR_MESSAGE_CHARS - len(marker)] + marker
 
 
 def _proto_dtype_name(value: int) -> str:

@@ -71,11 +71,12 @@ class OutgoingInferRequest:
 
 @dataclass(frozen=True)
 class ReceivedInferRequest:
-    """What the server reads: the request with `images.data` left empty, and the image bytes, a read-only view
-    into the received buffer."""
+    """What the server reads: the request with `images.data` left empty, the image bytes, a read-only view
+    into the received buffer, and the length of that buffer (what holding the request costs the server)."""
 
     message: teacher_pb2.InferRequest
     image_data: memoryview
+    wire_bytes: int
 
 
 def serialize_infer_request(request: OutgoingInferRequest) -> bytes:
@@ -92,7 +93,7 @@ def parse_infer_request(data: bytes) -> ReceivedInferRequest:
         message = teacher_pb2.InferRequest.FromString(data)
         image_data = memoryview(message.images.data)
         message.images.ClearField("data")
-        return ReceivedInferRequest(message, image_data)
+        return ReceivedInferRequest(message, image_data, len(data))
     message = teacher_pb2.InferRequest.FromString(b"".join(rest))
     image_data = memoryview(b"")
     if images:
@@ -100,7 +101,7 @@ def parse_infer_request(data: bytes) -> ReceivedInferRequest:
         # A scalar field repeated on the wire: the last one wins, as in protobuf.
         image_data = payloads[-1] if payloads else image_data
         message.images.CopyFrom(teacher_pb2.Tensor.FromString(b"".join(tensor_rest)))
-    return ReceivedInferRequest(message, image_data)
+    return ReceivedInferRequest(message, image_data, len(data))
 
 
 def _split_field(view: memoryview, number: int) -> tuple[list[memoryview], list[memoryview]]:

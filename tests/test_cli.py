@@ -1,6 +1,7 @@
 """The `ekd` console script as a user runs it: a real process, real files, real exit codes."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,9 +101,23 @@ def test_a_dead_teacher_service_or_cache_is_a_clear_error(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY.format(checkpoint=tmp_path / "r20.pt", output=tmp_path / "runs"))
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
-    result = run("distill", str(config), "--teacher-service", dead, cwd=tmp_path)
+    # Waited for (briefly here: minutes by default), saying so, then one line naming the budget.
+    wait = (
+        "--set",
+        "teacher_source.outage_wait_seconds=2",
+        "--set",
+        "teacher_source.outage_backoff_max_seconds=1",
+    )
+    result = run("distill", str(config), "--teacher-service", dead, *wait, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"teacher service at {dead} unavailable" in result.stderr
+    said = " ".join(result.stderr.split())  # log lines come wrapped to the terminal's width
+    assert f"teacher service at {dead} unreachable (UNAVAILABLE); waiting up to 2 s for it" in said
+    assert "(attempt 1 in 1.0 s)" in said
+    assert re.search(
+        rf"error: teacher service at {dead} unreachable for \d+ s, beyond teacher_source.outage_wait_seconds "
+        r"\(2 s\); last error: UNAVAILABLE$",
+        result.stderr.strip(),
+    )
 
 
 def test_teachers_train_saves_checkpoints(tmp_path):

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.cache.store import redact_url
 from services.yaml_config import expand_environment, load_yaml_model
 from services.zoo import check_teacher_name
 from trainer.data import DATASET_NAMES
@@ -218,6 +219,11 @@ class TeacherConfig(_Section):
         return check_teacher_name(name)
 
 
+def redact_address(address: str) -> str:
+    """A service address fit to print: credentials before an '@' (user:password@host:port) replaced by ***."""
+    return f"***@{address.rpartition('@')[2]}" if "@" in address else address
+
+
 class TeacherSourceConfig(_Section):
     kind: Literal["in_process", "served"] = Field(
         "in_process",
@@ -258,11 +264,36 @@ class TeacherSourceConfig(_Section):
         description="served: Infer requests kept outstanding at the service (and batches submitted ahead "
         "by the prefetcher), so that its teachers batch and compute the next while one streams back",
     )
+    outage_wait_seconds: float = Field(
+        600.0,
+        ge=0,
+        le=86_400,
+        description="served: how long a run waits for a teacher service it cannot reach (not up yet, "
+        "restarting, redeployed), asking again for the same batch with exponential backoff, before it stops "
+        "with an error; per outage (0: stop at once)",
+    )
+    outage_backoff_max_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="served: the longest pause between two attempts while waiting for the teacher service "
+        "(the pauses start at 1 s and double up to this)",
+    )
 
     @field_validator("cache")
     @classmethod
     def _expanded_cache(cls, uri: str | None) -> str | None:
         return expand_environment(uri) if uri else None
+
+    @property
+    def shown_address(self) -> str | None:
+        """`address` fit to print (`redact_address`)."""
+        return redact_address(self.address) if self.address else None
+
+    @property
+    def shown_cache(self) -> str | None:
+        """`cache` fit to print: its password (redis://:password@host) replaced by ***."""
+        return redact_url(self.cache) if self.cache else None
 
     @model_validator(mode="after")
     def _served_needs_address(self) -> TeacherSourceConfig:
@@ -299,8 +330,29 @@ MethodConfig = Annotated[
 ]
 
 
+# The most bytes in a file name on Linux filesystems (ext4, XFS, btrfs).
+_MAX_NAME_BYTES = 255
+
+
+def check_experiment_name(name: str) -> str:
+    """`name` when it is one path component (results go to <output_dir>/<name>): not empty, "." or "..", no
+    path separator, no NUL, at most 255 bytes in UTF-8; else ValueError saying why."""
+    if name in ("", ".", ".."):
+        raise ValueError(f"must be a file name, not {name!r}")
+    if "/" in name or "\\" in name:
+        raise ValueError("must be a single path component: no '/' or '\\'")
+    if "\0" in name:
+        raise ValueError("must not contain NUL")
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        raise ValueError(f"must be at most {_MAX_NAME_BYTES} bytes in UTF-8, got {len(name.encode())}")
+    return name
+
+
 class ExperimentConfig(_Section):
-    name: str = Field(description="experiment name; results go to <output_dir>/<name>")
+    name: str = Field(
+        description="experiment name, a single path component (no '/', not '.' or '..'): results go to "
+        "<output_dir>/<name>"
+    )
     seed: int = Field(0, ge=0, description="seed of the student's initialization and batch order")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -310,6 +362,20 @@ class ExperimentConfig(_Section):
     teacher_source: TeacherSourceConfig = Field(default_factory=TeacherSourceConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     output_dir: str = Field("runs", description="where results, plots and exported students are written")
+
+    @field_validator("name")
+    @classmethod
+    def _single_path_component(cls, name: str) -> str:
+        return check_experiment_name(name)
+
+    def shown_json(self) -> dict:
+        """The config as JSON data fit to print or record: secrets (the cache's password, credentials in the
+        service address) replaced by ***. What results files and logs carry."""
+        data = self.model_dump(mode="json")
+        data["teacher_source"].update(
+            address=self.teacher_source.shown_address, cache=self.teacher_source.shown_cache
+        )
+        return data
 
     @model_validator(mode="after")
     def _teachers_fit_method(self) -> ExperimentConfig:

@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 from rich.table import Table
 
+from services.cache.store import redact_url
 from services.deployments import deploy
 from services.serve_config import load_serve_config
 from trainer.config import ExecutionConfig, ExperimentConfig, TeacherSourceConfig, load_experiment
@@ -67,6 +68,11 @@ def demo_experiments(
     return experiments
 
 
+def service_ready_line(address: str, cache_uri: str | None) -> str:
+    """What the demo says once the teachers are served: the address and the cache, its password redacted."""
+    return f"teacher service ready at {address}; cache: {redact_url(cache_uri) if cache_uri else 'none'}"
+
+
 def run_demo(
     *,
     configs_dir: Path,
@@ -88,7 +94,7 @@ def run_demo(
     rows = []
     try:
         address = deploy(service)
-        logger.info("teacher service ready at %s; cache: %s", address, service.cache.uri)
+        logger.info("%s", service_ready_line(address, service.cache.uri))
         for cfg in demo_experiments(
             configs_dir,
             address=address,

@@ -55,7 +55,7 @@ from trainer.teachers import recorded_training_data, teacher_training_data, trai
 EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
 StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in a stage
 
-TRAINING_STATE_FORMAT = "ekd.training_state.v1"
+TRAINING_STATE_FORMAT = "ekd.training_state.v2"
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +95,14 @@ class ExperimentResult:
     seconds: float
     stall_seconds: float
     run_dir: str
-    counters: dict[str, int] = field(default_factory=dict)
+    # The teacher source's totals over the whole run, the part a resumed run continued included (ints, but
+    # for the seconds counted), and the run's resumes.
+    counters: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     headline: str = ""  # the exported student whose accuracy is test_accuracy
     train_samples: int = 0  # images in the training split (after data.train_fraction)
     optimizer_steps: int = 0  # optimizer steps taken, over every stage
-    config: dict = field(default_factory=dict)  # the experiment's config, as JSON data
+    config: dict = field(default_factory=dict)  # the experiment's config, as JSON data, secrets redacted
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -290,6 +292,10 @@ class ExperimentSession:
         self.val_accuracy: float | None = None
         self.optimizer_steps = 0
         self.resumes = 0  # times this run resumed from a training state
+        # The source's counters (over all workers) of the run this one resumed, and of the run up to the last
+        # epoch trained here: what the training state records, so that a resumed run reports true totals.
+        self.counters_resumed: dict[str, float] = {}
+        self.counters_at_epoch_end: dict[str, float] = {}
         # Where training stands: the last epoch completed in `stage`, and that stage's optimizer and schedule.
         self.stage, self.epoch = 0, -1
         self.optimizer: torch.optim.Optimizer | None = None
@@ -379,6 +385,7 @@ class ExperimentSession:
             stats = all_reduce_epoch_stats(stats)
         self.stall_seconds += stats.stall_seconds
         self.optimizer_steps += stats.optimizer_steps
+        self.counters_at_epoch_end = self.counters()
         self.val_accuracy = self.evaluate_validation()
         self.epoch = epoch
         row = {"stage": self.stage, "epoch": epoch, "loss": stats.loss}
@@ -408,7 +415,9 @@ class ExperimentSession:
 
     def training_state(self) -> dict:
         """Where training stands after the last completed epoch, as tensors and plain data only (so that
-        `torch.load(..., weights_only=True)` reads it back): what `fit(resume=...)` continues from."""
+        `torch.load(..., weights_only=True)` reads it back): what `fit(resume=...)` continues from. It holds
+        the teacher source's counters up to that epoch, so that the resumed run's record counts the whole
+        run."""
         if self.optimizer is None:
             raise ValueError("no training state before the first epoch of fit has run")
         rng = {"cpu": torch.get_rng_state()}
@@ -426,11 +435,13 @@ class ExperimentSession:
             "val_accuracy": self.val_accuracy,
             "optimizer_steps": self.optimizer_steps,
             "resumes": self.resumes,
+            "counters": self.counters_at_epoch_end,
             "rng": rng,
         }
 
     def resume(self, state: dict) -> None:
-        """Continue from a `training_state()`: the method's weights, where training stands, the history."""
+        """Continue from a `training_state()`: the method's weights, where training stands, the history, the
+        counters so far."""
         if state.get("format") != TRAINING_STATE_FORMAT:
             raise ValueError(
                 f"training state format {state.get('format')!r} is not {TRAINING_STATE_FORMAT!r}"
@@ -446,16 +457,23 @@ class ExperimentSession:
         self.stall_seconds, self.val_accuracy = state["stall_seconds"], state["val_accuracy"]
         self.optimizer_steps = state["optimizer_steps"]
         self.resumes = state["resumes"] + 1
+        self.counters_resumed = dict(state["counters"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
-    def finish(self) -> ExperimentResult | None:
-        """Evaluate on the test split, export the students and write the record; the result on the primary
-        process, None on the other workers (every worker must call it: the counters are summed over them)."""
+    def counters(self) -> dict[str, float]:
+        """The teacher source's counters over the whole run: summed over the workers (every worker must
+        call this), plus those of the run this one resumed."""
         counters = self.source.counters() if self.source is not None else {}
         if self.shard is not None and self.shard.world_size > 1:
             counters = all_reduce_counts(counters)
+        return {name: value + self.counters_resumed.get(name, 0) for name, value in counters.items()}
+
+    def finish(self) -> ExperimentResult | None:
+        """Evaluate on the test split, export the students and write the record; the result on the primary
+        process, None on the other workers (every worker must call it: the counters are summed over them)."""
+        counters = self.counters()
         if not self.is_primary:
             self._close_source()
             return None
@@ -511,7 +529,7 @@ class ExperimentSession:
             headline=method.headline(),
             train_samples=len(splits.train),
             optimizer_steps=self.optimizer_steps,
-            config=cfg.model_dump(mode="json"),
+            config=cfg.shown_json(),
         )
         (run_dir / f"results_seed{cfg.seed}.json").write_text(json.dumps(result.to_json(), indent=2))
         return result

@@ -353,12 +353,16 @@ def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
     )
 
 
-def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
-    """Counts summed over all workers of the process group (every worker must call it, with the same keys)."""
+def all_reduce_counts(counts: dict[str, float]) -> dict[str, float]:
+    """Counts summed over all workers of the process group (every worker must call it, with the same keys);
+    an int count stays an int (summed exactly as a float64, below 2**53)."""
     names = sorted(counts)
-    totals = torch.tensor([counts[k] for k in names], dtype=torch.int64)
+    totals = torch.tensor([counts[k] for k in names], dtype=torch.float64)
     distributed.all_reduce(totals)
-    return dict(zip(names, totals.tolist()))
+    return {
+        name: int(total) if isinstance(counts[name], int) else total
+        for name, total in zip(names, totals.tolist())
+    }
 
 
 @torch.no_grad()

@@ -8,6 +8,10 @@ A thread rather than Ray Data's streaming pipeline: what to fetch depends on the
 sequential, on the stage), the fetch itself is cache reads and gRPC calls that release the GIL, and the core
 stays free of Ray.
 The time the training thread waits on the queue is the student's stall time.
+
+A batch whose teacher service stops answering is asked for again by the source (trainer.sources) until the
+service is back, so the batches come out complete and in order whatever happens on the way; when the
+training thread stops early, a wait in the fetching thread ends at once.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def _prefetched(
         try:
             submitted: deque = deque()
             for images, labels, *_ in batches:
-                submitted.append((images, labels, source.submit(images, wanted)))
+                submitted.append((images, labels, source.submit(images, wanted, stop=stop)))
                 if len(submitted) >= source.batches_in_flight:
                     images, labels, outputs = submitted.popleft()
                     if not put((images, labels, outputs())):

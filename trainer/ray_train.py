@@ -10,8 +10,11 @@ shard of every epoch with its own in-process teacher source; after each epoch ev
 data, read back with `torch.load(..., weights_only=True)`). A restarted worker group (up to
 `execution.max_failures` times) resumes from the last checkpoint Ray Train committed, so no finished epoch is
 trained twice; `counters["resumes"]` in the result, and the `resumes` field of each history row, count the
-resumes. At the end worker 0 evaluates, exports the students and writes the record exactly as the local
-backend does, and returns the result to the driver (Ray Train's `Result.return_value`, as plain data).
+resumes. The checkpoint also holds the teacher source's counters up to its epoch, summed over the workers, so
+a resumed run reports the totals of the epochs it kept (what a dead worker group did after its last
+checkpoint is lost with it, and is counted once, when it is redone). At the end worker 0 evaluates, exports
+the students and writes the record exactly as the local backend does, and returns the result to the driver
+(Ray Train's `Result.return_value`, as plain data).
 GPUs are used when `device` resolves to cuda on the driver: one per worker. On a cluster of several nodes
 (`ray_address`), the teacher checkpoints, `output_dir` and a local `storage_path` must lie on a filesystem
 that every node shares.

@@ -1,8 +1,12 @@
 """The content-keyed teacher-output cache: LMDB on local disk by default, Redis in production.
 
-Open a store with `open_store(uri)`; derive keys with `input_digests` and `output_key`.
+Open a store with `open_store(uri)`; derive keys with `input_digests` and `output_key`. Callers that can do
+without the cache read and write it through `guarded(store)` (a circuit breaker: `services.cache.guard`) and
+say what they expect under each key (`ValueSpec`); values are authenticated when a secret is configured
+(`services.cache.authentication`).
 """
 
+from services.cache.guard import GuardedStore, GuardStats, Lookup, Outcome, guarded
 from services.cache.store import (
     COMPACT,
     FORMS,
@@ -14,6 +18,7 @@ from services.cache.store import (
     CacheUnavailableError,
     KeyFields,
     TeacherOutputStore,
+    ValueSpec,
     input_digest,
     input_digests,
     key_prefix,
@@ -33,7 +38,13 @@ __all__ = [
     "CacheFullError",
     "CacheStats",
     "CacheUnavailableError",
+    "GuardStats",
+    "GuardedStore",
+    "Lookup",
+    "Outcome",
     "TeacherOutputStore",
+    "ValueSpec",
+    "guarded",
     "input_digest",
     "input_digests",
     "key_prefix",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,17 @@ def _release(path: Path) -> None:
 
 
 class LmdbStore(TeacherOutputStore):
-    """Teacher outputs in the LMDB environment at directory `path` (created unless `readonly`)."""
+    """Teacher outputs in the LMDB environment at directory `path` (created unless `readonly`); `hmac_key`
+    authenticates values (see `TeacherOutputStore`)."""
 
-    def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        path: str | Path,
+        map_size: int = DEFAULT_MAP_SIZE,
+        readonly: bool = False,
+        hmac_key: bytes | None = None,
+    ) -> None:
+        super().__init__(hmac_key)
         if map_size <= 0:
             raise ValueError(f"map_size must be a positive number of bytes; got {map_size}")
         self.path = Path(path)
@@ -86,8 +94,16 @@ class LmdbStore(TeacherOutputStore):
         except (lmdb.Error, OSError) as error:
             raise CacheUnavailableError(f"cannot open LMDB cache at {self.path}: {error}") from error
 
+    @contextmanager
+    def _translated_errors(self) -> Iterator[None]:
+        """LMDB's own errors (readers table full, a damaged file) as CacheError: callers may do without."""
+        try:
+            yield
+        except lmdb.Error as error:
+            raise CacheError(f"LMDB cache at {self.path} failed: {type(error).__name__}: {error}") from error
+
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
-        with self._env.begin(write=False) as txn:
+        with self._translated_errors(), self._env.begin(write=False) as txn:
             return [txn.get(key) for key in keys]
 
     def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
@@ -95,17 +111,18 @@ class LmdbStore(TeacherOutputStore):
             raise CacheError(
                 f"LMDB cache at {self.path} is open read-only; reopen with readonly=False to write"
             )
-        try:
-            with self._env.begin(write=True) as txn:
-                for key, value in items:
-                    txn.put(key, value, overwrite=True)
-        except lmdb.MapFullError as error:
-            needed = sum(len(key) + len(value) for key, value in items)
-            raise CacheFullError(
-                f"LMDB cache at {self.path} is full (map_size={self.map_size} bytes) writing "
-                f"{len(items)} values of {needed} bytes; reopen it with a larger map_size, "
-                f"e.g. map_size={2 * self.map_size}"
-            ) from error
+        with self._translated_errors():
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in items:
+                        txn.put(key, value, overwrite=True)
+            except lmdb.MapFullError as error:
+                needed = sum(len(key) + len(value) for key, value in items)
+                raise CacheFullError(
+                    f"LMDB cache at {self.path} is full (map_size={self.map_size} bytes) writing "
+                    f"{len(items)} values of {needed} bytes; reopen it with a larger map_size, "
+                    f"e.g. map_size={2 * self.map_size}"
+                ) from error
 
     def _scan_raw(self, prefix: bytes) -> Iterator[tuple[bytes, int]]:
         # One read transaction with buffers: the values' sizes come from the memory map, nothing is copied.
@@ -123,7 +140,7 @@ class LmdbStore(TeacherOutputStore):
         # A read-only handle cannot delete; the damaged value stays a miss until a writer replaces it.
         if self.readonly:
             return
-        with self._env.begin(write=True) as txn:
+        with self._translated_errors(), self._env.begin(write=True) as txn:
             for key in keys:
                 txn.delete(key)
 

@@ -77,19 +77,40 @@ def _wait_for_ping(server: RedisServer, log_path: Path) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS-only server: its certificate and key, and the CA that signed the certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 @contextlib.contextmanager
-def running_redis_server(directory: Path, *config_args: str) -> Iterator[RedisServer]:
-    """A redis-server on a free 127.0.0.1 port, persisting nothing, with extra `--option value` args."""
+def running_redis_server(
+    directory: Path, *config_args: str, port: int | None = None, tls: TlsFiles | None = None
+) -> Iterator[RedisServer]:
+    """A redis-server on 127.0.0.1, persisting nothing, with extra `--option value` args: on `port`, or a free
+    one. With `tls` it listens only for TLS (clients need no certificate) and its URL is
+    `rediss://127.0.0.1:PORT/0?ssl_ca_certs=CA`."""
     binary = redis_server_binary()
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / "redis.log"
-    for _ in range(PORT_ATTEMPTS):
-        port = free_port()
+    for _ in range(1 if port is not None else PORT_ATTEMPTS):
+        listening = port if port is not None else free_port()
+        ports = ["--port", str(listening)]
+        url = f"redis://127.0.0.1:{listening}/0"
+        if tls is not None:
+            ports = [
+                *("--port", "0", "--tls-port", str(listening)),
+                *("--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key)),
+                *("--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no"),
+            ]
+            url = f"rediss://127.0.0.1:{listening}/0?ssl_ca_certs={tls.ca}"
         process = subprocess.Popen(
             [
                 binary,
-                "--port",
-                str(port),
+                *ports,
                 "--bind",
                 "127.0.0.1",
                 "--dir",
@@ -105,13 +126,11 @@ def running_redis_server(directory: Path, *config_args: str) -> Iterator[RedisSe
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
-        server = RedisServer(url=f"redis://127.0.0.1:{port}/0", process=process)
+        server = RedisServer(url=url, process=process)
         if _wait_for_ping(server, log_path):
             break
     else:
-        raise RedisServerError(
-            f"redis-server exited at start {PORT_ATTEMPTS} times; log:\n{log_path.read_text()}"
-        )
+        raise RedisServerError(f"redis-server exited at start; log:\n{log_path.read_text()}")
     try:
         yield server
     finally:

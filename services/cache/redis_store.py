@@ -3,6 +3,19 @@
 Reads are one MGET, writes one non-transactional pipeline of SETs. Run the server with `maxmemory` and an
 eviction policy such as `allkeys-lru`: an evicted entry is simply a miss. Under `noeviction` a full server
 refuses writes, which surfaces as CacheFullError.
+
+Timeouts are short, so that a frozen or unreachable server costs a caller a fraction of a second, not the
+5 s socket defaults: 0.5 s to connect, 0.25 s for each socket read (a reply, not the whole transfer: a large
+MGET keeps its socket busy and never waits that long between reads; from a local server, 512 fp16 1000-class
+logits, 1 MiB, take 5 ms, and 64 fp16 [256, 14, 14] feature maps, 6 MiB, 11 ms). A timeout is not retried
+(that would double it); a connection error is retried once at once, which recovers a pooled connection the
+server closed. Tune them in the URL's query, which wins over the constructor:
+`redis://host:6379/0?socket_timeout=1&socket_connect_timeout=2`.
+
+TLS: `rediss://host:6380/0?ssl_ca_certs=/etc/ekd/redis-ca.pem` verifies the server's certificate against that
+CA file (its host name too, unless `ssl_check_hostname=false`); `ssl_certfile` and `ssl_keyfile` add a client
+certificate for servers that ask for one. Only the query parameters in `ALLOWED_QUERY` are accepted: nothing
+secret belongs in a URL's query (the password goes in its user info, redacted from every message).
 """
 
 from __future__ import annotations
@@ -10,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -25,6 +39,18 @@ from services.cache.store import (
 )
 
 _SCAN_STEP = 1000
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 0.5
+DEFAULT_SOCKET_TIMEOUT_SECONDS = 0.25
+ALLOWED_QUERY = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "health_check_interval",
+)
 
 
 def _glob_escaped(text: bytes) -> bytes:
@@ -35,10 +61,12 @@ def _glob_escaped(text: bytes) -> bytes:
 
 
 class RedisStore(TeacherOutputStore):
-    """Teacher outputs in the Redis database at `url` ("redis://[:password@]host:port/db" or "rediss://...").
+    """Teacher outputs in the Redis database at `url` ("redis://[:password@]host:port/db" or "rediss://...",
+    see the module doc for the query).
 
     `ttl_seconds` expires entries that long after their last write (None: kept until evicted); `key_prefix`
-    namespaces this store's keys on a shared server. The server is pinged on open, so a wrong URL fails here.
+    namespaces this store's keys on a shared server; `hmac_key` authenticates values (`TeacherOutputStore`).
+    The server is pinged on open, so a wrong URL fails here.
     """
 
     def __init__(
@@ -46,10 +74,11 @@ class RedisStore(TeacherOutputStore):
         url: str,
         ttl_seconds: int | None = None,
         key_prefix: str = "",
-        connect_timeout_seconds: float = 1.0,
-        socket_timeout_seconds: float = 5.0,
+        connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+        socket_timeout_seconds: float = DEFAULT_SOCKET_TIMEOUT_SECONDS,
+        hmac_key: bytes | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(hmac_key)
         if ttl_seconds is not None and (
             isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
         ):
@@ -57,17 +86,26 @@ class RedisStore(TeacherOutputStore):
         self.url = redact_url(url)
         self.ttl_seconds = ttl_seconds
         self._prefix = key_prefix.encode()
+        unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query)} - set(ALLOWED_QUERY))
+        if unknown:
+            raise ValueError(
+                f"bad Redis cache URL {self.url!r}: unknown query parameters {unknown}; "
+                f"allowed: {', '.join(ALLOWED_QUERY)}"
+            )
         try:
             self._client = redis.Redis.from_url(
                 url,
                 socket_connect_timeout=connect_timeout_seconds,
                 socket_timeout=socket_timeout_seconds,
                 # One immediate retry recovers a pooled connection the server closed; more would only delay
-                # the error when the server is really down.
-                retry=Retry(NoBackoff(), retries=1),
+                # the error when the server is really down. Timeouts are not retried: that would double them.
+                retry=Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,)),
             )
         except ValueError as error:
             raise ValueError(f"bad Redis cache URL {self.url!r}: {error}") from None
+        self.ping()
+
+    def ping(self) -> None:
         with self._translated_errors():
             self._client.ping()
 

@@ -15,7 +15,11 @@ The teacher tag is the identity's first 12 characters when it is hex (every zoo 
 hex digest), else the first 12 hex digits of its xxh3_64; the form label is the dtype's short name for a full
 value (`f16`), `top<k>.<dtype>` for a top-k part and `compact` for the compact soft-label form (its own
 encoding, whatever the dtype). Values are framed by `services.codec`, or by `services.soft_labels` for the
-compact form, so damage is detected on read, never returned as data."""
+compact form, so damage is detected on read, never returned as data; with a secret configured each value also
+carries an HMAC tag (`services.cache.authentication`), so a value nobody with the secret wrote is never
+returned either. A reader that says what it expects (`ValueSpec`: dtype and per-sample shape, or the compact
+form's class count) never gets a value of another kind: an intact frame of the wrong dtype or shape, which
+only a foreign or buggy writer leaves, is treated like a damaged one."""
 
 from __future__ import annotations
 
@@ -27,12 +31,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import torch
 import xxhash
 
-from services.codec import DTYPES, CorruptValueError, decode_value, encode_value
+from services.cache.authentication import ValueAuthenticator
+from services.codec import DTYPE_NAMES, DTYPES, CorruptValueError, decode_value, encode_value
 from services.errors import UserError
 from services.soft_labels import CompactLogits, decode, encode, is_compact_frame
 
@@ -68,14 +73,23 @@ class CacheFullError(CacheError, UserError):
     """The cache backend has no room for a write."""
 
 
+_SECRET_QUERY_NAME = re.compile(r"pass|secret|token|auth|cred", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by "***", for messages and logs."""
+    """The URL with any password, and the value of any query parameter whose name suggests a secret
+    (password, secret, token, auth, credential), replaced by "***", for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(_SECRET_QUERY_NAME.search(name) for name, _ in query):
+            redacted = [(name, "***" if _SECRET_QUERY_NAME.search(name) else value) for name, value in query]
+            parts = parts._replace(query=urlencode(redacted, safe="/*"))
+    return parts.geturl()
 
 
 def _length_prefixed(*fields: bytes) -> bytes:
@@ -191,9 +205,47 @@ def output_key(
 
 
 @dataclass(frozen=True)
+class ValueSpec:
+    """What the value under a key must be: a full-form tensor of `dtype` and per-sample `shape`, or one row
+    of compact logits of `shape[0]` classes (`form` COMPACT, `dtype` None). Made by `full` and `compact`."""
+
+    form: str
+    dtype: str | None
+    shape: tuple[int, ...]
+
+    @classmethod
+    def full(cls, dtype: str, shape: Sequence[int]) -> ValueSpec:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        return cls(FULL, dtype, tuple(int(dim) for dim in shape))
+
+    @classmethod
+    def compact(cls, num_classes: int) -> ValueSpec:
+        return cls(COMPACT, None, (int(num_classes),))
+
+    def mismatch(self, value: CachedValue) -> str | None:
+        """What is wrong with a decoded `value` under a key that expects this; None when it fits."""
+        if self.form == COMPACT:
+            if not isinstance(value, CompactLogits):
+                return f"a {DTYPE_NAMES.get(value.dtype, value.dtype)} tensor where compact logits are keyed"
+            if value.num_classes != self.shape[0]:
+                return f"compact logits of {value.num_classes} classes where {self.shape[0]} are expected"
+            return None
+        if isinstance(value, CompactLogits):
+            return f"compact logits where a {self.dtype} tensor is keyed"
+        if value.dtype != DTYPES[self.dtype] or tuple(value.shape) != self.shape:
+            return (
+                f"a {DTYPE_NAMES.get(value.dtype, value.dtype)} tensor of shape {tuple(value.shape)} where "
+                f"{self.dtype} of shape {self.shape} is expected"
+            )
+        return None
+
+
+@dataclass(frozen=True)
 class CacheStats:
     """Counts since the store was opened. Every looked-up key is a hit or a miss; `corrupt` counts the misses
-    that were damaged values (deleted on sight). Byte counts are encoded (framed) sizes."""
+    that were damaged, forged or of the wrong kind (deleted on sight). Byte counts are stored sizes (frames,
+    and tags when authenticated)."""
 
     hits: int = 0
     misses: int = 0
@@ -220,13 +272,21 @@ def _check_keys(keys: Sequence[bytes]) -> None:
 class TeacherOutputStore(ABC):
     """A key -> tensor store with batched reads and writes, one backend round trip each.
 
-    Backends implement the raw byte operations; this class owns encoding, corruption handling and stats.
-    Values are stored as given: the caller picks the dtype (fp16 by default) and puts it in the key.
+    Backends implement the raw byte operations; this class owns encoding, authentication, corruption handling
+    and stats. Values are stored as given: the caller picks the dtype (fp16 by default) and puts it in the
+    key. With `hmac_key` (a secret of at least 16 bytes) every value is written with an HMAC tag and read back
+    only with a valid one (`services.cache.authentication`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hmac_key: bytes | None = None) -> None:
         self._stats = CacheStats()
         self._stats_lock = threading.Lock()
+        self._authenticator = ValueAuthenticator(hmac_key) if hmac_key is not None else None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether values are written with, and read only with, a valid HMAC tag."""
+        return self._authenticator is not None
 
     @abstractmethod
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
@@ -261,23 +321,46 @@ class TeacherOutputStore(ABC):
         if keys:
             self._delete_raw(keys)
 
-    def get_many(self, keys: Sequence[bytes]) -> list[CachedValue | None]:
+    def ping(self) -> None:
+        """One round trip to the backend; CacheError when it cannot answer."""
+        self._get_raw([KEY_NAMESPACE])
+
+    def get_many(
+        self, keys: Sequence[bytes], expected: Sequence[ValueSpec] | None = None
+    ) -> list[CachedValue | None]:
         """The cached value for each key, in order, None for a miss: a tensor, or a one-row `CompactLogits`
-        for a compact-form key. A damaged value is counted, deleted and returned as None."""
+        for a compact-form key. `expected`, one `ValueSpec` per key, says what each value must be. A damaged
+        value, one without a valid tag when authenticated, or one that does not fit its `expected` is counted
+        as corrupt, deleted and returned as None."""
+        return self._lookup(keys, expected)[0]
+
+    def _lookup(
+        self, keys: Sequence[bytes], expected: Sequence[ValueSpec] | None
+    ) -> tuple[list[CachedValue | None], int]:
+        """`get_many`'s values and how many of them were corrupt, for `services.cache.guard`, whose callers
+        attribute corrupt values to the request that found them."""
         keys = list(keys)
         _check_keys(keys)
+        if expected is not None and len(expected) != len(keys):
+            raise ValueError(
+                f"expected must give one ValueSpec per key: {len(expected)} for {len(keys)} keys"
+            )
         if not keys:
-            return []
-        values: list[torch.Tensor | None] = []
+            return [], 0
+        values: list[CachedValue | None] = []
         corrupt_keys = []
         bytes_read = 0
-        for key, raw in zip(keys, self._get_raw(keys), strict=True):
+        for index, (key, raw) in enumerate(zip(keys, self._get_raw(keys), strict=True)):
             if raw is None:
                 values.append(None)
                 continue
             bytes_read += len(raw)
             try:
-                values.append(decode(raw) if is_compact_frame(raw) else decode_value(raw))
+                value = self._decoded(key, raw)
+                problem = expected[index].mismatch(value) if expected is not None else None
+                if problem is not None:
+                    raise CorruptValueError(problem)
+                values.append(value)
             except CorruptValueError as error:
                 logger.warning("deleting corrupt cache value under %r: %s", key, error)
                 corrupt_keys.append(key)
@@ -286,7 +369,17 @@ class TeacherOutputStore(ABC):
             self._delete_raw(corrupt_keys)
         hits = sum(value is not None for value in values)
         self._count(hits=hits, misses=len(keys) - hits, corrupt=len(corrupt_keys), bytes_read=bytes_read)
-        return values
+        return values, len(corrupt_keys)
+
+    def _decoded(self, key: bytes, raw: bytes) -> CachedValue:
+        frame: bytes | memoryview | None = raw
+        if self._authenticator is not None:
+            frame = self._authenticator.verified_frame(key, raw)
+            if frame is None:
+                raise CorruptValueError(
+                    "no valid HMAC tag for this key: not written with this cache's secret"
+                )
+        return decode(frame) if is_compact_frame(frame) else decode_value(frame)
 
     def put_many(self, items: Sequence[tuple[bytes, CachedValue]]) -> None:
         """Store each (key, value), overwriting existing values: a tensor, or a one-row `CompactLogits` under
@@ -295,6 +388,8 @@ class TeacherOutputStore(ABC):
         if not items:
             return
         encoded = [(key, _encoded(value)) for key, value in items]
+        if self._authenticator is not None:
+            encoded = [(key, self._authenticator.sign(key, frame)) for key, frame in encoded]
         self._put_raw(encoded)
         self._count(puts=len(encoded), bytes_written=sum(len(value) for _, value in encoded))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from services.cache.authentication import hmac_key_from_environment
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
 from services.cache.store import TeacherOutputStore, redact_url
@@ -19,9 +20,13 @@ _ALLOWED_URIS = (
 
 def open_store(uri: str, **options) -> TeacherOutputStore:
     """Open the store a URI names: "lmdb:///abs/path" or a plain path -> LmdbStore; "redis://..." or
-    "rediss://..." -> RedisStore. `options` go to the backend's constructor."""
+    "rediss://..." -> RedisStore. `options` go to the backend's constructor. Unless they name `hmac_key`
+    (None: unauthenticated), values are authenticated with the secret `EKD_CACHE_HMAC_KEY` or
+    `EKD_CACHE_HMAC_KEY_FILE` configures, when one does (`services.cache.authentication`)."""
     if not uri:
         raise ConfigError(f"empty cache URI; allowed forms: {_ALLOWED_URIS}")
+    if "hmac_key" not in options:
+        options["hmac_key"] = hmac_key_from_environment()
     if "://" not in uri:
         return LmdbStore(uri, **options)
     scheme = uri.split("://", 1)[0].lower()

@@ -3,8 +3,9 @@ engine here): redis-server with the compose flags, `ekd serve` on the compose se
 `ekd distill` against them. The trainer must finish and the Redis cache must fill.
 
 Container paths map onto a temporary tree (/app -> the repository's configs, /models -> teacher checkpoints
-this test saves with random weights: the plumbing is under test, not accuracy), and service host names onto
-127.0.0.1 ports.
+this test saves with random weights: the plumbing is under test, not accuracy, /run/secrets/<name> -> the
+files scripts/make_dev_secrets.sh makes, as `make dev-secrets` does for compose), and service host names onto
+127.0.0.1 ports: so the trainer reaches the service over TLS with the token, as in the stack.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def localize(value: str, mapping: dict[str, str]) -> str:
 
 @pytest.mark.slow
 def test_compose_services_run_as_local_processes(tmp_path):
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    compose_file = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    compose = compose_file["services"]
+    secrets = tmp_path / "secrets"
+    subprocess.run(["bash", str(REPO / "scripts" / "make_dev_secrets.sh"), str(secrets)], check=True)
     app, models = tmp_path / "app", tmp_path / "models"
     shutil.copytree(REPO / "configs", app / "configs")
     (models / "digits").mkdir(parents=True)
@@ -56,6 +60,10 @@ def test_compose_services_run_as_local_processes(tmp_path):
             "/models/": f"{models}/",
             "redis:6379": f"127.0.0.1:{redis_port}",
             "ray-head:50051": f"127.0.0.1:{grpc_port}",
+            **{
+                f"/run/secrets/{name}": str(secrets / Path(secret["file"]).name)
+                for name, secret in compose_file["secrets"].items()
+            },
         }
         serve_config = app / "configs" / "serve" / "compose.yaml"
         config = yaml.safe_load(localize(serve_config.read_text(), mapping))
@@ -85,7 +93,8 @@ def test_compose_services_run_as_local_processes(tmp_path):
             ]
             probe[0] = sys.executable if probe[0] == "python" else probe[0]
             deadline = time.monotonic() + SERVE_READY_SECONDS
-            while subprocess.run(probe, cwd=REPO, capture_output=True, timeout=30).returncode != 0:
+            probe_env = service_env("ray-head")  # the healthcheck runs in the ray-head container
+            while subprocess.run(probe, cwd=REPO, env=probe_env, capture_output=True, timeout=30).returncode:
                 assert server.poll() is None, f"ekd serve exited early:\n{server.stdout.read()}"
                 assert time.monotonic() < deadline, "ekd serve did not become healthy in time"
                 time.sleep(2)

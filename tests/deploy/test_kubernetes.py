@@ -14,7 +14,15 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_files import REPO, by_kind_and_name, compose_config, pod_templates, ray_cluster_spec, repo_path
+from deploy_files import (
+    REPO,
+    by_kind_and_name,
+    compose_config,
+    load_documents,
+    pod_templates,
+    ray_cluster_spec,
+    repo_path,
+)
 from ray.serve.schema import ServeDeploySchema
 
 from services import deployments
@@ -294,8 +302,10 @@ def test_grpc_service_reaches_the_ingress_pods_once_they_serve(builds, applicati
     container_ports = {port["name"]: port["containerPort"] for port in ingress["ports"]}
     assert container_ports[ports["serve-grpc"]["targetPort"]] == config.grpc.port
     assert container_ports[ports["ekd-metrics"]["targetPort"]] == config.metrics_port
-    # Kubernetes's native gRPC probe asks grpc.health.v1 about the whole server.
-    assert ingress["readinessProbe"]["grpc"] == {"port": config.grpc.port}
+    # The image's health client asks grpc.health.v1 about the whole server, over TLS (Kubernetes's native
+    # gRPC probe cannot).
+    command = ingress["readinessProbe"]["exec"]["command"]
+    assert command[:4] == ["python", "-m", "services.healthcheck", f"127.0.0.1:{config.grpc.port}"]
 
 
 def test_ray_pods_keep_what_kuberay_relies_on(builds):
@@ -450,3 +460,79 @@ def test_base_redis_holds_the_headline_recipes_soft_label_bank(builds):
     recipe = yaml.safe_load(HEADLINE_RECIPE.read_text())
     entries = IMAGENET_TRAIN_IMAGES * recipe["data"]["views"] * len(recipe["teachers"])
     assert entries * BYTES_PER_LOGITS_ENTRY <= redis_bytes(directives["maxmemory"])
+
+
+# --- transport security ------------------------------------------------------------------------------------
+
+TLS_MOUNT = "/etc/ekd/tls"
+TOKEN_MOUNT = "/etc/ekd/token"
+
+
+def mounted_secrets(template: dict, container: dict) -> dict[str, str]:
+    """mount path -> name of the Secret mounted there."""
+    volumes = {volume["name"]: volume for volume in template["spec"].get("volumes", [])}
+    return {
+        mount["mountPath"]: volumes[mount["name"]]["secret"]["secretName"]
+        for mount in container.get("volumeMounts", [])
+        if "secret" in volumes[mount["name"]]
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_serves_tls_and_requires_the_token_from_mounted_secrets(builds, overlay):
+    objects = by_kind_and_name(builds[overlay])
+    template = pod_templates(objects["RayService", "ekd-teachers"])["grpc-ingress"]
+    (ingress,) = containers(template)
+    env = {name: entry["value"] for name, entry in env_of(ingress) if "value" in entry}
+    assert env["EKD_TLS_CERT_FILE"] == f"{TLS_MOUNT}/tls.crt"
+    assert env["EKD_TLS_KEY_FILE"] == f"{TLS_MOUNT}/tls.key"
+    assert env["EKD_AUTH_TOKEN_FILE"] == f"{TOKEN_MOUNT}/token"
+    assert env["EKD_TLS_CA_FILE"] == f"{TLS_MOUNT}/ca.crt"  # the readiness probe's client
+    # The probe dials 127.0.0.1: it checks the certificate against the name clients use.
+    assert env["EKD_TLS_SERVER_NAME"] == objects["Service", "ekd-teachers-grpc"]["metadata"]["name"]
+    assert mounted_secrets(template, ingress) == {
+        TLS_MOUNT: "ekd-teacher-tls",
+        TOKEN_MOUNT: "ekd-teacher-token",
+    }
+    assert "EKD_AUTH_TOKEN" not in env  # only ever the file
+
+
+def test_teacher_clients_trust_the_ca_and_send_the_token(jobs):
+    (distill,) = [obj for obj in jobs if obj["kind"] == "RayJob"]
+    template = pod_templates(distill)["head"]
+    (head,) = containers(template)
+    env = {name: entry.get("value") for name, entry in env_of(head)}
+    assert env["EKD_TLS_CA_FILE"] == f"{TLS_MOUNT}/ca.crt"
+    assert env["EKD_AUTH_TOKEN_FILE"] == f"{TOKEN_MOUNT}/token"
+    assert mounted_secrets(template, head) == {TLS_MOUNT: "ekd-teacher-tls", TOKEN_MOUNT: "ekd-teacher-token"}
+    (ca_volume,) = [
+        v for v in template["spec"]["volumes"] if v.get("secret", {}).get("secretName") == "ekd-teacher-tls"
+    ]
+    assert ca_volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # never the server's key
+
+
+def test_the_token_appears_only_in_its_secret(builds, jobs):
+    objects = by_kind_and_name(builds["base"])
+    secret = objects["Secret", "ekd-teacher-token"]
+    token = secret["stringData"]["token"]
+    everything_else = [obj for obj in builds["base"] + builds["cpu"] + jobs if obj != secret]
+    assert token not in json.dumps(everything_else)
+    for obj in builds["base"] + builds["cpu"] + jobs:
+        for template in pod_templates(obj).values() if obj["kind"] in CUSTOM_KINDS else []:
+            for container in containers(template):
+                for name, entry in env_of(container):
+                    assert name not in {"EKD_AUTH_TOKEN", "EKD_TLS_KEY"}, (obj["kind"], name)
+                    assert "BEGIN" not in str(entry.get("value", ""))  # no PEM inline
+
+
+def test_cert_manager_certificate_names_the_service_and_fills_the_tls_secret(builds):
+    documents = load_documents(REPO / "deploy" / "cert-manager" / "certificate.yaml")
+    service = by_kind_and_name(builds["base"])["Service", "ekd-teachers-grpc"]["metadata"]["name"]
+    (server,) = [
+        doc
+        for doc in documents
+        if doc["kind"] == "Certificate" and doc["spec"]["secretName"] == "ekd-teacher-tls"
+    ]
+    assert service in server["spec"]["dnsNames"]
+    issuers = {doc["metadata"]["name"] for doc in documents if doc["kind"] == "Issuer"}
+    assert server["spec"]["issuerRef"]["name"] in issuers

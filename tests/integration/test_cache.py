@@ -20,6 +20,7 @@ from services.cache import (
     CacheStats,
     CacheUnavailableError,
     KeyFields,
+    ValueSpec,
     input_digest,
     input_digests,
     open_store,
@@ -28,6 +29,7 @@ from services.cache import (
 )
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
+from services.cache.store import redact_url
 from services.codec import encode_value
 from services.soft_labels import compress, encode
 
@@ -461,3 +463,72 @@ def test_a_refused_redis_password_is_one_line_naming_the_store(start_redis_serve
         open_store(wrong)
     with pytest.raises(CacheUnavailableError, match="refuses the password"):
         open_store(server.url)
+
+
+def test_get_many_checks_each_value_against_what_its_key_expects(backend, teacher):
+    full = [key_for(seed, teacher) for seed in range(4)]
+    compact_key = output_key(teacher, "logits", "float16", 0, input_digest(image(9)), form="compact")
+    compact = compress(torch.randn(1, 10, generator=torch.Generator().manual_seed(0)))
+    with backend.open() as store:
+        store.put_many(
+            [
+                (full[0], logits(0)),
+                (full[1], logits(1).float()),  # float32 under an fp16 key
+                (full[2], torch.zeros(2, 5, dtype=torch.float16)),  # the right size, the wrong shape
+                (full[3], compact[0]),  # the compact form under a full key
+                (compact_key, compact[0]),
+            ]
+        )
+        logits_spec = ValueSpec.full("float16", (10,))
+        keys = [*full, compact_key]
+        with pytest.raises(ValueError, match="one ValueSpec per key: 1 for 5 keys"):
+            store.get_many(keys, [logits_spec])
+        values = store.get_many(keys, [logits_spec] * 4 + [ValueSpec.compact(100)])  # 10 classes stored
+        assert torch.equal(values[0], logits(0)) and values[1:] == [None] * 4
+        assert store.stats.corrupt == 4
+        assert store.get_many(keys)[1:] == [None] * 4  # deleted on sight
+        store.put_many([(compact_key, compact[0])])
+        assert store.get_many([compact_key], [ValueSpec.compact(10)])[0].num_classes == 10
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        (
+            "rediss://user:pw@h:1/0?ssl_ca_certs=/etc/ca.pem",
+            "rediss://user:***@h:1/0?ssl_ca_certs=/etc/ca.pem",
+        ),
+        ("redis://h:1/0?password=pw&socket_timeout=1", "redis://h:1/0?password=***&socket_timeout=1"),
+        ("redis://h:1/0?ssl_password=pw&auth_token=t", "redis://h:1/0?ssl_password=***&auth_token=***"),
+    ],
+)
+def test_redact_url_hides_passwords_in_the_user_info_and_the_query(url, redacted):
+    assert redact_url(url) == redacted
+
+
+def test_redis_urls_accept_only_known_query_parameters(redis_url):
+    with pytest.raises(
+        ValueError, match=r"unknown query parameters \['password'\]; allowed: socket_timeout"
+    ) as bad:
+        open_store(redis_url + "?password=s3cret")
+    assert "s3cret" not in str(bad.value) and "password=***" in str(bad.value)
+    with open_store(redis_url + "?socket_timeout=2&socket_connect_timeout=1") as store:
+        pool = store._client.connection_pool.connection_kwargs
+        assert (pool["socket_timeout"], pool["socket_connect_timeout"]) == (2.0, 1.0)
+    with open_store(redis_url) as store:
+        pool = store._client.connection_pool.connection_kwargs
+        assert (pool["socket_timeout"], pool["socket_connect_timeout"]) == (0.25, 0.5)
+
+
+def test_lmdb_errors_are_cache_errors(tmp_path):
+    store = LmdbStore(tmp_path / "cache", map_size=2**24)
+    store._env.close()  # what a damaged file looks like from here: every operation raises lmdb.Error
+    try:
+        with pytest.raises(CacheError, match=r"LMDB cache at .*cache failed: Error"):
+            store.get_many([key_for(0)])
+        with pytest.raises(CacheError, match=r"LMDB cache at .*cache failed"):
+            store.put_many([(key_for(0), logits(0))])
+    finally:
+        store.close()

@@ -172,6 +172,7 @@ def test_second_fetch_is_answered_entirely_from_the_cache(serve, store, referenc
     with client_of(server, store=store) as client:
         calls_before = server.backend.teacher_calls()
         first = client.fetch(batch, TEACHERS, ["logits", "layer1"])
+        assert server.running.servicer.wait_for_cache_writes()  # written in the background
         calls = server.backend.teacher_calls()
         assert calls - calls_before == 2  # one forward per teacher
         assert client.stats == ClientStats(
@@ -194,6 +195,7 @@ def test_half_seen_batch_sends_only_the_unseen_half(serve, lmdb_store, reference
     mixed = torch.stack([image for pair in zip(seen, unseen) for image in pair])  # seen, unseen, seen, ...
     with client_of(server, store=lmdb_store) as client:
         client.fetch(seen, TEACHERS, ["logits"])
+        assert server.running.servicer.wait_for_cache_writes()
         before, calls_before = client.stats, server.backend.teacher_calls()
         fetched = client.fetch(mixed, TEACHERS, ["logits"])
         after = client.stats

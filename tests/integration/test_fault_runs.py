@@ -35,7 +35,9 @@ from trainer.run import run_experiment
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
 TEACHER = "t0"
-EPOCHS = 3
+# Long enough (about 0.4 s an epoch here) for the cache to come back mid-run: the breaker probes it again 5 s
+# after it went away.
+EPOCHS = 36
 # Where the fault strikes: this many steps into the second epoch, with some of the epoch's batches fetched.
 FAULT_STEP_IN_EPOCH = 2
 KILLED_SECONDS = 3.0
@@ -81,6 +83,13 @@ class ServedTeacher:
         client = redis.Redis.from_url(self.redis.url)
         client.flushall()
         client.close()
+
+    def entries(self) -> int:
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            return client.dbsize()
+        finally:
+            client.close()
 
 
 @pytest.fixture
@@ -159,6 +168,7 @@ def test_a_run_survives_redis_killed_mid_epoch_and_restarted_empty(served: Serve
         faulted = run_with_fault(
             served.config("redis-killed"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, kill_then_restart
         )
+        assert restarted and served.entries() > 0  # the restarted, empty cache was picked up and written
     finally:
         for process in restarted:
             process.kill()
@@ -170,8 +180,10 @@ def test_a_run_survives_redis_frozen_mid_epoch(served: ServedTeacher):
     clean = run_experiment(served.config("clean"))
     served.flush_cache()
     thawed = threading.Event()
+    at_freeze: list[int] = []
 
     def freeze() -> None:
+        at_freeze.append(served.entries())
         os.kill(served.redis.process.pid, signal.SIGSTOP)
         timer = threading.Timer(
             FROZEN_SECONDS, lambda: (os.kill(served.redis.process.pid, signal.SIGCONT), thawed.set())
@@ -187,7 +199,9 @@ def test_a_run_survives_redis_frozen_mid_epoch(served: ServedTeacher):
         seconds = time.perf_counter() - started
     finally:
         os.kill(served.redis.process.pid, signal.SIGCONT)
+    assert thawed.is_set() and seconds > FROZEN_SECONDS  # the cache came back mid-run
     assert_same_run(faulted, clean)
     assert faulted.counters["cache_unavailable"] >= 1
+    assert served.entries() > at_freeze[0]  # and was written again after the thaw
     # The frozen cache costs a timeout or two, not a wait for the thaw: the run may even end before it.
     assert faulted.stall_seconds < clean.stall_seconds + FROZEN_SECONDS / 2, (seconds, faulted.stall_seconds)

@@ -1,5 +1,6 @@
 """The ray_train backend on a real local Ray: 2 CPU workers, DDP over gloo, per-epoch checkpoints, a worker
-killed mid-run and resumed, and a local backend that never imports Ray.
+killed mid-run and resumed (with the teacher counters of an uninterrupted run), and a local backend that never
+imports Ray.
 
 Ray starts once for the module (about 6 s); each run below starts its own worker group. The runs are tiny:
 scikit-learn's digits at 8×8, a cifar_resnet8 student, 4 epochs of 10 steps of batch 128.
@@ -82,7 +83,7 @@ def local_ray() -> Iterator[None]:
             ray.shutdown()
 
 
-class CeRuns(NamedTuple):
+class KdRuns(NamedTuple):
     uninterrupted: ExperimentResult
     killed: ExperimentResult
     uninterrupted_storage: Path
@@ -90,16 +91,22 @@ class CeRuns(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def ce_runs(local_ray, tmp_path_factory) -> CeRuns:
-    """An uninterrupted ray_train ce run and one whose last worker dies at the start of epoch 2, same seed."""
-    tmp_path = tmp_path_factory.mktemp("ce")
+def kd_runs(local_ray, tmp_path_factory) -> KdRuns:
+    """An uninterrupted ray_train kd run and one whose last worker dies at the start of epoch 2, same seed;
+    the teacher (trained by the first run) runs in each worker."""
+    tmp_path = tmp_path_factory.mktemp("kd")
     marker = tmp_path / "failed-once"
-    uninterrupted = experiment(tmp_path, "uninterrupted", backend="ray_train")
+    teacher = tmp_path / "teachers" / "cifar_resnet20.pt"
+    uninterrupted = experiment(
+        tmp_path, "uninterrupted", backend="ray_train", method="kd", teacher_checkpoint=teacher
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv(FAIL_AT_EPOCH_ENV, "2")
         env.setenv(FAIL_MARKER_ENV, str(marker))
-        killed = run_experiment(experiment(tmp_path, "killed", backend="ray_train"))
-    return CeRuns(
+        killed = run_experiment(
+            experiment(tmp_path, "killed", backend="ray_train", method="kd", teacher_checkpoint=teacher)
+        )
+    return KdRuns(
         run_experiment(uninterrupted),
         killed,
         Path(uninterrupted.execution.storage_path),
@@ -155,19 +162,23 @@ def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_the_last_epoch_checkpoint(ce_runs):
-    assert ce_runs.failure_marker.is_file()  # the injected failure happened
+def test_killed_worker_resumes_from_the_last_epoch_checkpoint(kd_runs):
+    assert kd_runs.failure_marker.is_file()  # the injected failure happened
     # Epochs 0 and 1 ran before the failure and came back from the checkpoint; 2 and 3 ran after the resume.
-    killed = ce_runs.killed
+    killed, uninterrupted = kd_runs.killed, kd_runs.uninterrupted
     assert [(row["epoch"], row["resumes"]) for row in killed.history] == [(0, 0), (1, 0), (2, 1), (3, 1)]
-    assert killed.counters["resumes"] == 1 and ce_runs.uninterrupted.counters["resumes"] == 0
-    assert ce_runs.uninterrupted.test_accuracy > CHANCE + 0.3
-    assert abs(killed.test_accuracy - ce_runs.uninterrupted.test_accuracy) <= ACCURACY_TOLERANCE
+    assert killed.counters["resumes"] == 1 and uninterrupted.counters["resumes"] == 0
+    # The checkpoint carried the teacher calls of epochs 0 and 1 (both workers'): the totals are true ones.
+    # Calls the dead worker group made for epoch 2 before it died are lost with it, as is their work.
+    assert uninterrupted.counters["teacher_calls"] == 2 * EPOCHS * 10  # 2 workers, 10 steps each per epoch
+    assert killed.counters == {**uninterrupted.counters, "resumes": 1}
+    assert uninterrupted.test_accuracy > CHANCE + 0.3
+    assert abs(killed.test_accuracy - uninterrupted.test_accuracy) <= ACCURACY_TOLERANCE
 
 
 @pytest.mark.slow
-def test_epoch_checkpoints_load_with_weights_only(ce_runs):
-    paths = sorted(ce_runs.uninterrupted_storage.rglob(TRAINING_STATE_FILE))
+def test_epoch_checkpoints_load_with_weights_only(kd_runs):
+    paths = sorted(kd_runs.uninterrupted_storage.rglob(TRAINING_STATE_FILE))
     assert len(paths) == 2  # CheckpointConfig(num_to_keep=2): the last two epochs
     states = [torch.load(path, map_location="cpu", weights_only=True) for path in paths]
     assert sorted(state["epoch"] for state in states) == [EPOCHS - 2, EPOCHS - 1]
@@ -177,6 +188,7 @@ def test_epoch_checkpoints_load_with_weights_only(ce_runs):
     assert last["optimizer"]["state"] and last["scheduler"]["last_epoch"] == EPOCHS * 10
     assert [row["epoch"] for row in last["history"]] == list(range(EPOCHS))
     assert last["rng"]["cpu"].dtype == torch.uint8
+    assert last["counters"] == {"teacher_calls": kd_runs.uninterrupted.counters["teacher_calls"]}
 
 
 def test_failure_injection_settings_are_checked(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """Distillation from served teachers: the same accuracy as in-process teachers, and teacher outputs reused
 across experiments, processes and service restarts, with LMDB and with Redis (real gRPC over 127.0.0.1, a real
-redis-server, real LMDB; the second experiment runs as a separate `ekd distill` process)."""
+redis-server, real LMDB; the second experiment runs as a separate `ekd distill` process). A run stopped after
+an epoch and resumed from its training state reports the counters of an uninterrupted one; a cache password
+never shows in what `ekd distill` prints or writes."""
 
 from __future__ import annotations
 
@@ -8,17 +10,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
+import torch
 import yaml
 
 from services.backends import LocalBackend
 from services.cache import open_store
 from services.engine import TeacherEngine
 from services.server import BackgroundServer
-from services.zoo import create_teacher
+from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 from trainer.config import ExperimentConfig
+from trainer.experiment import ExperimentSession
+from trainer.inputs import load_splits
 from trainer.run import run_experiment
 
 EKD = str(Path(sys.executable).parent / "ekd")
@@ -109,3 +116,103 @@ def test_served_teachers_match_in_process_and_are_reused_across_experiments(tmp_
     assert record["counters"]["teacher_calls"] == 0
     assert record["counters"]["cache_misses"] == 0 and record["counters"]["cache_hits"] > 0
     assert record["test_accuracy"] > 0.2
+
+
+def save_random_teachers(tmp_path: Path) -> None:
+    """Checkpoints of the TEACHERS with random weights (their seeds), for tests of plumbing, not accuracy."""
+    preprocessing = Preprocessing(input_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    for served, seed in TEACHERS:
+        torch.manual_seed(seed)
+        model = create_teacher("cifar_resnet20", 10).model
+        save_teacher_checkpoint(tmp_path / f"{served}.pt", model, "cifar_resnet20", 10, preprocessing)
+
+
+class StopAfterEpoch(Exception):
+    """Ends a run after an epoch, as a killed process would."""
+
+
+def test_a_resumed_run_reports_the_counters_of_an_uninterrupted_one(tmp_path):
+    save_random_teachers(tmp_path)
+    saved = tmp_path / "training_state.pt"
+    runs = {}
+    for name in ("whole", "stopped"):
+        # Each run with a cache of its own, so that both start cold.
+        cache_uri = f"lmdb://{tmp_path / name / 'cache'}"
+        source = {"kind": "served", "cache": cache_uri}
+        server, _ = serve_teachers(tmp_path, cache_uri)
+        with server:
+            source["address"] = server.address
+            cfg = ExperimentConfig.model_validate(experiment(tmp_path, name, KD, teacher_source=source))
+            if name == "whole":
+                runs[name] = run_experiment(cfg)
+                continue
+            stopped = ExperimentSession(cfg, splits=load_splits(cfg), device=torch.device("cpu"), started=0)
+
+            def stop_after_first_epoch(row: dict, session: ExperimentSession = stopped) -> None:
+                torch.save(session.training_state(), saved)
+                raise StopAfterEpoch
+
+            with pytest.raises(StopAfterEpoch):
+                stopped.fit(on_epoch_end=stop_after_first_epoch)
+            stopped.source.close()
+            # A new process would make a new session, with a new source whose counters start at zero.
+            resumed = ExperimentSession(
+                cfg, splits=load_splits(cfg), device=torch.device("cpu"), started=time.time()
+            )
+            resumed.fit(resume=torch.load(saved, weights_only=True))
+            runs[name] = resumed.finish()
+    whole, stopped_run = runs["whole"], runs["stopped"]
+    assert whole.counters["teacher_calls"] > 0 and whole.counters["cache_hits"] > 0  # epoch 2 replays views
+    assert stopped_run.counters == {**whole.counters, "resumes": 1}
+    assert [row["epoch"] for row in stopped_run.history] == [0, 1, 2]
+    assert stopped_run.test_accuracy == whole.test_accuracy
+
+
+PASSWORD = "s3cret-pw"
+
+
+def test_a_cache_password_never_shows_in_output_or_results(tmp_path, start_redis_server):
+    save_random_teachers(tmp_path)
+    server_url = start_redis_server().url
+    redis.Redis.from_url(server_url).config_set("requirepass", PASSWORD)
+    cache_uri = server_url.replace("redis://", f"redis://:{PASSWORD}@")
+    server, _ = serve_teachers(tmp_path, cache_uri)
+    config = tmp_path / "kd.yaml"
+    # The password comes from the environment, as it would in a deployment.
+    config.write_text(
+        yaml.safe_dump(
+            experiment(
+                tmp_path,
+                "kd-secret",
+                KD,
+                teacher_source={"cache": cache_uri.replace(PASSWORD, "${CACHE_PASSWORD}")},
+            )
+        )
+    )
+    with server:
+        run = subprocess.run(
+            [
+                EKD,
+                "-v",
+                "distill",
+                str(config),
+                "--teacher-service",
+                server.address,
+                "--set",
+                "train.epochs=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "CACHE_PASSWORD": PASSWORD},
+            cwd=tmp_path,
+        )
+    assert run.returncode == 0, run.stderr
+    assert PASSWORD not in run.stdout + run.stderr
+    written = [path for path in (tmp_path / "runs").rglob("*") if path.is_file()]
+    assert any(path.name == "results.json" for path in written)
+    for path in written:
+        assert PASSWORD.encode() not in path.read_bytes(), path
+    record = json.loads((tmp_path / "runs" / "kd-secret" / "results.json").read_text())[0]
+    assert record["config"]["teacher_source"]["cache"] == cache_uri.replace(PASSWORD, "***")
+    assert record["counters"]["cache_misses"] > 0  # the run did use the cache, password and all

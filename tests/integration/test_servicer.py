@@ -109,7 +109,10 @@ def infer(
     server: ServerThread, teachers: list[str], batch: torch.Tensor, **fields
 ) -> list[teacher_pb2.InferResponse]:
     request = teacher_pb2.InferRequest(teachers=teachers, images=image_tensor(batch), **fields)
-    return list(server.stub.Infer(request, timeout=DEADLINE_SECONDS))
+    responses = list(server.stub.Infer(request, timeout=DEADLINE_SECONDS))
+    # The servicer writes the cache in the background; the tests read it right after a request.
+    assert server.running.servicer.wait_for_cache_writes(DEADLINE_SECONDS)
+    return responses
 
 
 def decode(message: teacher_pb2.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from trainer.demo import DEMO_EXPERIMENTS, demo_experiments
+from trainer.demo import DEMO_EXPERIMENTS, demo_experiments, service_ready_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,3 +31,9 @@ def test_demo_runs_every_method_on_served_teachers_through_ray_train(tmp_path):
             assert cfg.method.name in ("one", "okd")
     # Those that distill from the served teachers run first, while the service is warm.
     assert [bool(cfg.teachers) for cfg in experiments] == [True] * 5 + [False] * 2
+
+
+def test_the_demo_never_prints_the_cache_password():
+    line = service_ready_line("127.0.0.1:50051", "redis://:hunter2@127.0.0.1:6379/0")
+    assert line == "teacher service ready at 127.0.0.1:50051; cache: redis://:***@127.0.0.1:6379/0"
+    assert service_ready_line("127.0.0.1:50051", None).endswith("cache: none")
