@@ -44,6 +44,9 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
 from services.cache import (
+    COMPACT,
+    FORMS,
+    FULL,
     GuardedStore,
     Outcome,
     TeacherOutputStore,
@@ -56,12 +59,20 @@ from services.codec import (
     DTYPES_BY_PROTO_NAME,
     PROTO_DTYPE_NAMES,
     CodecError,
+    CorruptValueError,
     decode_into,
     tensor_from_bytes,
 )
 from services.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, LOGITS, OUTPUT_DTYPES
 from services.errors import UserError
 from services.security import ClientSecurity
+from services.soft_labels import (
+    CompactLogits,
+    entries_that_fit,
+    frame_bytes,
+    frames_tensor,
+    from_frames,
+)
 from services.wire import OutgoingInferRequest, serialize_infer_request
 
 # Bytes an InferRequest may gain beyond its measured form without images once B images go in: the varints of
@@ -124,6 +135,13 @@ class TeacherDescription:
         """The per-sample shape of an output: (num_classes,) for logits, (C, H, W) for a tap."""
         return (self.num_classes,) if output == LOGITS else self.taps[output]
 
+    def wire_shape(self, output: str, logits_form: str) -> tuple[int, ...]:
+        """The per-sample shape of an output on the wire: `output_shape`, or (frame bytes,) for the logits in
+        the compact form."""
+        if output == LOGITS and logits_form == COMPACT:
+            return (frame_bytes(self.num_classes, entries_that_fit(self.num_classes)),)
+        return self.output_shape(output)
+
     @classmethod
     def from_proto(cls, info: teacher_pb2.TeacherInfo) -> TeacherDescription:
         return cls(
@@ -184,6 +202,7 @@ class _Flight:
     teachers: list[str]
     outputs: list[str]
     count: int
+    logits_form: str
     call: Iterator[teacher_pb2.InferResponse] | None = None
     error: TeacherServiceError | None = None
     done: bool = False
@@ -198,13 +217,23 @@ class PendingFetch:
         self.results = results
         self.flights: list[_Flight] = []
 
-    def result(self) -> dict[str, dict[str, torch.Tensor]]:
-        """teacher -> output -> float32 [B, ...] in input order, as `TeacherClient.fetch` returns; raises the
-        error of the first of its requests that failed."""
+    def result(self) -> dict[str, dict[str, torch.Tensor | CompactLogits]]:
+        """teacher -> output -> float32 [B, ...] (or `CompactLogits` of B rows) in input order, as
+        `TeacherClient.fetch` returns; raises the error of the first of its requests that failed."""
         self._client._land(self)
         for flight in self.flights:
             if flight.error is not None:
                 raise flight.error
+        for outputs in self.results.values():
+            frames = outputs.get(LOGITS)
+            if isinstance(frames, torch.Tensor) and frames.dtype == torch.uint8:  # the compact form
+                try:
+                    outputs[LOGITS] = from_frames(frames)
+                except CorruptValueError as error:
+                    raise TeacherServiceError(
+                        f"teacher service at {self._client.address} answered damaged compact logits: {error}",
+                        address=self._client.address,
+                    ) from error
         return self.results
 
 
@@ -225,6 +254,11 @@ def _chunk_rows(rows: slice | torch.Tensor, start: int, count: int) -> slice | t
     if isinstance(rows, slice):
         return slice(rows.start + start, rows.start + start + count)
     return rows[start : start + count]
+
+
+def _compact(output: str, logits_form: str) -> bool:
+    """Whether `output` travels and is cached in the compact form."""
+    return output == LOGITS and logits_form == COMPACT
 
 
 def _dtype_name(proto_dtype: int) -> str:
@@ -309,22 +343,36 @@ class TeacherClient:
         images: torch.Tensor,
         teachers: Sequence[str],
         outputs: Sequence[str] | Mapping[str, Sequence[str]],
-    ) -> dict[str, dict[str, torch.Tensor]]:
+        *,
+        logits_form: str = FULL,
+        bypass_cache: bool = False,
+    ) -> dict[str, dict[str, torch.Tensor | CompactLogits]]:
         """Outputs of `teachers` for uint8 images [B, C, H, W]: teacher -> output -> float32 [B, ...] in input
         order. `outputs` is one list of output names ("logits", tap names) for every teacher, or a mapping
-        teacher -> list that names every teacher (an empty list returns {} for that teacher)."""
-        return self.submit(images, teachers, outputs).result()
+        teacher -> list that names every teacher (an empty list returns {} for that teacher).
+        `logits_form` COMPACT asks for the logits as compact soft-label frames (`services.soft_labels`: at
+        most 64 bytes a sample on the wire and in the cache, whatever `output_dtype`), returned as
+        `CompactLogits`. `bypass_cache` reads nothing from the cache and asks the service for a fresh forward
+        pass that it neither reads from nor writes to its cache (audits)."""
+        return self.submit(
+            images, teachers, outputs, logits_form=logits_form, bypass_cache=bypass_cache
+        ).result()
 
     def submit(
         self,
         images: torch.Tensor,
         teachers: Sequence[str],
         outputs: Sequence[str] | Mapping[str, Sequence[str]],
+        *,
+        logits_form: str = FULL,
+        bypass_cache: bool = False,
     ) -> PendingFetch:
         """`fetch`, started: the cache is read now and the Infer requests for the misses are sent as soon as
         fewer than `max_in_flight` are outstanding; `result()` of the returned `PendingFetch` gives what
         `fetch` returns. Submitting the next batches before asking for this one's result keeps the service
         busy while this thread does other work; results are consumed in submission order."""
+        if logits_form not in FORMS:
+            raise ValueError(f"logits_form must be one of {', '.join(FORMS)}; got {logits_form!r}")
         limits = self._limits_knowing(teachers)
         requested = self._requested_outputs(teachers, outputs, limits)
         _check_images(images)
@@ -332,12 +380,21 @@ class TeacherClient:
         batch_size = images.shape[0]
         results = {
             teacher: {
-                output: torch.empty(batch_size, *limits.teachers[teacher].output_shape(output))
+                output: torch.empty(
+                    batch_size,
+                    *limits.teachers[teacher].wire_shape(output, logits_form),
+                    dtype=torch.uint8 if _compact(output, logits_form) else torch.float32,
+                )
                 for output in names
             }
             for teacher, names in requested.items()
         }
-        misses = self._read_cache(requested, images, limits, results)
+        if bypass_cache:
+            misses = {
+                teacher: list(range(batch_size)) if names else [] for teacher, names in requested.items()
+            }
+        else:
+            misses = self._read_cache(requested, images, limits, results, logits_form)
 
         # Teachers that miss the same images and want the same outputs share one request.
         groups: dict[tuple[tuple[int, ...], tuple[str, ...]], list[str]] = {}
@@ -359,12 +416,20 @@ class TeacherClient:
                 pending.flights.append(
                     _Flight(
                         pending,
-                        self._request(group_teachers, list(names), request_images, request_id=request_id),
+                        self._request(
+                            group_teachers,
+                            list(names),
+                            request_images,
+                            request_id=request_id,
+                            logits_form=logits_form,
+                            bypass_cache=bypass_cache,
+                        ),
                         request_id,
                         rows,
                         group_teachers,
                         list(names),
                         count,
+                        logits_form,
                     )
                 )
         self._waiting.extend(pending.flights)
@@ -458,6 +523,7 @@ class TeacherClient:
         images: torch.Tensor,
         limits: _ServiceLimits,
         results: dict[str, dict[str, torch.Tensor]],
+        logits_form: str,
     ) -> dict[str, list[int]]:
         """Fill in every (teacher, image) whose requested outputs are all in the store, with one multi-get
         that checks each value's dtype and shape against its output; return, per teacher, the batch positions
@@ -477,8 +543,16 @@ class TeacherClient:
         for teacher in looked_up:
             description = limits.teachers[teacher]
             for output in requested[teacher]:
-                spec = ValueSpec.full(self.output_dtype, description.output_shape(output))
-                keys += [output_key(description.identity, output, self.output_dtype, 0, d) for d in digests]
+                form = COMPACT if _compact(output, logits_form) else FULL
+                spec = (
+                    ValueSpec.compact(description.num_classes)
+                    if form == COMPACT
+                    else ValueSpec.full(self.output_dtype, description.output_shape(output))
+                )
+                keys += [
+                    output_key(description.identity, output, self.output_dtype, 0, d, form=form)
+                    for d in digests
+                ]
                 expected += [spec] * len(digests)
         lookup = self.store.get_many(keys, expected)
         if lookup.outcome is not Outcome.DONE:  # the guard said so once; the service answers every pair
@@ -492,7 +566,12 @@ class TeacherClient:
             if hit:
                 positions = torch.tensor(hit)
                 for output, cached in by_output.items():
-                    results[teacher][output][positions] = torch.stack([cached[i] for i in hit]).float()
+                    found = [cached[i] for i in hit]
+                    results[teacher][output][positions] = (
+                        frames_tensor(CompactLogits.cat(found))
+                        if _compact(output, logits_form)
+                        else torch.stack(found).float()
+                    )
             hit_set = set(hit)
             misses[teacher] = [i for i in everything if i not in hit_set]
             hits += len(hit)
@@ -520,13 +599,24 @@ class TeacherClient:
         return min(bound, room // sample_bytes)
 
     def _request(
-        self, teachers: list[str], outputs: list[str], images: torch.Tensor, *, request_id: str
+        self,
+        teachers: list[str],
+        outputs: list[str],
+        images: torch.Tensor,
+        *,
+        request_id: str,
+        logits_form: str = FULL,
+        bypass_cache: bool = False,
     ) -> OutgoingInferRequest:
         message = teacher_pb2.InferRequest(
             teachers=teachers,
             outputs=outputs,
             output_dtype=_proto_dtype(self.output_dtype),
             request_id=request_id,
+            logits_form=(
+                teacher_pb2.LOGITS_FORM_COMPACT if logits_form == COMPACT else teacher_pb2.LOGITS_FORM_FULL
+            ),
+            bypass_cache=bypass_cache,
         )
         return OutgoingInferRequest(message, images.contiguous())
 
@@ -575,9 +665,9 @@ class TeacherClient:
             self._check_chunk(response, flight)
             description = limits.teachers[response.teacher]
             rows = _chunk_rows(flight.rows, response.start, response.count)
-            for name, message in response.outputs.items():
+            for name, message in self._chunk_outputs(response, flight):
                 target = flight.fetch.results[response.teacher][name]
-                self._write_output(target, rows, message, response, description, name, flight.request_id)
+                self._write_output(target, rows, message, response, description, name, flight)
             covered[response.teacher][response.start : response.start + response.count] += 1
         for teacher, times in covered.items():
             if not bool((times == 1).all()):
@@ -595,10 +685,24 @@ class TeacherClient:
                 f"chunk start={response.start} count={response.count} outside "
                 f"the request's {flight.count} samples",
             )
-        if sorted(response.outputs) != sorted(flight.outputs):
+        sent = sorted([*response.outputs, *([LOGITS] if response.HasField("compact_logits") else [])])
+        if sent != sorted(flight.outputs) or (
+            LOGITS in response.outputs and _compact(LOGITS, flight.logits_form)
+        ):
             raise self._malformed(
-                flight.request_id, f"chunk outputs {sorted(response.outputs)}, asked for {flight.outputs}"
+                flight.request_id,
+                f"chunk outputs {sent} (compact: {response.HasField('compact_logits')}), asked for "
+                f"{flight.outputs} (compact: {flight.logits_form == COMPACT})",
             )
+
+    def _chunk_outputs(
+        self, response: teacher_pb2.InferResponse, flight: _Flight
+    ) -> list[tuple[str, teacher_pb2.Tensor]]:
+        """(output name, tensor message) of each output of a checked chunk."""
+        outputs = list(response.outputs.items())
+        if response.HasField("compact_logits"):
+            outputs.append((LOGITS, response.compact_logits))
+        return outputs
 
     def _write_output(
         self,
@@ -608,11 +712,12 @@ class TeacherClient:
         response: teacher_pb2.InferResponse,
         description: TeacherDescription,
         name: str,
-        request_id: str,
+        flight: _Flight,
     ) -> None:
-        """Decode one output of a chunk into its rows of the fetch's float32 result, after checking its dtype,
-        shape and length against what the teacher gives."""
-        expected = (response.count, *description.output_shape(name))
+        """Decode one output of a chunk into its rows of the fetch's result (float32, or uint8 frames of the
+        compact form), after checking its dtype, shape and length against what the teacher gives."""
+        request_id = flight.request_id
+        expected = (response.count, *description.wire_shape(name, flight.logits_form))
         if tuple(message.shape) != expected:
             raise self._malformed(
                 request_id,
@@ -624,7 +729,7 @@ class TeacherClient:
             if isinstance(rows, slice):  # decoded straight into the result, converting on the way
                 decode_into(target[rows], message.data, dtype, expected)
             else:
-                target[rows] = tensor_from_bytes(message.data, dtype, expected).float()
+                target[rows] = tensor_from_bytes(message.data, dtype, expected).to(target.dtype)
         except (CodecError, KeyError, ValueError) as error:
             raise self._malformed(request_id, f"output {name!r}: {error}") from error
 

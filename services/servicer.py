@@ -16,10 +16,13 @@ Cache entries, one per sample and output (shared with `services.client`, which r
     output_key(identity, tap, dtype, 0, digest)       -> tap [channels, height, width], in dtype
     output_key(identity, "logits", dtype, k, digest)  -> top-k (k > 0): the k largest logits [k], descending
     output_key(identity, "logits", "int64", k, digest) -> top-k: their class indices [k], int64
+    output_key(identity, "logits", …, 0, digest, form=COMPACT) -> a compact soft-label frame (compact form)
 
 Top-k is taken on the float32 logits and only its values are cast, so the indices do not depend on the output
-dtype and one entry holds them for every dtype. A teacher without `weights_sha256` (random initialisation) is
-never cached: its identity does not pin its weights.
+dtype and one entry holds them for every dtype. The compact form (`services.soft_labels`) is taken on the
+float32 logits too, whatever the output dtype, and is the same entry `ekd warm` writes. A teacher without
+`weights_sha256` (random initialisation) is never cached: its identity does not pin its weights, and neither
+is a request with `bypass_cache` (an audit's fresh forward pass).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import torch
 from services._generated import teacher_pb2
 from services.backends import BackendUnavailableError, TeacherBackend
 from services.cache import (
+    COMPACT,
+    FULL,
     Outcome,
     TeacherOutputStore,
     ValueSpec,
@@ -61,6 +66,7 @@ from services.contract import (
     OUTPUT_DTYPES,
 )
 from services.metrics import NO_TEACHER, Metrics
+from services.soft_labels import CompactLogits, compress, entries_that_fit, frame_bytes, frames_tensor
 from services.wire import ReceivedInferRequest
 from services.zoo import TeacherSpec
 
@@ -109,7 +115,8 @@ class _Hosted:
 class _Part:
     """One tensor of one sample's answer: what it is, its cache key fields and its per-sample shape.
 
-    `role` is "output" (a logits or tap map entry), "top_k_values" or "top_k_indices".
+    `role` is "output" (a logits or tap map entry), "top_k_values", "top_k_indices" or "compact" (the
+    compact soft-label frames of the logits: uint8 [frame bytes] a sample, cached as `CompactLogits`).
     """
 
     role: str
@@ -117,17 +124,24 @@ class _Part:
     dtype: str
     top_k: int
     shape: tuple[int, ...]
+    num_classes: int = 0  # of the compact part
 
     @property
     def sample_bytes(self) -> int:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
+    @property
+    def form(self) -> str:
+        return COMPACT if self.role == "compact" else FULL
+
     def key(self, identity: str, digest: bytes) -> bytes:
-        return output_key(identity, self.output, self.dtype, self.top_k, digest)
+        return output_key(identity, self.output, self.dtype, self.top_k, digest, form=self.form)
 
     @property
     def spec(self) -> ValueSpec:
         """What a cached value of this part must be."""
+        if self.role == "compact":
+            return ValueSpec.compact(self.num_classes)
         return ValueSpec.full(self.dtype, self.shape)
 
 
@@ -141,6 +155,7 @@ class _Plan:
     parts: dict[str, list[_Part]]
     chunk_sizes: dict[str, int]
     request_id: str
+    bypass_cache: bool = False
 
 
 class TeacherServicer:
@@ -315,12 +330,30 @@ class TeacherServicer:
                 f"top_k={top_k} exceeds the number of classes; allowed: 0 (full logits) to "
                 f"{fewest_classes} (the fewest classes of the requested teachers)",
             )
+        compact = self._compact_logits(request.logits_form, top_k)
         images = self._images(request.images, received.image_data, teachers)
         top_k = top_k if LOGITS in outputs else 0
-        parts = {name: self._parts(self._hosted[name], outputs, dtype, top_k) for name in teachers}
+        parts = {name: self._parts(self._hosted[name], outputs, dtype, top_k, compact) for name in teachers}
         chunk_size = request.chunk_size or self.default_chunk_size
         chunk_sizes = {name: self._fitting_chunk_size(name, parts[name], chunk_size) for name in teachers}
-        return _Plan(teachers, outputs, images, parts, chunk_sizes, request.request_id)
+        return _Plan(teachers, outputs, images, parts, chunk_sizes, request.request_id, request.bypass_cache)
+
+    @staticmethod
+    def _compact_logits(logits_form: int, top_k: int) -> bool:
+        """Whether the request asks for the logits in the compact form."""
+        if logits_form not in (teacher_pb2.LOGITS_FORM_FULL, teacher_pb2.LOGITS_FORM_COMPACT):
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown logits_form {logits_form}; allowed: LOGITS_FORM_FULL, LOGITS_FORM_COMPACT",
+            )
+        compact = logits_form == teacher_pb2.LOGITS_FORM_COMPACT
+        if compact and top_k:
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"top_k={top_k} with logits_form LOGITS_FORM_COMPACT; the compact form keeps its own "
+                "largest logits: ask for top_k 0",
+            )
+        return compact
 
     def _output_dtype(self, value: int) -> str:
         if value == teacher_pb2.DTYPE_UNSPECIFIED:
@@ -381,11 +414,15 @@ class TeacherServicer:
         return tensor_from_bytes(data, "uint8", shape, copy=False)
 
     @staticmethod
-    def _parts(hosted: _Hosted, outputs: Sequence[str], dtype: str, top_k: int) -> list[_Part]:
+    def _parts(hosted: _Hosted, outputs: Sequence[str], dtype: str, top_k: int, compact: bool) -> list[_Part]:
         parts = []
         for output in outputs:
             if output != LOGITS:
                 parts.append(_Part("output", output, dtype, 0, hosted.feature_shapes[output]))
+            elif compact:
+                classes = hosted.spec.num_classes
+                size = frame_bytes(classes, entries_that_fit(classes))
+                parts.append(_Part("compact", LOGITS, "uint8", 0, (size,), num_classes=classes))
             elif top_k == 0:
                 parts.append(_Part("output", LOGITS, dtype, 0, (hosted.spec.num_classes,)))
             else:
@@ -414,7 +451,7 @@ class TeacherServicer:
     # ---- computing and streaming ----------------------------------------------------------------------
 
     async def _stream(self, plan: _Plan) -> AsyncIterator[teacher_pb2.InferResponse]:
-        cached_teachers = [name for name in plan.teachers if self._is_cached(name)]
+        cached_teachers = [name for name in plan.teachers if self._is_cached(name, plan)]
         digests = await asyncio.to_thread(input_digests, plan.images) if cached_teachers else None
         queue: asyncio.Queue[teacher_pb2.InferResponse | _RequestError | str] = asyncio.Queue()
         tasks = [
@@ -435,8 +472,12 @@ class TeacherServicer:
             for task in tasks:
                 task.cancel()
 
-    def _is_cached(self, name: str) -> bool:
-        return self._store is not None and self._hosted[name].spec.weights_sha256 is not None
+    def _is_cached(self, name: str, plan: _Plan) -> bool:
+        return (
+            self._store is not None
+            and self._hosted[name].spec.weights_sha256 is not None
+            and not plan.bypass_cache
+        )
 
     async def _serve_teacher(
         self, name: str, plan: _Plan, digests: list[bytes] | None, queue: asyncio.Queue
@@ -448,7 +489,7 @@ class TeacherServicer:
             identity = self._hosted[name].spec.identity
             keys = (
                 {part: [part.key(identity, digest) for digest in digests] for part in parts}
-                if digests is not None and self._is_cached(name)
+                if digests is not None and self._is_cached(name, plan)
                 else None
             )
             found = await self._cache_get(name, parts, keys) if keys is not None else None
@@ -485,8 +526,9 @@ class TeacherServicer:
 
     async def _compute(
         self, name: str, plan: _Plan, parts: Sequence[_Part], misses: list[int]
-    ) -> dict[_Part, torch.Tensor]:
-        """Forward the missed samples; every part of them as [len(misses), ...] tensors."""
+    ) -> dict[_Part, torch.Tensor | CompactLogits]:
+        """Forward the missed samples; every part of them as [len(misses), ...] tensors (compact parts as
+        `CompactLogits` of len(misses) rows, what the cache stores)."""
         images = plan.images if len(misses) == plan.images.shape[0] else plan.images[misses]
         started = time.perf_counter()
         outputs = await self._backend.infer(name, images, plan.outputs)
@@ -506,6 +548,8 @@ class TeacherServicer:
         for part in parts:
             if part.role == "output":
                 computed[part] = outputs[part.output].to(DTYPES[part.dtype])
+            elif part.role == "compact":
+                computed[part] = compress(outputs[LOGITS].float())
             elif part.role == "top_k_values":
                 computed[part] = top.values.to(DTYPES[part.dtype])
             else:
@@ -517,14 +561,15 @@ class TeacherServicer:
         name: str,
         plan: _Plan,
         parts: Sequence[_Part],
-        found: dict[_Part, list[torch.Tensor | None]] | None,
-        computed: dict[_Part, torch.Tensor],
+        found: dict[_Part, list[torch.Tensor | CompactLogits | None]] | None,
+        computed: dict[_Part, torch.Tensor | CompactLogits],
         hit: list[bool],
         misses: list[int],
     ) -> list[teacher_pb2.InferResponse]:
         """The teacher's answer, cached and computed samples merged in input order, cut into chunks."""
         batch = len(hit)
         chunk_size = plan.chunk_sizes[name]
+        found, computed = _as_frames(parts, found), _as_frames(parts, computed)
         whole = {}
         for part in parts:
             if not misses:
@@ -547,6 +592,8 @@ class TeacherServicer:
             for part in parts:
                 if part.role == "output":
                     target = response.outputs[part.output]
+                elif part.role == "compact":
+                    target = response.compact_logits
                 elif part.role == "top_k_values":
                     target = response.logits_top_k.values
                 else:
@@ -699,6 +746,23 @@ def _truncated(message: str) -> str:
         return message
     marker = " ... (truncated)"
     return message[: MAX_ERROR_MESSAGE_CHARS - len(marker)] + marker
+
+
+def _as_frames(parts: Sequence[_Part], values: dict | None) -> dict | None:
+    """`values` (part -> a batch, or a list of per-sample values) with compact parts' values as frames."""
+    if values is None:
+        return None
+    framed = dict(values)
+    for part in parts:
+        if part.role != "compact" or part not in values:
+            continue
+        value = values[part]
+        framed[part] = (
+            frames_tensor(value)
+            if isinstance(value, CompactLogits)
+            else [None if row is None else frames_tensor(row)[0] for row in value]
+        )
+    return framed
 
 
 def _proto_dtype_name(value: int) -> str:

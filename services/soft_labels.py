@@ -3,11 +3,10 @@ included: exact on the kept classes and on the tail's total mass at any temperat
 mass splits among its classes (at T >= 2 on long-tailed 1000-class logits that costs 23-84 % of the KD loss:
 see `benchmarks/soft_labels.py`; use the full form where that matters).
 
-Where it is used: the trainer reads it (`teacher_source.soft_labels: compact`), `ekd warm` writes it, and
-the cache keys it apart from full values. The gRPC contract does not carry it yet: a served run asking for it
-reads full values and compresses them before the loss. Carrying it needs a compact flag in `InferRequest`, a
-`compact_logits` uint8 [count, frame bytes] tensor in `InferResponse`, the servicer caching and streaming
-`compress(logits)` rows under `output_key(..., form=COMPACT)`, and the client reading those keys and frames.
+Where it is used: the trainer reads it (`teacher_source.soft_labels: compact`), `ekd warm` writes it, the
+cache keys it apart from full values, and the gRPC contract carries it (`InferRequest.logits_form`
+LOGITS_FORM_COMPACT; `InferResponse.compact_logits`, uint8 [count, frame bytes] as `frames_tensor` lays them
+out): the servicer streams and caches `compress` of its float32 logits, the client returns `CompactLogits`.
 
 What it keeps. Logits, not probabilities, so that any experiment's temperature T applies to one stored value:
 the k largest logits (class index and gap below the largest logit, k = 16 for 1000 classes, every class for up
@@ -334,6 +333,25 @@ def encode(compact: CompactLogits) -> list[bytes]:
         )
         frames.append(body + _CHECKSUM.pack(xxhash.xxh32_intdigest(body)))
     return frames
+
+
+def frames_tensor(compact: CompactLogits) -> torch.Tensor:
+    """The frames of `compact`'s rows as uint8 [rows, frame bytes] (rows of one CompactLogits share a length):
+    how a batch of them travels in an InferResponse."""
+    return torch.frombuffer(bytearray(b"".join(encode(compact))), dtype=torch.uint8).view(len(compact), -1)
+
+
+def from_frames(frames: torch.Tensor) -> CompactLogits:
+    """The CompactLogits of uint8 [rows, frame bytes] frames; CorruptValueError for any damaged row."""
+    if frames.dtype != torch.uint8 or frames.dim() != 2 or frames.shape[0] == 0:
+        raise CorruptValueError(
+            f"compact frames must be uint8 [rows, bytes]; got {frames.dtype} {tuple(frames.shape)}"
+        )
+    data = frames.contiguous().numpy().tobytes()
+    width = frames.shape[1]
+    return CompactLogits.cat(
+        [decode(data[row * width : (row + 1) * width]) for row in range(frames.shape[0])]
+    )
 
 
 def is_compact_frame(data: bytes | memoryview) -> bool:

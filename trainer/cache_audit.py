@@ -1,5 +1,6 @@
 """`ekd cache verify`: recompute a random sample of an experiment's cached teacher outputs with the teachers
-(in process) and measure how far the stored values are from them.
+(in process, or through the teacher service with `bypass_cache`: a fresh forward pass that neither reads nor
+writes the cache) and measure how far the stored values are from them.
 
 The sample is drawn from the experiment's replayed training views (the cache's keys are hashes of the input
 bytes, so only inputs one can make again can be checked); views until N are found cached per teacher and
@@ -10,17 +11,21 @@ either tolerance is reported and, with `fix`, deleted, so that the next run reco
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
 from services.cache import FULL, TeacherOutputStore, input_digests, teacher_tag
+from services.client import TeacherClient
 from services.contract import LOGITS
 from services.engine import TeacherEngine
+from services.errors import ConfigError
 from services.soft_labels import CompactLogits
 from services.zoo import create_teacher
 from trainer.bank_writer import bank_keys, requested_outputs
-from trainer.config import ExperimentConfig
+from trainer.config import ExperimentConfig, TeacherConfig
 from trainer.inputs import load_splits, train_views
 
 _CANDIDATES_PER_ENTRY = 20  # views looked at per entry asked for, before giving up on finding more cached
@@ -68,9 +73,12 @@ def verify_cache(
     fix: bool = False,
     seed: int = 0,
     batch_size: int = 256,
+    service: str | None = None,
 ) -> list[Audit]:
     """Check up to `sample` cached entries per teacher output of `cfg`, in its `teacher_source.soft_labels`
-    form; delete those beyond tolerance when `fix`."""
+    form; delete those beyond tolerance when `fix`. The teachers run here from their checkpoints, or, with
+    `service` (host:port), on the teacher service under their `served_as` names (TLS and token from the
+    environment, as for every client)."""
     temperature = float(getattr(cfg.method, "temperature", 1.0))
     splits = load_splits(cfg)
     views = train_views(splits, cfg.data)
@@ -79,33 +87,59 @@ def verify_cache(
     form = cfg.teacher_source.soft_labels
     audits = []
     outputs = requested_outputs(cfg, splits.num_classes, splits.in_chans, splits.image_size)
-    for teacher_cfg, wanted in zip(cfg.teachers, outputs, strict=True):
-        teacher = create_teacher(teacher_cfg.name, splits.num_classes, checkpoint=teacher_cfg.checkpoint)
-        engine = TeacherEngine(teacher)
-        identity = teacher.spec.identity
-        for output in wanted:
-            audit = Audit(teacher_cfg.name, teacher_tag(identity), output, form if output == LOGITS else FULL)
-            for start in range(0, len(order), batch_size):
-                if audit.checked >= sample:
-                    break
-                made = [
-                    views.view(i % len(views), i // len(views)) for i in order[start : start + batch_size]
-                ]
-                images = torch.stack([view for view in made if view is not None])
-                keys = bank_keys(identity, [output], input_digests(images), audit.form)[output]
-                found = store.get_many(keys)
-                cached = [i for i, value in enumerate(found) if value is not None][: sample - audit.checked]
-                if not cached:
-                    continue
-                computed = engine.infer(images[cached], [output])[output]
-                for row, i in enumerate(cached):
-                    logit, probability = _deviations(found[i], computed[row], temperature)
-                    audit.max_logit_deviation = max(audit.max_logit_deviation, logit)
-                    audit.max_probability_deviation = max(audit.max_probability_deviation, probability)
-                    if logit > logit_tolerance or probability > probability_tolerance:
-                        audit.bad.append(keys[i])
-                audit.checked += len(cached)
-            if fix and audit.bad:
-                store.delete_many(audit.bad)
-            audits.append(audit)
+    with ExitStack() as closing:
+        client = closing.enter_context(TeacherClient(service, output_dtype="float32")) if service else None
+        for teacher_cfg, wanted in zip(cfg.teachers, outputs, strict=True):
+            identity, compute = _teacher(teacher_cfg, splits.num_classes, client)
+            for output in wanted:
+                audit = Audit(
+                    teacher_cfg.name, teacher_tag(identity), output, form if output == LOGITS else FULL
+                )
+                for start in range(0, len(order), batch_size):
+                    if audit.checked >= sample:
+                        break
+                    made = [
+                        views.view(i % len(views), i // len(views)) for i in order[start : start + batch_size]
+                    ]
+                    images = torch.stack([view for view in made if view is not None])
+                    keys = bank_keys(identity, [output], input_digests(images), audit.form)[output]
+                    found = store.get_many(keys)
+                    wanted_now = sample - audit.checked
+                    cached = [i for i, value in enumerate(found) if value is not None][:wanted_now]
+                    if not cached:
+                        continue
+                    computed = compute(images[cached], output)
+                    for row, i in enumerate(cached):
+                        logit, probability = _deviations(found[i], computed[row], temperature)
+                        audit.max_logit_deviation = max(audit.max_logit_deviation, logit)
+                        audit.max_probability_deviation = max(audit.max_probability_deviation, probability)
+                        if logit > logit_tolerance or probability > probability_tolerance:
+                            audit.bad.append(keys[i])
+                    audit.checked += len(cached)
+                if fix and audit.bad:
+                    store.delete_many(audit.bad)
+                audits.append(audit)
     return audits
+
+
+def _teacher(
+    teacher_cfg: TeacherConfig, num_classes: int, client: TeacherClient | None
+) -> tuple[str, Callable[[torch.Tensor, str], torch.Tensor]]:
+    """The teacher's identity, and how to compute one of its outputs for a batch of images: in process from
+    its checkpoint, or by the service (a fresh forward pass)."""
+    if client is None:
+        teacher = create_teacher(teacher_cfg.name, num_classes, checkpoint=teacher_cfg.checkpoint)
+        engine = TeacherEngine(teacher)
+        return teacher.spec.identity, lambda images, output: engine.infer(images, [output])[output]
+    served = teacher_cfg.served_as or teacher_cfg.name
+    hosted = client.teachers()
+    if served not in hosted:
+        raise ConfigError(
+            f"the teacher service at {client.address} hosts no teacher {served!r} (teachers[].served_as); "
+            f"it hosts: {', '.join(sorted(hosted))}"
+        )
+
+    def fetched(images: torch.Tensor, output: str) -> torch.Tensor:
+        return client.fetch(images, [served], [output], bypass_cache=True)[served][output]
+
+    return hosted[served].identity, fetched

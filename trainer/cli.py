@@ -481,10 +481,15 @@ def cache_verify(
     fix: Annotated[bool, typer.Option(help="delete the entries beyond tolerance")] = False,
     logit_tolerance: Annotated[float, typer.Option(min=0)] = 0.05,
     probability_tolerance: Annotated[float, typer.Option(min=0)] = 0.005,
+    service: Annotated[
+        str | None,
+        typer.Option(help="recompute on the teacher service at this host:port (default: here)"),
+    ] = None,
     overrides: SetOption = None,
 ) -> None:
-    """Recompute a random sample of the experiment's cached teacher outputs with the teachers and report the
-    largest deviations (logits; probabilities at the experiment's temperature)."""
+    """Recompute a random sample of the experiment's cached teacher outputs with the teachers (here, or on the
+    teacher service with --service) and report the largest deviations (logits; probabilities at the
+    experiment's temperature)."""
     from services.cache import open_store
     from trainer.cache_audit import verify_cache
 
@@ -497,6 +502,7 @@ def cache_verify(
             logit_tolerance=logit_tolerance,
             probability_tolerance=probability_tolerance,
             fix=fix,
+            service=service,
         )
     temperature = getattr(cfg.method, "temperature", 1.0)
     table = Table(title=f"ekd cache verify {redact_url(uri)} against {cfg.name} (T = {temperature:g})")

@@ -246,8 +246,7 @@ class TeacherSourceConfig(_Section):
         "full",
         description="the form of the teacher logits the student learns from: full (every logit) or compact "
         "(services/soft_labels.py: the top logits and the tail's log-sum-exp, 63 bytes a view for 1000 "
-        "classes; the form `ekd warm` writes; not yet carried over gRPC: served, the full logits are read "
-        "and compressed before the loss)",
+        "classes; the form `ekd warm` writes and, served, the form the service streams and caches)",
     )
     prefetch_batches: int = Field(
         2,

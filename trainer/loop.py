@@ -282,7 +282,7 @@ def train_epoch(
     # Closed on any exit, an exception included: the prefetching thread stops before this frame unwinds, so
     # it never outlives the run inside a teacher forward (that aborts the interpreter at exit).
     batches_with_teachers = prepared_batches(
-        counted(readable_batches(loader)), source, wanted, prefetch_batches
+        counted(readable_batches(loader)), source, wanted, prefetch_batches, soft_labels
     )
     with contextlib.closing(batches_with_teachers) as prepared:
         for step, batch in enumerate(prepared):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.cache import FULL
 from trainer.methods.base import TeacherOutputs
 from trainer.sources import TeacherSource
 
@@ -44,7 +45,11 @@ class _EndOfEpoch:
 
 
 def prepared_batches(
-    batches: Iterable, source: TeacherSource | None, wanted: Sequence[Sequence[str]], depth: int
+    batches: Iterable,
+    source: TeacherSource | None,
+    wanted: Sequence[Sequence[str]],
+    depth: int,
+    logits_form: str = FULL,
 ) -> Iterator[PreparedBatch]:
     """(images, labels, ...) batches with their teacher outputs; fetched `depth` batches ahead when
     depth > 0."""
@@ -56,14 +61,14 @@ def prepared_batches(
     if depth == 0:
         for images, labels, *_ in batches:
             start = time.perf_counter()
-            outputs = source.fetch(images, wanted)
+            outputs = source.fetch(images, wanted, logits_form=logits_form)
             yield PreparedBatch(images, labels, outputs, time.perf_counter() - start)
         return
-    yield from _prefetched(batches, source, wanted, depth)
+    yield from _prefetched(batches, source, wanted, depth, logits_form)
 
 
 def _prefetched(
-    batches: Iterable, source: TeacherSource, wanted: Sequence[Sequence[str]], depth: int
+    batches: Iterable, source: TeacherSource, wanted: Sequence[Sequence[str]], depth: int, logits_form: str
 ) -> Iterator[PreparedBatch]:
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -81,7 +86,9 @@ def _prefetched(
         try:
             submitted: deque = deque()
             for images, labels, *_ in batches:
-                submitted.append((images, labels, source.submit(images, wanted, stop=stop)))
+                submitted.append(
+                    (images, labels, source.submit(images, wanted, stop=stop, logits_form=logits_form))
+                )
                 if len(submitted) >= source.batches_in_flight:
                     images, labels, outputs = submitted.popleft()
                     if not put((images, labels, outputs())):

@@ -30,7 +30,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from services.cache import open_store
+from services.cache import FULL, open_store
 from services.client import TeacherClient, TeacherServiceError, TeacherServiceUnavailable
 from services.contract import LOGITS
 from services.engine import TeacherEngine
@@ -58,17 +58,27 @@ class TeacherSource(ABC):
     batches_in_flight = 1
 
     @abstractmethod
-    def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
-        """Outputs for uint8 images [B, C, H, W]; `wanted[i]` names teacher i's outputs ([] skips it)."""
+    def fetch(
+        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
+    ) -> TeacherOutputs:
+        """Outputs for uint8 images [B, C, H, W]; `wanted[i]` names teacher i's outputs ([] skips it).
+        `logits_form` COMPACT lets the logits come as `CompactLogits` (the served source asks the cache and
+        the service for the compact form, 64 bytes a view); dense logits are fine too, the training loop
+        compresses them (`trainer.methods.base.in_soft_label_form`)."""
 
     def submit(
-        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, stop: threading.Event | None = None
+        self,
+        images: torch.Tensor,
+        wanted: Sequence[Sequence[str]],
+        *,
+        stop: threading.Event | None = None,
+        logits_form: str = FULL,
     ) -> Callable[[], TeacherOutputs]:
         """`fetch`, started: call the returned function for its outputs. Here it runs at once; a source that
         can overlap work (the served one) returns before its outputs are in. A wait for an unreachable
         service that the returned function gets into ends, with that error, as soon as `stop` is set (for a
         fetching thread whose consumer is gone)."""
-        outputs = self.fetch(images, wanted)
+        outputs = self.fetch(images, wanted, logits_form=logits_form)
         return lambda: outputs
 
     @abstractmethod
@@ -97,7 +107,9 @@ class InProcessTeacherSource(TeacherSource):
             for e in self.engines
         ]
 
-    def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
+    def fetch(
+        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
+    ) -> TeacherOutputs:
         logits, features = [], []
         for engine, outputs in zip(self.engines, wanted, strict=True):
             result = {}
@@ -196,11 +208,18 @@ class ServedTeacherSource(TeacherSource):
             for d in self.descriptions
         ]
 
-    def fetch(self, images: torch.Tensor, wanted: Sequence[Sequence[str]]) -> TeacherOutputs:
-        return self.submit(images, wanted)()
+    def fetch(
+        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
+    ) -> TeacherOutputs:
+        return self.submit(images, wanted, logits_form=logits_form)()
 
     def submit(
-        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, stop: threading.Event | None = None
+        self,
+        images: torch.Tensor,
+        wanted: Sequence[Sequence[str]],
+        *,
+        stop: threading.Event | None = None,
+        logits_form: str = FULL,
     ) -> Callable[[], TeacherOutputs]:
         asked = {name: list(outputs) for name, outputs in zip(self.names, wanted, strict=True) if outputs}
         if not asked:
@@ -208,10 +227,10 @@ class ServedTeacherSource(TeacherSource):
         submitted_at = time.monotonic()
 
         def again() -> dict[str, dict[str, torch.Tensor]]:
-            return self.client.fetch(images, list(asked), asked)
+            return self.client.fetch(images, list(asked), asked, logits_form=logits_form)
 
         try:
-            pending = self.client.submit(images, list(asked), asked)
+            pending = self.client.submit(images, list(asked), asked, logits_form=logits_form)
         except TeacherServiceError as error:
             if not _is_outage(error):
                 raise

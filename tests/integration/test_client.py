@@ -1,5 +1,7 @@
 """TeacherClient against a real teacher server on 127.0.0.1, with real LMDB stores in tmp_path and a real
-redis-server: results in input order, cache-first fetching, request splitting, status codes and retries.
+redis-server: results in input order, cache-first fetching, request splitting, status codes and retries, and
+the compact soft-label form over the wire (streamed and cached frames, exactly `compress` of the logits) and
+`bypass_cache` (a fresh forward pass that neither reads nor writes the cache).
 
 Each server runs on its own event loop in a background thread, as a deployed server runs apart from the
 trainer; the client under test is the ordinary blocking one. Every wait is bounded.
@@ -17,8 +19,9 @@ import grpc
 import pytest
 import torch
 
+from services._generated import teacher_pb2, teacher_pb2_grpc
 from services.backends import LocalBackend
-from services.cache import open_store
+from services.cache import COMPACT, input_digests, open_store, output_key
 from services.client import (
     ClientStats,
     TeacherClient,
@@ -27,6 +30,7 @@ from services.client import (
 )
 from services.engine import TeacherEngine
 from services.server import BackgroundServer
+from services.soft_labels import COMPACT_BYTES, CompactLogits, compress, encode, entries_that_fit, frame_bytes
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -401,3 +405,99 @@ def test_a_server_back_on_the_same_port_between_retries_answers(serve, checkpoin
         assert client.stats.retries >= 1 and client.stats.requests == 1
     assert backend_after_restart.forwards == [("a", 4)]
     assert_fp16_close(fetched["a"]["logits"], reference["a"].infer(batch, ["logits"])["logits"])
+
+
+# ---- the compact soft-label form over gRPC (InferRequest.logits_form COMPACT) ----------------------------
+
+
+def assert_same_compact(actual: CompactLogits, expected: CompactLogits) -> None:
+    assert isinstance(actual, CompactLogits) and actual.num_classes == expected.num_classes
+    assert encode(actual) == encode(expected)  # frames are exact: equal frames, equal values
+
+
+def test_compact_logits_are_the_compressed_logits_from_the_stream_and_from_the_cache(serve, store, reference):
+    server = serve(store=store)
+    batch = images(10)
+    expected = {name: compress(reference[name].infer(batch, ["logits"])["logits"]) for name in TEACHERS}
+    with client_of(server, store=store) as client:
+        cold = client.fetch(batch, TEACHERS, ["logits", "layer3"], logits_form=COMPACT)
+        assert server.running.servicer.wait_for_cache_writes()
+        calls = server.backend.teacher_calls()
+        warm = client.fetch(batch, TEACHERS, ["logits", "layer3"], logits_form=COMPACT)
+        assert server.backend.teacher_calls() == calls  # the second fetch came from the cache
+        assert client.stats.cache_hits == len(TEACHERS) * len(batch)
+    for name in TEACHERS:
+        assert_same_compact(cold[name]["logits"], expected[name])
+        assert_same_compact(warm[name]["logits"], expected[name])
+        assert cold[name]["layer3"].shape == (len(batch), 64, 4, 4)  # taps stay whole
+    # The cache holds the frames under compact-form keys: what `ekd warm` with soft_labels compact writes.
+    identity = client.teachers()["a"].identity
+    keys = [
+        output_key(identity, "logits", "float16", 0, digest, form=COMPACT) for digest in input_digests(batch)
+    ]
+    stored = store.get_many(keys)
+    assert all(isinstance(value, CompactLogits) for value in stored)
+    assert_same_compact(CompactLogits.cat(stored), expected["a"])
+
+
+def test_a_compact_frame_of_1000_classes_is_at_most_64_bytes_on_the_wire():
+    assert frame_bytes(1000, entries_that_fit(1000)) <= COMPACT_BYTES
+
+
+def test_compact_and_full_values_never_mix(serve, lmdb_store, reference):
+    server = serve(store=lmdb_store)
+    batch = images(11)
+    with client_of(server, store=lmdb_store) as client:
+        full = client.fetch(batch, ["a"], ["logits"])["a"]["logits"]
+        assert server.running.servicer.wait_for_cache_writes()
+    with client_of(server, store=lmdb_store) as client:
+        compact = client.fetch(batch, ["a"], ["logits"], logits_form=COMPACT)["a"]["logits"]
+        assert client.stats.cache_hits == 0  # the full values are not compact ones
+    assert full.dtype == torch.float32 and full.shape == (len(batch), NUM_CLASSES)
+    assert_same_compact(compact, compress(reference["a"].infer(batch, ["logits"])["logits"]))
+
+
+def test_bypass_cache_recomputes_and_writes_nothing(serve, lmdb_store, reference):
+    server = serve(store=lmdb_store)
+    batch = images(12, batch=4)
+    with client_of(server, store=lmdb_store) as client:
+        identity = client.teachers()["a"].identity
+        keys = [output_key(identity, "logits", "float16", 0, d) for d in input_digests(batch)]
+        planted = torch.zeros(NUM_CLASSES, dtype=torch.float16)  # a well-formed but wrong value
+        lmdb_store.put_many([(key, planted) for key in keys])
+        calls = server.backend.teacher_calls()
+        fresh = client.fetch(batch, ["a"], ["logits"], bypass_cache=True)["a"]["logits"]
+        assert server.backend.teacher_calls() == calls + 1
+        assert client.stats.cache_hits == client.stats.cache_misses == 0  # the client did not look
+        assert server.running.servicer.wait_for_cache_writes()
+    torch.testing.assert_close(fresh, reference["a"].infer(batch, ["logits"])["logits"], rtol=2e-3, atol=1e-3)
+    assert all(torch.equal(value, planted) for value in lmdb_store.get_many(keys))  # nothing overwritten
+
+
+def test_compact_requests_are_validated(serve):
+    server = serve()
+    batch = images(13, batch=2)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+
+        def infer(**fields) -> grpc.RpcError:
+            request = teacher_pb2.InferRequest(
+                teachers=["a"],
+                images=teacher_pb2.Tensor(
+                    dtype=teacher_pb2.UINT8, shape=list(batch.shape), data=batch.numpy().tobytes()
+                ),
+                **fields,
+            )
+            with pytest.raises(grpc.RpcError) as raised:
+                list(stub.Infer(request, timeout=20))
+            return raised.value
+
+        error = infer(logits_form=teacher_pb2.LOGITS_FORM_COMPACT, top_k=3)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in error.details()
+        error = infer(logits_form=7)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "logits_form" in error.details()
+
+
+def test_logits_form_must_be_known(serve):
+    with client_of(serve()) as client, pytest.raises(ValueError, match="logits_form"):
+        client.fetch(images(14, batch=1), ["a"], ["logits"], logits_form="top5")

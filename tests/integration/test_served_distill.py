@@ -216,3 +216,32 @@ def test_a_cache_password_never_shows_in_output_or_results(tmp_path, start_redis
     record = json.loads((tmp_path / "runs" / "kd-secret" / "results.json").read_text())[0]
     assert record["config"]["teacher_source"]["cache"] == cache_uri.replace(PASSWORD, "***")
     assert record["counters"]["cache_misses"] > 0  # the run did use the cache, password and all
+
+
+def test_compact_soft_labels_from_the_service_train_exactly_as_in_process(tmp_path):
+    """The service compresses the float32 logits as the trainer does in process: the same frames, so the same
+    training, to the last loss digit; and it caches them, so a second run makes no forward pass."""
+    compact = {"soft_labels": "compact"}
+    in_process = run_experiment(
+        ExperimentConfig.model_validate(experiment(tmp_path, "kd-compact", KD, teacher_source=compact))
+    )
+    cache_uri = f"lmdb://{tmp_path / 'cache'}"
+    server, backend = serve_teachers(tmp_path, cache_uri)
+    with server:
+        source = {"kind": "served", "address": server.address, "cache": cache_uri, **compact}
+        served = run_experiment(
+            ExperimentConfig.model_validate(
+                experiment(tmp_path, "kd-compact-served", KD, teacher_source=source)
+            )
+        )
+        server.running.servicer.wait_for_cache_writes()
+        calls = backend.teacher_calls()
+        again = run_experiment(
+            ExperimentConfig.model_validate(
+                experiment(tmp_path, "kd-compact-again", KD, teacher_source=source)
+            )
+        )
+        assert backend.teacher_calls() == calls
+    assert [row["loss"] for row in served.history] == [row["loss"] for row in in_process.history]
+    assert served.test_accuracy == in_process.test_accuracy == again.test_accuracy
+    assert again.counters["teacher_calls"] == 0 and again.counters["cache_misses"] == 0

@@ -91,6 +91,35 @@ def test_compact_bank_resumes_and_is_seen_audited_and_evicted(tmp_path):
     assert verify.exit_code == 0, verify.output
     assert verify.output.count("│      16 │") == 2
 
+    # A served run in the compact form reads the bank (no forward pass), and the service recomputes entries
+    # for an audit without touching the cache.
+    with open_store(cache_uri) as store:
+        banked = sum(1 for _ in store.scan())
+    server, backend = serve_teachers(tmp_path, cache_uri)
+    with server:
+        calls = backend.teacher_calls()
+        served_cfg = experiment(
+            tmp_path,
+            "kd-compact-served",
+            KD,
+            teacher_source={
+                "kind": "served",
+                "address": server.address,
+                "cache": cache_uri,
+                "soft_labels": "compact",
+            },
+        )
+        served = run_experiment(ExperimentConfig.model_validate(served_cfg))
+        assert backend.teacher_calls() == calls
+        audit = ["cache", "verify", cache_uri, str(config), "--sample", "16", "--service", server.address]
+        verify = runner.invoke(app, audit)
+        assert verify.exit_code == 0, verify.output
+        assert verify.output.count("│      16 │") == 2
+        assert backend.teacher_calls() > calls
+    assert served.counters["teacher_calls"] == 0 and served.counters["cache_misses"] == 0
+    with open_store(cache_uri) as store:
+        assert sum(1 for _ in store.scan()) == banked
+
     with open_store(cache_uri) as store:
         entries = sum(1 for _ in store.scan())
         tag = next(iter(store.scan()))[0][7:19].decode()
