@@ -28,7 +28,7 @@ from services.engine import TeacherEngine
 from services.server import BackgroundServer
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 DEADLINE_SECONDS = 20.0
 NUM_CLASSES = 10

@@ -42,7 +42,7 @@ from services.server import BackgroundServer
 from services.soft_labels import compress
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 DEADLINE_SECONDS = 20.0
 NUM_CLASSES = 10

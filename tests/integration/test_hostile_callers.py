@@ -28,7 +28,7 @@ from services.server import BackgroundServer
 from services.servicer import MAX_ERROR_MESSAGE_CHARS
 from services.zoo import Preprocessing, create_teacher
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 DEADLINE_SECONDS = 20.0
 HEALTH_SECONDS = 1.0

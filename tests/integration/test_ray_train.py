@@ -161,6 +161,7 @@ def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
     assert (run_dir / "results_seed0.json").is_file()
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_epoch_checkpoint(kd_runs):
     assert kd_runs.failure_marker.is_file()  # the injected failure happened

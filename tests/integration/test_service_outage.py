@@ -266,6 +266,7 @@ def once_at_step(step: int, action: Callable[[], None]) -> Callable[[ProgressUpd
     return on_progress
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_run_waits_for_a_killed_service_and_finishes_as_if_uninterrupted(tmp_path, service_processes):
     torch.manual_seed(0)

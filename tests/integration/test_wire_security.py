@@ -37,7 +37,7 @@ from services.security import (
 from services.server import BackgroundServer
 from services.zoo import Preprocessing, create_teacher
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 DEADLINE_SECONDS = 20.0
 TOKEN = "s3cret-token-for-tests"
