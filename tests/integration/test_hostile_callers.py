@@ -280,6 +280,7 @@ def test_large_request_costs_a_small_multiple_of_its_size_in_server_memory():
     assert sum(response.count for response in responses) == 200
     grown = after - before
     # gRPC holds a received message up to three times while handing it over; the forward's working set is a
-    # slice's float copy and activations.
-    bound = 3.5 * large.ByteSize() + 4 * FORWARD_SLICE_BYTES
+    # slice's float copy and activations, and the allocator's slack around them (8 slices' worth: before the
+    # slicing, this request took 6.4 x its size, far beyond).
+    bound = 3.5 * large.ByteSize() + 8 * FORWARD_SLICE_BYTES
     assert grown <= bound, f"{grown / 2**20:.0f} MiB for a {large.ByteSize() / 2**20:.0f} MiB request"
