@@ -9,10 +9,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.cache import open_store
 from services.cache.local_redis import RedisServer, RedisServerError, free_port
 from services.cache.local_redis import running_redis_server as _running_redis_server
+from services.engine import TeacherEngine
+from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 
 @contextlib.contextmanager
@@ -62,3 +65,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
         opened = open_store(request.getfixturevalue("redis_url"), key_prefix=f"{request.node.name}:")
     yield opened
     opened.close()
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TeacherEngine]:
+    """One untrained cifar_resnet20 teacher "a" (10 classes, 16x16 inputs) loaded from a checkpoint, so that
+    it has a weights_sha256 and the service caches its outputs."""
+    directory = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    preprocessing = Preprocessing.cifar(16)
+    untrained = create_teacher("cifar_resnet20", 10, preprocessing=preprocessing)
+    save_teacher_checkpoint(directory / "a.pt", untrained, "cifar_resnet20", 10, preprocessing)
+    return {"a": TeacherEngine(create_teacher("cifar_resnet20", 10, checkpoint=directory / "a.pt"))}

@@ -40,23 +40,12 @@ from services.engine import TeacherEngine
 from services.errors import ConfigError
 from services.server import BackgroundServer
 from services.soft_labels import compress
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 DEADLINE_SECONDS = 20.0
 NUM_CLASSES = 10
-PREPROCESSING = Preprocessing.cifar(16)
 SECRET = "correct horse battery staple 0123"
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TeacherEngine]:
-    directory = tmp_path_factory.mktemp("teachers")
-    torch.manual_seed(0)
-    untrained = create_teacher("cifar_resnet20", NUM_CLASSES, preprocessing=PREPROCESSING)
-    save_teacher_checkpoint(directory / "a.pt", untrained, "cifar_resnet20", NUM_CLASSES, PREPROCESSING)
-    return {"a": TeacherEngine(create_teacher("cifar_resnet20", NUM_CLASSES, checkpoint=directory / "a.pt"))}
 
 
 def images(seed: int, batch: int = 4) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import torch
 
 from services.backends import LocalBackend
 from services.cache import open_store
-from services.cache.local_redis import RedisServer, redis_server_binary, running_redis_server
+from services.cache.local_redis import RedisServer, running_redis_server
 from services.engine import TeacherEngine
 from services.server import BackgroundServer
 from services.zoo import create_teacher
@@ -103,29 +102,6 @@ def served(tmp_path: Path) -> Iterator[ServedTeacher]:
             yield ServedTeacher(tmp_path, redis_server, server)
 
 
-def restart_on_port(url: str, directory: Path) -> subprocess.Popen:
-    """A fresh, empty redis-server on the port of `url` (free again), once it answers PING."""
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    directory.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [redis_server_binary(), "--port", port, "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    deadline = time.monotonic() + 10
-    try:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                if client.ping():
-                    return process
-            time.sleep(0.05)
-    finally:
-        client.close()
-    process.kill()
-    raise AssertionError(f"redis-server did not come back on port {port}")
-
-
 def run_with_fault(cfg: ExperimentConfig, at_step: int, fault: Callable[[], None]) -> ExperimentResult:
     """Run `cfg`, calling `fault` once when its progress reaches step `at_step`; it must have fired."""
     fired = threading.Event()
@@ -152,26 +128,25 @@ def assert_same_run(faulted: ExperimentResult, clean: ExperimentResult) -> None:
 def test_a_run_survives_redis_killed_mid_epoch_and_restarted_empty(served: ServedTeacher):
     clean = run_experiment(served.config("clean"))
     served.flush_cache()
-    restarted: list[subprocess.Popen] = []
-
-    def kill_then_restart() -> None:
-        os.kill(served.redis.process.pid, signal.SIGKILL)
-        served.redis.process.wait(timeout=5)
+    port = int(served.redis.url.rsplit(":", 1)[1].split("/")[0])
+    with contextlib.ExitStack() as restarted:
 
         def restart() -> None:
             time.sleep(KILLED_SECONDS)
-            restarted.append(restart_on_port(served.redis.url, served.tmp_path / "redis-again"))
+            restarted.enter_context(running_redis_server(served.tmp_path / "redis-again", port=port))
 
-        threading.Thread(target=restart, daemon=True).start()
+        restarting = threading.Thread(target=restart, daemon=True)
 
-    try:
+        def kill_then_restart() -> None:
+            os.kill(served.redis.process.pid, signal.SIGKILL)
+            served.redis.process.wait(timeout=5)
+            restarting.start()
+
         faulted = run_with_fault(
             served.config("redis-killed"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, kill_then_restart
         )
-        assert restarted and served.entries() > 0  # the restarted, empty cache was picked up and written
-    finally:
-        for process in restarted:
-            process.kill()
+        restarting.join(timeout=30)
+        assert served.entries() > 0  # the restarted, empty cache was picked up and written
     assert_same_run(faulted, clean)
     assert faulted.counters["cache_unavailable"] >= 1
 
