@@ -10,7 +10,9 @@ The client only reads the cache: the service writes every output it computes, un
 (`output_key(identity, output, output_dtype, top_k=0, digest)`, one value per image, no batch dimension), so a
 second client, or a second epoch, finds it. Teachers with an empty `weights_sha256` (random weights) are never
 looked up, because the service never caches them. The teacher list (identities included) is read once per
-client: after the service is redeployed with other weights under the same names, make a new client.
+client, and every Infer request carries the identities listed (`expected_identities`): a service redeployed
+with other weights under the same names refuses it, and the fetch fails with `TeacherServiceChanged` rather
+than mix two teachers' targets.
 
 The cache is read through a circuit breaker (`services.cache.guard`): one that fails or freezes costs one
 short timeout, then nothing, and the service answers every pair until the cache answers again. A cached value
@@ -63,7 +65,13 @@ from services.codec import (
     decode_into,
     tensor_from_bytes,
 )
-from services.contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, LOGITS, OUTPUT_DTYPES
+from services.contract import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LOGITS,
+    OUTPUT_DTYPES,
+    RETRY_PUSHBACK_METADATA,
+)
 from services.errors import UserError
 from services.security import ClientSecurity
 from services.soft_labels import (
@@ -94,6 +102,10 @@ class TeacherServiceError(RuntimeError):
 
 class TeacherServiceUnavailable(TeacherServiceError, UserError):
     """The teacher service could not be reached at its address, even after the bounded retries."""
+
+
+class TeacherServiceChanged(TeacherServiceError, UserError):
+    """The teacher service came back from an outage hosting other teachers under the names in use."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,7 @@ class _Flight:
     outputs: list[str]
     count: int
     logits_form: str
+    bypass_cache: bool
     call: Iterator[teacher_pb2.InferResponse] | None = None
     error: TeacherServiceError | None = None
     done: bool = False
@@ -269,8 +282,21 @@ def _proto_dtype(name: str) -> int:
     return teacher_pb2.DType.Value(PROTO_DTYPE_NAMES[name])
 
 
-def _is_status(codes: Collection[grpc.StatusCode]) -> Callable[[BaseException], bool]:
-    return lambda error: isinstance(error, grpc.RpcError) and error.code() in codes
+def _retryable(codes: Collection[grpc.StatusCode]) -> Callable[[BaseException], bool]:
+    """Whether a failed call may be repeated: one of `codes`, or a refusal the server marked as retryable
+    (RESOURCE_EXHAUSTED with RETRY_PUSHBACK_METADATA: its admission caps were full, the request is fine)."""
+
+    def retryable(error: BaseException) -> bool:
+        if not isinstance(error, grpc.RpcError):
+            return False
+        if error.code() in codes:
+            return True
+        trailing = error.trailing_metadata() or ()
+        return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and any(
+            key == RETRY_PUSHBACK_METADATA for key, _ in trailing
+        )
+
+    return retryable
 
 
 class TeacherClient:
@@ -430,6 +456,7 @@ class TeacherClient:
                         list(names),
                         count,
                         logits_form,
+                        bypass_cache,
                     )
                 )
         self._waiting.extend(pending.flights)
@@ -617,6 +644,7 @@ class TeacherClient:
                 teacher_pb2.LOGITS_FORM_COMPACT if logits_form == COMPACT else teacher_pb2.LOGITS_FORM_FULL
             ),
             bypass_cache=bypass_cache,
+            expected_identities={name: self._service_limits().teachers[name].identity for name in teachers},
         )
         return OutgoingInferRequest(message, images.contiguous())
 
@@ -684,6 +712,12 @@ class TeacherClient:
                 flight.request_id,
                 f"chunk start={response.start} count={response.count} outside "
                 f"the request's {flight.count} samples",
+            )
+        if flight.bypass_cache and any(response.cached):
+            # A server that ignores bypass_cache (one from before it) would let an audit compare the cache
+            # with itself.
+            raise self._malformed(
+                flight.request_id, "cached samples in answer to a request to bypass the cache"
             )
         sent = sorted([*response.outputs, *([LOGITS] if response.HasField("compact_logits") else [])])
         if sent != sorted(flight.outputs) or (
@@ -791,11 +825,13 @@ class TeacherClient:
     def _call(
         self, rpc: str, call: Callable[[], _Result], retry_codes: Collection[grpc.StatusCode]
     ) -> _Result:
-        """Run `call`, repeating it with exponential backoff while it fails with one of `retry_codes`."""
+        """Run `call`, repeating it with exponential backoff while it fails with one of `retry_codes` (or a
+        refusal the server marks as retryable: a busy server)."""
+        retryable = _retryable(retry_codes)
         attempts = Retrying(
             stop=stop_after_attempt(self.retries + 1),
             wait=wait_exponential(multiplier=self.backoff_seconds),
-            retry=retry_if_exception(_is_status(retry_codes)),
+            retry=retry_if_exception(retryable),
             before_sleep=self._count_retry,
             reraise=True,
         )
@@ -803,14 +839,17 @@ class TeacherClient:
             return attempts(call)
         except grpc.RpcError as error:
             code, details = error.code(), error.details()
-            if code in retry_codes:
+            if retryable(error):
                 raise TeacherServiceUnavailable(
                     f"teacher service at {self.address} unavailable: {rpc} failed {self.retries + 1} times, "
                     f"last with {code.name}: {details}",
                     address=self.address,
                     code=code,
                 ) from error
-            raise TeacherServiceError(
+            failed = (
+                TeacherServiceChanged if code == grpc.StatusCode.FAILED_PRECONDITION else TeacherServiceError
+            )
+            raise failed(
                 f"teacher service at {self.address}: {rpc} failed with {code.name}: {details}",
                 address=self.address,
                 code=code,

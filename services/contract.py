@@ -44,3 +44,11 @@ beyond; health checks and reflection are not counted)."""
 DEFAULT_MAX_INFLIGHT_REQUEST_BYTES = 4 * DEFAULT_MAX_MESSAGE_BYTES
 """The most bytes of Infer requests a server processes at once, unless configured otherwise
 (RESOURCE_EXHAUSTED beyond)."""
+
+RETRY_PUSHBACK_METADATA = "grpc-retry-pushback-ms"
+"""Trailing metadata of a refusal that may be retried: after how many milliseconds (gRPC's retry-pushback
+key). The servicer sets it when its admission caps refuse an Infer; the client retries only such a
+RESOURCE_EXHAUSTED, never one that says the request itself is too large."""
+
+ADMISSION_RETRY_MILLISECONDS = 250
+"""The pushback a refused Infer carries: long enough for a request ahead of it to finish."""

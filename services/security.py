@@ -21,9 +21,10 @@ Client (`ClientSecurity.from_environment`; `services.client.TeacherClient`, `ser
 
 The token travels as gRPC metadata `authorization: Bearer <token>`; the server's `BearerTokenInterceptor`
 compares it in constant time and ends any other call with UNAUTHENTICATED before reading its request. The
-standard health service and reflection are exempt by default, so probes need no secret
-(`DEFAULT_AUTH_EXEMPT_SERVICES`; `create_server(auth_exempt_services=...)` and the serve config's
-`grpc.auth_exempt_services` change it).
+health service's Check is exempt by default, so probes need no secret (`DEFAULT_AUTH_EXEMPT_SERVICES`;
+`create_server(auth_exempt_services=...)` and the serve config's `grpc.auth_exempt_services` change it, with
+full service names or "/service/Method" paths). Health's Watch and reflection are not: their streams stay
+open, so callers without the token could hold the server's RPC slots with them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
-from grpc_reflection.v1alpha import reflection
 
 from services.errors import ConfigError
 
@@ -55,11 +55,15 @@ TLS_SERVER_NAME = "EKD_TLS_SERVER_NAME"
 AUTH_TOKEN = "EKD_AUTH_TOKEN"
 AUTH_TOKEN_FILE = "EKD_AUTH_TOKEN_FILE"
 
+MIN_TOKEN_CHARACTERS = 16
+PLACEHOLDER_TOKEN = "replace-with-openssl-rand-hex-32"
+"""The value deploy/base/teacher-token-secret.yaml ships: refused, so that an unedited Secret fails loudly."""
+
 AUTHORIZATION_METADATA = "authorization"
 BEARER_PREFIX = "Bearer "
 
-DEFAULT_AUTH_EXEMPT_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
-"""Services callable without the token: the standard health service (probes) and server reflection."""
+DEFAULT_AUTH_EXEMPT_SERVICES = (f"/{health.SERVICE_NAME}/Check",)
+"""What may be called without the token: the standard health service's unary Check (probes)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -184,7 +188,8 @@ class ClientSecurity:
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Ends every RPC that lacks `authorization: Bearer <token>` with UNAUTHENTICATED, before its request is
-    read, except those of `exempt_services` (full service names, e.g. "grpc.health.v1.Health")."""
+    read, except those `exempt_services` names: a full service name exempts its every method
+    ("grpc.health.v1.Health"), a "/service/Method" path one method ("/grpc.health.v1.Health/Check")."""
 
     def __init__(self, token: str, exempt_services: Collection[str]) -> None:
         if not token:
@@ -197,8 +202,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], object],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
-        if service in self._exempt or self._authorized(handler_call_details.invocation_metadata or ()):
+        method = handler_call_details.method
+        service = method.lstrip("/").rpartition("/")[0]
+        exempt = service in self._exempt or method in self._exempt
+        if exempt or self._authorized(handler_call_details.invocation_metadata or ()):
             return await continuation(handler_call_details)
         return _REFUSE
 
@@ -298,5 +305,11 @@ def _token(environ: Mapping[str, str]) -> str | None:
         # Metadata values must be printable ASCII; a token with spaces or controls would never match.
         raise ConfigError(
             f"{AUTH_TOKEN_FILE if path else AUTH_TOKEN}: the token must be printable ASCII without spaces"
+        )
+    if len(token) < MIN_TOKEN_CHARACTERS or token == PLACEHOLDER_TOKEN:
+        raise ConfigError(
+            f"{AUTH_TOKEN_FILE if path else AUTH_TOKEN}: the token must be a secret of at least "
+            f"{MIN_TOKEN_CHARACTERS} characters, not the manifests' placeholder; make one with "
+            "`openssl rand -hex 32`"
         )
     return token

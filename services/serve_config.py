@@ -239,8 +239,8 @@ class GrpcConfig(_Section):
     )
     auth_exempt_services: list[str] = Field(
         default_factory=lambda: list(DEFAULT_AUTH_EXEMPT_SERVICES),
-        description="gRPC services callable without the bearer token when one is set (full names); "
-        "health and reflection by default, so that probes need no secret",
+        description="what may be called without the bearer token when one is set: full service names or "
+        "'/service/Method' paths; the health service's Check by default, so that probes need no secret",
     )
 
     @model_validator(mode="after")

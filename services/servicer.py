@@ -31,8 +31,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -52,6 +52,7 @@ from services.cache import (
 from services.cache.writer import BackgroundWriter
 from services.codec import DTYPES, DTYPES_BY_PROTO_NAME, PROTO_DTYPE_NAMES, tensor_from_bytes, tensor_to_bytes
 from services.contract import (
+    ADMISSION_RETRY_MILLISECONDS,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CONCURRENT_RPCS,
@@ -64,6 +65,7 @@ from services.contract import (
     MAX_REQUEST_ID_LENGTH,
     MAX_TEACHERS_PER_REQUEST,
     OUTPUT_DTYPES,
+    RETRY_PUSHBACK_METADATA,
 )
 from services.metrics import NO_TEACHER, Metrics
 from services.soft_labels import CompactLogits, compress, entries_that_fit, frame_bytes, frames_tensor
@@ -91,12 +93,14 @@ MAX_ERROR_MESSAGE_CHARS = 1024
 
 
 class _RequestError(Exception):
-    """Ends an RPC with `code` and `message` (the status the client sees)."""
+    """Ends an RPC with `code` and `message` (the status the client sees); `retry_after_ms` marks a refusal
+    that may be retried (sent as RETRY_PUSHBACK_METADATA)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,9 @@ class _Plan:
     chunk_sizes: dict[str, int]
     request_id: str
     bypass_cache: bool = False
+    # The request's forward passes, each running on until it ends even when the RPC is cancelled; the request
+    # stays admitted until they have (see `Infer`).
+    computing: list[asyncio.Future] = field(default_factory=list)
 
 
 class TeacherServicer:
@@ -245,6 +252,7 @@ class TeacherServicer:
             self.metrics.requests.labels(label).inc()
         failure = None
         admitted = False
+        plan = None
         try:
             self._admit(request.wire_bytes)
             admitted = True
@@ -257,11 +265,16 @@ class TeacherServicer:
                 self.metrics.request_errors.labels(label, error.code.name).inc()
         finally:
             if admitted:
-                self._release(request.wire_bytes)
+                self._release_when_computed(plan.computing if plan is not None else [], request.wire_bytes)
             # Before abort() sends the status, so that a client that has the status sees the metrics too.
             self.metrics.request_seconds.labels("Infer").observe(time.perf_counter() - started)
         if failure is not None:
-            await context.abort(failure.code, _truncated(failure.message))
+            pushback = (
+                ((RETRY_PUSHBACK_METADATA, str(failure.retry_after_ms)),)
+                if failure.retry_after_ms is not None
+                else ()
+            )
+            await context.abort(failure.code, _truncated(failure.message), trailing_metadata=pushback)
 
     # ---- admission ------------------------------------------------------------------------------------
 
@@ -272,6 +285,7 @@ class TeacherServicer:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is running its maximum of {self.max_concurrent_rpcs} concurrent requests "
                 f"(max_concurrent_rpcs); retry later",
+                retry_after_ms=ADMISSION_RETRY_MILLISECONDS,
             )
         if self._inflight_request_bytes + request_bytes > self.max_inflight_request_bytes:
             raise _RequestError(
@@ -279,6 +293,7 @@ class TeacherServicer:
                 f"the server is processing {self._inflight_request_bytes} bytes of requests; this one's "
                 f"{request_bytes} would exceed max_inflight_request_bytes={self.max_inflight_request_bytes}; "
                 f"retry later",
+                retry_after_ms=ADMISSION_RETRY_MILLISECONDS,
             )
         self._active_rpcs += 1
         self._inflight_request_bytes += request_bytes
@@ -286,6 +301,26 @@ class TeacherServicer:
     def _release(self, request_bytes: int) -> None:
         self._active_rpcs -= 1
         self._inflight_request_bytes -= request_bytes
+
+    def _release_when_computed(self, computing: list[asyncio.Future], request_bytes: int) -> None:
+        """Release the request's admission now, or, while forward passes it started still run (the RPC was
+        cancelled or failed mid-way: they run on in their threads), when the last of them ends; so that a
+        caller cannot pile up abandoned work beyond the caps by cancelling. Runs on the event loop, as do the
+        futures' callbacks."""
+        running = [future for future in computing if not future.done()]
+        if not running:
+            self._release(request_bytes)
+            return
+        remaining = len(running)
+
+        def one_done(_: asyncio.Future) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                self._release(request_bytes)
+
+        for future in running:
+            future.add_done_callback(one_done)
 
     # ---- validation -----------------------------------------------------------------------------------
 
@@ -304,6 +339,7 @@ class TeacherServicer:
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown teachers {_listed(unknown)}; hosted teachers: {hosted_names}",
             )
+        self._check_identities(request.expected_identities, teachers)
         outputs = list(request.outputs) or [LOGITS]
         _check_names(outputs, "outputs", MAX_OUTPUTS_PER_REQUEST)
         if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
@@ -337,6 +373,25 @@ class TeacherServicer:
         chunk_size = request.chunk_size or self.default_chunk_size
         chunk_sizes = {name: self._fitting_chunk_size(name, parts[name], chunk_size) for name in teachers}
         return _Plan(teachers, outputs, images, parts, chunk_sizes, request.request_id, request.bypass_cache)
+
+    def _check_identities(self, expected: Mapping[str, str], teachers: list[str]) -> None:
+        """FAILED_PRECONDITION when a teacher is not the one the caller listed (another deployment now)."""
+        if len(expected) > len(teachers) or not set(expected) <= set(teachers):
+            raise _RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"expected_identities names {_listed(sorted(set(expected) - set(teachers)))}, not among the "
+                "requested teachers",
+            )
+        changed = [
+            name for name, identity in expected.items() if self._hosted[name].spec.identity != identity
+        ]
+        if changed:
+            raise _RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"teachers {_listed(changed)} are not the ones expected (another identity: other weights, "
+                "preprocessing or architecture under the same name); list the teachers again (a training run "
+                "must start again: it cannot mix two teachers' targets)",
+            )
 
     @staticmethod
     def _compact_logits(logits_form: int, top_k: int) -> bool:
@@ -531,7 +586,10 @@ class TeacherServicer:
         `CompactLogits` of len(misses) rows, what the cache stores)."""
         images = plan.images if len(misses) == plan.images.shape[0] else plan.images[misses]
         started = time.perf_counter()
-        outputs = await self._backend.infer(name, images, plan.outputs)
+        computing = asyncio.ensure_future(self._backend.infer(name, images, plan.outputs))
+        computing.add_done_callback(_retrieve_exception)
+        plan.computing.append(computing)
+        outputs = await asyncio.shield(computing)
         self.metrics.inference_seconds.labels(name).observe(time.perf_counter() - started)
         self.metrics.batch_size.labels(name).observe(len(misses))
         hosted = self._hosted[name]
@@ -763,6 +821,12 @@ def _as_frames(parts: Sequence[_Part], values: dict | None) -> dict | None:
             else [None if row is None else frames_tensor(row)[0] for row in value]
         )
     return framed
+
+
+def _retrieve_exception(future: asyncio.Future) -> None:
+    """Mark a forward's failure as seen: the awaiting RPC may be gone (it reports its own failures)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _proto_dtype_name(value: int) -> str:

@@ -258,6 +258,8 @@ class ServedTeacherSource(TeacherSource):
         """`again()` once the service answers: at once when the fetch that failed was submitted before the
         last outage ended (it failed in that outage), else after waiting it out as a new outage."""
         if submitted_at < self._back_at:
+            if stop is not None and stop.is_set():
+                raise error
             try:
                 return again()
             except TeacherServiceError as still:

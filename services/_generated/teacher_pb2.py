@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65kd/v1/teacher.proto\x12\x06\x65kd.v1\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.ekd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\r\x12\x12\n\ninput_size\x18\x02 \x01(\r\x12\x0c\n\x04mean\x18\x03 \x03(\x01\x12\x0b\n\x03std\x18\x04 \x03(\x01\x12\x1c\n\x05\x64type\x18\x05 \x01(\x0e\x32\r.ekd.v1.DType\"D\n\x03Tap\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\"\xd3\x01\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12 \n\x05input\x18\x06 \x01(\x0b\x32\x11.ekd.v1.InputSpec\x12\x19\n\x04taps\x18\x07 \x03(\x0b\x32\x0b.ekd.v1.Tap\x12$\n\routput_dtypes\x18\x08 \x03(\x0e\x32\r.ekd.v1.DType\"\x15\n\x13ListTeachersRequest\"p\n\x14ListTeachersResponse\x12%\n\x08teachers\x18\x01 \x03(\x0b\x32\x13.ekd.v1.TeacherInfo\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"\xec\x01\n\x0cInferRequest\x12\x10\n\x08teachers\x18\x01 \x03(\t\x12\x0f\n\x07outputs\x18\x02 \x03(\t\x12#\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\r.ekd.v1.DType\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1e\n\x06images\x18\x05 \x01(\x0b\x32\x0e.ekd.v1.Tensor\x12\x12\n\nchunk_size\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\'\n\x0blogits_form\x18\x08 \x01(\x0e\x32\x12.ekd.v1.LogitsForm\x12\x14\n\x0c\x62ypass_cache\x18\t \x01(\x08\"G\n\x04TopK\x12\x1e\n\x06values\x18\x01 \x01(\x0b\x32\x0e.ekd.v1.Tensor\x12\x1f\n\x07indices\x18\x02 \x01(\x0b\x32\x0e.ekd.v1.Tensor\"\x8f\x02\n\rInferResponse\x12\x0f\n\x07teacher\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x33\n\x07outputs\x18\x04 \x03(\x0b\x32\".ekd.v1.InferResponse.OutputsEntry\x12\"\n\x0clogits_top_k\x18\x05 \x01(\x0b\x32\x0c.ekd.v1.TopK\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x03(\x08\x12&\n\x0e\x63ompact_logits\x18\x07 \x01(\x0b\x32\x0e.ekd.v1.Tensor\x1a>\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.ekd.v1.Tensor:\x02\x38\x01*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT64\x10\x05*;\n\nLogitsForm\x12\x14\n\x10LOGITS_FORM_FULL\x10\x00\x12\x17\n\x13LOGITS_FORM_COMPACT\x10\x01\x32\x93\x01\n\x0eTeacherService\x12I\n\x0cListTeachers\x12\x1b.ekd.v1.ListTeachersRequest\x1a\x1c.ekd.v1.ListTeachersResponse\x12\x36\n\x05Infer\x12\x14.ekd.v1.InferRequest\x1a\x15.ekd.v1.InferResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65kd/v1/teacher.proto\x12\x06\x65kd.v1\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.ekd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"j\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\r\x12\x12\n\ninput_size\x18\x02 \x01(\r\x12\x0c\n\x04mean\x18\x03 \x03(\x01\x12\x0b\n\x03std\x18\x04 \x03(\x01\x12\x1c\n\x05\x64type\x18\x05 \x01(\x0e\x32\r.ekd.v1.DType\"D\n\x03Tap\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\"\xd3\x01\n\x0bTeacherInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12 \n\x05input\x18\x06 \x01(\x0b\x32\x11.ekd.v1.InputSpec\x12\x19\n\x04taps\x18\x07 \x03(\x0b\x32\x0b.ekd.v1.Tap\x12$\n\routput_dtypes\x18\x08 \x03(\x0e\x32\r.ekd.v1.DType\"\x15\n\x13ListTeachersRequest\"p\n\x14ListTeachersResponse\x12%\n\x08teachers\x18\x01 \x03(\x0b\x32\x13.ekd.v1.TeacherInfo\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"\xf2\x02\n\x0cInferRequest\x12\x10\n\x08teachers\x18\x01 \x03(\t\x12\x0f\n\x07outputs\x18\x02 \x03(\t\x12#\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\r.ekd.v1.DType\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1e\n\x06images\x18\x05 \x01(\x0b\x32\x0e.ekd.v1.Tensor\x12\x12\n\nchunk_size\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\'\n\x0blogits_form\x18\x08 \x01(\x0e\x32\x12.ekd.v1.LogitsForm\x12\x14\n\x0c\x62ypass_cache\x18\t \x01(\x08\x12I\n\x13\x65xpected_identities\x18\n \x03(\x0b\x32,.ekd.v1.InferRequest.ExpectedIdentitiesEntry\x1a\x39\n\x17\x45xpectedIdentitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x04TopK\x12\x1e\n\x06values\x18\x01 \x01(\x0b\x32\x0e.ekd.v1.Tensor\x12\x1f\n\x07indices\x18\x02 \x01(\x0b\x32\x0e.ekd.v1.Tensor\"\x8f\x02\n\rInferResponse\x12\x0f\n\x07teacher\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x33\n\x07outputs\x18\x04 \x03(\x0b\x32\".ekd.v1.InferResponse.OutputsEntry\x12\"\n\x0clogits_top_k\x18\x05 \x01(\x0b\x32\x0c.ekd.v1.TopK\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x03(\x08\x12&\n\x0e\x63ompact_logits\x18\x07 \x01(\x0b\x32\x0e.ekd.v1.Tensor\x1a>\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.ekd.v1.Tensor:\x02\x38\x01*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT64\x10\x05*;\n\nLogitsForm\x12\x14\n\x10LOGITS_FORM_FULL\x10\x00\x12\x17\n\x13LOGITS_FORM_COMPACT\x10\x01\x32\x93\x01\n\x0eTeacherService\x12I\n\x0cListTeachers\x12\x1b.ekd.v1.ListTeachersRequest\x1a\x1c.ekd.v1.ListTeachersResponse\x12\x36\n\x05Infer\x12\x14.ekd.v1.InferRequest\x1a\x15.ekd.v1.InferResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ekd.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INFERREQUEST_EXPECTEDIDENTITIESENTRY']._loaded_options = None
+  _globals['_INFERREQUEST_EXPECTEDIDENTITIESENTRY']._serialized_options = b'8\001'
   _globals['_INFERRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1216
-  _globals['_DTYPE']._serialized_end=1308
-  _globals['_LOGITSFORM']._serialized_start=1310
-  _globals['_LOGITSFORM']._serialized_end=1369
+  _globals['_DTYPE']._serialized_start=1350
+  _globals['_DTYPE']._serialized_end=1442
+  _globals['_LOGITSFORM']._serialized_start=1444
+  _globals['_LOGITSFORM']._serialized_end=1503
   _globals['_TENSOR']._serialized_start=32
   _globals['_TENSOR']._serialized_end=99
   _globals['_INPUTSPEC']._serialized_start=101
@@ -50,13 +52,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTEACHERSRESPONSE']._serialized_start=516
   _globals['_LISTTEACHERSRESPONSE']._serialized_end=628
   _globals['_INFERREQUEST']._serialized_start=631
-  _globals['_INFERREQUEST']._serialized_end=867
-  _globals['_TOPK']._serialized_start=869
-  _globals['_TOPK']._serialized_end=940
-  _globals['_INFERRESPONSE']._serialized_start=943
-  _globals['_INFERRESPONSE']._serialized_end=1214
-  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_start=1152
-  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_end=1214
-  _globals['_TEACHERSERVICE']._serialized_start=1372
-  _globals['_TEACHERSERVICE']._serialized_end=1519
+  _globals['_INFERREQUEST']._serialized_end=1001
+  _globals['_INFERREQUEST_EXPECTEDIDENTITIESENTRY']._serialized_start=944
+  _globals['_INFERREQUEST_EXPECTEDIDENTITIESENTRY']._serialized_end=1001
+  _globals['_TOPK']._serialized_start=1003
+  _globals['_TOPK']._serialized_end=1074
+  _globals['_INFERRESPONSE']._serialized_start=1077
+  _globals['_INFERRESPONSE']._serialized_end=1348
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_start=1286
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_end=1348
+  _globals['_TEACHERSERVICE']._serialized_start=1506
+  _globals['_TEACHERSERVICE']._serialized_end=1653
 # @@protoc_insertion_point(module_scope)

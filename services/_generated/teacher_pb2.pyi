@@ -100,7 +100,14 @@ class ListTeachersResponse(_message.Message):
     def __init__(self, teachers: _Optional[_Iterable[_Union[TeacherInfo, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("teachers", "outputs", "output_dtype", "top_k", "images", "chunk_size", "request_id", "logits_form", "bypass_cache")
+    __slots__ = ("teachers", "outputs", "output_dtype", "top_k", "images", "chunk_size", "request_id", "logits_form", "bypass_cache", "expected_identities")
+    class ExpectedIdentitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TEACHERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +117,7 @@ class InferRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FORM_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_IDENTITIES_FIELD_NUMBER: _ClassVar[int]
     teachers: _containers.RepeatedScalarFieldContainer[str]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DType
@@ -119,7 +127,8 @@ class InferRequest(_message.Message):
     request_id: str
     logits_form: LogitsForm
     bypass_cache: bool
-    def __init__(self, teachers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_size: _Optional[int] = ..., request_id: _Optional[str] = ..., logits_form: _Optional[_Union[LogitsForm, str]] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
+    expected_identities: _containers.ScalarMap[str, str]
+    def __init__(self, teachers: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., top_k: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_size: _Optional[int] = ..., request_id: _Optional[str] = ..., logits_form: _Optional[_Union[LogitsForm, str]] = ..., bypass_cache: _Optional[bool] = ..., expected_identities: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TopK(_message.Message):
     __slots__ = ("values", "indices")

@@ -39,7 +39,7 @@ import xxhash
 from services.cache.authentication import ValueAuthenticator
 from services.codec import DTYPE_NAMES, DTYPES, CorruptValueError, decode_value, encode_value
 from services.errors import UserError
-from services.soft_labels import CompactLogits, decode, encode, is_compact_frame
+from services.soft_labels import CompactLogits, decode, encode, entries_that_fit, is_compact_frame
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,11 @@ class ValueSpec:
                 return f"a {DTYPE_NAMES.get(value.dtype, value.dtype)} tensor where compact logits are keyed"
             if value.num_classes != self.shape[0]:
                 return f"compact logits of {value.num_classes} classes where {self.shape[0]} are expected"
+            if value.entries != entries_that_fit(self.shape[0]):
+                # A frame of another size (a foreign writer, another COMPACT_BYTES) would not stack with
+                # this version's frames.
+                fitting = entries_that_fit(self.shape[0])
+                return f"compact logits of {value.entries} entries where {fitting} are expected"
             return None
         if isinstance(value, CompactLogits):
             return f"compact logits where a {self.dtype} tensor is keyed"

@@ -489,6 +489,9 @@ def test_get_many_checks_each_value_against_what_its_key_expects(backend, teache
         assert store.get_many(keys)[1:] == [None] * 4  # deleted on sight
         store.put_many([(compact_key, compact[0])])
         assert store.get_many([compact_key], [ValueSpec.compact(10)])[0].num_classes == 10
+        # A frame of another size (fewer entries than this version keeps) would not stack with the others.
+        store.put_many([(compact_key, compress(torch.randn(1, 10), entries=8))])
+        assert store.get_many([compact_key], [ValueSpec.compact(10)]) == [None]
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services._generated import teacher_pb2, teacher_pb2_grpc
 from services.backends import FORWARD_SLICE_BYTES, LocalBackend
-from services.contract import MAX_NAME_LENGTH, MAX_TEACHERS_PER_REQUEST
+from services.client import TeacherClient
+from services.contract import (
+    ADMISSION_RETRY_MILLISECONDS,
+    MAX_NAME_LENGTH,
+    MAX_TEACHERS_PER_REQUEST,
+    RETRY_PUSHBACK_METADATA,
+)
 from services.engine import TeacherEngine
 from services.security import ServerSecurity
 from services.server import BackgroundServer
@@ -199,6 +205,29 @@ def test_rpcs_beyond_max_concurrent_rpcs_are_refused_and_health_still_answers(se
         assert [future.result() for future in admitted] == [grpc.StatusCode.OK] * 2
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8
     assert call(server, request(["t"])) == grpc.StatusCode.OK
+
+
+def test_a_client_retries_a_busy_server_and_a_cancelled_request_holds_its_slot_until_its_forward_ends(
+    serve, engine
+):
+    """A refusal by the caps carries gRPC's retry pushback, so TeacherClient tries again (and a trainer waits
+    it out like an outage); a caller that cancels keeps its slot while its forward pass runs on."""
+    backend = GatedBackend({"t": engine})
+    server = serve(backend, max_concurrent_rpcs=1)
+    with grpc.insecure_channel(server.address) as channel:
+        held = teacher_pb2_grpc.TeacherServiceStub(channel).Infer(request(["t"]), timeout=DEADLINE_SECONDS)
+        wait_until(lambda: backend.waiting == 1)
+        held.cancel()  # the forward pass goes on behind the gate: the request must stay admitted
+        refusal = rejection(server, request(["t"]))
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (RETRY_PUSHBACK_METADATA, str(ADMISSION_RETRY_MILLISECONDS)) in refusal.trailing_metadata()
+
+        payload = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+        with TeacherClient(server.address, timeout_seconds=DEADLINE_SECONDS, retries=6) as client:
+            threading.Timer(0.3, backend.gate.set).start()  # the held forward ends; its slot is freed
+            fetched = client.fetch(payload, ["t"], ["logits"])
+            assert client.stats.retries >= 1
+    assert fetched["t"]["logits"].shape == (2, 10)
 
 
 def test_request_bytes_beyond_max_inflight_request_bytes_are_refused(serve, engine):

@@ -26,7 +26,7 @@ import torch
 
 from services.backends import LocalBackend
 from services.cache.local_redis import free_port
-from services.client import TeacherServiceUnavailable
+from services.client import TeacherServiceChanged, TeacherServiceUnavailable
 from services.engine import TeacherEngine
 from services.errors import UserError
 from services.server import BackgroundServer
@@ -112,6 +112,25 @@ def test_the_same_batch_is_asked_again_once_the_service_is_back(engine, depth, c
     assert f"teacher service at {server.address} unreachable (UNAVAILABLE); waiting up to 30 s" in caplog.text
     assert "(attempt 1 in 1.0 s)" not in caplog.text  # the pauses are capped at 0.5 s
     assert f"teacher service at {server.address} is back after" in caplog.text
+
+
+def test_a_service_back_with_another_teacher_under_the_same_name_stops_the_run(engine):
+    server = BackgroundServer(LocalBackend({"t0": engine}))
+    port = server.running.port
+    source = ServedTeacherSource(server.address, ["t0"], outage_wait=OutageWait(30, max_backoff_seconds=0.5))
+    other = TeacherEngine(create_teacher("cifar_resnet32", 10, preprocessing=PRE))  # another identity
+    restarted: list[BackgroundServer] = []
+    images = batches(1)[0][0]
+    try:
+        source.fetch(images, [["logits"]])
+        server.close()
+        restarted_later(other, port, DOWN_SECONDS, restarted).join(timeout=30)
+        with pytest.raises(TeacherServiceChanged, match="are not the ones expected"):
+            source.fetch(images, [["logits"]])
+    finally:
+        source.close()
+        for running in (server, *restarted):
+            running.close()
 
 
 def test_a_service_not_up_yet_is_waited_for(engine):

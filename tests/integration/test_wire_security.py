@@ -17,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services import healthcheck
 from services._generated import teacher_pb2, teacher_pb2_grpc
@@ -27,6 +29,7 @@ from services.errors import ConfigError
 from services.security import (
     AUTH_TOKEN,
     AUTH_TOKEN_FILE,
+    PLACEHOLDER_TOKEN,
     TLS_CA_FILE,
     TLS_CERT_FILE,
     TLS_KEY_FILE,
@@ -223,6 +226,24 @@ def test_infer_without_the_token_is_refused_and_with_it_served(serve):
     assert server.running.metrics.registry.get_sample_value("ekd_requests_total", {"teacher": "t"}) == 1
 
 
+def test_only_health_check_is_exempt_the_open_streams_need_the_token(serve):
+    """Health's Watch and reflection hold a stream open: without the token they would let anyone fill the
+    server's RPC slots, so by default only the unary Check is exempt."""
+    server = serve(ServerSecurity(token=TOKEN))
+    assert healthcheck.probe(server.address, security=ClientSecurity())[0]
+    with grpc.insecure_channel(server.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError) as failure:
+            next(watch)
+        assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        with pytest.raises(grpc.RpcError) as failure:
+            next(reflection)
+        assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_health_needs_the_token_when_not_exempt(serve):
     server = serve(ServerSecurity(token=TOKEN), auth_exempt_services=())
     serving, message = healthcheck.probe(server.address, security=ClientSecurity(), timeout=5)
@@ -271,6 +292,8 @@ def test_security_is_read_from_the_environment_and_never_shown(
         ({TLS_CERT_FILE: "/nonexistent/cert.pem", TLS_KEY_FILE: "/nonexistent/key.pem"}, TLS_CERT_FILE),
         ({AUTH_TOKEN: "a", AUTH_TOKEN_FILE: "/nonexistent/token"}, AUTH_TOKEN_FILE),
         ({AUTH_TOKEN: "has space"}, AUTH_TOKEN),
+        ({AUTH_TOKEN: "short"}, AUTH_TOKEN),
+        ({AUTH_TOKEN: PLACEHOLDER_TOKEN}, AUTH_TOKEN),  # the manifests' Secret, unedited
     ],
 )
 def test_unusable_server_environment_is_a_config_error_naming_the_variable(environment, named):
