@@ -255,7 +255,12 @@ class TeacherSourceConfig(_Section):
         description="batches of teacher outputs fetched ahead while the "
         "student trains (0: fetch in the training thread)",
     )
-    timeout_seconds: float = Field(120.0, gt=0, description="served: deadline of each call to the service")
+    timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="served: deadline of each call to the service; a call past it (a frozen or overloaded "
+        "service) is an outage: the batch is asked again, within outage_wait_seconds",
+    )
     max_in_flight: int = Field(
         2,
         ge=1,

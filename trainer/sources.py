@@ -356,9 +356,14 @@ class ServedTeacherSource(TeacherSource):
 
 
 def _is_outage(error: TeacherServiceError) -> bool:
-    """Whether `error` says the service is gone for now: unreachable, or cancelling the calls in flight as it
-    shuts down (what a restarting service does once its grace period is over)."""
-    return isinstance(error, TeacherServiceUnavailable) or error.code == grpc.StatusCode.CANCELLED
+    """Whether `error` says the service is gone for now: unreachable (or busy beyond the client's retries),
+    cancelling the calls in flight as it shuts down (what a restarting service does once its grace period is
+    over), or not answering within `teacher_source.timeout_seconds` (frozen or overloaded: the batch is asked
+    again; a request that timed out may still be computed there, which costs the service, never the run)."""
+    return isinstance(error, TeacherServiceUnavailable) or error.code in (
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 def _code_name(error: TeacherServiceError) -> str:

@@ -249,7 +249,7 @@ def service_processes() -> Iterator[list[subprocess.Popen]]:
         process.wait(timeout=30)
 
 
-def experiment(tmp_path: Path, name: str, address: str) -> ExperimentConfig:
+def experiment(tmp_path: Path, name: str, address: str, timeout_seconds: float = 120) -> ExperimentConfig:
     return ExperimentConfig.model_validate(
         {
             "name": name,
@@ -267,6 +267,7 @@ def experiment(tmp_path: Path, name: str, address: str) -> ExperimentConfig:
                 "address": address,
                 "outage_wait_seconds": 120,
                 "outage_backoff_max_seconds": 2,
+                "timeout_seconds": timeout_seconds,
             },
             "output_dir": str(tmp_path / "runs"),
         }
@@ -325,3 +326,43 @@ def test_a_run_waits_for_a_killed_service_and_finishes_as_if_uninterrupted(tmp_p
     # The wait starts once a fetch has failed (after the client's own retries, about 1.4 s) and ends when the
     # new process answers, KILLED_SECONDS after the kill and its start-up later.
     assert KILLED_SECONDS / 2 <= faulted.counters["outage_wait_seconds"] < 120
+
+
+FROZEN_SECONDS = 8.0
+FROZEN_TIMEOUT_SECONDS = 2.0  # teacher_source.timeout_seconds of the frozen-service run
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_a_run_waits_out_a_frozen_service_and_finishes_as_if_uninterrupted(tmp_path, service_processes):
+    """SIGSTOP of the service mid-epoch: its requests time out (DEADLINE_EXCEEDED), the run asks again for the
+    same batch until the service answers (SIGCONT after FROZEN_SECONDS), and ends as the clean run does."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "t0.pt"
+    save_teacher_checkpoint(checkpoint, create_teacher("cifar_resnet20", 10).model, "cifar_resnet20", 10, PRE)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    service_processes.append(start_service(checkpoint, port))
+    clean = run_experiment(experiment(tmp_path, "clean", address, FROZEN_TIMEOUT_SECONDS))
+    frozen = service_processes[-1]
+
+    def freeze() -> None:
+        os.kill(frozen.pid, signal.SIGSTOP)
+        thaw = threading.Timer(FROZEN_SECONDS, os.kill, (frozen.pid, signal.SIGCONT))
+        thaw.daemon = True
+        thaw.start()
+
+    steps_per_epoch = clean.optimizer_steps // EPOCHS
+    try:
+        faulted = run_experiment(
+            experiment(tmp_path, "frozen", address, FROZEN_TIMEOUT_SECONDS),
+            on_progress=once_at_step(steps_per_epoch + FAULT_STEP_IN_EPOCH, freeze),
+        )
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert [row["loss"] for row in faulted.history] == [row["loss"] for row in clean.history]
+    assert faulted.optimizer_steps == clean.optimizer_steps
+    assert faulted.test_accuracy == clean.test_accuracy
+    assert faulted.counters["teacher_calls"] == clean.counters["teacher_calls"]
+    assert faulted.counters["service_outages"] >= 1
+    assert FROZEN_SECONDS / 2 <= faulted.counters["outage_wait_seconds"] < 120
