@@ -30,7 +30,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from services.cache import FULL, open_store
+from services.cache import FULL, CacheUnreachableError, TeacherOutputStore, open_store
 from services.client import TeacherClient, TeacherServiceError, TeacherServiceUnavailable
 from services.contract import LOGITS
 from services.engine import TeacherEngine
@@ -175,7 +175,7 @@ class ServedTeacherSource(TeacherSource):
         # When the service last came back after an outage: a fetch submitted before then that failed was
         # caught in that outage, and is asked again at once rather than waited for as a new outage.
         self._back_at = -float("inf")
-        self.store = open_store(cache_uri) if cache_uri else None
+        self.store = _open_cache(cache_uri) if cache_uri else None
         self.client = TeacherClient(
             address, store=self.store, timeout_seconds=timeout_seconds, max_in_flight=max_in_flight
         )
@@ -353,6 +353,17 @@ class ServedTeacherSource(TeacherSource):
         self.client.close()
         if self.store is not None:
             self.store.close()
+
+
+def _open_cache(uri: str) -> TeacherOutputStore:
+    """The run's cache. One that does not answer yet (down, or still starting beside the trainer) does not
+    stop the run: it starts without it, and the client's circuit breaker takes it up once it answers. One
+    that answers with a refusal (a wrong password) is a configuration error."""
+    try:
+        return open_store(uri)
+    except CacheUnreachableError as error:
+        logger.warning("starting without the output cache for now, the service answers everything: %s", error)
+        return open_store(uri, ping_on_open=False)
 
 
 def _is_outage(error: TeacherServiceError) -> bool:

@@ -20,6 +20,7 @@ secret belongs in a URL's query (the password goes in its user info, redacted fr
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
@@ -34,6 +35,7 @@ from services.cache.store import (
     CacheError,
     CacheFullError,
     CacheUnavailableError,
+    CacheUnreachableError,
     TeacherOutputStore,
     redact_url,
 )
@@ -66,7 +68,8 @@ class RedisStore(TeacherOutputStore):
 
     `ttl_seconds` expires entries that long after their last write (None: kept until evicted); `key_prefix`
     namespaces this store's keys on a shared server; `hmac_key` authenticates values (`TeacherOutputStore`).
-    The server is pinged on open, so a wrong URL fails here.
+    The server is pinged on open, so a wrong URL fails here; with `ping_on_open` False (a caller that degrades
+    without the cache, and takes it up when it answers) the first call finds out instead.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class RedisStore(TeacherOutputStore):
         connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
         socket_timeout_seconds: float = DEFAULT_SOCKET_TIMEOUT_SECONDS,
         hmac_key: bytes | None = None,
+        ping_on_open: bool = True,
     ) -> None:
         super().__init__(hmac_key)
         if ttl_seconds is not None and (
@@ -103,7 +107,8 @@ class RedisStore(TeacherOutputStore):
             )
         except ValueError as error:
             raise ValueError(f"bad Redis cache URL {self.url!r}: {error}") from None
-        self.ping()
+        if ping_on_open:
+            self.ping()
 
     def ping(self) -> None:
         with self._translated_errors():
@@ -119,7 +124,13 @@ class RedisStore(TeacherOutputStore):
                 "redis://:PASSWORD@host:port/db"
             ) from error
         except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise CacheUnavailableError(f"Redis cache at {self.url} is unavailable: {error}") from error
+            # A TLS handshake that fails (an untrusted certificate) is a configuration error, not an outage.
+            failed = (
+                CacheUnavailableError
+                if isinstance(error.__context__, ssl.SSLError)
+                else CacheUnreachableError
+            )
+            raise failed(f"Redis cache at {self.url} is unavailable: {error}") from error
         except OutOfMemoryError as error:
             raise CacheFullError(
                 f"Redis cache at {self.url} is out of memory and refuses writes ({error}); "

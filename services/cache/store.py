@@ -69,6 +69,11 @@ class CacheUnavailableError(CacheError, UserError):
     """The cache backend cannot be reached or opened."""
 
 
+class CacheUnreachableError(CacheUnavailableError):
+    """The cache server did not answer (refused the connection, timed out): it may be down or still starting,
+    unlike one that answered with a refusal (a wrong password)."""
+
+
 class CacheFullError(CacheError, UserError):
     """The cache backend has no room for a write."""
 

@@ -180,3 +180,24 @@ def test_a_run_survives_redis_frozen_mid_epoch(served: ServedTeacher):
     assert served.entries() > at_freeze[0]  # and was written again after the thaw
     # The frozen cache costs a timeout or two, not a wait for the thaw: the run may even end before it.
     assert faulted.stall_seconds < clean.stall_seconds + FROZEN_SECONDS / 2, (seconds, faulted.stall_seconds)
+
+
+def test_a_run_started_while_redis_is_down_starts_without_it_and_takes_it_up(served: ServedTeacher, caplog):
+    """A cache still starting beside the trainer (or down) when the run starts: the run starts without it and
+    takes it up once it answers, mid-run."""
+    clean = run_experiment(served.config("clean"))
+    port = int(served.redis.url.rsplit(":", 1)[1].split("/")[0])
+    served.redis.process.kill()
+    served.redis.process.wait(timeout=5)
+    with contextlib.ExitStack() as started_late:
+
+        def start() -> None:
+            started_late.enter_context(running_redis_server(served.tmp_path / "redis-late", port=port))
+
+        faulted = run_with_fault(
+            served.config("redis-late"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, start
+        )
+        assert served.entries() > 0  # taken up once it answered, and written
+    assert_same_run(faulted, clean)
+    assert faulted.counters["cache_unavailable"] >= 1
+    assert "starting without the output cache for now" in caplog.text
