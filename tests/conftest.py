@@ -1,4 +1,10 @@
-"""Fixtures every suite shares."""
+"""Fixtures every suite shares, and the marks that keep the suite's parts consistent.
+
+Every test under tests/integration/ starts Ray, a server process, redis-server or a training run, and is
+marked `integration` here; test files elsewhere that do so mark themselves. Files that start Ray also join the
+xdist group "ray": `make test` runs the suite on two workers, and two Ray instances at once would starve each
+other on a 2-core machine, so one worker runs them one after another.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,29 @@ from pathlib import Path
 
 import pytest
 from image_folders import write_image_folder  # tests/ is on sys.path: pytest put this conftest's folder there
+
+TESTS = Path(__file__).resolve().parent
+INTEGRATION_FOLDER = TESTS / "integration"
+# A test that takes longer than this without the `slow` mark is named at the end of the run.
+SLOW_SECONDS = 10.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION_FOLDER):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    unmarked = [
+        report
+        for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed")
+        if report.when == "call" and report.duration > SLOW_SECONDS and "slow" not in report.keywords
+    ]
+    if unmarked:
+        terminalreporter.section(f"tests over {SLOW_SECONDS:g} s without the slow mark")
+        for report in unmarked:
+            terminalreporter.line(f"{report.duration:6.1f} s  {report.nodeid}")
 
 
 @pytest.fixture(scope="session")

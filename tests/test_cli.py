@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from services.cache.local_redis import free_port
 from trainer.export import load_student
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EKD = str(Path(sys.executable).parent / "ekd")
 

@@ -388,7 +388,9 @@ def warm(
     def on_batch(teachers) -> None:
         for teacher in teachers:
             if teacher.name not in tasks:
-                tasks[teacher.name] = progress.add_task(teacher.name, total=None, rate="0", written="0 B")
+                tasks[teacher.name] = progress.add_task(
+                    teacher.name, total=teacher.total, rate="0", written="0 B"
+                )
             progress.update(
                 tasks[teacher.name],
                 completed=teacher.views,

@@ -34,6 +34,16 @@ from trainer.inputs import load_splits, train_views
 logger = logging.getLogger(__name__)
 
 
+class _WithoutProgressBarsNotice(logging.Filter):
+    """Ray Data's notice that its own progress bars are off: ekd shows views done per teacher instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+logging.getLogger("ray.data._internal.progress").addFilter(_WithoutProgressBarsNotice())
+
+
 @dataclass
 class TeacherWarmed:
     """One teacher's share of a warm run."""
@@ -42,6 +52,7 @@ class TeacherWarmed:
     tag: str
     outputs: list[str]
     form: str
+    total: int  # views the job passes through this teacher
     views: int = 0
     cached: int = 0  # already there, skipped
     bytes_written: int = 0
@@ -116,6 +127,7 @@ def warm_bank(
             teacher_tag(create_teacher(t.name, splits.num_classes, t.checkpoint).spec.identity),
             wanted,
             form if LOGITS in wanted else "full",
+            total + len(splits.test),
         )
         for t, wanted in zip(cfg.teachers, outputs, strict=True)
     ]
@@ -147,13 +159,12 @@ def warm_bank(
                 _WriterActor,
                 fn_constructor_args=(teacher, splits.num_classes, cache_uri, wanted, form, f"t{index}"),
                 batch_size=batch_size,
-                concurrency=max(gpus, 1),
+                # Ray Data restarts a killed pool actor and retries its batch (cached views are skipped).
+                compute=ray.data.ActorPoolStrategy(size=max(gpus, 1)),
                 num_gpus=1 if gpus else 0,
                 # Without GPUs, one actor per teacher shares the CPUs with the view maker; reserving a CPU for
                 # each would leave the reading and view-making tasks none, and the job would stall.
                 num_cpus=1 if gpus else 0,
-                max_restarts=-1,  # a killed actor is replaced; its batch is redone, cached views skipped
-                max_task_retries=-1,
             )
         started = time.perf_counter()
         for batch in dataset.drop_columns(["image"]).iter_batches(batch_size=None):

@@ -25,6 +25,8 @@ import yaml
 from services.cache.local_redis import free_port, running_redis_server
 from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SERVE_READY_SECONDS = 240  # beyond the compose healthcheck's start_period (180 s): this machine is slow
@@ -36,7 +38,6 @@ def localize(value: str, mapping: dict[str, str]) -> str:
     return value
 
 
-@pytest.mark.slow
 def test_compose_services_run_as_local_processes(tmp_path):
     compose_file = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     compose = compose_file["services"]

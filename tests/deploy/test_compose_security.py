@@ -27,6 +27,8 @@ from services.security import (
 from services.server import BackgroundServer
 from services.zoo import Preprocessing, create_teacher
 
+pytestmark = pytest.mark.integration
+
 SECRETS = "/run/secrets/"
 
 

@@ -11,6 +11,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.healthcheck import main, probe
 
+pytestmark = pytest.mark.integration
+
 TEACHER_SERVICE = "ekd.v1.TeacherService"
 
 

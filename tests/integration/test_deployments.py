@@ -53,7 +53,7 @@ from services.serve_config import (
 )
 from services.zoo import Preprocessing, create_teacher, file_sha256, save_teacher_checkpoint
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 DEADLINE_SECONDS = 30.0
 DEPLOY_SECONDS = 90.0

@@ -1,15 +1,18 @@
 """The fault suite's training runs: a served-teacher distillation with a Redis cache survives the cache being
-killed (kill -9, restarted empty on the same port) or frozen (SIGSTOP for 10 s) in the middle of an epoch, and
-finishes as the uninterrupted run does: the same optimizer steps over the same samples, the same losses epoch
-by epoch and the same test accuracy. Real redis-server processes, real gRPC on 127.0.0.1, the local
-backend."""
+killed (kill -9, restarted empty on the same port), frozen (SIGSTOP) or absent at the start, and finishes as
+the uninterrupted run does: the same optimizer steps over the same samples, the same losses epoch by epoch and
+the same test accuracy. Real redis-server processes, real gRPC on 127.0.0.1, the local backend.
+
+The faults follow the run's steps, not the clock: each strikes at a step, the cache comes back at a later
+step, and the run is held there until the guard may have probed it again, so that the cache is taken up
+mid-run on a machine of any speed.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import torch
 
 from services.backends import LocalBackend
 from services.cache import open_store
+from services.cache.guard import DEFAULT_COOLDOWN_SECONDS
 from services.cache.local_redis import RedisServer, running_redis_server
 from services.engine import TeacherEngine
 from services.server import BackgroundServer
@@ -34,13 +38,16 @@ from trainer.run import run_experiment
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
 TEACHER = "t0"
-# Long enough (about 0.4 s an epoch here) for the cache to come back mid-run: the breaker probes it again 5 s
-# after it went away.
-EPOCHS = 36
+# Epochs after the cache comes back re-read the views missed while it was away (views replay every 2 epochs),
+# so the cache is written again before the run ends.
+EPOCHS = 8
 # Where the fault strikes: this many steps into the second epoch, with some of the epoch's batches fetched.
 FAULT_STEP_IN_EPOCH = 2
-KILLED_SECONDS = 3.0
+# A frozen cache stays frozen at least this long, and at least one epoch of steps.
 FROZEN_SECONDS = 10.0
+# The run is held this long after the cache comes back: the guard probes a cache that went away only after
+# its cooldown, counted from the failure that opened it.
+HOLD_FOR_PROBE_SECONDS = DEFAULT_COOLDOWN_SECONDS + 1.0
 
 
 def experiment(tmp_path: Path, name: str, address: str, cache_uri: str) -> ExperimentConfig:
@@ -102,17 +109,31 @@ def served(tmp_path: Path) -> Iterator[ServedTeacher]:
             yield ServedTeacher(tmp_path, redis_server, server)
 
 
-def run_with_fault(cfg: ExperimentConfig, at_step: int, fault: Callable[[], None]) -> ExperimentResult:
-    """Run `cfg`, calling `fault` once when its progress reaches step `at_step`; it must have fired."""
-    fired = threading.Event()
+def run_with_fault(
+    cfg: ExperimentConfig,
+    at_step: int,
+    fault: Callable[[], None],
+    recover_at_step: int,
+    recover: Callable[[], None],
+) -> ExperimentResult:
+    """Run `cfg`, calling `fault` when its progress reaches step `at_step` and `recover` at `recover_at_step`
+    (both must fire); the run is then held for the guard's probe, so that it cannot end before the cache is
+    taken up again, however fast this machine is."""
+    fired: list[str] = []
 
     def on_progress(update: ProgressUpdate) -> None:
-        if update.task == cfg.name and update.completed >= at_step and not fired.is_set():
-            fired.set()
+        if update.task != cfg.name:
+            return
+        if update.completed >= at_step and "fault" not in fired:
+            fired.append("fault")
             fault()
+        if update.completed >= recover_at_step and "recover" not in fired:
+            fired.append("recover")
+            recover()
+            time.sleep(HOLD_FOR_PROBE_SECONDS)
 
     result = run_experiment(cfg, on_progress=on_progress)
-    assert fired.is_set(), f"the fault never fired: the run has fewer than {at_step} steps"
+    assert fired == ["fault", "recover"], f"the run has fewer than {recover_at_step} steps: {fired}"
     return result
 
 
@@ -129,23 +150,20 @@ def test_a_run_survives_redis_killed_mid_epoch_and_restarted_empty(served: Serve
     clean = run_experiment(served.config("clean"))
     served.flush_cache()
     port = int(served.redis.url.rsplit(":", 1)[1].split("/")[0])
+    fault_step = served.steps_per_epoch() + FAULT_STEP_IN_EPOCH
     with contextlib.ExitStack() as restarted:
 
-        def restart() -> None:
-            time.sleep(KILLED_SECONDS)
-            restarted.enter_context(running_redis_server(served.tmp_path / "redis-again", port=port))
-
-        restarting = threading.Thread(target=restart, daemon=True)
-
-        def kill_then_restart() -> None:
+        def kill() -> None:
             os.kill(served.redis.process.pid, signal.SIGKILL)
             served.redis.process.wait(timeout=5)
-            restarting.start()
 
+        def restart() -> None:
+            restarted.enter_context(running_redis_server(served.tmp_path / "redis-again", port=port))
+
+        # Down for one epoch of steps: every fetch of that epoch meets the dead cache.
         faulted = run_with_fault(
-            served.config("redis-killed"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, kill_then_restart
+            served.config("redis-killed"), fault_step, kill, fault_step + served.steps_per_epoch(), restart
         )
-        restarting.join(timeout=30)
         assert served.entries() > 0  # the restarted, empty cache was picked up and written
     assert_same_run(faulted, clean)
     assert faulted.counters["cache_unavailable"] >= 1
@@ -154,32 +172,31 @@ def test_a_run_survives_redis_killed_mid_epoch_and_restarted_empty(served: Serve
 def test_a_run_survives_redis_frozen_mid_epoch(served: ServedTeacher):
     clean = run_experiment(served.config("clean"))
     served.flush_cache()
-    thawed = threading.Event()
     at_freeze: list[int] = []
+    frozen_at: list[float] = []
+    fault_step = served.steps_per_epoch() + FAULT_STEP_IN_EPOCH
 
     def freeze() -> None:
         at_freeze.append(served.entries())
         os.kill(served.redis.process.pid, signal.SIGSTOP)
-        timer = threading.Timer(
-            FROZEN_SECONDS, lambda: (os.kill(served.redis.process.pid, signal.SIGCONT), thawed.set())
-        )
-        timer.daemon = True
-        timer.start()
+        frozen_at.append(time.monotonic())
+
+    def thaw() -> None:
+        # One epoch of steps ran against the frozen cache; the run waits out the rest of the freeze here.
+        time.sleep(max(0.0, frozen_at[0] + FROZEN_SECONDS - time.monotonic()))
+        os.kill(served.redis.process.pid, signal.SIGCONT)
 
     try:
-        started = time.perf_counter()
         faulted = run_with_fault(
-            served.config("redis-frozen"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, freeze
+            served.config("redis-frozen"), fault_step, freeze, fault_step + served.steps_per_epoch(), thaw
         )
-        seconds = time.perf_counter() - started
     finally:
         os.kill(served.redis.process.pid, signal.SIGCONT)
-    assert thawed.is_set() and seconds > FROZEN_SECONDS  # the cache came back mid-run
     assert_same_run(faulted, clean)
     assert faulted.counters["cache_unavailable"] >= 1
-    assert served.entries() > at_freeze[0]  # and was written again after the thaw
-    # The frozen cache costs a timeout or two, not a wait for the thaw: the run may even end before it.
-    assert faulted.stall_seconds < clean.stall_seconds + FROZEN_SECONDS / 2, (seconds, faulted.stall_seconds)
+    assert served.entries() > at_freeze[0]  # the cache came back mid-run and was written again
+    # The epoch of steps on the frozen cache cost a read timeout or two, not a wait for the thaw.
+    assert faulted.stall_seconds < clean.stall_seconds + FROZEN_SECONDS / 2, faulted.stall_seconds
 
 
 def test_a_run_started_while_redis_is_down_starts_without_it_and_takes_it_up(served: ServedTeacher, caplog):
@@ -194,9 +211,8 @@ def test_a_run_started_while_redis_is_down_starts_without_it_and_takes_it_up(ser
         def start() -> None:
             started_late.enter_context(running_redis_server(served.tmp_path / "redis-late", port=port))
 
-        faulted = run_with_fault(
-            served.config("redis-late"), served.steps_per_epoch() + FAULT_STEP_IN_EPOCH, start
-        )
+        start_step = served.steps_per_epoch() + FAULT_STEP_IN_EPOCH
+        faulted = run_with_fault(served.config("redis-late"), 0, lambda: None, start_step, start)
         assert served.entries() > 0  # taken up once it answered, and written
     assert_same_run(faulted, clean)
     assert faulted.counters["cache_unavailable"] >= 1

@@ -27,7 +27,7 @@ from trainer.loop import Shard, train_loader
 from trainer.ray_train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, TRAINING_STATE_FILE, run_on_ray_train
 from trainer.run import run_experiment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 EPOCHS = 4
 CHANCE = 0.1  # ten digit classes
@@ -133,7 +133,6 @@ def test_shards_of_two_workers_make_up_the_single_process_batches():
             assert sorted(together) == sorted(batch.tolist() + padding)
 
 
-@pytest.mark.slow
 def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
     teacher = tmp_path / "teachers" / "cifar_resnet20.pt"
     local = run_experiment(
@@ -162,7 +161,6 @@ def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
 
 
 @pytest.mark.faults
-@pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_epoch_checkpoint(kd_runs):
     assert kd_runs.failure_marker.is_file()  # the injected failure happened
     # Epochs 0 and 1 ran before the failure and came back from the checkpoint; 2 and 3 ran after the resume.
@@ -177,7 +175,6 @@ def test_killed_worker_resumes_from_the_last_epoch_checkpoint(kd_runs):
     assert abs(killed.test_accuracy - uninterrupted.test_accuracy) <= ACCURACY_TOLERANCE
 
 
-@pytest.mark.slow
 def test_epoch_checkpoints_load_with_weights_only(kd_runs):
     paths = sorted(kd_runs.uninterrupted_storage.rglob(TRAINING_STATE_FILE))
     assert len(paths) == 2  # CheckpointConfig(num_to_keep=2): the last two epochs

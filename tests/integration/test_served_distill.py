@@ -28,6 +28,8 @@ from trainer.experiment import ExperimentSession
 from trainer.inputs import load_splits
 from trainer.run import run_experiment
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 EKD = str(Path(sys.executable).parent / "ekd")
 # Two teachers of one architecture, told apart by their weights (seeds) and their names on the service.
 TEACHERS = [("t0", 0), ("t1", 1)]

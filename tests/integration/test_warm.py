@@ -20,7 +20,7 @@ from trainer.cli import app
 from trainer.config import ExperimentConfig
 from trainer.run import run_experiment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 EKD = str(Path(sys.executable).parent / "ekd")
 
@@ -160,7 +160,6 @@ def wait_until(condition, seconds: float, what: str) -> None:
 
 
 @pytest.mark.faults
-@pytest.mark.slow
 def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path):
     """kill -9 of a writer actor mid-job: the job replaces it and completes. Ctrl-C mid-job: every value
     written so far reads back whole, and the rerun skips them and completes the bank."""

@@ -94,6 +94,7 @@ def test_resnet152_loads_torchvisions_and_timms_state_dicts(tmp_path, build_sour
         assert_loads_with_identical_outputs("resnet152", path, source, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, other", [("senet154", "legacy_senet154"), ("legacy_senet154", "senet154")])
 def test_senet154_layouts_load_timms_state_dicts_and_refuse_each_other(tmp_path, name, other):
     source = randomize_batchnorm(timm.create_model(name, num_classes=10))
