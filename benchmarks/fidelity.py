@@ -2,7 +2,7 @@
 beside the baselines the papers' claims are made against, as one table and one plot.
 
 Each method runs from its digits config (configs/digits/*.yaml, hyperparameters as there and in
-shared/methods.md, nothing tuned here) with `data.val_fraction: 0` (the whole training split trains, as in the
+docs/methods.md, nothing tuned here) with `data.val_fraction: 0` (the whole training split trains, as in the
 papers), `data.train_fraction` set, and `train.steps` fixed: the same number of optimizer steps at every
 fraction (138 = 6 epochs of the full split, 69 epochs of the 5 % subset; FEED sequential gets half per
 stage). The teachers of each fraction train on that fraction's subset (their own checkpoints under

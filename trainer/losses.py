@@ -1,4 +1,4 @@
-"""Loss terms shared by the distillation methods (notation of shared/methods.md: s student logits, t teacher
+"""Loss terms shared by the distillation methods (notation of docs/methods.md: s student logits, t teacher
 logits, y labels, p^T = softmax(z/T); KL with batchmean reduction, CE with mean reduction).
 
 Teacher logits are dense [B, classes] tensors or `CompactLogits` (services/soft_labels.py: top-k logits and

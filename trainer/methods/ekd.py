@@ -1,7 +1,7 @@
 """Ensemble Knowledge Distillation (Asif, Tang, Harrer, 2019): a compact student with parallel branches, one
 per teacher, trained with the labels and each branch's own teacher, the branches coupled by their ensemble.
 
-Only the abstract is public; this is ekd's reading of it (shared/methods.md, "EKD"). The student is a ResNet
+Only the abstract is public; this is ekd's reading of it (docs/methods.md, "EKD"). The student is a ResNet
 whose stem and first `shared_stages` stages are shared and whose remaining stages and classifier are copied
 once per teacher, every branch at full width:
 - `trunk: cifar_resnet` (default): a CIFAR ResNet of `depth`, 3 stages; by default the stem and layer1 are

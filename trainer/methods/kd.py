@@ -1,7 +1,7 @@
 """Knowledge distillation of Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network",
 from one teacher or the average of several.
 
-Loss (shared/methods.md, "Hinton KD"):
+Loss (docs/methods.md, "Hinton KD"):
 
     L = λ·CE(s, y) + (1−λ)·T²·KL(p̄^T ‖ p_s^T),   p̄^T = Σ_i w_i·softmax(t_i / T)
 

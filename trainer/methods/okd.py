@@ -29,7 +29,7 @@ Against the official code (BOC-KD's models/ResNet_cifar.py, utils/Losses.py, too
 in what block 1 is (conv1+BN+ReLU at the full 16 channels, one BN shared by all students, every student's
 gradient reaching it), in the students (own BN statistics each, int()-truncated widths), in the ensemble
 (the students' mean logits at fixed weights 1/N, detached as the KL target) and in the weights α, β, γ and T.
-It departs where the paper's equation (shared/methods.md) and the code differ; `recipe: official_code`
+It departs where the paper's equation (docs/methods.md) and the code differ; `recipe: official_code`
 trains the code's way instead:
 - CE on every student, weighted α (`recipe: paper`, the default); the code weights only the ensemble
   output's CE, not detached, so a student is pulled toward the labels only through the mean.

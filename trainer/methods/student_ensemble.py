@@ -1,7 +1,7 @@
 """An ensemble of small students (Dewalkar, Sinha, Patidar): N small networks, each distilled alone from the
 teacher(s), combined at test time by majority vote.
 
-Per student i (shared/methods.md, "Ensemble of small students"), with cross-entropies as the paper writes it:
+Per student i (docs/methods.md, "Ensemble of small students"), with cross-entropies as the paper writes it:
 
     L_i = λ·H(y, p_{s_i}) + (1−λ)·H(p̄^T, p_{s_i}^T),   p̄^T = Σ_j w_j·softmax(t_j / T)
 
