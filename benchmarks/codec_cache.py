@@ -19,7 +19,7 @@ from rich.table import Table
 
 from services.cache import input_digests, open_store, output_key
 from services.cache.local_redis import running_redis_server
-from services.codec import decode_value, encode_value
+from services.formats.codec import decode_value, encode_value
 
 SIZES = {"4 KB (logits)": 2048, "200 KB (feature map)": 100 * 1024}  # fp16 elements
 BATCH = 64

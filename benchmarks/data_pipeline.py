@@ -5,7 +5,7 @@ on the same JPEG files and worker counts; and peak memory against the dataset's 
     RandomHorizontalFlip(), PILToTensor()]))` in a DataLoader (shuffled, batch B, W workers);
 (b) ekd: `load_dataset("imagefolder", ...)` (files listed, decoded on access) + `ReplayedViews` with
     `RandomResizedCrop(S)` (the crop box a pure function of (seed, i, v) and the image size) through
-    `trainer.loop.train_loader` (B, W workers), the loader training uses.
+    `trainer.runs.loop.train_loader` (B, W workers), the loader training uses.
 
 Both decode the same JPEGs with PIL and crop, resize and flip with torchvision's functional ops: the ratio
 (b) ÷ (a) is what replay costs (goal ≥ 0.95). Each figure is the fastest of interleaved rounds of one epoch
@@ -38,7 +38,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from trainer.data import RandomResizedCrop, ReplayedViews, load_dataset
-from trainer.loop import LoaderSettings, train_loader
+from trainer.runs.loop import LoaderSettings, train_loader
 
 CLASSES = 8
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,7 +96,7 @@ PEAK_MEMORY_RUN = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[3])
 from data_pipeline import ekd_views
-from trainer.loop import train_loader
+from trainer.runs.loop import train_loader
 from pathlib import Path
 views = ekd_views(Path(sys.argv[1]), int(sys.argv[2]))
 count = sum(batch[0].shape[0] for batch in train_loader(views, 32, seed=0, epoch=0))

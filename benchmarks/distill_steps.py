@@ -1,4 +1,4 @@
-"""Distillation training speed: steps/s of the real epoch loop (`trainer.loop.train_epoch`) per teacher
+"""Distillation training speed: steps/s of the real epoch loop (`trainer.runs.loop.train_epoch`) per teacher
 source, measured side by side in one run.
 
 One student (cifar_resnet8), the same digits batches (16x16 uint8, batch 64, replayed views), and for
@@ -34,20 +34,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from services.backends import LocalBackend
 from services.cache import open_store
-from services.engine import TeacherEngine
-from services.server import BackgroundServer
-from services.zoo import create_teacher, save_teacher_checkpoint
+from services.rpc.backends import LocalBackend
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 from trainer.config import OptimConfig
 from trainer.data import DatasetSplits, PadCrop, ReplayedViews, load_dataset
-from trainer.loop import make_optimizer, make_scheduler, resolve_device, train_epoch, train_loader
 from trainer.methods import create_method
 from trainer.methods.ce import CEParams
 from trainer.methods.kd import KDParams
-from trainer.sources import InProcessTeacherSource, ServedTeacherSource, TeacherSource
+from trainer.runs.loop import make_optimizer, make_scheduler, resolve_device, train_epoch, train_loader
+from trainer.runs.sources import InProcessTeacherSource, ServedTeacherSource, TeacherSource
+from trainer.runs.teachers import dataset_preprocessing
 from trainer.students import StudentConfig
-from trainer.teachers import dataset_preprocessing
 
 TEACHERS = ("cifar_resnet56", "cifar_wrn16_4")
 TRAINED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints" / "digits"

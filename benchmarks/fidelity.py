@@ -8,8 +8,9 @@ fraction (138 = 6 epochs of the full split, 69 epochs of the 5 % subset; FEED se
 stage). The teachers of each fraction train on that fraction's subset (their own checkpoints under
 <output>/teachers/, trained when missing, `--teacher-steps` steps, seed 0) and are the same for every
 seed. After each method the networks it exports are trained alone with CE on the same data, schedule and seed
-(trainer.baselines: `<experiment>-alone-<network>`), once per distinct network and schedule (a baseline
-identical to an earlier run, e.g. KD's student and ce.yaml's, is that run's result under its own name).
+(trainer.results.baselines: `<experiment>-alone-<network>`), once per distinct network and schedule (a
+baseline identical to an earlier run, e.g. KD's student and ce.yaml's, is that run's result under its own
+name).
 
 Writes, under --output (default runs/fidelity): `fidelity.md` (the table: test accuracy, mean ± std over the
 seeds, per method row and fraction column; baselines and gains beside the rows they belong to),
@@ -39,11 +40,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from trainer.baselines import alone_experiments
 from trainer.config import ExperimentConfig, load_experiment
-from trainer.experiment import ExperimentResult, ensure_teachers, run_locally
-from trainer.inputs import load_splits
-from trainer.loop import resolve_device
+from trainer.results.baselines import alone_experiments
+from trainer.runs.experiment import ExperimentResult, ensure_teachers, run_locally
+from trainer.runs.inputs import load_splits
+from trainer.runs.loop import resolve_device
 
 CONFIGS = Path("configs/digits")
 METHOD_CONFIGS = (

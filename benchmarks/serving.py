@@ -3,7 +3,7 @@
 In one run, for each batch size, one uint8 batch and one teacher (a checkpoint saved in a temporary folder, so
 that its weights have a sha256 like a real one), logits only:
 - (a) in-process: `TeacherEngine.infer`, the baseline;
-- (b) Ray Serve: the real application (`services.deployments.deploy`: a `TeacherDeployment` with
+- (b) Ray Serve: the real application (`services.serve.deployments.deploy`: a `TeacherDeployment` with
   `@serve.batch` behind the `GrpcIngress`, the service's default batching), real gRPC over 127.0.0.1, no
   cache, so every request computes; one `TeacherClient` without a store;
 - (c) the same over `BackgroundServer` + `LocalBackend` (no Ray), no cache;
@@ -56,15 +56,15 @@ from ray import serve
 from rich.console import Console
 from rich.table import Table
 
-from services.backends import LocalBackend
 from services.cache import open_store
-from services.client import TeacherClient
-from services.contract import DEFAULT_MAX_MESSAGE_BYTES
-from services.deployments import deploy
-from services.engine import TeacherEngine
-from services.serve_config import CacheConfig, GrpcConfig, ServeConfig, TeacherDeploymentConfig
-from services.server import BackgroundServer
-from services.zoo import create_teacher, save_teacher_checkpoint
+from services.core.contract import DEFAULT_MAX_MESSAGE_BYTES
+from services.rpc.backends import LocalBackend
+from services.rpc.client import TeacherClient
+from services.rpc.server import BackgroundServer
+from services.serve.deployments import deploy
+from services.serve.serve_config import CacheConfig, GrpcConfig, ServeConfig, TeacherDeploymentConfig
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
 TEACHER = "teacher"  # the teacher's name on both services
 OUTPUTS = ["logits"]

@@ -26,11 +26,11 @@ from rich.table import Table
 
 from services.cache import input_digests, open_store, output_key
 from services.cache.local_redis import running_redis_server
-from services.codec import encode_value
-from services.soft_labels import CompactLogits, compress, encode, frame_bytes
+from services.formats.codec import encode_value
+from services.formats.soft_labels import CompactLogits, compress, encode, frame_bytes
 from trainer.config import load_experiment
-from trainer.losses import distillation_kl, soft_targets
-from trainer.run import run_experiment
+from trainer.methods.losses import distillation_kl, soft_targets
+from trainer.runs.run import run_experiment
 
 CLASSES = 1000
 TEMPERATURES = (1.0, 2.0, 4.0, 10.0)

@@ -10,7 +10,8 @@ The file marks each generated table with the run it comes from:
 
 Every block whose source is the given results.json is replaced by one table row per experiment and seed,
 the columns of `ekd demo`'s table; the rest of the file is left as it is. Reads the JSON that
-`trainer.report.write_results_json` writes, with the standard library only, so any Python 3.11 runs it.
+`trainer.results.report.write_results_json` writes, with the standard library only, so any Python 3.11 runs
+it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""ekd teacher side: model zoo, batched engine, tensor codec, output cache, gRPC service and client.
+"""ekd teacher side, one package per concept: core (shared by both sides), teachers (zoo and engine), formats
+(tensor codec, soft-label forms), cache (key layout, stores, guard), rpc (the gRPC service and its client) and
+serve (the Ray Serve adapter).
 
-The core modules are plain PyTorch; Ray appears only in `services.deployments`.
+Everything is plain PyTorch but `services.serve.deployments`, the only module that imports Ray.
 """

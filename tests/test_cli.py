@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.cache.local_redis import free_port
-from trainer.export import load_student
+from trainer.runs.export import load_student
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -136,7 +136,7 @@ def test_teachers_train_saves_checkpoints(tmp_path):
 BUGGY_METHOD = """
 import sys
 from trainer.methods.kd import KnowledgeDistillation
-from trainer.cli import app
+from trainer.cli.main import app
 
 def training_loss(self, images, labels, teachers, clock):
     raise ValueError("shapes [64, 10] and [64, 9] do not match")

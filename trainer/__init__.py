@@ -1,4 +1,6 @@
-"""ekd student side: students, distillation methods, data, the training loop and the CLI.
+"""ekd student side, one package per concept: data, students, methods, runs (one experiment, the loop, the
+teacher sources, the Ray Train adapter), bank (`ekd warm`, the audit), results (report, baselines) and cli.
 
-The core modules are plain PyTorch; Ray appears only in `trainer.ray_train` and the CLI that starts it.
+The core is plain PyTorch; Ray appears only in `trainer.runs.ray_train`, `trainer.bank.warm` and the CLI that
+starts them.
 """

@@ -15,10 +15,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.cache.store import redact_url
-from services.yaml_config import expand_environment, load_yaml_model
-from services.zoo import check_teacher_name
+from services.core.yaml_config import expand_environment, load_yaml_model
+from services.teachers.zoo import check_teacher_name
 from trainer.data import DATASET_NAMES
 from trainer.methods import METHODS
+from trainer.students import StudentConfig
 
 
 class _Section(BaseModel):
@@ -186,7 +187,8 @@ class OptimConfig(_Section):
 
 class TeacherConfig(_Section):
     name: str = Field(
-        description="teacher architecture: a zoo entry (services.zoo.TEACHERS) or timm:<any timm model>"
+        description="teacher architecture: a zoo entry (services.teachers.zoo.TEACHERS) or "
+        "timm:<any timm model>"
     )
     checkpoint: str = Field(
         description="local checkpoint path; trained first when missing (nothing is downloaded); "
@@ -245,8 +247,8 @@ class TeacherSourceConfig(_Section):
     soft_labels: Literal["full", "compact"] = Field(
         "full",
         description="the form of the teacher logits the student learns from: full (every logit) or compact "
-        "(services/soft_labels.py: the top logits and the tail's log-sum-exp, 63 bytes a view for 1000 "
-        "classes; the form `ekd warm` writes and, served, the form the service streams and caches)",
+        "(services/formats/soft_labels.py: the top logits and the tail's log-sum-exp, 63 bytes a view "
+        "for 1000 classes; the form `ekd warm` writes and, served, the form the service streams and caches)",
     )
     prefetch_batches: int = Field(
         2,
@@ -397,3 +399,16 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     """Read and validate an experiment YAML; every problem becomes one ConfigError naming the file and
     fields."""
     return load_yaml_model(path, ExperimentConfig, what="experiment", overrides=overrides)
+
+
+def alone_experiment_name(experiment: str, student: StudentConfig) -> str:
+    """`<experiment>-alone-<arch>[-<option><value>...]`: the baseline of one network of `experiment`."""
+    parts = [student.arch.replace(":", "_")]
+    for key, value in sorted(student.options.items()):
+        if value is True:
+            parts.append(key)
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{key}{'.'.join(str(v) for v in value)}")
+        else:
+            parts.append(f"{key}{value}")
+    return f"{experiment}-alone-" + "-".join(parts)

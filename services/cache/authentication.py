@@ -24,7 +24,7 @@ import os
 import struct
 from pathlib import Path
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 
 HMAC_KEY_ENV = "EKD_CACHE_HMAC_KEY"
 HMAC_KEY_FILE_ENV = "EKD_CACHE_HMAC_KEY_FILE"

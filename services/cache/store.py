@@ -14,12 +14,12 @@ scan (Redis SCAN MATCH, an LMDB cursor) without reading any value:
 The teacher tag is the identity's first 12 characters when it is hex (every zoo teacher's identity is a sha256
 hex digest), else the first 12 hex digits of its xxh3_64; the form label is the dtype's short name for a full
 value (`f16`), `top<k>.<dtype>` for a top-k part and `compact` for the compact soft-label form (its own
-encoding, whatever the dtype). Values are framed by `services.codec`, or by `services.soft_labels` for the
-compact form, so damage is detected on read, never returned as data; with a secret configured each value also
-carries an HMAC tag (`services.cache.authentication`), so a value nobody with the secret wrote is never
-returned either. A reader that says what it expects (`ValueSpec`: dtype and per-sample shape, or the compact
-form's class count) never gets a value of another kind: an intact frame of the wrong dtype or shape, which
-only a foreign or buggy writer leaves, is treated like a damaged one."""
+encoding, whatever the dtype). Values are framed by `services.formats.codec`, or by
+`services.formats.soft_labels` for the compact form, so damage is detected on read, never returned as data;
+with a secret configured each value also carries an HMAC tag (`services.cache.authentication`), so a value
+nobody with the secret wrote is never returned either. A reader that says what it expects (`ValueSpec`: dtype
+and per-sample shape, or the compact form's class count) never gets a value of another kind: an intact frame
+of the wrong dtype or shape, which only a foreign or buggy writer leaves, is treated like a damaged one."""
 
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ import torch
 import xxhash
 
 from services.cache.authentication import ValueAuthenticator
-from services.codec import DTYPE_NAMES, DTYPES, CorruptValueError, decode_value, encode_value
-from services.errors import UserError
-from services.soft_labels import CompactLogits, decode, encode, entries_that_fit, is_compact_frame
+from services.core.errors import UserError
+from services.formats.codec import DTYPE_NAMES, DTYPES, CorruptValueError, decode_value, encode_value
+from services.formats.soft_labels import CompactLogits, decode, encode, entries_that_fit, is_compact_frame
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ FULL = "full"
 COMPACT = "compact"
 FORMS = (FULL, COMPACT)
 """Value forms: `full` stores the tensor (or, with top_k > 0, a top-k part) in its dtype; `compact` stores
-logits as `services.soft_labels` frames."""
+logits as `services.formats.soft_labels` frames."""
 
 _DTYPE_LABELS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "uint8": "u8", "int64": "i64"}
 _HEX = re.compile(r"[0-9a-f]+")

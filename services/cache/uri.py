@@ -11,7 +11,7 @@ from services.cache.authentication import hmac_key_from_environment
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
 from services.cache.store import TeacherOutputStore, redact_url
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 
 _ALLOWED_URIS = (
     "lmdb:///absolute/path, a plain filesystem path, redis://[:password@]host:port/db or rediss://..."

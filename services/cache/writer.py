@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from services.cache.guard import GuardedStore, Outcome
 from services.cache.store import CachedValue
-from services.soft_labels import CompactLogits, frame_bytes
+from services.formats.soft_labels import CompactLogits, frame_bytes
 
 logger = logging.getLogger(__name__)
 

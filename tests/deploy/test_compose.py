@@ -8,7 +8,7 @@ import pytest
 import yaml
 from deploy_files import REPO, compose_config, repo_path
 
-from services.serve_config import load_serve_config
+from services.serve.serve_config import load_serve_config
 
 HEALTHY = {"condition": "service_healthy"}
 
@@ -70,7 +70,7 @@ def test_ray_head_serves_once_redis_is_healthy_and_probes_grpc_health(compose):
     assert head["depends_on"] == {"redis": HEALTHY}
     assert head["environment"]["EKD_CACHE_URI"] == "redis://redis:6379/0"
     test = head["healthcheck"]["test"]
-    assert test[:4] == ["CMD", "python", "-m", "services.healthcheck"]
+    assert test[:4] == ["CMD", "python", "-m", "services.rpc.healthcheck"]
     assert test[4] == "127.0.0.1:50051"
     assert published(head) == {50051: "127.0.0.1", 9090: "127.0.0.1"}
     assert volume_mounts(head)["/models"] == ("models", "ro")

@@ -23,7 +23,7 @@ import redis
 import yaml
 
 from services.cache.local_redis import free_port, running_redis_server
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 from deploy_files import REPO, compose_config
 
-from services import healthcheck
-from services.backends import LocalBackend
-from services.client import TeacherClient, TeacherServiceError
-from services.engine import TeacherEngine
-from services.security import (
+from services.rpc import healthcheck
+from services.rpc.backends import LocalBackend
+from services.rpc.client import TeacherClient, TeacherServiceError
+from services.rpc.security import (
     AUTH_TOKEN_FILE,
     TLS_CA_FILE,
     TLS_CERT_FILE,
@@ -24,8 +23,9 @@ from services.security import (
     ClientSecurity,
     ServerSecurity,
 )
-from services.server import BackgroundServer
-from services.zoo import Preprocessing, create_teacher
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""`python -m services.healthcheck` against a real gRPC server carrying the standard health servicer."""
+"""`python -m services.rpc.healthcheck` against a real gRPC server carrying the standard health servicer."""
 
 import socket
 import subprocess
@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.healthcheck import main, probe
+from services.rpc.healthcheck import main, probe
 
 pytestmark = pytest.mark.integration
 
@@ -99,14 +99,14 @@ def test_timeout_must_be_positive_seconds(bad, capsys):
 def test_module_entry_point_is_what_healthchecks_run(health_server, dead_address):
     address, _ = health_server
     serving = subprocess.run(
-        [sys.executable, "-m", "services.healthcheck", address, "--timeout", "20"],
+        [sys.executable, "-m", "services.rpc.healthcheck", address, "--timeout", "20"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert (serving.returncode, serving.stdout) == (0, f"healthy: the server at {address} is SERVING\n")
     dead = subprocess.run(
-        [sys.executable, "-m", "services.healthcheck", dead_address, "--timeout", "20"],
+        [sys.executable, "-m", "services.rpc.healthcheck", dead_address, "--timeout", "20"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -25,8 +25,8 @@ from deploy_files import (
 )
 from ray.serve.schema import ServeDeploySchema
 
-from services import deployments
-from services.serve_config import load_serve_config
+from services.serve import deployments
+from services.serve.serve_config import load_serve_config
 
 KUBERNETES_VERSION = "1.31"
 """The Kubernetes API the core objects are validated against (strict: unknown fields are errors)."""
@@ -305,7 +305,7 @@ def test_grpc_service_reaches_the_ingress_pods_once_they_serve(builds, applicati
     # The image's health client asks grpc.health.v1 about the whole server, over TLS (Kubernetes's native
     # gRPC probe cannot).
     command = ingress["readinessProbe"]["exec"]["command"]
-    assert command[:4] == ["python", "-m", "services.healthcheck", f"127.0.0.1:{config.grpc.port}"]
+    assert command[:4] == ["python", "-m", "services.rpc.healthcheck", f"127.0.0.1:{config.grpc.port}"]
 
 
 def test_ray_pods_keep_what_kuberay_relies_on(builds):

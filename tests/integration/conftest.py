@@ -14,8 +14,8 @@ import torch
 from services.cache import open_store
 from services.cache.local_redis import RedisServer, RedisServerError, free_port
 from services.cache.local_redis import running_redis_server as _running_redis_server
-from services.engine import TeacherEngine
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 
 @contextlib.contextmanager

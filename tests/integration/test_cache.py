@@ -30,8 +30,8 @@ from services.cache import (
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
 from services.cache.store import redact_url
-from services.codec import encode_value
-from services.soft_labels import compress, encode
+from services.formats.codec import encode_value
+from services.formats.soft_labels import compress, encode
 
 pytestmark = pytest.mark.integration
 

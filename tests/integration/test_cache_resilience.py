@@ -18,13 +18,13 @@ import pytest
 import redis
 import torch
 
-from services.backends import LocalBackend
 from services.cache import GuardedStore, Outcome, input_digest, open_store, output_key
 from services.cache.local_redis import RedisServer, running_redis_server
 from services.cache.redis_store import DEFAULT_SOCKET_TIMEOUT_SECONDS, RedisStore
 from services.cache.writer import BackgroundWriter
-from services.client import TeacherClient
-from services.server import BackgroundServer
+from services.rpc.backends import LocalBackend
+from services.rpc.client import TeacherClient
+from services.rpc.server import BackgroundServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

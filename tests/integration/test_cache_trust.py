@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from services.backends import LocalBackend
 from services.cache import (
     CacheUnavailableError,
     TeacherOutputStore,
@@ -34,12 +33,13 @@ from services.cache.authentication import (
 )
 from services.cache.local_redis import TlsFiles, running_redis_server
 from services.cache.redis_store import RedisStore
-from services.client import TeacherClient
-from services.codec import encode_value
-from services.engine import TeacherEngine
-from services.errors import ConfigError
-from services.server import BackgroundServer
-from services.soft_labels import compress
+from services.core.errors import ConfigError
+from services.formats.codec import encode_value
+from services.formats.soft_labels import compress
+from services.rpc.backends import LocalBackend
+from services.rpc.client import TeacherClient
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

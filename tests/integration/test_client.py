@@ -20,18 +20,25 @@ import pytest
 import torch
 
 from services._generated import teacher_pb2, teacher_pb2_grpc
-from services.backends import LocalBackend
 from services.cache import COMPACT, input_digests, open_store, output_key
-from services.client import (
+from services.formats.soft_labels import (
+    COMPACT_BYTES,
+    CompactLogits,
+    compress,
+    encode,
+    entries_that_fit,
+    frame_bytes,
+)
+from services.rpc.backends import LocalBackend
+from services.rpc.client import (
     ClientStats,
     TeacherClient,
     TeacherServiceError,
     TeacherServiceUnavailable,
 )
-from services.engine import TeacherEngine
-from services.server import BackgroundServer
-from services.soft_labels import COMPACT_BYTES, CompactLogits, compress, encode, entries_that_fit, frame_bytes
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
 

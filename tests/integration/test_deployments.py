@@ -2,7 +2,7 @@
 over 127.0.0.1 with ordinary blocking stubs, each call with a deadline.
 
 One Ray session serves the whole module. The application is deployed the way `serve run CONFIG.yaml` and
-KubeRay's RayService deploy it, from a Serve config naming `services.deployments:app_builder` (the CLI's
+KubeRay's RayService deploy it, from a Serve config naming `services.serve.deployments:app_builder` (the CLI's
 `serve deploy` needs the dashboard, which stays off here), so that a config update that changes only a
 teacher's `user_config` reaches the running replica through `reconfigure`.
 """
@@ -33,25 +33,25 @@ from ray.serve.schema import ServeDeploySchema
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
 from services.cache.local_redis import free_port
-from services.client import TeacherClient
-from services.codec import DTYPES_BY_PROTO_NAME, tensor_from_bytes
-from services.deployments import (
+from services.core.errors import ConfigError
+from services.formats.codec import DTYPES_BY_PROTO_NAME, tensor_from_bytes
+from services.rpc.client import TeacherClient
+from services.serve.deployments import (
     APP_NAME,
     QUEUED_SAMPLES,
     QueuedSamplesPolicy,
     build_app,
     teacher_deployment_name,
 )
-from services.engine import TeacherEngine
-from services.errors import ConfigError
-from services.serve_config import (
+from services.serve.serve_config import (
     AutoscalingConfig,
     GrpcConfig,
     ServeConfig,
     TeacherDeploymentConfig,
     load_serve_config,
 )
-from services.zoo import Preprocessing, create_teacher, file_sha256, save_teacher_checkpoint
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher, file_sha256, save_teacher_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -136,7 +136,7 @@ def serve_deploy_schema(
     """What a Serve config file for the service holds, with optional per-teacher user_config overrides."""
     application: dict[str, Any] = {
         "name": APP_NAME,
-        "import_path": "services.deployments:app_builder",
+        "import_path": "services.serve.deployments:app_builder",
         "route_prefix": None,
         "args": {"config": str(config_path)},
     }

@@ -22,18 +22,18 @@ import pytest
 import redis
 import torch
 
-from services.backends import LocalBackend
 from services.cache import open_store
 from services.cache.guard import DEFAULT_COOLDOWN_SECONDS
 from services.cache.local_redis import RedisServer, running_redis_server
-from services.engine import TeacherEngine
-from services.server import BackgroundServer
-from services.zoo import create_teacher
+from services.rpc.backends import LocalBackend
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import create_teacher
 from trainer.config import ExperimentConfig
-from trainer.experiment import ExperimentResult, ensure_teachers
-from trainer.inputs import load_splits
-from trainer.progress import ProgressUpdate
-from trainer.run import run_experiment
+from trainer.runs.experiment import ExperimentResult, ensure_teachers
+from trainer.runs.inputs import load_splits
+from trainer.runs.progress import ProgressUpdate
+from trainer.runs.run import run_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 

@@ -20,19 +20,19 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services._generated import teacher_pb2, teacher_pb2_grpc
-from services.backends import FORWARD_SLICE_BYTES, LocalBackend
-from services.client import TeacherClient
-from services.contract import (
+from services.core.contract import (
     ADMISSION_RETRY_MILLISECONDS,
     MAX_NAME_LENGTH,
     MAX_TEACHERS_PER_REQUEST,
     RETRY_PUSHBACK_METADATA,
 )
-from services.engine import TeacherEngine
-from services.security import ServerSecurity
-from services.server import BackgroundServer
-from services.servicer import MAX_ERROR_MESSAGE_CHARS
-from services.zoo import Preprocessing, create_teacher
+from services.rpc.backends import FORWARD_SLICE_BYTES, LocalBackend
+from services.rpc.client import TeacherClient
+from services.rpc.security import ServerSecurity
+from services.rpc.server import BackgroundServer
+from services.rpc.servicer import MAX_ERROR_MESSAGE_CHARS
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -254,11 +254,11 @@ def test_request_bytes_beyond_max_inflight_request_bytes_are_refused(serve, engi
 _SERVER_PROCESS = textwrap.dedent(
     """
     import asyncio, sys, torch
-    from services.backends import LocalBackend
-    from services.engine import TeacherEngine
-    from services.security import ServerSecurity
-    from services.server import create_server
-    from services.zoo import Preprocessing, create_teacher
+    from services.rpc.backends import LocalBackend
+    from services.teachers.engine import TeacherEngine
+    from services.rpc.security import ServerSecurity
+    from services.rpc.server import create_server
+    from services.teachers.zoo import Preprocessing, create_teacher
 
     def peak_bytes():
         for line in open("/proc/self/status"):

@@ -12,17 +12,17 @@ import safetensors.torch
 import timm
 import torch
 
-from services.backends import LocalBackend
 from services.cache import open_store
-from services.engine import TeacherEngine
-from services.server import BackgroundServer
-from services.zoo import create_teacher
+from services.rpc.backends import LocalBackend
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import create_teacher
 from trainer.config import ExperimentConfig, load_experiment
-from trainer.experiment import ensure_teachers
-from trainer.export import load_student
-from trainer.inputs import load_splits
-from trainer.loop import EVAL_BATCH_SIZE, eval_loader, readable_batches
-from trainer.run import run_experiment
+from trainer.runs.experiment import ensure_teachers
+from trainer.runs.export import load_student
+from trainer.runs.inputs import load_splits
+from trainer.runs.loop import EVAL_BATCH_SIZE, eval_loader, readable_batches
+from trainer.runs.run import run_experiment
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "imagenet"
 SMALL_STUDENTS = {  # the recipe's student, made small enough for 2 CPU cores (None: the recipe's own)

@@ -21,11 +21,11 @@ import torch
 
 from trainer.config import ExperimentConfig
 from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews
-from trainer.experiment import TRAINING_STATE_FORMAT, ExperimentResult
-from trainer.export import load_student
-from trainer.loop import Shard, train_loader
-from trainer.ray_train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, TRAINING_STATE_FILE, run_on_ray_train
-from trainer.run import run_experiment
+from trainer.runs.experiment import TRAINING_STATE_FORMAT, ExperimentResult
+from trainer.runs.export import load_student
+from trainer.runs.loop import Shard, train_loader
+from trainer.runs.ray_train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, TRAINING_STATE_FILE, run_on_ray_train
+from trainer.runs.run import run_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -209,14 +209,14 @@ def test_ray_train_backend_refuses_a_local_teacher_source(tmp_path):
 LOCAL_RUN = """
 import sys
 from trainer.config import ExperimentConfig
-from trainer.run import run_experiment
+from trainer.runs.run import run_experiment
 cfg = ExperimentConfig.model_validate({{
     "name": "local", "device": "cpu", "output_dir": {output!r},
     "data": {{"dataset": "digits", "image_size": 8, "views": 0, "batch_size": 128}},
     "method": {{"name": "ce", "student": {{"arch": "cifar_resnet8"}}}}, "train": {{"epochs": 1}}}})
 result = run_experiment(cfg)
 assert 0.0 <= result.test_accuracy <= 1.0
-leaked = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.") or m == "trainer.ray_train")
+leaked = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.") or m == "trainer.runs.ray_train")
 assert not leaked, leaked
 print("no ray")
 """

@@ -18,15 +18,15 @@ import redis
 import torch
 import yaml
 
-from services.backends import LocalBackend
 from services.cache import open_store
-from services.engine import TeacherEngine
-from services.server import BackgroundServer
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.rpc.backends import LocalBackend
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 from trainer.config import ExperimentConfig
-from trainer.experiment import ExperimentSession
-from trainer.inputs import load_splits
-from trainer.run import run_experiment
+from trainer.runs.experiment import ExperimentSession
+from trainer.runs.inputs import load_splits
+from trainer.runs.run import run_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

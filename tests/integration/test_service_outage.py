@@ -24,18 +24,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.backends import LocalBackend
 from services.cache.local_redis import free_port
-from services.client import TeacherServiceChanged, TeacherServiceUnavailable
-from services.engine import TeacherEngine
-from services.errors import UserError
-from services.server import BackgroundServer
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.core.errors import UserError
+from services.rpc.backends import LocalBackend
+from services.rpc.client import TeacherServiceChanged, TeacherServiceUnavailable
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 from trainer.config import ExperimentConfig
-from trainer.prefetch import prepared_batches
-from trainer.progress import ProgressUpdate
-from trainer.run import run_experiment
-from trainer.sources import OutageWait, ServedTeacherSource
+from trainer.runs.prefetch import prepared_batches
+from trainer.runs.progress import ProgressUpdate
+from trainer.runs.run import run_experiment
+from trainer.runs.sources import OutageWait, ServedTeacherSource
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def test_the_same_batch_is_asked_again_once_the_service_is_back(engine, depth, c
     restarted: list[BackgroundServer] = []
     got = []
     try:
-        with caplog.at_level(logging.WARNING, logger="trainer.sources"):
+        with caplog.at_level(logging.WARNING, logger="trainer.runs.sources"):
             for step, batch in enumerate(prepared_batches(data, source, [["logits"]], depth)):
                 got.append(batch)
                 if step == 1:  # the prefetcher holds a few batches; the others meet the outage
@@ -205,10 +205,10 @@ def test_a_consumer_that_stops_ends_the_wait_at_once(engine):
 
 SERVE = """
 import sys, time
-from services.backends import LocalBackend
-from services.engine import TeacherEngine
-from services.server import BackgroundServer
-from services.zoo import create_teacher
+from services.rpc.backends import LocalBackend
+from services.teachers.engine import TeacherEngine
+from services.rpc.server import BackgroundServer
+from services.teachers.zoo import create_teacher
 checkpoint, port = sys.argv[1], sys.argv[2]
 engines = {"t0": TeacherEngine(create_teacher("cifar_resnet20", 10, checkpoint=checkpoint))}
 with BackgroundServer(LocalBackend(engines), address=f"127.0.0.1:{port}"):

@@ -19,13 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
-from services.backends import BackendUnavailableError, LocalBackend
 from services.cache import input_digest, open_store, output_key
-from services.codec import DTYPES, DTYPES_BY_PROTO_NAME, tensor_from_bytes
-from services.engine import TeacherEngine
-from services.metrics import start_metrics_server
-from services.server import BackgroundServer
-from services.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.formats.codec import DTYPES, DTYPES_BY_PROTO_NAME, tensor_from_bytes
+from services.rpc.backends import BackendUnavailableError, LocalBackend
+from services.rpc.metrics import start_metrics_server
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ from test_served_distill import KD, experiment, serve_teachers
 from typer.testing import CliRunner
 
 from services.cache import open_store
-from trainer.cli import app
+from trainer.cli.main import app
 from trainer.config import ExperimentConfig
-from trainer.run import run_experiment
+from trainer.runs.run import run_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 

@@ -20,13 +20,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services import healthcheck
 from services._generated import teacher_pb2, teacher_pb2_grpc
-from services.backends import LocalBackend
-from services.client import TeacherClient, TeacherServiceError, TeacherServiceUnavailable
-from services.engine import TeacherEngine
-from services.errors import ConfigError
-from services.security import (
+from services.core.errors import ConfigError
+from services.rpc import healthcheck
+from services.rpc.backends import LocalBackend
+from services.rpc.client import TeacherClient, TeacherServiceError, TeacherServiceUnavailable
+from services.rpc.security import (
     AUTH_TOKEN,
     AUTH_TOKEN_FILE,
     PLACEHOLDER_TOKEN,
@@ -37,8 +36,9 @@ from services.security import (
     ServerSecurity,
     is_loopback,
 )
-from services.server import BackgroundServer
-from services.zoo import Preprocessing, create_teacher
+from services.rpc.server import BackgroundServer
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Preprocessing, create_teacher
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

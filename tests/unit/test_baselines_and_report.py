@@ -3,11 +3,11 @@ step budget."""
 
 import pytest
 
-from trainer.baselines import alone_experiment, alone_experiment_name, alone_experiments
-from trainer.config import ExperimentConfig, OptimConfig
-from trainer.experiment import ExperimentResult, ExportedStudent
-from trainer.loop import resolved_epochs
-from trainer.report import gain, results_table
+from trainer.config import ExperimentConfig, OptimConfig, alone_experiment_name
+from trainer.results.baselines import alone_experiment, alone_experiments
+from trainer.results.report import gain, results_table
+from trainer.runs.experiment import ExperimentResult, ExportedStudent
+from trainer.runs.loop import resolved_epochs
 from trainer.students import StudentConfig
 
 OKD = {

@@ -6,9 +6,9 @@ import asyncio
 import pytest
 import torch
 
-from services.batching import PendingRequest, forward_batch, infer_in_pieces, sample_count
-from services.engine import InputSpecError, TeacherEngine, UnknownOutputError
-from services.zoo import Preprocessing, create_teacher
+from services.serve.batching import PendingRequest, forward_batch, infer_in_pieces, sample_count
+from services.teachers.engine import InputSpecError, TeacherEngine, UnknownOutputError
+from services.teachers.zoo import Preprocessing, create_teacher
 
 SIZE = 16
 

@@ -3,7 +3,7 @@ import struct
 import pytest
 import torch
 
-from services.codec import (
+from services.formats.codec import (
     DTYPES,
     DTYPES_BY_PROTO_NAME,
     PROTO_DTYPE_NAMES,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 from trainer.config import ExperimentConfig, load_experiment
 
 REPO = Path(__file__).resolve().parents[2]

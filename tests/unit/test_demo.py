@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from trainer.demo import DEMO_EXPERIMENTS, demo_experiments, service_ready_line
+from trainer.cli.demo import DEMO_EXPERIMENTS, demo_experiments, service_ready_line
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@
 import torch
 
 from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews
-from trainer.loop import Shard, train_loader
+from trainer.runs.loop import Shard, train_loader
 
 
 def views(size: int) -> ReplayedViews:

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from method_support import unit_bn_scales
 from pydantic import ValidationError
 
-from services.errors import ConfigError
-from trainer.losses import distillation_kl, soft_targets
+from services.core.errors import ConfigError
 from trainer.methods.base import TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.feed import FeedParams, build_feed, normalized_l1
+from trainer.methods.losses import distillation_kl, soft_targets
 from trainer.students import StudentConfig, count_parameters
 
 NUM_CLASSES = 10

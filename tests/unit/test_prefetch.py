@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from services.zoo import Preprocessing, create_teacher
-from trainer.prefetch import prepared_batches
-from trainer.sources import InProcessTeacherSource
+from services.teachers.zoo import Preprocessing, create_teacher
+from trainer.runs.prefetch import prepared_batches
+from trainer.runs.sources import InProcessTeacherSource
 
 PRE = Preprocessing(input_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

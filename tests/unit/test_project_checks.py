@@ -62,7 +62,9 @@ def test_a_pin_without_hashes_fails_the_check(tmp_path: Path) -> None:
 
 def test_a_deprecation_raised_from_ekd_code_fails_the_test() -> None:
     with pytest.raises(DeprecationWarning, match="the old way"):
-        warnings.warn_explicit("the old way", DeprecationWarning, "trainer/warm.py", 1, module="trainer.warm")
+        warnings.warn_explicit(
+            "the old way", DeprecationWarning, "trainer/bank/warm.py", 1, module="trainer.bank.warm"
+        )
     with pytest.raises(FutureWarning):
         warnings.warn_explicit("changes soon", FutureWarning, "services/x.py", 1, module="services.x")
 

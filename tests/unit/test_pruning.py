@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from timm.models.resnet import Bottleneck
 from torch import nn
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 from trainer.students import StudentConfig, count_parameters, create_student, l1_kept_filters
 
 NUM_CLASSES = 5

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.experiment import ExperimentResult, TeacherSummary
-from trainer.report import write_results_json
+from trainer.results.report import write_results_json
+from trainer.runs.experiment import ExperimentResult, TeacherSummary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RENDER = REPO_ROOT / "scripts" / "render_results.py"

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.codec import CorruptValueError
-from services.soft_labels import COMPACT_BYTES, CompactLogits, compress, decode, encode
-from trainer.losses import distillation_kl, soft_targets
+from services.formats.codec import CorruptValueError
+from services.formats.soft_labels import COMPACT_BYTES, CompactLogits, compress, decode, encode
 from trainer.methods.base import TeacherOutputs, in_soft_label_form
+from trainer.methods.losses import distillation_kl, soft_targets
 
 
 def logits(batch: int, classes: int, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 from trainer.students import StudentConfig, create_student
 
 

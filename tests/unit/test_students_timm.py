@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from services.errors import ConfigError, UnknownNameError
+from services.core.errors import ConfigError, UnknownNameError
 from trainer.students import StudentConfig, create_student
 
 

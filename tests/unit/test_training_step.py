@@ -11,8 +11,8 @@ from torch import nn
 
 from trainer.config import OptimConfig
 from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews
-from trainer.loop import StepSettings, make_scheduler, train_epoch, train_loader
 from trainer.methods.ce import CrossEntropyTraining
+from trainer.runs.loop import StepSettings, make_scheduler, train_epoch, train_loader
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -26,7 +26,7 @@ from trainer.data import (
     load_dataset,
 )
 from trainer.data.images import list_image_folder
-from trainer.loop import LoaderSettings, readable_batches, train_loader
+from trainer.runs.loop import LoaderSettings, readable_batches, train_loader
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -1,4 +1,4 @@
-"""`services.weights`: the one reader of weights files, for teachers and students alike."""
+"""`services.core.weights`: the one reader of weights files, for teachers and students alike."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.errors import UserError
-from services.weights import (
+from services.core.errors import UserError
+from services.core.weights import (
     NoStateDictError,
     PickledObjectError,
     WeightsFileError,

@@ -1,4 +1,4 @@
-"""The InferRequest wire form of services.wire is protobuf's: what it writes protobuf reads as the same
+"""The InferRequest wire form of services.rpc.wire is protobuf's: what it writes protobuf reads as the same
 message, and what protobuf writes it reads, with the image bytes as a view instead of copies."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from google.protobuf.message import DecodeError
 
 from services._generated import teacher_pb2
-from services.codec import CodecError, decode_into, tensor_to_bytes
-from services.wire import OutgoingInferRequest, parse_infer_request, serialize_infer_request
+from services.formats.codec import CodecError, decode_into, tensor_to_bytes
+from services.rpc.wire import OutgoingInferRequest, parse_infer_request, serialize_infer_request
 
 
 def images(batch: int = 3) -> torch.Tensor:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from services.errors import UnknownNameError
-from services.zoo import (
+from services.core.errors import UnknownNameError
+from services.teachers.zoo import (
     CHECKPOINT_FORMAT,
     IMAGENET_RESNET_TAPS,
     TEACHERS,
@@ -190,7 +190,7 @@ def test_identity_changes_with_anything_that_changes_outputs(changes):
 
 def test_identity_is_the_same_in_another_process():
     code = (
-        "from services.zoo import Preprocessing, TeacherSpec;"
+        "from services.teachers.zoo import Preprocessing, TeacherSpec;"
         "print(TeacherSpec('cifar_resnet20', 10, Preprocessing.cifar(),"
         " {'layer1': 'layer1', 'layer3': 'layer3'}, 'ab' * 32, '/a.pt').identity)"
     )
@@ -199,8 +199,8 @@ def test_identity_is_the_same_in_another_process():
     assert other == spec().identity
 
 
-# Computed with services/zoo.py as it was before Preprocessing carried crop_pct and interpolation: existing
-# teachers keep their identities, and so their cached outputs.
+# Computed with services/teachers/zoo.py as it was before Preprocessing carried crop_pct and interpolation:
+# existing teachers keep their identities, and so their cached outputs.
 @pytest.mark.parametrize(
     "make_spec, identity",
     [

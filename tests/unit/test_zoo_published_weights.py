@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from timm.models import register_model
 from torch import nn
 
-from services.engine import TeacherEngine
-from services.errors import ConfigError, UnknownNameError
-from services.serve_config import TeacherDeploymentConfig
-from services.zoo import (
+from services.core.errors import ConfigError, UnknownNameError
+from services.serve.serve_config import TeacherDeploymentConfig
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import (
     Preprocessing,
     TeacherCheckpointError,
     check_teacher_name,
@@ -227,7 +227,7 @@ def test_timm_teacher_taps_follow_feature_info_and_are_read_by_the_engine():
 
 
 def test_timm_model_without_pretrained_config_gets_imagenet_defaults_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="services.zoo"):
+    with caplog.at_level(logging.WARNING, logger="services.teachers.zoo"):
         teacher = create_teacher(f"timm:{NO_CFG_MODEL}", 5)
     assert teacher.spec.preprocessing == Preprocessing.imagenet()
     assert teacher.spec.taps == {}

@@ -31,7 +31,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
-from services.errors import ConfigError, UserError
+from services.core.errors import ConfigError, UserError
 from trainer.data.images import ImageFiles, list_image_folder
 from trainer.data.views import CentreCrop, Interpolation
 

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from services.errors import UserError
+from services.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

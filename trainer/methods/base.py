@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.soft_labels import CompactLogits, compress
+from services.formats.soft_labels import CompactLogits, compress
 from trainer.students import StudentConfig
 
 
@@ -31,7 +31,7 @@ class TeacherInfo:
 class TeacherOutputs:
     """Teacher outputs for one batch, in the configured teacher order; float32, on the student's device."""
 
-    # Per teacher: [B, classes] or its compact form (services/soft_labels.py); None where not asked.
+    # Per teacher: [B, classes] or its compact form (services/formats/soft_labels.py); None where not asked.
     logits: list[torch.Tensor | CompactLogits | None]
     features: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per teacher: tap -> [B, C, H, W]
 
@@ -130,7 +130,7 @@ class Method(nn.Module, ABC):
 
     def alone_networks(self) -> dict[str, StudentConfig]:
         """Per exported single network, the same network as a student config: what trains alone with CE as
-        the baseline its gain is measured against (trainer.baselines). Ensembles have none."""
+        the baseline its gain is measured against (trainer.results.baselines). Ensembles have none."""
         return {}
 
     def param_groups(self, lr: float) -> list[dict]:

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
-from services.contract import LOGITS
-from services.errors import ConfigError
-from trainer.losses import hinton_kd_loss, soft_targets
+from services.core.contract import LOGITS
+from services.core.errors import ConfigError
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import check_teachers, require_teacher_logits
+from trainer.methods.losses import hinton_kd_loss, soft_targets
 from trainer.methods.registry import register_method
 from trainer.students import MultiBranchTrunk, MultiBranchTrunkParams, StudentConfig
 

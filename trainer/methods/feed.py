@@ -32,7 +32,7 @@ ekd's reading, where the sources leave a choice:
   the teacher map itself.) Where the spatial sizes differ, the transform output is adaptively
   average-pooled to the teacher map's (H, W).
 - The feature terms are summed over teachers, not averaged, as the equation writes them.
-- Optional logit KD: `kd_weight · T² · KL(p̄_t^T ‖ p_s^T)` (trainer.losses), p̄ averaging the softened
+- Optional logit KD: `kd_weight · T² · KL(p̄_t^T ‖ p_s^T)` (trainer.methods.losses), p̄ averaging the softened
   probabilities of the current stage's teachers (all of them in parallel mode, teacher k in stage k).
 - Optional paraphraser (`paraphraser=True`): per teacher, FT's convolutional autoencoder (encoder: 3×3 convs
   C_t → C_t → k·C_t → k·C_t; decoder: 3×3 transposed convs back to C_t; LeakyReLU(0.1) after every layer).
@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from services.contract import LOGITS
-from services.errors import ConfigError
-from trainer.losses import distillation_kl, soft_targets
+from services.core.contract import LOGITS
+from services.core.errors import ConfigError
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.losses import distillation_kl, soft_targets
 from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 

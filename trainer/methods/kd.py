@@ -23,10 +23,10 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
-from services.contract import LOGITS
-from services.errors import ConfigError
-from trainer.losses import TeacherLogits, hinton_kd_loss, soft_targets
+from services.core.contract import LOGITS
+from services.core.errors import ConfigError
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
+from trainer.methods.losses import TeacherLogits, hinton_kd_loss, soft_targets
 from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 

@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from trainer.losses import distillation_kl
 from trainer.methods.base import (
     LossResult,
     Method,
@@ -62,6 +61,7 @@ from trainer.methods.base import (
     TeacherOutputs,
     TrainingClock,
 )
+from trainer.methods.losses import distillation_kl
 from trainer.methods.registry import register_method
 from trainer.students import MultiBranchTrunkParams, StudentConfig
 

@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from trainer.losses import distillation_kl
 from trainer.methods.base import (
     LossResult,
     Method,
@@ -52,6 +51,7 @@ from trainer.methods.base import (
     TeacherOutputs,
     TrainingClock,
 )
+from trainer.methods.losses import distillation_kl
 from trainer.methods.registry import register_method
 from trainer.students import BranchOutputs, MultiBranchTrunk, MultiBranchTrunkParams, StudentConfig
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from services.errors import ConfigError
-from services.registry import Registry
+from services.core.errors import ConfigError
+from services.core.registry import Registry
 from trainer.methods.base import Method, TeacherInfo
 
 MethodBuilder = Callable[..., Method]  # builder(params, *, num_classes, in_chans, teachers) -> Method

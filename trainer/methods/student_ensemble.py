@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from services.contract import LOGITS
-from trainer.losses import soft_targets
+from services.core.contract import LOGITS
 from trainer.methods.base import LossResult, Method, TeacherInfo, TeacherOutputs, TrainingClock
 from trainer.methods.kd import TeacherWeights, check_teachers, require_teacher_logits
+from trainer.methods.losses import soft_targets
 from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 

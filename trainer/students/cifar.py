@@ -9,7 +9,7 @@ import torch
 from pydantic import AfterValidator, Field
 from torch import nn
 
-from services.cifar_models import CifarResNet, init_weights
+from services.teachers.cifar_models import CifarResNet, init_weights
 from trainer.students.registry import STUDENTS
 
 

@@ -1,4 +1,4 @@
-"""A student's initial weights from a local file, read by `services.weights.read_state_dict`: safetensors
+"""A student's initial weights from a local file, read by `services.core.weights.read_state_dict`: safetensors
 (recognised by its bytes) or a torch file read with `weights_only=True` (never unpickling arbitrary objects),
 the state dict bare or nested the way training scripts save it.
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from services.errors import ConfigError
-from services.weights import WeightsFileError, read_state_dict
+from services.core.errors import ConfigError
+from services.core.weights import WeightsFileError, read_state_dict
 
 logger = logging.getLogger(__name__)
 

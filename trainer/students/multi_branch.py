@@ -22,7 +22,13 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 from timm.models import ResNet
 from torch import nn
 
-from services.cifar_models import CIFAR_RESNET_WIDTHS, BasicBlock, init_weights, make_stage, scaled_width
+from services.teachers.cifar_models import (
+    CIFAR_RESNET_WIDTHS,
+    BasicBlock,
+    init_weights,
+    make_stage,
+    scaled_width,
+)
 from trainer.students.cifar import CifarResNetDepth
 from trainer.students.registry import STUDENTS, StudentConfig
 

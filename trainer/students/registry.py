@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from services.errors import ConfigError, UnknownNameError, UserError
-from services.registry import Registry
+from services.core.errors import ConfigError, UnknownNameError, UserError
+from services.core.registry import Registry
 from trainer.students.initial_weights import load_initial_weights
 from trainer.students.timm_students import TIMM_PREFIX, check_timm_arch, create_timm_student
 
@@ -55,8 +55,8 @@ class StudentConfig(BaseModel):
     )
     init_checkpoint: str | None = Field(
         None,
-        description="local file of initial weights (services.weights.read_state_dict): safetensors, or a "
-        "torch state dict read with weights_only=True, bare or nested as timm saves it, in the "
+        description="local file of initial weights (services.core.weights.read_state_dict): safetensors, "
+        "or a torch state dict read with weights_only=True, bare or nested as timm saves it, in the "
         "architecture's own key layout (timm's; torchvision's ResNets share it); a "
         "classifier over another number of classes is re-initialised. None: random initialisation",
     )

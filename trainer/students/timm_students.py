@@ -11,7 +11,7 @@ import difflib
 import timm
 from torch import nn
 
-from services.errors import ConfigError, UnknownNameError
+from services.core.errors import ConfigError, UnknownNameError
 
 TIMM_PREFIX = "timm:"
 

@@ -1,0 +1,1 @@
+"""Teachers: the model zoo (specs, identities, checkpoints, architectures) and the batched engine."""

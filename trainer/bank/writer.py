@@ -1,0 +1,122 @@
+"""Writing one teacher's outputs for batches of views into the output cache, under exactly the keys the
+teacher service writes (services/rpc/servicer.py) and the client reads: plain PyTorch, the worker of `ekd
+warm`.
+
+For each view: the input digest of its uint8 bytes, then per requested output `output_key(identity, output,
+dtype, 0, digest)` holding the output in `dtype` (the served path's default, float16), except the logits in
+the compact form, `output_key(..., form="compact")` holding its `services.formats.soft_labels` frame. A view
+whose outputs are all cached is skipped, so a rerun resumes where the last one stopped; the rest are computed
+in one forward and written in one `put_many` (one LMDB transaction, or one Redis pipeline of whole-value
+SETs): an interrupted batch leaves whole values or none."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.cache import COMPACT, FULL, TeacherOutputStore, input_digests, output_key
+from services.core.contract import DEFAULT_OUTPUT_DTYPE, LOGITS
+from services.formats.codec import DTYPES
+from services.formats.soft_labels import compress
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import create_teacher
+from trainer.config import ExperimentConfig
+from trainer.methods import create_method
+from trainer.methods.base import TeacherInfo
+
+
+def bank_keys(
+    identity: str,
+    outputs: Sequence[str],
+    digests: Sequence[bytes],
+    form: str,
+    dtype: str = DEFAULT_OUTPUT_DTYPE,
+) -> dict[str, list[bytes]]:
+    """Per output, the key of each digest's entry: the logits in `form`, feature maps in full."""
+    return {
+        output: [
+            output_key(identity, output, dtype, 0, digest, form=form if output == LOGITS else FULL)
+            for digest in digests
+        ]
+        for output in outputs
+    }
+
+
+def requested_outputs(
+    cfg: ExperimentConfig, num_classes: int, in_chans: int, image_size: int
+) -> list[list[str]]:
+    """Per teacher, the outputs the experiment's method asks for (its logits, and any feature taps)."""
+    teachers = [create_teacher(t.name, num_classes, checkpoint=t.checkpoint) for t in cfg.teachers]
+    infos = [
+        TeacherInfo(t.spec.name, t.spec.num_classes, TeacherEngine(t).feature_shapes(image_size))
+        for t in teachers
+    ]
+    method = create_method(cfg.method, num_classes=num_classes, in_chans=in_chans, teachers=infos)
+    return method.teacher_outputs()
+
+
+@dataclass(frozen=True)
+class BatchWritten:
+    views: int
+    cached: int  # views already in the cache, skipped
+    bytes_written: int
+    seconds: float  # spent computing and writing
+
+
+class TeacherBankWriter:
+    """Fills `store` with `engine`'s `outputs` for the views it is given, in `form` ("full" or "compact")."""
+
+    def __init__(
+        self,
+        engine: TeacherEngine,
+        store: TeacherOutputStore,
+        outputs: Sequence[str],
+        form: str,
+        dtype: str = DEFAULT_OUTPUT_DTYPE,
+    ) -> None:
+        if engine.spec.weights_sha256 is None:
+            raise ValueError(
+                f"teacher {engine.spec.name!r} has no weights file, so its identity does not pin its weights "
+                "and its outputs are never cached"
+            )
+        self.engine = engine
+        self.store = store
+        self.outputs = list(outputs)
+        self.form = form
+        self.dtype = dtype
+
+    def write(self, views: torch.Tensor, *, evaluation: bool = False) -> BatchWritten:
+        """Compute and store the outputs of the views [B, C, H, W] (uint8) not yet cached; `evaluation`
+        images get what a run's teacher evaluation asks for instead: full logits."""
+        started = time.perf_counter()
+        outputs, form = ([LOGITS], FULL) if evaluation else (self.outputs, self.form)
+        keys = bank_keys(self.engine.spec.identity, outputs, input_digests(views), form, self.dtype)
+        found = self.store.get_many([key for output in outputs for key in keys[output]])
+        batch = views.shape[0]
+        missing = [
+            i
+            for i in range(batch)
+            if any(found[column * batch + i] is None for column in range(len(outputs)))
+        ]
+        before = self.store.stats.bytes_written
+        if missing:
+            computed = self.engine.infer(views[missing], outputs)
+            items = []
+            for output in outputs:
+                values = computed[output]
+                if output == LOGITS and form == COMPACT:
+                    compact = compress(values)
+                    items += [(keys[output][i], compact[row]) for row, i in enumerate(missing)]
+                else:
+                    values = values.to(DTYPES[self.dtype])
+                    items += [(keys[output][i], values[row]) for row, i in enumerate(missing)]
+            self.store.put_many(items)
+        return BatchWritten(
+            views=batch,
+            cached=batch - len(missing),
+            bytes_written=self.store.stats.bytes_written - before,
+            seconds=time.perf_counter() - started,
+        )

@@ -1,0 +1,547 @@
+"""`ekd`: the command line (Typer + rich). Progress and logs go to stderr, tables to stdout.
+
+Errors a user can fix (`services.core.errors.UserError`: a bad config, a missing dataset or checkpoint, a
+service or cache that cannot be reached) print one short message and exit with status 2, without a traceback
+(`--debug` shows it). Anything else is a bug: it exits with status 1 and its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.cache.store import redact_url
+from services.core.errors import ConfigError, UserError
+from services.core.yaml_config import format_validation_error
+from trainer.config import ExperimentConfig, load_experiment
+from trainer.runs.progress import ProgressUpdate
+
+app = typer.Typer(
+    name="ekd",
+    help="Ensemble knowledge distillation: served teachers, cached outputs, compact students.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+teachers_app = typer.Typer(help="Train the teachers ekd distills from.", no_args_is_help=True)
+app.add_typer(teachers_app, name="teachers")
+cache_app = typer.Typer(help="See, audit and prune the teacher-output cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+err_console = Console(stderr=True)
+# Tables stay readable when stdout is a pipe or a file (rich would otherwise squeeze them to 80 columns).
+out_console = Console(width=None if Console().is_terminal else 140)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="override a config field, dotted.key=value (value read as YAML), e.g. --set data.root=/data "
+        "--set teachers.0.checkpoint=/ckpt/senet154.safetensors; repeatable, validated like the file",
+        show_default=False,
+    ),
+]
+ConfigArg = Annotated[
+    Path, typer.Argument(help="experiment YAML, e.g. configs/digits/kd.yaml", show_default=False)
+]
+
+
+# The packages whose loggers `-v` turns up; third-party loggers stay at WARNING.
+EKD_LOGGERS = ("services", "trainer")
+_show_user_error_tracebacks = False  # set by --debug
+
+
+def version_callback(show: bool) -> None:
+    if show:
+        out_console.print(f"ekd {importlib.metadata.version('ekd')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="more log lines: -v for debug messages")
+    ] = 0,
+    debug: Annotated[bool, typer.Option(help="show the traceback of user errors too")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    global _show_user_error_tracebacks
+    _show_user_error_tracebacks = debug
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    for name in EKD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def user_errors(fn):
+    """Turn the errors a user can fix into one line on stderr and exit status 2; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            if _show_user_error_tracebacks:
+                err_console.print_exception()
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+class ProgressBars:
+    """Rich progress bars on stderr fed by the core's `ProgressUpdate`s: one bar per task."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        if update.task not in self._tasks:
+            self._tasks[update.task] = self.progress.add_task(update.description, total=update.total)
+        self.progress.update(
+            self._tasks[update.task],
+            completed=update.completed,
+            total=update.total,
+            description=update.description,
+        )
+
+    def __enter__(self) -> ProgressBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+
+def parse_seeds(seeds: str | None, default: int) -> list[int]:
+    if seeds is None:
+        return [default]
+    try:
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"comma-separated integers like 0,1,2, got {seeds!r}", param_hint="--seeds"
+        ) from None
+    if not values or any(v < 0 for v in values):
+        raise typer.BadParameter(f"non-negative integers like 0,1,2, got {seeds!r}", param_hint="--seeds")
+    return values
+
+
+def with_cli_overrides(
+    cfg: ExperimentConfig, *, output_dir: Path | None, teacher_service: str | None, ray_address: str | None
+) -> ExperimentConfig:
+    """The experiment with what the command line says instead of the file, validated again."""
+    data = cfg.model_dump()
+    if output_dir is not None:
+        data["output_dir"] = str(output_dir)
+    if teacher_service is not None:
+        source = data["teacher_source"]
+        source.update(
+            kind="served", address=teacher_service, cache=source["cache"] or os.environ.get("EKD_CACHE_URI")
+        )
+    if ray_address is not None:
+        data["execution"]["backend"] = "ray_train"
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid command-line override\n{format_validation_error(err)}") from None
+
+
+@teachers_app.command("train")
+@user_errors
+def teachers_train(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option(help="retrain even when a checkpoint exists")] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Train the teachers an experiment names and save their local checkpoints."""
+    from trainer.runs.experiment import ensure_teachers
+    from trainer.runs.inputs import load_splits
+    from trainer.runs.loop import resolve_device
+
+    cfg = load_experiment(config, overrides or ())
+    if not cfg.teachers:
+        raise ConfigError(f"{config} names no teachers (method {cfg.method.name!r} uses none)")
+    splits = load_splits(cfg)
+    with ProgressBars() as bars:
+        ensure_teachers(cfg, splits, resolve_device(cfg.device), bars, force=force)
+    for t in cfg.teachers:
+        out_console.print(f"{t.name}: {t.checkpoint}")
+
+
+@app.command()
+@user_errors
+def distill(
+    config: ConfigArg,
+    seeds: Annotated[
+        str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2 (default: the config's)")
+    ] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="where results go (default: the config's)")] = None,
+    teacher_service: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of a running teacher service: teachers come from it, cache first "
+            "(cache URI from the config, else $EKD_CACHE_URI)"
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="address of a running Ray cluster: train there with Ray Train (execution.backend ray_train)"
+        ),
+    ] = None,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            help="also train each network the method exports alone with CE (same data, schedule and seeds; "
+            "linked runs <name>-alone-<network> beside it) and show every student's gain over it"
+        ),
+    ] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
+    from trainer.results.baselines import alone_experiments
+    from trainer.results.report import plot_results, results_table, teacher_table, write_results_json
+
+    cfg = with_cli_overrides(
+        load_experiment(config, overrides or ()),
+        output_dir=output_dir,
+        teacher_service=teacher_service,
+        ray_address=address,
+    )
+    results = []
+    from trainer.runs.run import run_experiment
+
+    with ProgressBars() as bars:
+        for seed in parse_seeds(seeds, cfg.seed):
+            run_cfg = cfg.model_copy(update={"seed": seed})
+            results.append(run_experiment(run_cfg, on_progress=bars, ray_address=address))
+        if baselines:
+            networks = [s.alone_network for s in results[0].students if s.alone_network is not None]
+            for alone_cfg in alone_experiments(cfg, networks):
+                for seed in parse_seeds(seeds, cfg.seed):
+                    run_cfg = alone_cfg.model_copy(update={"seed": seed})
+                    results.append(run_experiment(run_cfg, on_progress=bars, ray_address=address))
+    run_dir = Path(results[0].run_dir)
+    out_console.print(results_table(results, title=f"ekd distill {config}"))
+    if (teachers := teacher_table(results)) is not None:
+        out_console.print(teachers)
+    json_path = write_results_json(results, run_dir / "results.json")
+    plot_path = plot_results(results, run_dir / "accuracy_vs_params.png")
+    err_console.print(f"results: {json_path}\nplot: {plot_path}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="a run directory of `ekd distill`, e.g. runs/digits-okd", show_default=False),
+    ],
+) -> None:
+    """Load every student a run exported (weights_only) and check it reproduces its recorded test accuracy;
+    exit status 1 when one does not."""
+    from rich.table import Table
+
+    from trainer.runs.export import check_exports
+
+    checks = check_exports(run_dir)
+    table = Table(title=f"ekd evaluate {run_dir}")
+    for column in ("seed", "export", "recorded", "loaded back", "reproduced"):
+        table.add_column(column, justify="left" if column == "export" else "right")
+    for check in checks:
+        table.add_row(
+            str(check.seed),
+            check.name + (" (headline)" if check.headline else ""),
+            f"{check.recorded:.4%}",
+            f"{check.measured:.4%}",
+            "yes" if check.reproduced else "NO",
+        )
+    out_console.print(table)
+    if not all(check.reproduced for check in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def serve(
+    config: Annotated[
+        Path, typer.Argument(help="service config YAML, e.g. configs/serve/digits.yaml", show_default=False)
+    ],
+    overrides: SetOption = None,
+) -> None:
+    """Serve teachers locally: a local Ray, one Serve deployment per teacher, the gRPC ingress; Ctrl-C stops
+    it."""
+    from services.serve.deployments import serve_locally
+    from services.serve.serve_config import load_serve_config
+
+    def ready(address: str) -> None:
+        out_console.print(f"teacher service ready at {address} (gRPC; Ctrl-C stops it)")
+
+    serve_locally(load_serve_config(config, overrides or ()), on_ready=ready)
+
+
+@app.command()
+@user_errors
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="where results, plots and students go")] = Path(
+        "runs/demo"
+    ),
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers per experiment")] = 2,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="epochs per experiment (stage) of every student; 20 keeps "
+            "the demo within 15 minutes on 2 cores",
+        ),
+    ] = 20,
+    configs: Annotated[Path, typer.Option(help="the digits experiment configs")] = Path("configs/digits"),
+    serve_config: Annotated[Path, typer.Option(help="the teacher service config")] = Path(
+        "configs/serve/digits.yaml"
+    ),
+) -> None:
+    """The whole system on digits: train (or reuse) teachers, serve them, distill seven ways on Ray Train."""
+    from trainer.cli.demo import demo_table, run_demo
+    from trainer.results.report import plot_results, write_results_json
+
+    with ProgressBars() as bars:
+        rows = run_demo(
+            configs_dir=configs,
+            serve_config=serve_config,
+            output_dir=output_dir,
+            workers=workers,
+            epochs=epochs,
+            on_progress=bars,
+        )
+    out_console.print(demo_table(rows))
+    results = [row.result for row in rows]
+    json_path = write_results_json(results, output_dir / "results.json")
+    plot_path = plot_results(results, output_dir / "accuracy_vs_params.png")
+    err_console.print(f"results: {json_path}\nplot: {plot_path}")
+
+
+def _cache_uri(cfg: ExperimentConfig, cache: str | None) -> str:
+    uri = cache or cfg.teacher_source.cache or os.environ.get("EKD_CACHE_URI")
+    if not uri:
+        raise ConfigError(
+            "no cache to warm: give --cache URI, set teacher_source.cache in the experiment or $EKD_CACHE_URI"
+        )
+    return uri
+
+
+@app.command()
+@user_errors
+def warm(
+    config: ConfigArg,
+    cache: Annotated[
+        str | None, typer.Option(help="cache URI (default: the experiment's teacher_source.cache)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="views per teacher batch")] = 256,
+    ray_address: Annotated[
+        str | None, typer.Option(help="a running Ray cluster to run on (default: a private local one)")
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Precompute every teacher output the experiment trains from into the cache (a Ray Data job), in the
+    form teacher_source.soft_labels names; what is cached already is skipped, so it resumes."""
+    from trainer.bank.warm import warm_bank
+    from trainer.runs.experiment import ensure_teachers
+    from trainer.runs.inputs import load_splits
+    from trainer.runs.loop import resolve_device
+
+    cfg = load_experiment(config, overrides or ())
+    uri = _cache_uri(cfg, cache)
+    with ProgressBars() as bars:
+        ensure_teachers(cfg, load_splits(cfg), resolve_device(cfg.device), bars)
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} views/s, {task.fields[written]} written"),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_batch(teachers) -> None:
+        for teacher in teachers:
+            if teacher.name not in tasks:
+                tasks[teacher.name] = progress.add_task(
+                    teacher.name, total=teacher.total, rate="0", written="0 B"
+                )
+            progress.update(
+                tasks[teacher.name],
+                completed=teacher.views,
+                rate=f"{teacher.views_per_second:,.0f}",
+                written=_bytes(teacher.bytes_written),
+            )
+
+    with progress:
+        warmed = warm_bank(cfg, uri, batch_size=batch_size, ray_address=ray_address, on_batch=on_batch)
+    table = Table(title=f"ekd warm {cfg.name} -> {redact_url(uri)}")
+    for column in (
+        "teacher",
+        "tag",
+        "outputs",
+        "form",
+        "views",
+        "already cached",
+        "computed",
+        "bytes written",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("teacher", "tag", "outputs", "form") else "right"
+        )
+    table.add_column("views/s", justify="right")
+    for t in warmed:
+        table.add_row(
+            t.name,
+            t.tag,
+            ", ".join(t.outputs),
+            t.form,
+            f"{t.views:,}",
+            f"{t.cached:,}",
+            f"{t.computed:,}",
+            _bytes(t.bytes_written),
+            f"{t.views_per_second:,.0f}",
+        )
+    out_console.print(table)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+@cache_app.command("stats")
+@user_errors
+def cache_stats(
+    uri: Annotated[str, typer.Argument(help="cache URI: lmdb:///path, a path, or redis://host:port/db")],
+    views: Annotated[int, typer.Option(min=1, help="replayed views per image of the ImageNet estimate")] = 16,
+) -> None:
+    """Entries and bytes per teacher, output and form (from the keys, without reading values), and what a
+    full ImageNet bank would take at each group's bytes per entry."""
+    from services.cache import open_store
+    from services.cache.inventory import IMAGENET_TRAIN_IMAGES, inventory
+
+    with open_store(uri) as store:
+        groups, unrecognized = inventory(store)
+    table = Table(title=f"ekd cache {redact_url(uri)}")
+    for column in ("teacher tag", "output", "form", "entries", "key bytes", "value bytes", "bytes/entry"):
+        table.add_column(column, justify="left" if column in ("teacher tag", "output", "form") else "right")
+    table.add_column(f"ImageNet bank ({views} views)", justify="right")
+    for g in groups:
+        table.add_row(
+            g.tag,
+            g.output,
+            g.form,
+            f"{g.entries:,}",
+            _bytes(g.key_bytes),
+            _bytes(g.value_bytes),
+            f"{g.bytes_per_entry:,.0f}",
+            _bytes(g.bytes_per_entry * IMAGENET_TRAIN_IMAGES * views),
+        )
+    out_console.print(table)
+    total = sum(g.key_bytes + g.value_bytes for g in groups)
+    out_console.print(
+        f"{sum(g.entries for g in groups):,} entries, {_bytes(total)} of keys and values"
+        + (f"; {unrecognized} other keys under the namespace" if unrecognized else "")
+    )
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify(
+    uri: Annotated[str, typer.Argument(help="cache URI")],
+    config: ConfigArg,
+    sample: Annotated[int, typer.Option(min=1, help="entries to recompute per teacher output")] = 64,
+    fix: Annotated[bool, typer.Option(help="delete the entries beyond tolerance")] = False,
+    logit_tolerance: Annotated[float, typer.Option(min=0)] = 0.05,
+    probability_tolerance: Annotated[float, typer.Option(min=0)] = 0.005,
+    service: Annotated[
+        str | None,
+        typer.Option(help="recompute on the teacher service at this host:port (default: here)"),
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Recompute a random sample of the experiment's cached teacher outputs with the teachers (here, or on the
+    teacher service with --service) and report the largest deviations (logits; probabilities at the
+    experiment's temperature)."""
+    from services.cache import open_store
+    from trainer.bank.audit import verify_cache
+
+    cfg = load_experiment(config, overrides or ())
+    with open_store(uri) as store:
+        audits = verify_cache(
+            cfg,
+            store,
+            sample,
+            logit_tolerance=logit_tolerance,
+            probability_tolerance=probability_tolerance,
+            fix=fix,
+            service=service,
+        )
+    temperature = getattr(cfg.method, "temperature", 1.0)
+    table = Table(title=f"ekd cache verify {redact_url(uri)} against {cfg.name} (T = {temperature:g})")
+    for column in ("teacher", "tag", "output", "form", "checked", "max |Δ logit|", "max |Δ p|", "beyond"):
+        table.add_column(
+            column, justify="left" if column in ("teacher", "tag", "output", "form") else "right"
+        )
+    for a in audits:
+        table.add_row(
+            a.teacher,
+            a.tag,
+            a.output,
+            a.form,
+            str(a.checked),
+            f"{a.max_logit_deviation:.4g}",
+            f"{a.max_probability_deviation:.3g}",
+            f"{len(a.bad)}" + (" (deleted)" if fix and a.bad else ""),
+        )
+    out_console.print(table)
+    if any(a.bad for a in audits) and not fix:
+        raise typer.Exit(1)
+
+
+@cache_app.command("evict")
+@user_errors
+def cache_evict(
+    uri: Annotated[str, typer.Argument(help="cache URI")],
+    teacher: Annotated[str, typer.Option(help="the teacher's identity, or its 12-character key tag")],
+) -> None:
+    """Drop every entry of one teacher."""
+    from services.cache import open_store
+    from services.cache.inventory import evict_teacher
+
+    with open_store(uri) as store:
+        deleted = evict_teacher(store, teacher)
+    out_console.print(f"deleted {deleted:,} entries of teacher {teacher} from {redact_url(uri)}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Results: the report (table, JSON, plot), baselines trained alone, exported students."""

@@ -1,0 +1,386 @@
+"""Training and evaluation steps and epochs, in plain PyTorch (the Ray Train adapter wraps these).
+
+Data-parallel training (one process per worker, a torch.distributed process group between them) shards each
+epoch's batches with `Shard` and averages each epoch's statistics with `all_reduce_epoch_stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import distributed, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from services.core.errors import ConfigError
+from trainer.config import OptimConfig
+from trainer.data import ReplayedViews, collate_readable, normalize
+from trainer.methods.base import Method, TrainingClock, in_soft_label_form
+from trainer.runs.prefetch import prepared_batches
+from trainer.runs.sources import TeacherSource
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def make_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            param_groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, warmup_steps: int = 0
+):
+    """Per-step schedule, so that short runs on small data follow the same curve as long ones: a linear
+    warm-up over `warmup_steps` (from lr / warmup_steps to lr), then the configured schedule over the rest."""
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    steps = max(total_steps - warmup_steps, 1)
+    if cfg.schedule == "cosine":
+
+        def after_warmup(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    elif cfg.schedule == "multistep":
+        boundaries = [int(m * steps) for m in cfg.milestones]
+
+        def after_warmup(step: int) -> float:
+            return cfg.gamma ** sum(step >= b for b in boundaries)
+
+    else:
+
+        def after_warmup(step: int) -> float:
+            return 1.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return after_warmup(step - warmup_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How each training step runs: autocast dtype (None: fp32), memory format, gradient accumulation."""
+
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    accumulate_steps: int = 1
+
+    @classmethod
+    def resolve(cls, cfg: OptimConfig, device: torch.device) -> StepSettings:
+        """`precision: auto` is bf16 autocast on a CUDA device that supports it, fp32 elsewhere;
+        `channels_last: null` is channels_last on CUDA (where convolutions run faster in it)."""
+        on_cuda = device.type == "cuda"
+        if cfg.precision == "auto":
+            bf16 = on_cuda and torch.cuda.is_bf16_supported()
+        else:
+            bf16 = cfg.precision == "bf16"
+        channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+        return cls(torch.bfloat16 if bf16 else None, channels_last, cfg.accumulate_steps)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """DataLoader settings shared by training and evaluation."""
+
+    workers: int = 0  # decoding processes; 0: in the training process
+    pin_memory: bool = False  # page-locked batches, so copies to the GPU can overlap compute
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+
+    def kwargs(self) -> dict:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
+        return {
+            "num_workers": self.workers,
+            "pin_memory": self.pin_memory,
+            "collate_fn": collate_readable,
+            **extra,
+        }
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This worker's place among `world_size` data-parallel workers."""
+
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"a shard needs world_size >= 1 and 0 <= rank < world_size, "
+                f"got rank {self.rank} of {self.world_size}"
+            )
+
+
+class ShardSampler(Sampler[int]):
+    """Worker `shard.rank`'s share of one seeded permutation: positions rank, rank + W, rank + 2W, ...
+
+    Every worker draws the same permutation from the same seed, so the shards are disjoint and together cover
+    every sample. The permutation is padded by wrapping around to a multiple of W, as torch's
+    DistributedSampler does, so that all workers take the same number of steps (DDP needs each step on every
+    worker). With per-worker batches of B / W (W dividing B), step k of the W workers together sees exactly
+    the permutation's k-th batch of B: the batches a single process would see.
+    """
+
+    def __init__(self, size: int, shard: Shard, generator: torch.Generator) -> None:
+        self.size = size
+        self.shard = shard
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return -(-self.size // self.shard.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=self.generator)  # what shuffle=True draws
+        total = len(self) * self.shard.world_size
+        padded = order.repeat(-(-total // self.size))[:total]
+        return iter(padded[self.shard.rank :: self.shard.world_size].tolist())
+
+
+def train_loader(
+    views: ReplayedViews,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shard: Shard | None = None,
+    loading: LoaderSettings = LoaderSettings(),
+) -> DataLoader:
+    """The epoch's batches: the replayed view of each sample for this epoch, in a seeded order.
+
+    With a `shard`, this worker's part of the same order (`ShardSampler`) in batches of
+    ceil(batch_size / world_size), so that a step of all workers together covers about one batch of
+    `batch_size` (exactly when world_size divides it).
+
+    A last batch of a single sample is dropped: BatchNorm in training mode (ONE's gate, every student's BN)
+    cannot normalize one value per channel.
+
+    Batches are (views, labels, indices, view numbers, unreadable files skipped), or None when every file of
+    a batch was skipped (`collate_readable`).
+    """
+    views.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if shard is None:
+        return DataLoader(
+            views,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=len(views) % batch_size == 1,
+            **loading.kwargs(),
+        )
+    per_worker_batch = -(-batch_size // shard.world_size)
+    sampler = ShardSampler(len(views), shard, generator)
+    # The loader draws its workers' base seed from `generator` before the sampler's permutation, as with
+    # shuffle=True: the same generator in both places keeps every worker on the single-process permutation.
+    return DataLoader(
+        views,
+        batch_size=per_worker_batch,
+        sampler=sampler,
+        generator=generator,
+        drop_last=len(sampler) % per_worker_batch == 1,
+        **loading.kwargs(),
+    )
+
+
+def resolved_epochs(cfg: OptimConfig, batches_per_epoch: int) -> int:
+    """Epochs to train: `cfg.epochs`, or with `cfg.steps` the fewest whole epochs that make that many
+    optimizer steps (the last epoch's steps are counted whole, so a run may make up to one epoch's more)."""
+    if cfg.steps is None:
+        return cfg.epochs
+    optimizer_steps = -(-batches_per_epoch // cfg.accumulate_steps)
+    return max(1, -(-cfg.steps // optimizer_steps))
+
+
+EVAL_BATCH_SIZE = 256  # evaluation holds no gradients: larger batches than training fit
+
+
+def eval_loader(dataset: Dataset, batch_size: int, loading: LoaderSettings = LoaderSettings()) -> DataLoader:
+    """Batches of (images, labels, ..., unreadable files skipped) in dataset order, None where all were
+    skipped."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loading.kwargs())
+
+
+def readable_batches(loader: Iterable) -> Iterator[tuple[tuple, int]]:
+    """(batch without its skip count, unreadable files skipped) for each batch of a loader built here."""
+    for batch in loader:
+        if batch is None:  # every file of the batch was skipped; the loader knows not how many
+            continue
+        *kept, skipped = batch
+        yield tuple(kept), int(skipped)
+
+
+@dataclass
+class EpochStats:
+    loss: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    seconds: float = 0.0
+    stall_seconds: float = 0.0  # time the student waited for teacher outputs
+    skipped_images: int = 0  # unreadable files skipped (data.skip_unreadable)
+    optimizer_steps: int = 0
+
+
+def train_epoch(
+    method: Method,
+    loader: Iterable,
+    source: TeacherSource | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    epoch: int,
+    total_epochs: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    step_module: nn.Module | None = None,
+    prefetch_batches: int = 0,
+    settings: StepSettings = StepSettings(),
+    soft_labels: str = "full",
+) -> EpochStats:
+    """One epoch over `loader`. `step_module` is what computes the loss: the method itself, or a
+    DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward.
+    Teacher outputs are fetched `prefetch_batches` batches ahead (trainer.runs.prefetch).
+
+    Each batch's uint8 images and its teacher outputs are copied to `device` (non-blocking: the loader pins
+    them where the config says so) and normalized there, in the same step. With `settings.accumulate_steps`
+    k > 1 the optimizer and the schedule step once per k batches, on the mean of their losses. The teachers'
+    logits reach the method in the form `soft_labels` names ("full" or "compact").
+    """
+    step_module = step_module if step_module is not None else method
+    method.train()
+    wanted = method.teacher_outputs()
+    stats = EpochStats()
+    batches = len(loader)  # type: ignore[arg-type]
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    accumulate = settings.accumulate_steps
+
+    def counted(batches_with_counts: Iterable) -> Iterator[tuple]:
+        for batch, skipped in batches_with_counts:
+            stats.skipped_images += skipped
+            yield batch
+
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    # Closed on any exit, an exception included: the prefetching thread stops before this frame unwinds, so
+    # it never outlives the run inside a teacher forward (that aborts the interpreter at exit).
+    batches_with_teachers = prepared_batches(
+        counted(readable_batches(loader)), source, wanted, prefetch_batches, soft_labels
+    )
+    with contextlib.closing(batches_with_teachers) as prepared:
+        for step, batch in enumerate(prepared):
+            teacher_outputs = (
+                in_soft_label_form(batch.teachers, soft_labels).to(device)
+                if batch.teachers is not None
+                else None
+            )
+            stats.stall_seconds += batch.stall_seconds
+            images = batch.images.to(device, non_blocking=True)
+            inputs = normalize(images, mean, std).contiguous(memory_format=memory_format)
+            labels = batch.labels.to(device, non_blocking=True)
+            clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)
+            with torch.autocast(
+                device.type,
+                dtype=settings.autocast_dtype or torch.float32,
+                enabled=settings.autocast_dtype is not None,
+            ):
+                result = step_module(inputs, labels, teacher_outputs, clock)
+            (result.loss / accumulate if accumulate > 1 else result.loss).backward()
+            if (step + 1) % accumulate == 0 or step + 1 == batches:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats.optimizer_steps += 1
+            n = labels.shape[0]
+            loss = result.loss.item()
+            stats.samples += n
+            stats.loss += loss * n
+            for k, v in result.terms.items():
+                stats.terms[k] = stats.terms.get(k, 0.0) + v * n
+            if on_step is not None:
+                on_step({"loss": loss, **result.terms})
+    stats.seconds = time.perf_counter() - start
+    stats.loss /= max(stats.samples, 1)
+    stats.terms = {k: v / max(stats.samples, 1) for k, v in stats.terms.items()}
+    return stats
+
+
+def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
+    """The epoch's statistics over all workers of the process group: loss and terms averaged per sample,
+    samples and skipped images summed, seconds and stall seconds averaged per worker. Every worker must call
+    it."""
+    names = sorted(stats.terms)
+    sums = torch.tensor(
+        [
+            stats.loss * stats.samples,
+            *(stats.terms[k] * stats.samples for k in names),
+            stats.samples,
+            stats.seconds,
+            stats.stall_seconds,
+            stats.skipped_images,
+        ],
+        dtype=torch.float64,
+    )
+    distributed.all_reduce(sums)
+    *weighted, samples, seconds, stall, skipped = sums.tolist()
+    workers = distributed.get_world_size()
+    per_sample = [w / max(samples, 1) for w in weighted]
+    return EpochStats(
+        loss=per_sample[0],
+        terms=dict(zip(names, per_sample[1:])),
+        samples=int(samples),
+        seconds=seconds / workers,
+        stall_seconds=stall / workers,
+        skipped_images=int(skipped),
+        optimizer_steps=stats.optimizer_steps,  # every worker steps together
+    )
+
+
+def all_reduce_counts(counts: dict[str, float]) -> dict[str, float]:
+    """Counts summed over all workers of the process group (every worker must call it, with the same keys);
+    an int count stays an int (summed exactly as a float64, below 2**53)."""
+    names = sorted(counts)
+    totals = torch.tensor([counts[k] for k in names], dtype=torch.float64)
+    distributed.all_reduce(totals)
+    return {
+        name: int(total) if isinstance(counts[name], int) else total
+        for name, total in zip(names, totals.tolist())
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    loader: Iterable,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+) -> float:
+    """Top-1 accuracy of `predict` (scores whose argmax is the prediction) over uint8 batches."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for (images, labels, *_), _skipped in readable_batches(loader):
+        scores = predict(normalize(images.to(device, non_blocking=True), mean, std))
+        correct += (scores.argmax(1).cpu() == labels).sum().item()
+        total += labels.shape[0]
+    model.train(was_training)
+    return correct / max(total, 1)

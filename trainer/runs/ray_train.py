@@ -1,0 +1,255 @@
+"""The Ray Train adapter (`execution.backend: ray_train`): the experiment's student training run by a
+`TorchTrainer` over `execution.workers` workers, data-parallel (DistributedDataParallel over gloo on CPU,
+NCCL on GPU), checkpointed every epoch and resumed from the last checkpoint when a worker fails.
+
+The driver (`run_on_ray_train`) trains missing teachers first (once, before any worker reads their
+checkpoints), makes every path in the config absolute (Ray workers run in a directory of Ray's own), and
+starts the trainer. Each worker runs the plain-PyTorch `ExperimentSession` of trainer/runs/experiment.py on
+its shard of every epoch with its own in-process teacher source; after each epoch every worker calls
+`ray.train.report`, worker 0 with a checkpoint holding `ExperimentSession.training_state()` (tensors and plain
+data, read back with `torch.load(..., weights_only=True)`). A restarted worker group (up to
+`execution.max_failures` times) resumes from the last checkpoint Ray Train committed, so no finished epoch is
+trained twice; `counters["resumes"]` in the result, and the `resumes` field of each history row, count the
+resumes. The checkpoint also holds the teacher source's counters up to its epoch, summed over the workers, so
+a resumed run reports the totals of the epochs it kept (what a dead worker group did after its last
+checkpoint is lost with it, and is counted once, when it is redone). At the end worker 0 evaluates, exports
+the students and writes the record exactly as the local backend does, and returns the result to the driver
+(Ray Train's `Result.return_value`, as plain data).
+GPUs are used when `device` resolves to cuda on the driver: one per worker. On a cluster of several nodes
+(`ray_address`), the teacher checkpoints, `output_dir` and a local `storage_path` must lie on a filesystem
+that every node shares.
+
+Failure injection, to check recovery: with `EKD_FAIL_ONCE_AT_EPOCH=<k>` (k ≥ 1) and `EKD_FAIL_MARKER=<path>`
+in the environment of the process that calls `run_on_ray_train`, the last worker (rank 1 of 2) exits with
+`os._exit(1)` at the start of epoch k (counted over all stages from 0: stage s, epoch e is s · epochs + e),
+after the checkpoint of epoch k − 1 is committed, unless the marker file exists; it creates the marker first,
+so the run fails exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.config import ExperimentConfig
+from trainer.methods.base import Method
+from trainer.runs.experiment import ExperimentResult, ExperimentSession, ensure_teachers
+from trainer.runs.inputs import load_splits
+from trainer.runs.loop import Shard, resolve_device
+from trainer.runs.progress import OnProgress, ProgressUpdate
+
+FAIL_AT_EPOCH_ENV = "EKD_FAIL_ONCE_AT_EPOCH"
+FAIL_MARKER_ENV = "EKD_FAIL_MARKER"
+logger = logging.getLogger(__name__)
+
+TRAINING_STATE_FILE = "training_state.pt"
+CHECKPOINTS_KEPT = 2
+PROGRESS_POLL_SECONDS = 1.0
+
+
+def run_on_ray_train(
+    cfg: ExperimentConfig,
+    *,
+    on_progress: OnProgress | None = None,
+    ray_address: str | None = None,
+) -> ExperimentResult:
+    """Run `cfg` on Ray Train. Uses the Ray instance this process is already connected to, else connects to
+    `ray_address`, else starts a local one (shut down again at the end)."""
+    started = time.time()
+    cfg = _with_absolute_paths(cfg)
+    failure = _failure_injection()
+    device = resolve_device(cfg.device)
+    if cfg.teachers and cfg.teacher_source.kind == "in_process":
+        ensure_teachers(cfg, load_splits(cfg), device, on_progress)
+    run_name = f"{cfg.name}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if ray_address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
+        ray.init(address=ray_address, include_dashboard=False)
+    try:
+        logger.info(
+            "ray_train: %d workers on %s, run %s under %s",
+            cfg.execution.workers,
+            device.type,
+            run_name,
+            cfg.execution.storage_path,
+        )
+        progress_file = Path(cfg.execution.storage_path) / f"{run_name}.progress"
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "experiment": cfg.model_dump(mode="json"),
+                "started": started,
+                "failure": failure,
+                "progress_file": str(progress_file),
+            },
+            scaling_config=ScalingConfig(num_workers=cfg.execution.workers, use_gpu=device.type == "cuda"),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=cfg.execution.storage_path,
+                failure_config=FailureConfig(max_failures=cfg.execution.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            ),
+        )
+        outcome = _fit_showing_progress(trainer, progress_file, cfg, on_progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if outcome.return_value is None:
+        raise RuntimeError(
+            f"ray_train run {run_name} ended without a result from worker 0 (run state under {outcome.path})"
+        )
+    return ExperimentResult.from_json(outcome.return_value)
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """One Ray Train worker: its shard of the experiment; worker 0 returns the result as plain data."""
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    context = ray.train.get_context()
+    shard = Shard(context.get_world_rank(), context.get_world_size())
+    device = get_device()
+    session = ExperimentSession(
+        cfg, splits=load_splits(cfg), device=device, started=config["started"], shard=shard
+    )
+    failure = config["failure"]
+
+    def on_epoch_end(row: dict[str, float]) -> None:
+        if session.is_primary:
+            with open(config["progress_file"], "a") as progress_file:
+                val = row.get("val_accuracy", float("nan"))  # nan: no validation split
+                progress_file.write(
+                    f"{session.method.num_stages} {row['stage']} {row['epoch']} {session.cfg.train.epochs} "
+                    f"{val:.6f}\n"
+                )
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if session.is_primary:
+                torch.save(session.training_state(), Path(directory) / TRAINING_STATE_FILE)
+                checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(row, checkpoint=checkpoint)
+        next_epoch = session.stage * cfg.train.epochs + session.epoch + 1
+        if failure is not None and shard.rank == shard.world_size - 1 and next_epoch == failure["epoch"]:
+            _fail_once(Path(failure["marker"]))
+
+    session.fit(
+        resume=_last_training_state(),
+        make_step_module=lambda method: _data_parallel(method, device),
+        on_epoch_end=on_epoch_end,
+    )
+    result = session.finish()
+    return result.to_json() if result is not None else None
+
+
+def _fit_showing_progress(
+    trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig, on_progress: OnProgress | None
+):
+    """`trainer.fit()`, while a progress bar follows the epochs worker 0 appends to `progress_file` (a line
+    "stages stage epoch epochs val_accuracy" per epoch, epochs as `train.steps` resolved them, val_accuracy
+    nan without a validation split: the driver cannot see into the workers otherwise)."""
+    if on_progress is None:
+        return trainer.fit()
+    task = f"{cfg.name} (ray_train)"
+    on_progress(ProgressUpdate(task, 0, cfg.train.epochs, task))
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the calling thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=fit, name="ekd-ray-train-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=PROGRESS_POLL_SECONDS)
+        fields = progress_file.read_text().split() if progress_file.exists() else []
+        if len(fields) >= 5:
+            stages, stage, epoch, epochs = (int(field) for field in fields[-5:-1])
+            accuracy = float(fields[-1])
+            description = f"{task} stage {stage + 1}/{stages} epoch {epoch + 1}/{epochs}"
+            if not math.isnan(accuracy):
+                description += f" val {accuracy:.1%}"
+            on_progress(
+                ProgressUpdate(
+                    task, completed=stage * epochs + epoch + 1, total=stages * epochs, description=description
+                )
+            )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _data_parallel(method: Method, device: torch.device) -> DistributedDataParallel:
+    # A method may leave some of its trainable parameters out of a step's graph (an optional term switched
+    # off, a branch a loss does not reach); DDP then needs find_unused_parameters, or it waits for their
+    # gradients forever. The cost is one graph traversal per step.
+    return DistributedDataParallel(
+        method, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
+    )
+
+
+def _last_training_state() -> dict | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _fail_once(marker: Path) -> None:
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    # Wait until Ray Train has committed the checkpoint just reported: the failure then comes after it, and
+    # the restarted workers resume from it.
+    ray.train.get_all_reported_checkpoints()
+    os._exit(1)
+
+
+def _failure_injection() -> dict | None:
+    """The driver's EKD_FAIL_ONCE_AT_EPOCH / EKD_FAIL_MARKER, checked, for the workers' config (a Ray
+    instance started earlier would not hand the driver's current environment to its workers)."""
+    epoch = os.environ.get(FAIL_AT_EPOCH_ENV)
+    if epoch is None:
+        return None
+    marker = os.environ.get(FAIL_MARKER_ENV)
+    if not marker:
+        raise ValueError(
+            f"{FAIL_AT_EPOCH_ENV}={epoch} needs {FAIL_MARKER_ENV}=<path>: the file that records "
+            "that the injected failure has happened"
+        )
+    if not epoch.isdigit() or int(epoch) < 1:
+        raise ValueError(
+            f"{FAIL_AT_EPOCH_ENV} must be an epoch index >= 1 (the failure follows the "
+            f"checkpoint of the epoch before), got {epoch!r}"
+        )
+    return {"epoch": int(epoch), "marker": str(Path(marker).absolute())}
+
+
+def _with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with every path made absolute against this process's working directory."""
+    data = cfg.model_dump(mode="json")
+    data["output_dir"] = str(Path(cfg.output_dir).absolute())
+    if "://" not in cfg.execution.storage_path:  # Ray Train also takes URIs (s3://, gs://) as storage
+        data["execution"]["storage_path"] = str(Path(cfg.execution.storage_path).absolute())
+    if cfg.data.root is not None:
+        data["data"]["root"] = str(Path(cfg.data.root).absolute())
+    for teacher in data["teachers"]:
+        teacher["checkpoint"] = str(Path(teacher["checkpoint"]).absolute())
+    return ExperimentConfig.model_validate(data)

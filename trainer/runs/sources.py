@@ -1,0 +1,415 @@
+"""Where a method's teacher outputs come from: one interface, chosen by the experiment's
+`teacher_source.kind`.
+
+`InProcessTeacherSource` runs the teachers in the training process (the way torchdistill does): the baseline
+that the served path is measured against.
+
+`ServedTeacherSource` reads the cache and asks the teacher service. When a service it has reached stops
+answering (`TeacherServiceUnavailable`: down, restarting, redeployed; or CANCELLED: shutting down), it
+waits for it: it asks again for the same images after 1 s, 2 s, 4 s, ... (at most
+`OutageWait.max_backoff_seconds` apart) for up to `OutageWait.budget_seconds`, saying so in a warning per
+attempt and once more when the service is back, then returns that batch's outputs as if nothing happened, so
+the training loop neither skips nor repeats a sample. Beyond the budget the error is one line naming the
+address and the budget. The outages and the time spent waiting are counted (`service_outages`,
+`outage_wait_seconds`). A service not up yet when the source is made (a trainer started beside it) is
+waited for in the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+
+from services.cache import FULL, CacheUnreachableError, TeacherOutputStore, open_store
+from services.core.contract import LOGITS
+from services.core.errors import ConfigError
+from services.rpc.client import TeacherClient, TeacherServiceError, TeacherServiceUnavailable
+from services.teachers.engine import TeacherEngine
+from services.teachers.zoo import Teacher, create_teacher
+from trainer.config import ExperimentConfig, TeacherSourceConfig, redact_address
+from trainer.methods.base import TeacherInfo, TeacherOutputs
+
+logger = logging.getLogger(__name__)
+
+_Result = TypeVar("_Result")
+
+# The first pause of a wait for the service; each next one doubles, up to OutageWait.max_backoff_seconds.
+_FIRST_OUTAGE_PAUSE_SECONDS = 1.0
+
+
+class TeacherSource(ABC):
+    """Teacher outputs for batches of uint8 images, teachers in the experiment's order."""
+
+    @abstractmethod
+    def describe(self, image_size: int) -> list[TeacherInfo]:
+        """What methods may know before training: classes and tap shapes for images of `image_size`."""
+
+    # How many batches `submit` may have outstanding for the service to work on while earlier ones are read.
+    batches_in_flight = 1
+
+    @abstractmethod
+    def fetch(
+        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
+    ) -> TeacherOutputs:
+        """Outputs for uint8 images [B, C, H, W]; `wanted[i]` names teacher i's outputs ([] skips it).
+        `logits_form` COMPACT lets the logits come as `CompactLogits` (the served source asks the cache and
+        the service for the compact form, 64 bytes a view); dense logits are fine too, the training loop
+        compresses them (`trainer.methods.base.in_soft_label_form`)."""
+
+    def submit(
+        self,
+        images: torch.Tensor,
+        wanted: Sequence[Sequence[str]],
+        *,
+        stop: threading.Event | None = None,
+        logits_form: str = FULL,
+    ) -> Callable[[], TeacherOutputs]:
+        """`fetch`, started: call the returned function for its outputs. Here it runs at once; a source that
+        can overlap work (the served one) returns before its outputs are in. A wait for an unreachable
+        service that the returned function gets into ends, with that error, as soon as `stop` is set (for a
+        fetching thread whose consumer is gone)."""
+        outputs = self.fetch(images, wanted, logits_form=logits_form)
+        return lambda: outputs
+
+    @abstractmethod
+    def parameter_counts(self) -> list[int]:
+        """Parameters of each teacher, for the results table."""
+
+    @abstractmethod
+    def counters(self) -> dict[str, float]:
+        """Running totals for the run summary (teacher calls; cache hits and misses where there is a
+        cache; service outages waited out), ints except for the seconds counted."""
+
+    def close(self) -> None:  # noqa: B027 (optional: most sources hold nothing to release)
+        """Release what the source holds (connections, devices)."""
+
+
+class InProcessTeacherSource(TeacherSource):
+    def __init__(self, teachers: Sequence[Teacher], device: str | torch.device = "cpu") -> None:
+        self.engines = [TeacherEngine(t, device) for t in teachers]
+        self.calls = 0  # teacher forward passes for fetches (not those of `describe`)
+
+    def describe(self, image_size: int) -> list[TeacherInfo]:
+        return [
+            TeacherInfo(
+                name=e.spec.name, num_classes=e.spec.num_classes, feature_shapes=e.feature_shapes(image_size)
+            )
+            for e in self.engines
+        ]
+
+    def fetch(
+        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
+    ) -> TeacherOutputs:
+        logits, features = [], []
+        for engine, outputs in zip(self.engines, wanted, strict=True):
+            result = {}
+            if outputs:
+                result = engine.infer(images, list(outputs))
+                self.calls += 1
+            logits.append(result.get(LOGITS))
+            features.append({k: v for k, v in result.items() if k != LOGITS})
+        return TeacherOutputs(logits=logits, features=features)
+
+    def parameter_counts(self) -> list[int]:
+        return [sum(p.numel() for p in e.model.parameters()) for e in self.engines]
+
+    def counters(self) -> dict[str, float]:
+        return {"teacher_calls": self.calls}
+
+
+@dataclass(frozen=True)
+class OutageWait:
+    """How long a served source waits for a service it cannot reach: in all, per outage (`budget_seconds`, 0:
+    not at all), and at most between two attempts (`max_backoff_seconds`); teacher_source's
+    `outage_wait_seconds` and `outage_backoff_max_seconds`."""
+
+    budget_seconds: float
+    max_backoff_seconds: float
+
+    @classmethod
+    def of(cls, settings: TeacherSourceConfig) -> OutageWait:
+        """The wait `settings` ask for (TeacherSourceConfig() for the defaults)."""
+        return cls(settings.outage_wait_seconds, settings.outage_backoff_max_seconds)
+
+
+class ServedTeacherSource(TeacherSource):
+    """Teacher outputs from the shared cache first and the teacher service for the misses (`TeacherClient`).
+
+    `teachers[i]` is teacher i's name on the service. When `expected_identities[i]` is given (the identity of
+    a local checkpoint of the same teacher), the service must host exactly that teacher: same architecture,
+    weights and preprocessing; a mismatch is an error, not silently different targets. `max_in_flight` is how
+    many Infer requests the client keeps outstanding, and how many batches `submit` lets run ahead.
+    `outage_wait` is how long the source waits for the service when it does not answer (see the module
+    docstring), when it is made and on every fetch; None: teacher_source's defaults.
+
+    One thread at a time may fetch (the client's rule): the prefetching thread during an epoch, the training
+    thread between epochs.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        teachers: Sequence[str],
+        *,
+        cache_uri: str | None = None,
+        expected_identities: Sequence[str | None] | None = None,
+        timeout_seconds: float = 120.0,
+        max_in_flight: int = 1,
+        outage_wait: OutageWait | None = None,
+    ) -> None:
+        self.names = list(teachers)
+        self.shown_address = redact_address(address)
+        self.outage_wait = outage_wait or OutageWait.of(TeacherSourceConfig())
+        self.outages = 0
+        self.outage_seconds = 0.0
+        # When the service last came back after an outage: a fetch submitted before then that failed was
+        # caught in that outage, and is asked again at once rather than waited for as a new outage.
+        self._back_at = -float("inf")
+        self.store = _open_cache(cache_uri) if cache_uri else None
+        self.client = TeacherClient(
+            address, store=self.store, timeout_seconds=timeout_seconds, max_in_flight=max_in_flight
+        )
+        self.batches_in_flight = max_in_flight
+        try:
+            hosted = self.client.teachers()
+        except TeacherServiceError as error:
+            if not _is_outage(error):
+                raise
+            hosted = self._wait_for_service(error, self.client.teachers, stop=None)
+        for i, name in enumerate(self.names):
+            if name not in hosted:
+                raise ConfigError(
+                    f"the teacher service at {self.shown_address} hosts no teacher {name!r}; it hosts: "
+                    f"{', '.join(sorted(hosted))}"
+                )
+            expected = (expected_identities or [None] * len(self.names))[i]
+            if expected is not None and hosted[name].identity != expected:
+                raise ConfigError(
+                    f"the teacher service's {name!r} is not the local checkpoint's teacher (identity "
+                    f"{hosted[name].identity[:12]}… ≠ {expected[:12]}…): other weights or "
+                    "preprocessing; point the experiment at the checkpoint the service loaded"
+                )
+        self.descriptions = [hosted[n] for n in self.names]
+
+    def describe(self, image_size: int) -> list[TeacherInfo]:
+        # The service resizes every image to the teacher's input size: tap shapes do not depend on image_size.
+        return [
+            TeacherInfo(name=d.name, num_classes=d.num_classes, feature_shapes=dict(d.taps))
+            for d in self.descriptions
+        ]
+
+    def fetch(
+        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
+    ) -> TeacherOutputs:
+        return self.submit(images, wanted, logits_form=logits_form)()
+
+    def submit(
+        self,
+        images: torch.Tensor,
+        wanted: Sequence[Sequence[str]],
+        *,
+        stop: threading.Event | None = None,
+        logits_form: str = FULL,
+    ) -> Callable[[], TeacherOutputs]:
+        asked = {name: list(outputs) for name, outputs in zip(self.names, wanted, strict=True) if outputs}
+        if not asked:
+            return lambda: self._outputs({}, wanted)
+        submitted_at = time.monotonic()
+
+        def again() -> dict[str, dict[str, torch.Tensor]]:
+            return self.client.fetch(images, list(asked), asked, logits_form=logits_form)
+
+        try:
+            pending = self.client.submit(images, list(asked), asked, logits_form=logits_form)
+        except TeacherServiceError as error:
+            if not _is_outage(error):
+                raise
+            failed = error
+            return lambda: self._outputs(self._after_outage(failed, submitted_at, again, stop), wanted)
+
+        def outputs() -> TeacherOutputs:
+            try:
+                result = pending.result()
+            except TeacherServiceError as error:
+                if not _is_outage(error):
+                    raise
+                result = self._after_outage(error, submitted_at, again, stop)
+            return self._outputs(result, wanted)
+
+        return outputs
+
+    def _after_outage(
+        self,
+        error: TeacherServiceError,
+        submitted_at: float,
+        again: Callable[[], _Result],
+        stop: threading.Event | None,
+    ) -> _Result:
+        """`again()` once the service answers: at once when the fetch that failed was submitted before the
+        last outage ended (it failed in that outage), else after waiting it out as a new outage."""
+        if submitted_at < self._back_at:
+            if stop is not None and stop.is_set():
+                raise error
+            try:
+                return again()
+            except TeacherServiceError as still:
+                if not _is_outage(still):
+                    raise
+                error = still
+        return self._wait_for_service(error, again, stop)
+
+    def _wait_for_service(
+        self, error: TeacherServiceError, again: Callable[[], _Result], stop: threading.Event | None
+    ) -> _Result:
+        """Call `again` with exponential backoff until it does not fail with an outage, for up to
+        `outage_wait.budget_seconds`; beyond, a TeacherServiceUnavailable naming the budget."""
+        budget, cap = self.outage_wait.budget_seconds, self.outage_wait.max_backoff_seconds
+        self.outages += 1
+        started = time.monotonic()
+        attempt = 0
+        try:
+            while (waited := time.monotonic() - started) < budget:
+                attempt += 1
+                pause = min(_FIRST_OUTAGE_PAUSE_SECONDS * 2 ** (attempt - 1), cap, budget - waited)
+                logger.warning(
+                    "teacher service at %s unreachable (%s); waiting up to %.0f s for it, %.0f s so far "
+                    "(attempt %d in %.1f s)",
+                    self.shown_address,
+                    _code_name(error),
+                    budget,
+                    waited,
+                    attempt,
+                    pause,
+                )
+                if stop is None:
+                    time.sleep(pause)
+                elif stop.wait(pause):
+                    raise error
+                try:
+                    result = again()
+                except TeacherServiceError as still:
+                    if not _is_outage(still):
+                        raise
+                    error = still
+                    continue
+                self._back_at = time.monotonic()
+                logger.warning(
+                    "teacher service at %s is back after %.0f s (attempt %d)",
+                    self.shown_address,
+                    self._back_at - started,
+                    attempt,
+                )
+                return result
+        finally:
+            self.outage_seconds += time.monotonic() - started
+        raise TeacherServiceUnavailable(
+            f"teacher service at {self.shown_address} unreachable for {time.monotonic() - started:.0f} s, "
+            f"beyond teacher_source.outage_wait_seconds ({budget:g} s); last error: {_code_name(error)}",
+            address=error.address,
+            code=error.code,
+        ) from error
+
+    def _outputs(
+        self, result: dict[str, dict[str, torch.Tensor]], wanted: Sequence[Sequence[str]]
+    ) -> TeacherOutputs:
+        logits, features = [], []
+        for name, outputs in zip(self.names, wanted):
+            got = result.get(name, {}) if outputs else {}
+            logits.append(got.get(LOGITS))
+            features.append({k: v for k, v in got.items() if k != LOGITS})
+        return TeacherOutputs(logits=logits, features=features)
+
+    def parameter_counts(self) -> list[int]:
+        # The service does not say; the architecture does (built with random weights, never run).
+        return [
+            sum(p.numel() for p in create_teacher(d.architecture, d.num_classes).model.parameters())
+            for d in self.descriptions
+        ]
+
+    def counters(self) -> dict[str, float]:
+        """The client's totals (`ClientStats`: cache_hits, cache_misses, remote_samples, ...) under their own
+        names, but teacher_calls for its Infer requests answered; service_outages and outage_wait_seconds. A
+        batch asked again after an outage counts again in samples, the lookups and remote_samples (that work
+        is redone), not in teacher_calls (a failed request is not an answered one)."""
+        stats = dataclasses.asdict(self.client.stats)
+        return {
+            "teacher_calls": stats.pop("requests"),
+            **stats,
+            "service_outages": self.outages,
+            "outage_wait_seconds": self.outage_seconds,
+        }
+
+    def close(self) -> None:
+        self.client.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def _open_cache(uri: str) -> TeacherOutputStore:
+    """The run's cache. One that does not answer yet (down, or still starting beside the trainer) does not
+    stop the run: it starts without it, and the client's circuit breaker takes it up once it answers. One
+    that answers with a refusal (a wrong password) is a configuration error."""
+    try:
+        return open_store(uri)
+    except CacheUnreachableError as error:
+        logger.warning("starting without the output cache for now, the service answers everything: %s", error)
+        return open_store(uri, ping_on_open=False)
+
+
+def _is_outage(error: TeacherServiceError) -> bool:
+    """Whether `error` says the service is gone for now: unreachable (or busy beyond the client's retries),
+    cancelling the calls in flight as it shuts down (what a restarting service does once its grace period is
+    over), or not answering within `teacher_source.timeout_seconds` (frozen or overloaded: the batch is asked
+    again; a request that timed out may still be computed there, which costs the service, never the run)."""
+    return isinstance(error, TeacherServiceUnavailable) or error.code in (
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+
+
+def _code_name(error: TeacherServiceError) -> str:
+    return error.code.name if error.code is not None else "no answer"
+
+
+def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> TeacherSource:
+    """The experiment's teacher source, as `teacher_source.kind` says.
+
+    in_process loads every teacher's checkpoint here. served names each teacher by `served_as` (default: its
+    zoo name) and, where the checkpoint is present locally, requires the service to host exactly that teacher.
+    """
+    settings = cfg.teacher_source
+    if settings.kind == "in_process":
+        return InProcessTeacherSource(
+            [create_teacher(t.name, num_classes, checkpoint=t.checkpoint) for t in cfg.teachers], device
+        )
+    names = [t.served_as or t.name for t in cfg.teachers]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"teachers {names} share a name on the service, so they would give identical outputs; "
+            "give each its own `served_as`"
+        )
+    expected = [
+        create_teacher(t.name, num_classes, checkpoint=t.checkpoint).spec.identity
+        if Path(t.checkpoint).is_file()
+        else None
+        for t in cfg.teachers
+    ]
+    return ServedTeacherSource(
+        settings.address,
+        names,
+        cache_uri=settings.cache,
+        expected_identities=expected,
+        timeout_seconds=settings.timeout_seconds,
+        max_in_flight=settings.max_in_flight,
+        outage_wait=OutageWait.of(settings),
+    )
