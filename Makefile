@@ -42,11 +42,13 @@ test-fast: $(INSTALLED) lint
 	$(PY) -m pytest $(PYTEST_WORKERS) -m "not integration and not slow and not faults"
 
 # ruff's rules and formatter, the import contracts of pyproject.toml (no cycles, services never import the
-# trainer, Ray only in its adapters), and the lock agreeing with pyproject.toml.
+# trainer, Ray only in its adapters), the type checker (mypy on services/ and trainer/), and the lock
+# agreeing with pyproject.toml.
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	$(PY) scripts/check_lock.py pyproject.toml $(LOCK)
 
 # A development CA, server certificate and bearer token in ./secrets, for the docker-compose stack.

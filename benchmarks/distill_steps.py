@@ -10,7 +10,7 @@ distillation Hinton KD from a 2-teacher ensemble (cifar_resnet56 + cifar_wrn16_4
   by the service); the epochs after it are warm: with one replayed view (views=1) every epoch shows the same
   bytes as epoch 0, so every teacher output is a cache hit (checked, and shown in the `cache hits` column);
 each teacher source with `prefetch_batches` 0 and 2. CE is timed over the warm epochs and in-process over
-epoch 0, the same batches as the served epochs they are compared with. Ratios: warm served ÷ CE (the issue's
+epoch 0, the same batches as the served epochs they are compared with. Ratios: warm served ÷ CE (the
 goal: ≥ 0.95) and cold served ÷ in-process, at the same prefetch depth. The stall fraction is
 `stall_seconds / seconds` of the timed epochs (`EpochStats`): the share of the epoch the student waited for
 teacher outputs.
@@ -44,7 +44,14 @@ from trainer.data import DatasetSplits, PadCrop, ReplayedViews, load_dataset
 from trainer.methods import create_method
 from trainer.methods.ce import CEParams
 from trainer.methods.kd import KDParams
-from trainer.runs.loop import make_optimizer, make_scheduler, resolve_device, train_epoch, train_loader
+from trainer.runs.loop import (
+    StudentTraining,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    train_epoch,
+    train_loader,
+)
 from trainer.runs.sources import InProcessTeacherSource, ServedTeacherSource, TeacherSource
 from trainer.runs.teachers import dataset_preprocessing
 from trainer.students import StudentConfig
@@ -106,17 +113,15 @@ class Bench:
         timed = []
         for epoch in range(epochs):
             before = source.counters() if source is not None else {}
+            training = StudentTraining(
+                method, optimizer, scheduler, self.device, self.splits.mean, self.splits.std
+            )
             stats = train_epoch(
-                method,
+                training,
                 train_loader(self.views, self.batch_size, SEED, epoch),
                 source,
-                optimizer,
-                scheduler,
                 epoch=epoch,
                 total_epochs=epochs,
-                mean=self.splits.mean,
-                std=self.splits.std,
-                device=self.device,
                 prefetch_batches=prefetch,
             )
             after = source.counters() if source is not None else {}

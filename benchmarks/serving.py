@@ -8,16 +8,16 @@ that its weights have a sha256 like a real one), logits only:
   cache, so every request computes; one `TeacherClient` without a store;
 - (c) the same over `BackgroundServer` + `LocalBackend` (no Ray), no cache;
 - (d) the cache-hit path: a `TeacherClient` with an LMDB store that holds every output, so no request is sent.
-Each path's figure is its fastest of interleaved rounds (benchmarks/_timing.py). The issue's goal is
+Each path's figure is its fastest of interleaved rounds (benchmarks/_timing.py). The goal is
 (b) ÷ (a) ≥ 0.9 at batch ≥ 64. The clients ask for float32 logits, the engine's own dtype: random weights can
 give logits beyond fp16's range (resnet152's do), and logits are small next to the images either way.
 
 Both sides compute with `--threads` torch threads: the Ray replica is given that many CPUs, because Ray sets a
 replica's thread count from its CPUs.
 
-`--transport` measures the transport pair instead, where compute hides nothing: the registered near-zero
-compute teacher `benchmark_pool_linear` at 224x224 (150,528 bytes per image, 1000 classes, float16 logits on
-the wire, no cache), requests of 64 and 256 images:
+`--transport` measures the transport pair instead, where compute hides nothing: the near-zero compute
+teacher `benchmark_pool_linear` (registered by this benchmark, in its own processes and Ray's) at 224x224
+(150,528 bytes per image, 1000 classes, float16 logits on the wire, no cache), requests of 64 and 256 images:
 - (e) in-process engine: the engine's own work for the batch;
 - (r) raw gRPC echo between two processes: a grpc.aio server (like the service's) whose one method takes the
   image bytes (no protobuf, no tensors) and answers as many bytes as the service's logits reply;
@@ -42,6 +42,7 @@ import contextlib
 import multiprocessing
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
@@ -55,6 +56,7 @@ from _timing import interleaved_rates  # benchmarks/ is the script's folder, fir
 from ray import serve
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from services.cache import open_store
 from services.core.contract import DEFAULT_MAX_MESSAGE_BYTES
@@ -64,7 +66,8 @@ from services.rpc.server import BackgroundServer
 from services.serve.deployments import deploy
 from services.serve.serve_config import CacheConfig, GrpcConfig, ServeConfig, TeacherDeploymentConfig
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import create_teacher, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import TEACHERS, create_teacher, register_teacher, save_teacher_checkpoint
 
 TEACHER = "teacher"  # the teacher's name on both services
 OUTPUTS = ["logits"]
@@ -74,6 +77,24 @@ ROUNDS = 3
 # disturbed round out of more of them.
 TRANSPORT_ROUNDS = 5
 TRANSPORT_TEACHER = "benchmark_pool_linear"
+
+
+def benchmark_pool_linear(num_classes: int, in_chans: int) -> nn.Module:
+    """Near-zero compute (a mean over each channel and a linear layer), so that the served path at ImageNet
+    size measures the transport, not the model."""
+    return nn.Sequential(
+        OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(in_chans, num_classes))
+    )
+
+
+def register_transport_teacher() -> None:
+    """Registers `benchmark_pool_linear` in this process: at import here and in spawned children, and as the
+    setup hook of Ray's workers (the Serve replicas build it by name)."""
+    if TRANSPORT_TEACHER not in TEACHERS:
+        register_teacher(preprocessing=Preprocessing.imagenet(), taps={"pool": "pool"})(benchmark_pool_linear)
+
+
+register_transport_teacher()
 TRANSPORT_CLASSES = 1000
 TRANSPORT_IMAGE_SIZE = 224
 RAW_ECHO_SERVICE = "ekd.benchmark.RawEcho"
@@ -377,7 +398,14 @@ def transport(args: argparse.Namespace) -> None:
         )
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, args.threads), include_dashboard=False, log_to_driver=False
+            num_cpus=max(os.cpu_count() or 1, args.threads),
+            include_dashboard=False,
+            log_to_driver=False,
+            # Ray's workers import this benchmark to register the transport teacher before they build it.
+            runtime_env={
+                "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)},
+                "worker_process_setup_hook": "serving.register_transport_teacher",
+            },
         )
         try:
             ray_address = deploy(ServeConfig(teachers=[teacher_config], grpc=GrpcConfig(port=0)))

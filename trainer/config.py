@@ -10,15 +10,15 @@ import functools
 import operator
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.cache.store import redact_url
+from services.core.redaction import redact
 from services.core.yaml_config import expand_environment, load_yaml_model
 from services.teachers.zoo import check_teacher_name
-from trainer.data import DATASET_NAMES
-from trainer.methods import METHODS
+from trainer.data import DatasetName
+from trainer.methods import METHODS, MethodParams
 from trainer.students import StudentConfig
 
 
@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal[DATASET_NAMES] = Field(
+    dataset: DatasetName = Field(
         "digits",
         description="dataset; digits is scikit-learn's, the others read a local root. imagefolder "
         "(<root>/train, <root>/test) and imagenet (<root>/train, <root>/val) are decoded on access in "
@@ -221,11 +221,6 @@ class TeacherConfig(_Section):
         return check_teacher_name(name)
 
 
-def redact_address(address: str) -> str:
-    """A service address fit to print: credentials before an '@' (user:password@host:port) replaced by ***."""
-    return f"***@{address.rpartition('@')[2]}" if "@" in address else address
-
-
 class TeacherSourceConfig(_Section):
     kind: Literal["in_process", "served"] = Field(
         "in_process",
@@ -293,13 +288,13 @@ class TeacherSourceConfig(_Section):
 
     @property
     def shown_address(self) -> str | None:
-        """`address` fit to print (`redact_address`)."""
-        return redact_address(self.address) if self.address else None
+        """`address` fit to print (`redact`)."""
+        return redact(self.address) if self.address else None
 
     @property
     def shown_cache(self) -> str | None:
         """`cache` fit to print: its password (redis://:password@host) replaced by ***."""
-        return redact_url(self.cache) if self.cache else None
+        return redact(self.cache) if self.cache else None
 
     @model_validator(mode="after")
     def _served_needs_address(self) -> TeacherSourceConfig:
@@ -329,11 +324,15 @@ class ExecutionConfig(_Section):
     )
 
 
-# Every registered method's params, told apart by their `name` field.
-MethodConfig = Annotated[
-    functools.reduce(operator.or_, (METHODS.get(name).params for name in METHODS.names())),
-    Field(discriminator="name"),
-]
+# Every registered method's params, told apart by their `name` field. The union is built from the registry
+# when this module is imported, which a type checker cannot evaluate: it sees what every member has instead.
+if TYPE_CHECKING:
+    MethodConfig: TypeAlias = MethodParams
+else:
+    MethodConfig = Annotated[
+        functools.reduce(operator.or_, (METHODS.get(name).params for name in METHODS.names())),
+        Field(discriminator="name"),
+    ]
 
 
 # The most bytes in a file name on Linux filesystems (ext4, XFS, btrfs).

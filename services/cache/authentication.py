@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 from services.core.errors import ConfigError
@@ -33,12 +34,12 @@ MIN_KEY_BYTES = 16
 """A shorter secret is refused: guessing it would be easier than guessing a tag."""
 
 
-def hmac_key_from_environment(environ: dict[str, str] | None = None) -> bytes | None:
+def hmac_key_from_environment(environ: Mapping[str, str] | None = None) -> bytes | None:
     """The cache's HMAC secret from `EKD_CACHE_HMAC_KEY` or the file `EKD_CACHE_HMAC_KEY_FILE` names (one
     trailing newline dropped); None when neither is set. ConfigError names the variable that is wrong; the
     secret itself is never part of a message."""
-    environ = os.environ if environ is None else environ
-    inline, path = environ.get(HMAC_KEY_ENV), environ.get(HMAC_KEY_FILE_ENV)
+    variables = os.environ if environ is None else environ
+    inline, path = variables.get(HMAC_KEY_ENV), variables.get(HMAC_KEY_FILE_ENV)
     if inline and path:
         raise ConfigError(f"set one of {HMAC_KEY_ENV} and {HMAC_KEY_FILE_ENV}, not both")
     if path:
@@ -69,7 +70,7 @@ class ValueAuthenticator:
             raise ValueError(f"the HMAC secret must be at least {MIN_KEY_BYTES} bytes")
         self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
 
-    def tag(self, key: bytes, frame: bytes) -> bytes:
+    def tag(self, key: bytes, frame: bytes | memoryview) -> bytes:
         mac = self._keyed.copy()  # the secret's inner and outer pads are hashed once, not per value
         mac.update(struct.pack("<Q", len(key)))
         mac.update(key)

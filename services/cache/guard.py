@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from services.cache.store import CachedValue, CacheError, CacheFullError, TeacherOutputStore, ValueSpec
+from services.cache.layout import CachedValue, ValueSpec
+from services.cache.store import CacheError, CacheFullError, TeacherOutputStore
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
-from services.cache.store import KEY_NAMESPACE, TeacherOutputStore, key_prefix, parse_key, teacher_tag
+from services.cache.layout import KEY_NAMESPACE, key_prefix, parse_key, teacher_tag
+from services.cache.store import TeacherOutputStore
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 _DELETE_STEP = 1000

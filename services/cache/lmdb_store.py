@@ -90,9 +90,16 @@ class LmdbStore(TeacherOutputStore):
         try:
             if not readonly:
                 self.path.mkdir(parents=True, exist_ok=True)
-            self._env = _acquire(self.path, map_size, readonly)
+            self._env: lmdb.Environment | None = _acquire(self.path, map_size, readonly)
         except (lmdb.Error, OSError) as error:
             raise CacheUnavailableError(f"cannot open LMDB cache at {self.path}: {error}") from error
+
+    @property
+    def _open_env(self) -> lmdb.Environment:
+        """The environment; ValueError once the store is closed (a bug in the caller, not a cache outage)."""
+        if self._env is None:
+            raise ValueError(f"LMDB cache at {self.path} is closed")
+        return self._env
 
     @contextmanager
     def _translated_errors(self) -> Iterator[None]:
@@ -103,7 +110,7 @@ class LmdbStore(TeacherOutputStore):
             raise CacheError(f"LMDB cache at {self.path} failed: {type(error).__name__}: {error}") from error
 
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
-        with self._translated_errors(), self._env.begin(write=False) as txn:
+        with self._translated_errors(), self._open_env.begin(write=False) as txn:
             return [txn.get(key) for key in keys]
 
     def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
@@ -113,7 +120,7 @@ class LmdbStore(TeacherOutputStore):
             )
         with self._translated_errors():
             try:
-                with self._env.begin(write=True) as txn:
+                with self._open_env.begin(write=True) as txn:
                     for key, value in items:
                         txn.put(key, value, overwrite=True)
             except lmdb.MapFullError as error:
@@ -126,12 +133,12 @@ class LmdbStore(TeacherOutputStore):
 
     def _scan_raw(self, prefix: bytes) -> Iterator[tuple[bytes, int]]:
         # One read transaction with buffers: the values' sizes come from the memory map, nothing is copied.
-        with self._env.begin(write=False, buffers=True) as txn:
+        with self._open_env.begin(write=False, buffers=True) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(prefix):
                 return
-            for key, value in cursor:
-                key = bytes(key)
+            for key_view, value in cursor:
+                key = bytes(key_view)
                 if not key.startswith(prefix):
                     return
                 yield key, len(value)
@@ -140,7 +147,7 @@ class LmdbStore(TeacherOutputStore):
         # A read-only handle cannot delete; the damaged value stays a miss until a writer replaces it.
         if self.readonly:
             return
-        with self._translated_errors(), self._env.begin(write=True) as txn:
+        with self._translated_errors(), self._open_env.begin(write=True) as txn:
             for key in keys:
                 txn.delete(key)
 

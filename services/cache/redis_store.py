@@ -24,6 +24,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
+from typing import cast
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
@@ -37,8 +38,8 @@ from services.cache.store import (
     CacheUnavailableError,
     CacheUnreachableError,
     TeacherOutputStore,
-    redact_url,
 )
+from services.core.redaction import redact
 
 _SCAN_STEP = 1000
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 0.5
@@ -87,7 +88,7 @@ class RedisStore(TeacherOutputStore):
             isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
         ):
             raise ValueError(f"ttl_seconds must be a positive int or None; got {ttl_seconds!r}")
-        self.url = redact_url(url)
+        self.url = redact(url)
         self.ttl_seconds = ttl_seconds
         self._prefix = key_prefix.encode()
         unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query)} - set(ALLOWED_QUERY))
@@ -141,7 +142,10 @@ class RedisStore(TeacherOutputStore):
 
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
         with self._translated_errors():
-            return self._client.mget([self._prefix + key for key in keys])
+            values = self._client.mget([self._prefix + key for key in keys])
+        # Bytes, never str: the client leaves decode_responses off, and ALLOWED_QUERY keeps a URL from turning
+        # it on; redis-py's annotation covers both.
+        return cast(list[bytes | None], values)
 
     def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
         with self._translated_errors():

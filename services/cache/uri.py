@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 from services.cache.authentication import hmac_key_from_environment
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
-from services.cache.store import TeacherOutputStore, redact_url
+from services.cache.store import TeacherOutputStore
 from services.core.errors import ConfigError
+from services.core.redaction import redact
 
 _ALLOWED_URIS = (
     "lmdb:///absolute/path, a plain filesystem path, redis://[:password@]host:port/db or rediss://..."
@@ -37,4 +38,4 @@ def open_store(uri: str, **options) -> TeacherOutputStore:
         if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
             raise ConfigError(f"bad LMDB cache URI {uri!r}: use lmdb:///absolute/path (three slashes)")
         return LmdbStore(parts.path, **options)
-    raise ConfigError(f"unsupported cache URI {redact_url(uri)!r}; allowed forms: {_ALLOWED_URIS}")
+    raise ConfigError(f"unsupported cache URI {redact(uri)!r}; allowed forms: {_ALLOWED_URIS}")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.cache.guard import GuardedStore, Outcome
-from services.cache.store import CachedValue
+from services.cache.layout import CachedValue
 from services.formats.soft_labels import CompactLogits, frame_bytes
 
 logger = logging.getLogger(__name__)

@@ -7,13 +7,18 @@ and the server's default limits, which a client assumes until `ListTeachers` rep
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 LOGITS = "logits"
 """The output name of a teacher's class scores; every other output name is a feature tap."""
 
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+OutputDtype = Literal["float32", "float16", "bfloat16"]
+"""The dtypes a teacher output may be streamed and cached in, as a type (config fields use it)."""
+
+OUTPUT_DTYPES: tuple[OutputDtype, ...] = get_args(OutputDtype)
 """The dtypes a teacher output may be streamed and cached in."""
 
-DEFAULT_OUTPUT_DTYPE = "float16"
+DEFAULT_OUTPUT_DTYPE: OutputDtype = "float16"
 """The dtype of outputs when a request leaves `output_dtype` unspecified."""
 
 DEFAULT_MAX_BATCH_SIZE = 512

@@ -130,7 +130,7 @@ def _is_safetensors(path: Path) -> bool:
 def _described(err: BaseException) -> str:
     """The root error's type and first line: torch wraps a parse failure in paragraphs of advice (re-running
     with weights_only=False among them), and ekd prints errors as one line."""
-    while (err.__cause__ or err.__context__) is not None:
-        err = err.__cause__ or err.__context__
+    while (inner := err.__cause__ or err.__context__) is not None:
+        err = inner
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

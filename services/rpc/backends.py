@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import TeacherSpec
+from services.teachers.spec import TeacherSpec
 
 FORWARD_SLICE_BYTES = 8 * 2**20
 """`LocalBackend` runs a forward pass over at most this many bytes of images at a time, so that the float
@@ -35,8 +35,9 @@ class TeacherBackend(Protocol):
     def specs(self) -> dict[str, TeacherSpec]:
         """Every hosted teacher by the name clients use for it."""
 
-    def feature_shapes(self, name: str) -> dict[str, tuple[int, int, int]]:
-        """(channels, height, width) of every tap of teacher `name` at its model input size."""
+    def feature_shapes(self, name: str) -> dict[str, tuple[int, ...]]:
+        """(channels, height, width) of every tap of teacher `name` at its model input size, as measured (the
+        servicer checks that each shape has three dimensions)."""
 
     async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
         """Forward uint8 images [B, C, H, W] through teacher `name`: {output: float CPU tensor [B, ...]}."""
@@ -63,7 +64,7 @@ class LocalBackend:
     def specs(self) -> dict[str, TeacherSpec]:
         return {name: engine.spec for name, engine in self._engines.items()}
 
-    def feature_shapes(self, name: str) -> dict[str, tuple[int, int, int]]:
+    def feature_shapes(self, name: str) -> dict[str, tuple[int, ...]]:
         return dict(self._feature_shapes[self._known(name)])
 
     async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ unguarded); give each thread that fetches, e.g. a prefetching worker, its own cl
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections import deque
@@ -51,11 +52,11 @@ from services.cache import (
     FULL,
     GuardedStore,
     Outcome,
+    OutputEntries,
     TeacherOutputStore,
-    ValueSpec,
     guarded,
     input_digests,
-    output_key,
+    stored_form,
 )
 from services.core.contract import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -150,7 +151,7 @@ class TeacherDescription:
     def wire_shape(self, output: str, logits_form: str) -> tuple[int, ...]:
         """The per-sample shape of an output on the wire: `output_shape`, or (frame bytes,) for the logits in
         the compact form."""
-        if output == LOGITS and logits_form == COMPACT:
+        if stored_form(output, logits_form) == COMPACT:
             return (frame_bytes(self.num_classes, entries_that_fit(self.num_classes)),)
         return self.output_shape(output)
 
@@ -237,17 +238,19 @@ class PendingFetch:
         for flight in self.flights:
             if flight.error is not None:
                 raise flight.error
-        for outputs in self.results.values():
+        landed: dict[str, dict[str, torch.Tensor | CompactLogits]] = {}
+        for teacher, outputs in self.results.items():
+            landed[teacher] = dict(outputs)
             frames = outputs.get(LOGITS)
             if isinstance(frames, torch.Tensor) and frames.dtype == torch.uint8:  # the compact form
                 try:
-                    outputs[LOGITS] = from_frames(frames)
+                    landed[teacher][LOGITS] = from_frames(frames)
                 except CorruptValueError as error:
                     raise TeacherServiceError(
                         f"teacher service at {self._client.address} answered damaged compact logits: {error}",
                         address=self._client.address,
                     ) from error
-        return self.results
+        return landed
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -271,14 +274,14 @@ def _chunk_rows(rows: slice | torch.Tensor, start: int, count: int) -> slice | t
 
 def _compact(output: str, logits_form: str) -> bool:
     """Whether `output` travels and is cached in the compact form."""
-    return output == LOGITS and logits_form == COMPACT
+    return stored_form(output, logits_form) == COMPACT
 
 
 def _dtype_name(proto_dtype: int) -> str:
     return DTYPES_BY_PROTO_NAME[teacher_pb2.DType.Name(proto_dtype)]
 
 
-def _proto_dtype(name: str) -> int:
+def _proto_dtype(name: str) -> teacher_pb2.DType:
     return teacher_pb2.DType.Value(PROTO_DTYPE_NAMES[name])
 
 
@@ -428,14 +431,16 @@ class TeacherClient:
             if missed:
                 groups.setdefault((tuple(missed), tuple(requested[teacher])), []).append(teacher)
         pending = PendingFetch(self, results)
-        for (missed, names), group_teachers in groups.items():
+        for (missed_rows, names), group_teachers in groups.items():
             per_request = self._samples_per_request(images, group_teachers, list(names), limits)
             # Every image missed (the cold case): slices of the batch, no gather.
-            everything = len(missed) == batch_size
-            for first in range(0, len(missed), per_request):
-                count = min(per_request, len(missed) - first)
+            everything = len(missed_rows) == batch_size
+            for first in range(0, len(missed_rows), per_request):
+                count = min(per_request, len(missed_rows) - first)
                 rows: slice | torch.Tensor = (
-                    slice(first, first + count) if everything else torch.tensor(missed[first : first + count])
+                    slice(first, first + count)
+                    if everything
+                    else torch.tensor(missed_rows[first : first + count])
                 )
                 request_images = images[rows]
                 request_id = uuid.uuid4().hex
@@ -558,10 +563,11 @@ class TeacherClient:
         or is skipped while its breaker is open, answers nothing: the service answers every pair."""
         everything = list(range(images.shape[0]))
         misses = {teacher: everything if names else [] for teacher, names in requested.items()}
+        store = self.store
+        if store is None:  # nothing is looked up without a store
+            return misses
         looked_up = [
-            teacher
-            for teacher, names in requested.items()
-            if names and self.store is not None and limits.teachers[teacher].cached
+            teacher for teacher, names in requested.items() if names and limits.teachers[teacher].cached
         ]
         if not looked_up:
             return misses
@@ -570,18 +576,15 @@ class TeacherClient:
         for teacher in looked_up:
             description = limits.teachers[teacher]
             for output in requested[teacher]:
-                form = COMPACT if _compact(output, logits_form) else FULL
-                spec = (
-                    ValueSpec.compact(description.num_classes)
-                    if form == COMPACT
-                    else ValueSpec.full(self.output_dtype, description.output_shape(output))
+                entries = OutputEntries.of(
+                    description.identity, output, self.output_dtype, logits_form=logits_form
                 )
-                keys += [
-                    output_key(description.identity, output, self.output_dtype, 0, d, form=form)
-                    for d in digests
-                ]
+                spec = entries.spec(
+                    num_classes=description.num_classes, shape=description.output_shape(output)
+                )
+                keys += entries.keys(digests)
                 expected += [spec] * len(digests)
-        lookup = self.store.get_many(keys, expected)
+        lookup = store.get_many(keys, expected)
         if lookup.outcome is not Outcome.DONE:  # the guard said so once; the service answers every pair
             self._count(cache_unavailable=len(looked_up) * len(digests))
             return misses
@@ -593,12 +596,14 @@ class TeacherClient:
             if hit:
                 positions = torch.tensor(hit)
                 for output, cached in by_output.items():
+                    # Every value of a hit is there, and of its key's kind (`expected` checked it).
                     found = [cached[i] for i in hit]
-                    results[teacher][output][positions] = (
-                        frames_tensor(CompactLogits.cat(found))
-                        if _compact(output, logits_form)
-                        else torch.stack(found).float()
-                    )
+                    if _compact(output, logits_form):
+                        parts = [value for value in found if isinstance(value, CompactLogits)]
+                        results[teacher][output][positions] = frames_tensor(CompactLogits.cat(parts))
+                    else:
+                        tensors = [value for value in found if isinstance(value, torch.Tensor)]
+                        results[teacher][output][positions] = torch.stack(tensors).float()
             hit_set = set(hit)
             misses[teacher] = [i for i in everything if i not in hit_set]
             hits += len(hit)
@@ -666,7 +671,7 @@ class TeacherClient:
             try:
                 self._call(
                     f"Infer (request {flight.request_id})",
-                    lambda flight=flight: self._consume(flight),
+                    functools.partial(self._consume, flight),
                     {grpc.StatusCode.UNAVAILABLE},
                 )
             except TeacherServiceError as error:

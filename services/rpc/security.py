@@ -34,7 +34,7 @@ import ipaddress
 import logging
 import os
 from collections import namedtuple
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +199,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], object],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
@@ -282,6 +282,11 @@ def _read_named_file(environ: Mapping[str, str], variable: str) -> bytes | None:
     path = environ.get(variable)
     if not path:
         return None
+    return _read_file(variable, path)
+
+
+def _read_file(variable: str, path: str) -> bytes:
+    """The content of the file `variable` names (`path`); ConfigError when it cannot be read or is empty."""
     try:
         content = Path(path).read_bytes()
     except OSError as error:
@@ -296,7 +301,7 @@ def _token(environ: Mapping[str, str]) -> str | None:
     if inline and path:
         raise ConfigError(f"give the token one way: {AUTH_TOKEN} or {AUTH_TOKEN_FILE}, not both")
     if path:
-        token = _read_named_file(environ, AUTH_TOKEN_FILE).decode().strip()
+        token = _read_file(AUTH_TOKEN_FILE, path).decode().strip()
     elif inline:
         token = inline.strip()
     else:

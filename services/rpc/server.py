@@ -35,15 +35,8 @@ from grpc_reflection.v1alpha import reflection
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2
 from services.cache import TeacherOutputStore
-from services.core.contract import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_CONCURRENT_RPCS,
-    DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_OUTPUT_DTYPE,
-)
 from services.rpc.backends import TeacherBackend
+from services.rpc.limits import DEFAULT_LIMITS, ServiceLimits
 from services.rpc.metrics import Metrics
 from services.rpc.security import (
     DEFAULT_AUTH_EXEMPT_SERVICES,
@@ -96,42 +89,27 @@ def create_server(
     *,
     store: TeacherOutputStore | None = None,
     address: str = "127.0.0.1:0",
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    limits: ServiceLimits = DEFAULT_LIMITS,
     metrics: Metrics | None = None,
-    default_chunk_size: int = DEFAULT_CHUNK_SIZE,
-    default_dtype: str = DEFAULT_OUTPUT_DTYPE,
-    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
-    max_inflight_request_bytes: int = DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
     security: ServerSecurity | None = None,
     auth_exempt_services: Collection[str] = DEFAULT_AUTH_EXEMPT_SERVICES,
 ) -> RunningServer:
     """A server for `backend`'s teachers on `address` (port 0: a free one, see `.port`), not yet started.
 
-    `max_message_bytes` bounds the messages the server receives and sends; the servicer announces it in
-    ListTeachers and keeps its response chunks under it. `security` None reads it from the environment
+    `limits.max_message_bytes` bounds the messages the server receives and sends; the servicer announces it
+    in ListTeachers and keeps its response chunks under it. `security` None reads it from the environment
     (`ServerSecurity.from_environment`); `ServerSecurity()` is explicitly insecure. `auth_exempt_services`
     are the services callable without the token (full names; health and reflection by default).
     """
     security = security if security is not None else ServerSecurity.from_environment()
     metrics = metrics if metrics is not None else Metrics()
-    servicer = TeacherServicer(
-        backend,
-        store,
-        metrics,
-        max_batch_size=max_batch_size,
-        max_message_bytes=max_message_bytes,
-        default_chunk_size=default_chunk_size,
-        default_dtype=default_dtype,
-        max_concurrent_rpcs=max_concurrent_rpcs,
-        max_inflight_request_bytes=max_inflight_request_bytes,
-    )
+    servicer = TeacherServicer(backend, store, metrics, limits=limits)
     server = grpc.aio.server(
         interceptors=security.interceptors(auth_exempt_services),
-        maximum_concurrent_rpcs=max_concurrent_rpcs + PROBE_RPCS,
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs + PROBE_RPCS,
         options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
             # Several servers (ingress replicas on one node) may listen on one port; the kernel spreads the
             # connections over them. grpc's default on Linux, stated because scaling out relies on it.
             ("grpc.so_reuseport", 1),

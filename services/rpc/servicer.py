@@ -10,8 +10,8 @@ stream ends without waiting for the write; `wait_for_cache_writes` waits for it.
 work: it is read and written through a circuit breaker (`services.cache.guard`), so when it fails or freezes
 the request is computed and still answered, after at most one short cache timeout, then microseconds.
 
-Cache entries, one per sample and output (shared with `services.rpc.client`, which reads the same store
-directly):
+Cache entries, one per sample and output (`services.cache.layout.OutputEntries`; `services.rpc.client` reads
+the same store directly):
 
     output_key(identity, "logits", dtype, 0, digest)  -> logits [num_classes], in dtype
     output_key(identity, tap, dtype, 0, digest)       -> tap [channels, height, width], in dtype
@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 import grpc
 import torch
@@ -43,21 +44,15 @@ from services.cache import (
     COMPACT,
     FULL,
     Outcome,
+    OutputEntries,
     TeacherOutputStore,
     ValueSpec,
     guarded,
     input_digests,
-    output_key,
 )
 from services.cache.writer import BackgroundWriter
 from services.core.contract import (
     ADMISSION_RETRY_MILLISECONDS,
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_CONCURRENT_RPCS,
-    DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_OUTPUT_DTYPE,
     LOGITS,
     MAX_NAME_LENGTH,
     MAX_OUTPUTS_PER_REQUEST,
@@ -75,15 +70,15 @@ from services.formats.codec import (
 )
 from services.formats.soft_labels import CompactLogits, compress, entries_that_fit, frame_bytes, frames_tensor
 from services.rpc.backends import BackendUnavailableError, TeacherBackend
+from services.rpc.limits import DEFAULT_LIMITS, MESSAGE_FRAMING_BYTES, ServiceLimits
 from services.rpc.metrics import NO_TEACHER, Metrics
 from services.rpc.wire import ReceivedInferRequest
-from services.teachers.zoo import TeacherSpec
+from services.teachers.spec import TeacherSpec
 
 logger = logging.getLogger(__name__)
 
-# Room in each InferResponse for everything but the tensor payloads and `cached` flags: the teacher name and
-# output names (added per message), start and count, each Tensor's dtype, shape and length prefixes.
-_MESSAGE_FRAMING_BYTES = 512
+# Per Tensor of an InferResponse, room for its dtype, shape and length prefixes (the message's own is
+# MESSAGE_FRAMING_BYTES).
 _TENSOR_FRAMING_BYTES = 64
 
 _INDICES_DTYPE = "int64"
@@ -115,7 +110,7 @@ class _Hosted:
     """A hosted teacher as the servicer needs it: spec and tap shapes, read once from the backend."""
 
     spec: TeacherSpec
-    feature_shapes: dict[str, tuple[int, int, int]]
+    feature_shapes: dict[str, tuple[int, ...]]  # (channels, height, width): `_hosted` checks
 
     @property
     def outputs(self) -> list[str]:
@@ -145,15 +140,14 @@ class _Part:
     def form(self) -> str:
         return COMPACT if self.role == "compact" else FULL
 
-    def key(self, identity: str, digest: bytes) -> bytes:
-        return output_key(identity, self.output, self.dtype, self.top_k, digest, form=self.form)
+    def entries(self, identity: str) -> OutputEntries:
+        """Where this part of the teacher `identity`'s answers is cached."""
+        return OutputEntries.of(identity, self.output, self.dtype, logits_form=self.form, top_k=self.top_k)
 
     @property
     def spec(self) -> ValueSpec:
         """What a cached value of this part must be."""
-        if self.role == "compact":
-            return ValueSpec.compact(self.num_classes)
-        return ValueSpec.full(self.dtype, self.shape)
+        return ValueSpec.of(self.form, self.dtype, num_classes=self.num_classes, shape=self.shape)
 
 
 @dataclass(frozen=True)
@@ -178,11 +172,10 @@ class TeacherServicer:
     Its `Infer` takes a `ReceivedInferRequest` (`services.rpc.wire`: the request and a view of its image
     bytes), so `services.rpc.server` registers it with `parse_infer_request` as the request deserializer.
 
-    The hosted teachers are read from the backend once, here. `max_message_bytes` must equal the server's
-    gRPC message length limits (`services.rpc.server.create_server` sets both). At most `max_concurrent_rpcs`
-    TeacherService RPCs, and Infer requests of at most `max_inflight_request_bytes` in all, are processed at
-    once; beyond either an Infer ends at once with RESOURCE_EXHAUSTED. (ListTeachers, answered from memory
-    without waiting, needs no such bound.)
+    The hosted teachers are read from the backend once, here. `limits.max_message_bytes` must equal the
+    server's gRPC message length limits (`services.rpc.server.create_server` sets both). Beyond
+    `limits.max_concurrent_rpcs` or `limits.max_inflight_request_bytes` an Infer ends at once with
+    RESOURCE_EXHAUSTED. (ListTeachers, answered from memory without waiting, needs no such bound.)
     """
 
     def __init__(
@@ -191,41 +184,12 @@ class TeacherServicer:
         store: TeacherOutputStore | None,
         metrics: Metrics,
         *,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        default_chunk_size: int = DEFAULT_CHUNK_SIZE,
-        default_dtype: str = DEFAULT_OUTPUT_DTYPE,
-        max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
-        max_inflight_request_bytes: int = DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
+        limits: ServiceLimits = DEFAULT_LIMITS,
     ) -> None:
-        if max_concurrent_rpcs < 1:
-            raise ValueError(f"max_concurrent_rpcs must be at least 1, got {max_concurrent_rpcs}")
-        if max_inflight_request_bytes < max_message_bytes:
-            raise ValueError(
-                f"max_inflight_request_bytes ({max_inflight_request_bytes}) must be at least "
-                f"max_message_bytes ({max_message_bytes}), or a request of the largest size could never run"
-            )
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if max_message_bytes <= _MESSAGE_FRAMING_BYTES:
-            raise ValueError(
-                f"max_message_bytes must exceed {_MESSAGE_FRAMING_BYTES}, got {max_message_bytes}"
-            )
-        if default_chunk_size < 1:
-            raise ValueError(f"default_chunk_size must be at least 1, got {default_chunk_size}")
-        if default_dtype not in OUTPUT_DTYPES:
-            raise ValueError(
-                f"default_dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {default_dtype!r}"
-            )
         self._backend = backend
         self._store = guarded(store) if store is not None else None
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
-        self.max_message_bytes = max_message_bytes
-        self.default_chunk_size = default_chunk_size
-        self.default_dtype = default_dtype
-        self.max_concurrent_rpcs = max_concurrent_rpcs
-        self.max_inflight_request_bytes = max_inflight_request_bytes
+        self.limits = limits
         # Admission state, touched only on the event loop's thread (RPC entry and exit), so unlocked.
         self._active_rpcs = 0
         self._inflight_request_bytes = 0
@@ -287,18 +251,19 @@ class TeacherServicer:
 
     def _admit(self, request_bytes: int) -> None:
         """Count an Infer of `request_bytes` request bytes as running, or refuse it: RESOURCE_EXHAUSTED."""
-        if self._active_rpcs >= self.max_concurrent_rpcs:
+        if self._active_rpcs >= self.limits.max_concurrent_rpcs:
             raise _RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is running its maximum of {self.max_concurrent_rpcs} concurrent requests "
+                f"the server is running its maximum of {self.limits.max_concurrent_rpcs} concurrent requests "
                 f"(max_concurrent_rpcs); retry later",
                 retry_after_ms=ADMISSION_RETRY_MILLISECONDS,
             )
-        if self._inflight_request_bytes + request_bytes > self.max_inflight_request_bytes:
+        if self._inflight_request_bytes + request_bytes > self.limits.max_inflight_request_bytes:
             raise _RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is processing {self._inflight_request_bytes} bytes of requests; this one's "
-                f"{request_bytes} would exceed max_inflight_request_bytes={self.max_inflight_request_bytes}; "
+                f"{request_bytes} would exceed "
+                f"max_inflight_request_bytes={self.limits.max_inflight_request_bytes}; "
                 f"retry later",
                 retry_after_ms=ADMISSION_RETRY_MILLISECONDS,
             )
@@ -377,7 +342,7 @@ class TeacherServicer:
         images = self._images(request.images, received.image_data, teachers)
         top_k = top_k if LOGITS in outputs else 0
         parts = {name: self._parts(self._hosted[name], outputs, dtype, top_k, compact) for name in teachers}
-        chunk_size = request.chunk_size or self.default_chunk_size
+        chunk_size = request.chunk_size or self.limits.default_chunk_size
         chunk_sizes = {name: self._fitting_chunk_size(name, parts[name], chunk_size) for name in teachers}
         return _Plan(teachers, outputs, images, parts, chunk_sizes, request.request_id, request.bypass_cache)
 
@@ -419,7 +384,7 @@ class TeacherServicer:
 
     def _output_dtype(self, value: int) -> str:
         if value == teacher_pb2.DTYPE_UNSPECIFIED:
-            return self.default_dtype
+            return self.limits.default_dtype
         name = DTYPES_BY_PROTO_NAME.get(_proto_dtype_name(value))
         if name not in OUTPUT_DTYPES:
             allowed = ", ".join(PROTO_DTYPE_NAMES[dtype] for dtype in OUTPUT_DTYPES)
@@ -427,7 +392,7 @@ class TeacherServicer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"output_dtype {_proto_dtype_name(value)} is not allowed; allowed: {allowed} "
                 f"(or DTYPE_UNSPECIFIED for the server default, "
-                f"{PROTO_DTYPE_NAMES[self.default_dtype]})",
+                f"{PROTO_DTYPE_NAMES[self.limits.default_dtype]})",
             )
         return name
 
@@ -444,7 +409,8 @@ class TeacherServicer:
             f"{name!r} resizes to {self._hosted[name].spec.preprocessing.input_size}px" for name in teachers
         )
         spec = (
-            f"expected images uint8 [B, {expected_channels}, H, W] with 1 <= B <= {self.max_batch_size} "
+            f"expected images uint8 [B, {expected_channels}, H, W] "
+            f"with 1 <= B <= {self.limits.max_batch_size} "
             f"and H, W >= 1, as B*{expected_channels}*H*W bytes of raw pixels ({sizes})"
         )
         shape = list(images.shape)
@@ -461,11 +427,11 @@ class TeacherServicer:
             problem = f"an empty batch (shape {shape})"
         if problem:
             raise _RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{spec}; got {problem}")
-        if shape[0] > self.max_batch_size:
+        if shape[0] > self.limits.max_batch_size:
             raise _RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"batch of {shape[0]} images exceeds max_batch_size={self.max_batch_size}; "
-                f"split it into requests of at most {self.max_batch_size} images",
+                f"batch of {shape[0]} images exceeds max_batch_size={self.limits.max_batch_size}; "
+                f"split it into requests of at most {self.limits.max_batch_size} images",
             )
         if len(data) != math.prod(shape):
             raise _RequestError(
@@ -495,17 +461,17 @@ class TeacherServicer:
     def _fitting_chunk_size(self, teacher: str, parts: Sequence[_Part], chunk_size: int) -> int:
         """The requested chunk size, shrunk until a message of that many samples fits the size limit."""
         framing = (
-            _MESSAGE_FRAMING_BYTES
+            MESSAGE_FRAMING_BYTES
             + len(teacher.encode())
             + sum(_TENSOR_FRAMING_BYTES + len(part.output.encode()) for part in parts)
         )
         sample_bytes = sum(part.sample_bytes for part in parts) + 1  # + its `cached` flag
-        fitting = (self.max_message_bytes - framing) // sample_bytes
+        fitting = (self.limits.max_message_bytes - framing) // sample_bytes
         if fitting < 1:
             raise _RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"one sample's outputs of teacher {teacher!r} take {sample_bytes} "
-                f"bytes, more than fit in max_message_bytes={self.max_message_bytes}; "
+                f"bytes, more than fit in max_message_bytes={self.limits.max_message_bytes}; "
                 f"request fewer outputs or a smaller output_dtype",
             )
         return min(chunk_size, fitting)
@@ -550,7 +516,7 @@ class TeacherServicer:
             batch = plan.images.shape[0]
             identity = self._hosted[name].spec.identity
             keys = (
-                {part: [part.key(identity, digest) for digest in digests] for part in parts}
+                {part: part.entries(identity).keys(digests) for part in parts}
                 if digests is not None and self._is_cached(name, plan)
                 else None
             )
@@ -609,12 +575,14 @@ class TeacherServicer:
         top_k = max(part.top_k for part in parts)
         # Taken on float32 so that the indices do not depend on the output dtype (see the module doc).
         top = torch.topk(outputs[LOGITS].float(), top_k, dim=1) if top_k else None
-        computed = {}
+        computed: dict[_Part, torch.Tensor | CompactLogits] = {}
         for part in parts:
             if part.role == "output":
                 computed[part] = outputs[part.output].to(DTYPES[part.dtype])
             elif part.role == "compact":
                 computed[part] = compress(outputs[LOGITS].float())
+            elif top is None:  # a top-k part has top_k > 0, so `top` is taken whenever there is one
+                raise RuntimeError(f"no top-k taken for the {part.role} part of {part.output!r}")
             elif part.role == "top_k_values":
                 computed[part] = top.values.to(DTYPES[part.dtype])
             else:
@@ -634,19 +602,21 @@ class TeacherServicer:
         """The teacher's answer, cached and computed samples merged in input order, cut into chunks."""
         batch = len(hit)
         chunk_size = plan.chunk_sizes[name]
-        found, computed = _as_frames(parts, found), _as_frames(parts, computed)
-        whole = {}
+        computed_frames = _as_frames(parts, computed)
+        # A hit has every part cached, so the values were found whenever a sample is a hit.
+        found_frames = _as_frames(parts, found) if found is not None else {}
+        whole: dict[_Part, torch.Tensor] = {}
         for part in parts:
             if not misses:
-                whole[part] = torch.stack(found[part])
+                whole[part] = torch.stack([row for row in found_frames[part] if row is not None])
             elif len(misses) == batch:
-                whole[part] = computed[part]
+                whole[part] = computed_frames[part]
             else:
                 merged = torch.empty((batch, *part.shape), dtype=DTYPES[part.dtype])
-                for i in range(batch):
-                    if hit[i]:
-                        merged[i] = found[part][i]
-                merged[misses] = computed[part]
+                for i, row in enumerate(found_frames[part]):
+                    if hit[i] and row is not None:
+                        merged[i] = row
+                merged[misses] = computed_frames[part]
                 whole[part] = merged
         responses = []
         for start in range(0, batch, chunk_size):
@@ -671,14 +641,17 @@ class TeacherServicer:
 
     async def _cache_get(
         self, name: str, parts: Sequence[_Part], keys: dict[_Part, list[bytes]]
-    ) -> dict[_Part, list[torch.Tensor | None]] | None:
+    ) -> dict[_Part, list[torch.Tensor | CompactLogits | None]] | None:
         """The cached value of every key, None where missing, damaged or not of the part's dtype and shape
         (the store checks each against its part); None altogether when the cache failed or was skipped."""
+        store = self._store
+        if store is None:  # only asked for when the cache is on (`_is_cached`)
+            return None
         flat_keys = [key for part in parts for key in keys[part]]
         batch = len(flat_keys) // len(parts)
         expected = [part.spec for part in parts for _ in range(batch)]
         try:
-            lookup = await asyncio.to_thread(self._store.get_many, flat_keys, expected)
+            lookup = await asyncio.to_thread(store.get_many, flat_keys, expected)
         except Exception:  # a bug in the cache: it only saves work, so compute instead, with the trace logged
             logger.exception("cache read for teacher %r failed, serving without the cache", name)
             self.metrics.cache_errors.labels(name, "get").inc()
@@ -693,12 +666,15 @@ class TeacherServicer:
         self.metrics.cache_corrupt.labels(name).inc(lookup.corrupt)
         return found
 
-    def _cache_put(self, name: str, items: list[tuple[bytes, torch.Tensor]]) -> None:
+    def _cache_put(self, name: str, items: list[tuple[bytes, torch.Tensor | CompactLogits]]) -> None:
         """Hand the computed values to the background writer and return at once (the answer is already on
         its way; a lost write costs one recomputation)."""
-        if not self._store.available:  # decided here, so the metrics move before the response ends
+        store, writer = self._store, self._cache_writer
+        if store is None or writer is None:  # only called when the cache is on (`_is_cached`): both are set
+            return
+        if not store.available:  # decided here, so the metrics move before the response ends
             self._count_cache_error(name, "put", Outcome.SKIPPED)
-        elif not self._cache_writer.submit(name, items):
+        elif not writer.submit(name, items):
             self.metrics.cache_errors.labels(name, "put").inc()
             self.metrics.cache_dropped_writes.labels(name).inc(len(items))
 
@@ -749,11 +725,13 @@ class TeacherServicer:
                 )
             )
         return teacher_pb2.ListTeachersResponse(
-            teachers=teachers, max_batch_size=self.max_batch_size, max_message_bytes=self.max_message_bytes
+            teachers=teachers,
+            max_batch_size=self.limits.max_batch_size,
+            max_message_bytes=self.limits.max_message_bytes,
         )
 
 
-def _hosted(name: str, spec: TeacherSpec, feature_shapes: dict[str, Sequence[int]]) -> _Hosted:
+def _hosted(name: str, spec: TeacherSpec, feature_shapes: Mapping[str, Sequence[int]]) -> _Hosted:
     if set(feature_shapes) != set(spec.taps) or any(len(shape) != 3 for shape in feature_shapes.values()):
         raise ValueError(
             f"the backend gives teacher {name!r} feature shapes {feature_shapes}; expected "
@@ -813,10 +791,21 @@ def _truncated(message: str) -> str:
     return message[: MAX_ERROR_MESSAGE_CHARS - len(marker)] + marker
 
 
-def _as_frames(parts: Sequence[_Part], values: dict | None) -> dict | None:
-    """`values` (part -> a batch, or a list of per-sample values) with compact parts' values as frames."""
-    if values is None:
-        return None
+@overload
+def _as_frames(
+    parts: Sequence[_Part], values: Mapping[_Part, torch.Tensor | CompactLogits]
+) -> dict[_Part, torch.Tensor]: ...
+
+
+@overload
+def _as_frames(
+    parts: Sequence[_Part], values: Mapping[_Part, list[torch.Tensor | CompactLogits | None]]
+) -> dict[_Part, list[torch.Tensor | None]]: ...
+
+
+def _as_frames(parts: Sequence[_Part], values: Mapping[_Part, Any]) -> dict[_Part, Any]:
+    """`values` (part -> a batch, or a list of per-sample values) with compact parts' values as frames: a
+    compact part's `CompactLogits` become uint8 tensors, the other parts' values are tensors already."""
     framed = dict(values)
     for part in parts:
         if part.role != "compact" or part not in values:

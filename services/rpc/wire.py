@@ -55,7 +55,7 @@ class OutgoingInferRequest:
 
     def _pieces(self) -> tuple[bytes | memoryview, ...]:
         tensor_head = teacher_pb2.Tensor(dtype=teacher_pb2.UINT8, shape=self.images.shape).SerializeToString()
-        payload = memoryview(self.images.numpy().reshape(-1))
+        payload = self.images.numpy().reshape(-1).data  # a memoryview of the tensor's bytes, no copy
         payload_length = _varint(len(payload))
         tensor_length = len(tensor_head) + len(_DATA_TAG) + len(payload_length) + len(payload)
         return (

@@ -58,12 +58,14 @@ async def infer_in_pieces(
     requested = (outputs,) if isinstance(outputs, str) else tuple(outputs)
     pieces = images.split(max_batch_size)
     results = await asyncio.gather(*(submit(PendingRequest(piece, requested)) for piece in pieces))
+    parts: list[dict[str, torch.Tensor]] = []
     for result in results:
         if isinstance(result, Exception):
             raise result
-    if len(results) == 1:
-        return results[0]
-    return {name: torch.cat([result[name] for result in results]) for name in results[0]}
+        parts.append(result)
+    if len(parts) == 1:
+        return parts[0]
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 async def forward_batch(requests: list[PendingRequest], forward: Forward) -> list[Result]:

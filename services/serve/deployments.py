@@ -36,14 +36,14 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import ray
 import torch
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve.config import AutoscalingContext, ProxyLocation
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -64,7 +64,8 @@ from services.serve.serve_config import (
     load_serve_config,
 )
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import TeacherSpec, create_teacher
+from services.teachers.spec import TeacherSpec
+from services.teachers.zoo import create_teacher
 
 APP_NAME = "ekd"
 INGRESS_DEPLOYMENT = "GrpcIngress"
@@ -74,9 +75,25 @@ STOP_GRACE_SECONDS = 5.0
 # The custom autoscaling metric a teacher replica reports: samples in it, batching or computing.
 QUEUED_SAMPLES = "queued_samples"
 
-FeatureShapes = dict[str, tuple[int, int, int]]
+# (C, H, W) of each tap, as the engine measures them (the servicer checks that each has three dimensions).
+FeatureShapes = dict[str, tuple[int, ...]]
 # What a teacher call raises when no replica can take it now (overloaded, restarting, failed to deploy).
 _UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)
+
+
+class _BatchSettings(Protocol):
+    """The setters `@serve.batch` attaches to the method it wraps, which Ray's annotations type as a plain
+    callable."""
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+
+def _deployment(decorated: type) -> Deployment:
+    """A class decorated with `@serve.deployment`, typed as the `Deployment` it is at runtime: mypy does not
+    apply class decorators, so it still sees the class."""
+    return cast(Deployment, decorated)
 
 
 def teacher_deployment_name(teacher: str) -> str:
@@ -109,8 +126,9 @@ class TeacherDeployment:
         self._apply(BatchingConfig.model_validate({**self._batching.model_dump(), **user_config}))
 
     def _apply(self, batching: BatchingConfig) -> None:
-        self._forward.set_max_batch_size(batching.max_batch_size)
-        self._forward.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        batch_settings = cast(_BatchSettings, self._forward)
+        batch_settings.set_max_batch_size(batching.max_batch_size)
+        batch_settings.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._batching = batching
 
     def describe(self) -> tuple[TeacherSpec, FeatureShapes]:
@@ -232,7 +250,7 @@ class RayServeBackend:
     def specs(self) -> dict[str, TeacherSpec]:
         return dict(self._specs)
 
-    def feature_shapes(self, name: str) -> dict[str, tuple[int, int, int]]:
+    def feature_shapes(self, name: str) -> FeatureShapes:
         return dict(self._shapes[self._known(name)])
 
     async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
@@ -260,7 +278,9 @@ class RayServeBackend:
 class GrpcIngress:
     """The gRPC server (TeacherService, health, reflection) and the metrics endpoint, in a Serve replica."""
 
-    async def __init__(
+    # Serve awaits an async constructor in the replica's event loop; mypy requires __init__ to return None,
+    # which an `async def` never does (it returns a coroutine).
+    async def __init__(  # type: ignore[misc]
         self,
         grpc_config: GrpcConfig,
         cache_config: CacheConfig,
@@ -277,13 +297,8 @@ class GrpcIngress:
             backend,
             store=self._store,
             address=grpc_config.address,
-            max_batch_size=grpc_config.max_batch_size,
-            max_message_bytes=grpc_config.max_message_bytes,
+            limits=grpc_config.limits,
             metrics=self._metrics,
-            default_chunk_size=grpc_config.default_chunk_size,
-            default_dtype=grpc_config.default_dtype,
-            max_concurrent_rpcs=grpc_config.max_concurrent_rpcs,
-            max_inflight_request_bytes=grpc_config.max_inflight_request_bytes,
             # TLS and the token from this replica's environment (services.rpc.security): the pod's or
             # container's, which Ray workers inherit; never through Ray's runtime_env, which Ray records.
             auth_exempt_services=grpc_config.auth_exempt_services,
@@ -336,25 +351,32 @@ def _auto_gpus_per_replica(config: ServeConfig) -> float:
 def build_app(config: ServeConfig) -> Application:
     """The Serve application: one `TeacherDeployment` per configured teacher, behind the `GrpcIngress`."""
     auto_gpus = _auto_gpus_per_replica(config)
-    teachers = {
-        teacher.name: TeacherDeployment.options(
-            name=teacher_deployment_name(teacher.name),
-            **(
-                {"autoscaling_config": autoscaling_options(teacher.autoscaling)}
-                if teacher.autoscaling is not None
-                else {"num_replicas": teacher.num_replicas}
-            ),
-            max_ongoing_requests=teacher.max_ongoing_requests,
-            user_config=teacher.batching().model_dump(),
-            ray_actor_options={
-                "num_cpus": teacher.num_cpus,
-                "num_gpus": auto_gpus if teacher.num_gpus == "auto" else teacher.num_gpus,
-            },
-        ).bind(teacher)
-        for teacher in config.teachers
-    }
-    ingress = GrpcIngress.options(
-        num_replicas=config.grpc.replicas, max_replicas_per_node=config.grpc.max_replicas_per_node
+    teachers: dict[str, Application] = {}
+    for teacher in config.teachers:
+        # TeacherDeploymentConfig's validator sets it (4 x max_batch_size) when the file leaves it out.
+        assert teacher.max_ongoing_requests is not None
+        teachers[teacher.name] = (
+            _deployment(TeacherDeployment)
+            .options(
+                name=teacher_deployment_name(teacher.name),
+                **(
+                    {"autoscaling_config": autoscaling_options(teacher.autoscaling)}
+                    if teacher.autoscaling is not None
+                    else {"num_replicas": teacher.num_replicas}
+                ),
+                max_ongoing_requests=teacher.max_ongoing_requests,
+                user_config=teacher.batching().model_dump(),
+                ray_actor_options={
+                    "num_cpus": teacher.num_cpus,
+                    "num_gpus": auto_gpus if teacher.num_gpus == "auto" else teacher.num_gpus,
+                },
+            )
+            .bind(teacher)
+        )
+    ingress = _deployment(GrpcIngress).options(
+        num_replicas=config.grpc.replicas,
+        # Ray annotates it Default[int], yet takes None as its own default: no limit per node.
+        max_replicas_per_node=config.grpc.max_replicas_per_node,  # type: ignore[arg-type]
     )
     return ingress.bind(config.grpc, config.cache, config.metrics_port, teachers, config.metrics_host)
 

@@ -26,9 +26,10 @@ from services.core.contract import (
     DEFAULT_MAX_INFLIGHT_REQUEST_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_OUTPUT_DTYPE,
-    OUTPUT_DTYPES,
+    OutputDtype,
 )
 from services.core.yaml_config import expand_environment, load_yaml_model
+from services.rpc.limits import ServiceLimits
 from services.rpc.security import DEFAULT_AUTH_EXEMPT_SERVICES
 from services.teachers.engine import PRECISIONS
 from services.teachers.zoo import check_teacher_name
@@ -221,7 +222,7 @@ class GrpcConfig(_Section):
         description="most ingress replicas on one node; 1 puts each on its own node, where metrics_port "
         "can then be fixed too",
     )
-    default_dtype: Literal[OUTPUT_DTYPES] = Field(
+    default_dtype: OutputDtype = Field(
         DEFAULT_OUTPUT_DTYPE,
         description="output dtype when a request leaves output_dtype unspecified; what the "
         "cache stores by default",
@@ -260,6 +261,17 @@ class GrpcConfig(_Section):
                 "several ingress replicas share one port: give a fixed port (0 would give each its own)"
             )
         return self
+
+    @property
+    def limits(self) -> ServiceLimits:
+        return ServiceLimits(
+            max_batch_size=self.max_batch_size,
+            max_message_bytes=self.max_message_bytes,
+            default_chunk_size=self.default_chunk_size,
+            default_dtype=self.default_dtype,
+            max_concurrent_rpcs=self.max_concurrent_rpcs,
+            max_inflight_request_bytes=self.max_inflight_request_bytes,
+        )
 
     @property
     def address(self) -> str:

@@ -10,14 +10,14 @@ buffer with a non-blocking copy, convolutions run channels_last (unless `channel
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from services.core.contract import LOGITS
-from services.teachers.zoo import Teacher, TeacherSpec
+from services.teachers.spec import Teacher, TeacherSpec
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -51,7 +51,8 @@ class TeacherEngine:
         self._bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
         # channels_last is a layout choice, not a precision one: on CUDA it is the faster one for convs.
         self._memory_format = torch.channels_last if on_cuda and channels_last else torch.contiguous_format
-        self.model = teacher.model.to(self.device, memory_format=self._memory_format).eval()
+        # Two documented calls (device, then layout): Module.to has no overload that takes both.
+        self.model = teacher.model.to(self.device).to(memory_format=self._memory_format).eval()
         preprocessing = teacher.spec.preprocessing
         shape = (1, preprocessing.in_chans, 1, 1)
         self._mean = torch.tensor(preprocessing.mean, device=self.device).view(shape)
@@ -60,7 +61,9 @@ class TeacherEngine:
         self._captured: dict[str, torch.Tensor] = {}
         for tap, module_path in teacher.spec.taps.items():
             self.model.get_submodule(module_path).register_forward_hook(self._tap_hook(tap))
-        self._forward: nn.Module = torch.compile(self.model) if compile else self.model
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(self.model) if compile else self.model
+        )
         self._pinned: torch.Tensor | None = None
         # One forward at a time: the hooks write into per-call state shared by the engine.
         self._lock = threading.Lock()

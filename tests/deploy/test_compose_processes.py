@@ -23,7 +23,8 @@ import redis
 import yaml
 
 from services.cache.local_redis import free_port, running_redis_server
-from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 

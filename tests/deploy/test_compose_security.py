@@ -25,7 +25,8 @@ from services.rpc.security import (
 )
 from services.rpc.server import BackgroundServer
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,8 @@ from services.cache import open_store
 from services.cache.local_redis import RedisServer, RedisServerError, free_port
 from services.cache.local_redis import running_redis_server as _running_redis_server
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
 
 @contextlib.contextmanager

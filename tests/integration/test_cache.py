@@ -29,7 +29,7 @@ from services.cache import (
 )
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
-from services.cache.store import redact_url
+from services.core.redaction import redact
 from services.formats.codec import encode_value
 from services.formats.soft_labels import compress, encode
 
@@ -508,7 +508,7 @@ def test_get_many_checks_each_value_against_what_its_key_expects(backend, teache
     ],
 )
 def test_redact_url_hides_passwords_in_the_user_info_and_the_query(url, redacted):
-    assert redact_url(url) == redacted
+    assert redact(url) == redacted
 
 
 def test_redis_urls_accept_only_known_query_parameters(redis_url):

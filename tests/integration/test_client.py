@@ -36,9 +36,11 @@ from services.rpc.client import (
     TeacherServiceError,
     TeacherServiceUnavailable,
 )
+from services.rpc.limits import ServiceLimits
 from services.rpc.server import BackgroundServer
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -254,7 +256,7 @@ def test_max_request_samples_splits_the_batch_and_keeps_the_order(serve, referen
 
 def test_small_server_message_limit_is_respected_by_splitting(serve, reference):
     # 2048 bytes hold two 768-byte 16x16 RGB images per request, so 8 images take 4 requests.
-    server = serve(max_message_bytes=2048)
+    server = serve(limits=ServiceLimits(max_message_bytes=2048))
     batch = images(7)
     with client_of(server) as client:
         fetched = client.fetch(batch, TEACHERS, ["logits"])
@@ -329,7 +331,7 @@ def test_max_in_flight_must_be_a_positive_int(serve):
 
 
 def test_teacher_list_describes_the_hosted_teachers(serve, checkpoints):
-    server = serve(max_batch_size=64)
+    server = serve(limits=ServiceLimits(max_batch_size=64))
     with client_of(server) as client:
         described = client.teachers()
     assert sorted(described) == TEACHERS

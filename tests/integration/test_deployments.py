@@ -50,8 +50,10 @@ from services.serve.serve_config import (
     TeacherDeploymentConfig,
     load_serve_config,
 )
+from services.teachers.checkpoints import file_sha256
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher, file_sha256, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 

@@ -28,11 +28,13 @@ from services.core.contract import (
 )
 from services.rpc.backends import FORWARD_SLICE_BYTES, LocalBackend
 from services.rpc.client import TeacherClient
+from services.rpc.limits import ServiceLimits
 from services.rpc.security import ServerSecurity
 from services.rpc.server import BackgroundServer
 from services.rpc.servicer import MAX_ERROR_MESSAGE_CHARS
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -194,7 +196,7 @@ def test_long_request_id_is_rejected(serve):
 
 def test_rpcs_beyond_max_concurrent_rpcs_are_refused_and_health_still_answers(serve, engine):
     backend = GatedBackend({"t": engine})
-    server = serve(backend, max_concurrent_rpcs=2)
+    server = serve(backend, limits=ServiceLimits(max_concurrent_rpcs=2))
     with ThreadPoolExecutor(12) as pool:
         admitted = [pool.submit(call, server, request(["t"])) for _ in range(2)]
         wait_until(lambda: backend.waiting == 2)
@@ -213,7 +215,7 @@ def test_a_client_retries_a_busy_server_and_a_cancelled_request_holds_its_slot_u
     """A refusal by the caps carries gRPC's retry pushback, so TeacherClient tries again (and a trainer waits
     it out like an outage); a caller that cancels keeps its slot while its forward pass runs on."""
     backend = GatedBackend({"t": engine})
-    server = serve(backend, max_concurrent_rpcs=1)
+    server = serve(backend, limits=ServiceLimits(max_concurrent_rpcs=1))
     with grpc.insecure_channel(server.address) as channel:
         held = teacher_pb2_grpc.TeacherServiceStub(channel).Infer(request(["t"]), timeout=DEADLINE_SECONDS)
         wait_until(lambda: backend.waiting == 1)
@@ -233,7 +235,7 @@ def test_a_client_retries_a_busy_server_and_a_cancelled_request_holds_its_slot_u
 def test_request_bytes_beyond_max_inflight_request_bytes_are_refused(serve, engine):
     backend = GatedBackend({"t": engine})
     limit = 1 << 20
-    server = serve(backend, max_message_bytes=limit, max_inflight_request_bytes=limit)
+    server = serve(backend, limits=ServiceLimits(max_message_bytes=limit, max_inflight_request_bytes=limit))
     big = request(["t"], batch=50, size=64)  # 600 KB: one fits, two do not
     assert limit // 2 < big.ByteSize() < limit
     with ThreadPoolExecutor(4) as pool:

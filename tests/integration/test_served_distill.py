@@ -22,7 +22,8 @@ from services.cache import open_store
 from services.rpc.backends import LocalBackend
 from services.rpc.server import BackgroundServer
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 from trainer.config import ExperimentConfig
 from trainer.runs.experiment import ExperimentSession
 from trainer.runs.inputs import load_splits

@@ -30,7 +30,8 @@ from services.rpc.backends import LocalBackend
 from services.rpc.client import TeacherServiceChanged, TeacherServiceUnavailable
 from services.rpc.server import BackgroundServer
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 from trainer.config import ExperimentConfig
 from trainer.runs.prefetch import prepared_batches
 from trainer.runs.progress import ProgressUpdate

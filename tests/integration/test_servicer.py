@@ -22,10 +22,12 @@ from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_
 from services.cache import input_digest, open_store, output_key
 from services.formats.codec import DTYPES, DTYPES_BY_PROTO_NAME, tensor_from_bytes
 from services.rpc.backends import BackendUnavailableError, LocalBackend
+from services.rpc.limits import ServiceLimits
 from services.rpc.metrics import start_metrics_server
 from services.rpc.server import BackgroundServer
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +149,7 @@ def cached(responses: list[teacher_pb2.InferResponse], teacher: str) -> list[boo
 
 
 def test_list_teachers_describes_every_hosted_teacher(serve, engines):
-    server = serve(max_batch_size=100, max_message_bytes=1 << 20)
+    server = serve(limits=ServiceLimits(max_batch_size=100, max_message_bytes=1 << 20))
     listing = server.stub.ListTeachers(teacher_pb2.ListTeachersRequest(), timeout=DEADLINE_SECONDS)
     assert [t.name for t in listing.teachers] == ["a", "b", "random"]
     assert (listing.max_batch_size, listing.max_message_bytes) == (100, 1 << 20)
@@ -293,7 +295,7 @@ def test_top_k_values_and_indices_equal_torch_topk_and_are_cached(serve, engines
 
 def test_chunks_shrink_to_fit_the_message_size_limit(serve):
     limit = 12 * 1024
-    server = serve(max_message_bytes=limit)
+    server = serve(limits=ServiceLimits(max_message_bytes=limit))
     batch = images(6)
     responses = infer(server, ["a"], batch, outputs=["layer3"])  # 2 KiB per sample in float16
     assert len(responses) > 1 and all(r.ByteSize() <= limit for r in responses)
@@ -451,7 +453,7 @@ BAD_REQUESTS = {
 
 @pytest.fixture(scope="module")
 def strict_server(engines) -> Iterator[ServerThread]:
-    server = ServerThread(LocalBackend(engines), max_batch_size=4)
+    server = ServerThread(LocalBackend(engines), limits=ServiceLimits(max_batch_size=4))
     yield server
     server.close()
 

@@ -8,7 +8,8 @@ import torch
 
 from services.serve.batching import PendingRequest, forward_batch, infer_in_pieces, sample_count
 from services.teachers.engine import InputSpecError, TeacherEngine, UnknownOutputError
-from services.teachers.zoo import Preprocessing, create_teacher
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher
 
 SIZE = 16
 

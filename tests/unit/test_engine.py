@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.teachers.engine import InputSpecError, TeacherEngine, UnknownOutputError
-from services.teachers.zoo import Preprocessing, create_teacher
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher
 
 PRE = Preprocessing(16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 

@@ -181,7 +181,7 @@ def test_kd_option_adds_weighted_distillation_term():
     logits = feed.student.forward_head(feed.student.forward_features(images))
     kd = distillation_kl(logits, soft_targets(teachers.logits, 2.0), 2.0)
     assert result.terms["kd"] == pytest.approx(kd.item(), rel=1e-5)
-    total = result.terms["ce"] + 500.0 * result.terms["factor"] + 0.5 * result.terms["kd"]
+    total = (result.terms["ce"] + 500.0 * result.terms["factor"] + 0.5 * result.terms["kd"]).item()
     assert result.loss.item() == pytest.approx(total, rel=1e-5)
 
 

@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from services.teachers.zoo import Preprocessing, create_teacher
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher
 from trainer.runs.prefetch import prepared_batches
 from trainer.runs.sources import InProcessTeacherSource
 

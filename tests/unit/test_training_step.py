@@ -12,7 +12,7 @@ from torch import nn
 from trainer.config import OptimConfig
 from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews
 from trainer.methods.ce import CrossEntropyTraining
-from trainer.runs.loop import StepSettings, make_scheduler, train_epoch, train_loader
+from trainer.runs.loop import StepSettings, StudentTraining, make_scheduler, train_epoch, train_loader
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -53,18 +53,11 @@ def one_epoch(method, batch_size: int, settings: StepSettings) -> tuple[int, Epo
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
     steps = EpochSteps()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: steps.count(step))
+    training = StudentTraining(
+        method, optimizer, scheduler, torch.device("cpu"), MEAN, STD, settings=settings
+    )
     stats = train_epoch(
-        method,
-        train_loader(tiny_views(), batch_size, seed=0, epoch=0),
-        None,
-        optimizer,
-        scheduler,
-        epoch=0,
-        total_epochs=1,
-        mean=MEAN,
-        std=STD,
-        device=torch.device("cpu"),
-        settings=settings,
+        training, train_loader(tiny_views(), batch_size, seed=0, epoch=0), None, epoch=0, total_epochs=1
     )
     return stats.samples, steps
 

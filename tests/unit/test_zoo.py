@@ -8,19 +8,10 @@ import torch
 from torch import nn
 
 from services.core.errors import UnknownNameError
-from services.teachers.zoo import (
-    CHECKPOINT_FORMAT,
-    IMAGENET_RESNET_TAPS,
-    TEACHERS,
-    Preprocessing,
-    Teacher,
-    TeacherCheckpointError,
-    TeacherSpec,
-    create_teacher,
-    file_sha256,
-    register_teacher,
-    save_teacher_checkpoint,
-)
+from services.teachers.architectures import IMAGENET_RESNET_TAPS
+from services.teachers.checkpoints import CHECKPOINT_FORMAT, TeacherCheckpointError, file_sha256
+from services.teachers.spec import Preprocessing, Teacher, TeacherSpec
+from services.teachers.zoo import TEACHERS, create_teacher, register_teacher, save_teacher_checkpoint
 
 IMAGENET_ENTRIES = ["resnet18", "resnet34", "resnet50", "resnet152"]
 CIFAR_ENTRIES = [
@@ -64,9 +55,7 @@ def assert_checkpoint_error(match: str, path, **kwargs) -> None:
 
 
 def test_list_teachers_names_every_entry():
-    assert TEACHERS.names() == sorted(
-        IMAGENET_ENTRIES + ["senet154", "legacy_senet154", "benchmark_pool_linear"] + CIFAR_ENTRIES
-    )
+    assert TEACHERS.names() == sorted(IMAGENET_ENTRIES + ["senet154", "legacy_senet154"] + CIFAR_ENTRIES)
 
 
 @pytest.mark.parametrize("name", CIFAR_ENTRIES)

@@ -21,14 +21,10 @@ from torch import nn
 
 from services.core.errors import ConfigError, UnknownNameError
 from services.serve.serve_config import TeacherDeploymentConfig
+from services.teachers.checkpoints import TeacherCheckpointError
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import (
-    Preprocessing,
-    TeacherCheckpointError,
-    check_teacher_name,
-    create_teacher,
-    save_teacher_checkpoint,
-)
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import check_teacher_name, create_teacher, save_teacher_checkpoint
 from trainer.config import TeacherConfig
 
 IMAGES = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

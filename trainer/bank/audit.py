@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.cache import FULL, TeacherOutputStore, input_digests, teacher_tag
-from services.core.contract import LOGITS
+from services.cache import TeacherOutputStore, input_digests, stored_form, teacher_tag
 from services.core.errors import ConfigError
 from services.formats.soft_labels import CompactLogits
 from services.rpc.client import TeacherClient
 from services.teachers.engine import TeacherEngine
 from services.teachers.zoo import create_teacher
-from trainer.bank.writer import bank_keys, requested_outputs
+from trainer.bank.writer import bank_entries, requested_outputs
 from trainer.config import ExperimentConfig, TeacherConfig
 from trainer.runs.inputs import load_splits, train_views
 
@@ -92,9 +91,7 @@ def verify_cache(
         for teacher_cfg, wanted in zip(cfg.teachers, outputs, strict=True):
             identity, compute = _teacher(teacher_cfg, splits.num_classes, client)
             for output in wanted:
-                audit = Audit(
-                    teacher_cfg.name, teacher_tag(identity), output, form if output == LOGITS else FULL
-                )
+                audit = Audit(teacher_cfg.name, teacher_tag(identity), output, stored_form(output, form))
                 for start in range(0, len(order), batch_size):
                     if audit.checked >= sample:
                         break
@@ -102,7 +99,7 @@ def verify_cache(
                         views.view(i % len(views), i // len(views)) for i in order[start : start + batch_size]
                     ]
                     images = torch.stack([view for view in made if view is not None])
-                    keys = bank_keys(identity, [output], input_digests(images), audit.form)[output]
+                    keys = bank_entries(identity, [output], form)[output].keys(input_digests(images))
                     found = store.get_many(keys)
                     wanted_now = sample - audit.checked
                     cached = [i for i, value in enumerate(found) if value is not None][:wanted_now]
@@ -140,6 +137,8 @@ def _teacher(
         )
 
     def fetched(images: torch.Tensor, output: str) -> torch.Tensor:
-        return client.fetch(images, [served], [output], bypass_cache=True)[served][output]
+        result = client.fetch(images, [served], [output], bypass_cache=True)[served][output]
+        assert isinstance(result, torch.Tensor)  # asked for in full, the default form
+        return result
 
     return hosted[served].identity, fetched

@@ -169,11 +169,11 @@ def warm_bank(
         started = time.perf_counter()
         for batch in dataset.drop_columns(["image"]).iter_batches(batch_size=None):
             elapsed = time.perf_counter() - started
-            for index, teacher in enumerate(warmed):
-                teacher.views += len(batch[f"t{index}.cached"])
-                teacher.cached += int(batch[f"t{index}.cached"].sum())
-                teacher.bytes_written += int(batch[f"t{index}.bytes"].sum())
-                teacher.seconds = elapsed
+            for index, totals in enumerate(warmed):
+                totals.views += len(batch[f"t{index}.cached"])
+                totals.cached += int(batch[f"t{index}.cached"].sum())
+                totals.bytes_written += int(batch[f"t{index}.bytes"].sum())
+                totals.seconds = elapsed
             if on_batch is not None:
                 on_batch(warmed)
     finally:

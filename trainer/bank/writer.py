@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.cache import COMPACT, FULL, TeacherOutputStore, input_digests, output_key
+from services.cache import COMPACT, FULL, CachedValue, OutputEntries, TeacherOutputStore, input_digests
 from services.core.contract import DEFAULT_OUTPUT_DTYPE, LOGITS
 from services.formats.codec import DTYPES
 from services.formats.soft_labels import compress
@@ -28,21 +28,11 @@ from trainer.methods import create_method
 from trainer.methods.base import TeacherInfo
 
 
-def bank_keys(
-    identity: str,
-    outputs: Sequence[str],
-    digests: Sequence[bytes],
-    form: str,
-    dtype: str = DEFAULT_OUTPUT_DTYPE,
-) -> dict[str, list[bytes]]:
-    """Per output, the key of each digest's entry: the logits in `form`, feature maps in full."""
-    return {
-        output: [
-            output_key(identity, output, dtype, 0, digest, form=form if output == LOGITS else FULL)
-            for digest in digests
-        ]
-        for output in outputs
-    }
+def bank_entries(
+    identity: str, outputs: Sequence[str], form: str, dtype: str = DEFAULT_OUTPUT_DTYPE
+) -> dict[str, OutputEntries]:
+    """Per output, the bank's entries of teacher `identity`: the logits in `form`, feature maps in full."""
+    return {output: OutputEntries.of(identity, output, dtype, logits_form=form) for output in outputs}
 
 
 def requested_outputs(
@@ -93,7 +83,9 @@ class TeacherBankWriter:
         images get what a run's teacher evaluation asks for instead: full logits."""
         started = time.perf_counter()
         outputs, form = ([LOGITS], FULL) if evaluation else (self.outputs, self.form)
-        keys = bank_keys(self.engine.spec.identity, outputs, input_digests(views), form, self.dtype)
+        digests = input_digests(views)
+        entries = bank_entries(self.engine.spec.identity, outputs, form, self.dtype)
+        keys = {output: entries[output].keys(digests) for output in outputs}
         found = self.store.get_many([key for output in outputs for key in keys[output]])
         batch = views.shape[0]
         missing = [
@@ -104,10 +96,10 @@ class TeacherBankWriter:
         before = self.store.stats.bytes_written
         if missing:
             computed = self.engine.infer(views[missing], outputs)
-            items = []
+            items: list[tuple[bytes, CachedValue]] = []
             for output in outputs:
                 values = computed[output]
-                if output == LOGITS and form == COMPACT:
+                if entries[output].form == COMPACT:
                     compact = compress(values)
                     items += [(keys[output][i], compact[row]) for row, i in enumerate(missing)]
                 else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from rich.table import Table
 
-from services.cache.store import redact_url
+from services.core.redaction import redact
 from services.serve.deployments import deploy
 from services.serve.serve_config import load_serve_config
 from trainer.config import ExecutionConfig, ExperimentConfig, TeacherSourceConfig, load_experiment
@@ -70,7 +70,7 @@ def demo_experiments(
 
 def service_ready_line(address: str, cache_uri: str | None) -> str:
     """What the demo says once the teachers are served: the address and the cache, its password redacted."""
-    return f"teacher service ready at {address}; cache: {redact_url(cache_uri) if cache_uri else 'none'}"
+    return f"teacher service ready at {address}; cache: {redact(cache_uri) if cache_uri else 'none'}"
 
 
 def run_demo(

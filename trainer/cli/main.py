@@ -21,8 +21,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cache.store import redact_url
 from services.core.errors import ConfigError, UserError
+from services.core.redaction import redact
 from services.core.yaml_config import format_validation_error
 from trainer.config import ExperimentConfig, load_experiment
 from trainer.runs.progress import ProgressUpdate
@@ -400,7 +400,7 @@ def warm(
 
     with progress:
         warmed = warm_bank(cfg, uri, batch_size=batch_size, ray_address=ray_address, on_batch=on_batch)
-    table = Table(title=f"ekd warm {cfg.name} -> {redact_url(uri)}")
+    table = Table(title=f"ekd warm {cfg.name} -> {redact(uri)}")
     for column in (
         "teacher",
         "tag",
@@ -451,7 +451,7 @@ def cache_stats(
 
     with open_store(uri) as store:
         groups, unrecognized = inventory(store)
-    table = Table(title=f"ekd cache {redact_url(uri)}")
+    table = Table(title=f"ekd cache {redact(uri)}")
     for column in ("teacher tag", "output", "form", "entries", "key bytes", "value bytes", "bytes/entry"):
         table.add_column(column, justify="left" if column in ("teacher tag", "output", "form") else "right")
     table.add_column(f"ImageNet bank ({views} views)", justify="right")
@@ -507,7 +507,7 @@ def cache_verify(
             service=service,
         )
     temperature = getattr(cfg.method, "temperature", 1.0)
-    table = Table(title=f"ekd cache verify {redact_url(uri)} against {cfg.name} (T = {temperature:g})")
+    table = Table(title=f"ekd cache verify {redact(uri)} against {cfg.name} (T = {temperature:g})")
     for column in ("teacher", "tag", "output", "form", "checked", "max |Δ logit|", "max |Δ p|", "beyond"):
         table.add_column(
             column, justify="left" if column in ("teacher", "tag", "output", "form") else "right"
@@ -540,7 +540,7 @@ def cache_evict(
 
     with open_store(uri) as store:
         deleted = evict_teacher(store, teacher)
-    out_console.print(f"deleted {deleted:,} entries of teacher {teacher} from {redact_url(uri)}")
+    out_console.print(f"deleted {deleted:,} entries of teacher {teacher} from {redact(uri)}")
 
 
 def main() -> None:

@@ -4,9 +4,11 @@
 from trainer.data.datasets import (
     DATASET_NAMES,
     FILE_DATASETS,
+    DatasetName,
     DatasetNotFoundError,
     DatasetSplits,
     ImageTensorDataset,
+    SplitDataset,
     describe,
     load_dataset,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "DATASET_NAMES",
     "FILE_DATASETS",
     "CentreCrop",
+    "DatasetName",
     "DatasetNotFoundError",
     "DatasetSplits",
     "ImageFiles",
@@ -31,6 +34,7 @@ __all__ = [
     "PadCrop",
     "RandomResizedCrop",
     "ReplayedViews",
+    "SplitDataset",
     "UnreadableImageError",
     "collate_readable",
     "describe",

@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, TypeAlias, cast, get_args
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ from services.core.errors import ConfigError, UserError
 from trainer.data.images import ImageFiles, list_image_folder
 from trainer.data.views import CentreCrop, Interpolation
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet", "fake")
+DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet", "fake"]
+DATASET_NAMES: tuple[DatasetName, ...] = get_args(DatasetName)
 FILE_DATASETS = ("imagefolder", "imagenet")  # decoded on access, never held in memory
 
 # Resizing a whole dataset at once would hold a float copy of it; chunks bound that copy.
@@ -45,6 +47,12 @@ _FAKE_NUM_CLASSES = 10
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are not under the given root; the message says what to place where."""
+
+
+def _subset(dataset: Dataset, indices: np.ndarray) -> Subset:
+    """`Subset` of the samples at `indices`, kept as an array: Subset only indexes it, though its signature
+    says Sequence[int], which ndarray does not declare."""
+    return Subset(dataset, cast(Sequence[int], indices))
 
 
 class ImageTensorDataset(Dataset):
@@ -65,6 +73,11 @@ class ImageTensorDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+# What a split is: images held in memory (a whole set, or a subset of a pool), or image files decoded on
+# access. Each has a length, which torch's Dataset does not declare.
+SplitDataset: TypeAlias = ImageTensorDataset | Subset[Any] | ImageFiles
+
+
 @dataclass(frozen=True)
 class DatasetSplits:
     """Train/val/test splits of one dataset; each yields (uint8 tensor [3, S, S], int label).
@@ -73,9 +86,9 @@ class DatasetSplits:
     normalization (see `normalize`).
     """
 
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: SplitDataset
+    val: SplitDataset
+    test: SplitDataset
     num_classes: int
     in_chans: int
     image_size: int
@@ -195,9 +208,9 @@ def _load_digits(image_size: int, carving: _PoolSplit, test_fraction: float) -> 
     train, val = carving.split(rest, digits.target[rest])
     return _splits(
         "digits",
-        Subset(pool, train),
-        Subset(pool, val),
-        Subset(pool, test),
+        _subset(pool, train),
+        _subset(pool, val),
+        _subset(pool, test),
         image_size,
         tuple(str(name) for name in digits.target_names),
     )
@@ -232,8 +245,8 @@ def _load_cifar(
     train, val = carving.split(np.arange(len(pool)), np.asarray(train_pool.targets))
     return _splits(
         name,
-        Subset(pool, train),
-        Subset(pool, val),
+        _subset(pool, train),
+        _subset(pool, val),
         _cifar_tensors(test, image_size),
         image_size,
         tuple(train_pool.classes),
@@ -324,12 +337,13 @@ def _load_fake(
         )
         for size, offset in zip(sizes, offsets)
     )
+    trained: SplitDataset = train
     if carving.train_fraction < 1:
         kept = limited_training_subset(
             np.arange(len(train)), train.labels.numpy(), carving.train_fraction, carving.seed
         )
-        train = Subset(train, kept)
-    return _splits("fake", train, val, test, image_size, tuple(str(c) for c in range(_FAKE_NUM_CLASSES)))
+        trained = _subset(train, kept)
+    return _splits("fake", trained, val, test, image_size, tuple(str(c) for c in range(_FAKE_NUM_CLASSES)))
 
 
 def _materialize(dataset: torchvision.datasets.FakeData) -> ImageTensorDataset:
@@ -369,7 +383,12 @@ def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def _splits(
-    name: str, train: Dataset, val: Dataset, test: Dataset, image_size: int, class_names: tuple[str, ...]
+    name: str,
+    train: SplitDataset,
+    val: SplitDataset,
+    test: SplitDataset,
+    image_size: int,
+    class_names: tuple[str, ...],
 ) -> DatasetSplits:
     mean, std = _channel_mean_std(train)
     return DatasetSplits(
@@ -388,13 +407,13 @@ def _splits(
 
 def _channel_mean_std(dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of a uint8 image dataset, in [0, 1] pixel units."""
-    total = total_sq = None
+    # Scalar zeros: the first batch's per-channel sums broadcast onto them.
+    total = total_sq = torch.zeros((), dtype=torch.float64)
     count = 0
     for images, _ in DataLoader(dataset, batch_size=512):
         pixels = images.to(torch.float64) / 255.0
-        batch_sum, batch_sq = pixels.sum(dim=(0, 2, 3)), pixels.square().sum(dim=(0, 2, 3))
-        total = batch_sum if total is None else total + batch_sum
-        total_sq = batch_sq if total_sq is None else total_sq + batch_sq
+        total = total + pixels.sum(dim=(0, 2, 3))
+        total_sq = total_sq + pixels.square().sum(dim=(0, 2, 3))
         count += pixels.numel() // pixels.shape[1]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(0.0).sqrt()

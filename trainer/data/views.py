@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -141,6 +141,15 @@ class CentreCrop:
 ViewMaker = PadCrop | RandomResizedCrop
 
 
+class LabelledImages(Protocol):
+    """What views are replayed from: a split of (image, label) samples with a length (torch's Dataset
+    declares none), the image None where an unreadable file is skipped."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 class ReplayedViews(Dataset):
     """A train split whose augmented views replay exactly: view v of sample i depends only on (seed, i, v).
 
@@ -153,7 +162,7 @@ class ReplayedViews(Dataset):
     before iterating each epoch (and do not use `persistent_workers`).
     """
 
-    def __init__(self, dataset: Dataset, *, seed: int, views: int, maker: ViewMaker) -> None:
+    def __init__(self, dataset: LabelledImages, *, seed: int, views: int, maker: ViewMaker) -> None:
         for label, value in (("seed", seed), ("views", views)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{label} must be a non-negative int, got {value!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from trainer.methods.registry import METHODS, MethodEntry, create_method, register_method
+from trainer.methods.registry import METHODS, MethodEntry, MethodParams, create_method, register_method
 
 # Modules of this package that are not methods.
 _SUPPORT_MODULES = frozenset({"base", "registry"})
@@ -19,4 +19,4 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT_MODULES:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "MethodEntry", "create_method", "register_method"]
+__all__ = ["METHODS", "MethodEntry", "MethodParams", "create_method", "register_method"]

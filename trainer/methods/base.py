@@ -24,7 +24,8 @@ class TeacherInfo:
 
     name: str
     num_classes: int
-    feature_shapes: dict[str, tuple[int, int, int]]  # tap name -> (C, H, W) for the dataset's images
+    # tap name -> its shape for one of the dataset's images, as the teacher gives it: (C, H, W) for a map
+    feature_shapes: dict[str, tuple[int, ...]]
 
 
 @dataclass
@@ -57,7 +58,9 @@ def in_soft_label_form(outputs: TeacherOutputs, form: str) -> TeacherOutputs:
     a compact cache entry decodes to); a source that already returns compact logits passes through."""
     if form != "compact":
         return outputs
-    logits = [t if t is None or isinstance(t, CompactLogits) else compress(t) for t in outputs.logits]
+    logits: list[torch.Tensor | CompactLogits | None] = [
+        t if t is None or isinstance(t, CompactLogits) else compress(t) for t in outputs.logits
+    ]
     return TeacherOutputs(logits=logits, features=outputs.features)
 
 
@@ -72,7 +75,9 @@ class TrainingClock:
 @dataclass
 class LossResult:
     loss: torch.Tensor
-    terms: dict[str, float]  # named parts of the loss, for logging
+    # Named parts of the loss, detached and on the loss's device: the training loop sums them there and reads
+    # them once per epoch, so that no step waits for the device.
+    terms: dict[str, torch.Tensor]
 
 
 class Method(nn.Module, ABC):

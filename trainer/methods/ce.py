@@ -45,7 +45,7 @@ class CrossEntropyTraining(Method):
         clock: TrainingClock,
     ) -> LossResult:
         ce = self.hard_label_loss(self.model(images), labels)
-        return LossResult(ce, {"ce": ce.item()})
+        return LossResult(ce, {"ce": ce.detach()})
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -108,7 +108,7 @@ class EnsembleKnowledgeDistillation(Method):
         self.alpha = alpha
         self.feature_tap = feature_tap
         self.feature_weight = feature_weight
-        branch_channels = [branch.fc.in_features for branch in student.branches]
+        branch_channels = [student.branch(i).fc.in_features for i in range(student.num_branches)]
         self.adapters = nn.ModuleList(
             nn.Conv2d(c_in, c_out, kernel_size=1) for c_in, c_out in zip(branch_channels, teacher_channels)
         )
@@ -127,7 +127,7 @@ class EnsembleKnowledgeDistillation(Method):
         teacher_logits = require_teacher_logits(self.name, teachers, self.student.num_branches)
         out = self.student.forward_branches(images)
         total = images.new_zeros(())
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}
         for i, (branch_logits, t) in enumerate(zip(out.logits, teacher_logits)):
             target = soft_targets([t], self.temperature, student_logits=branch_logits)
             branch_loss, branch_terms = hinton_kd_loss(
@@ -137,27 +137,29 @@ class EnsembleKnowledgeDistillation(Method):
             terms[f"ce_{i}"], terms[f"kd_{i}"] = branch_terms["ce"], branch_terms["kd"]
         ensemble_ce = self.hard_label_loss(torch.stack(out.logits).mean(0), labels)
         total = total + ensemble_ce
-        terms["ce_ensemble"] = ensemble_ce.item()
+        terms["ce_ensemble"] = ensemble_ce.detach()
         if self.feature_tap is not None:
-            teacher_maps = self._teacher_maps(teachers)
+            assert teachers is not None  # require_teacher_logits raised otherwise
+            teacher_maps = self._teacher_maps(teachers, self.feature_tap)
             for i, (branch_features, adapter, t_map) in enumerate(
                 zip(out.stage_features, self.adapters, teacher_maps)
             ):
-                adapted = F.adaptive_avg_pool2d(adapter(branch_features[-1]), t_map.shape[-2:])
+                height, width = t_map.shape[-2:]
+                adapted = F.adaptive_avg_pool2d(adapter(branch_features[-1]), (height, width))
                 feature_mse = F.mse_loss(adapted, t_map.detach())
                 total = total + self.feature_weight * feature_mse
-                terms[f"feature_{i}"] = feature_mse.item()
+                terms[f"feature_{i}"] = feature_mse.detach()
         return LossResult(total, terms)
 
-    def _teacher_maps(self, teachers: TeacherOutputs) -> list[torch.Tensor]:
+    def _teacher_maps(self, teachers: TeacherOutputs, tap: str) -> list[torch.Tensor]:
         if len(teachers.features) != self.student.num_branches or any(
-            self.feature_tap not in f for f in teachers.features
+            tap not in f for f in teachers.features
         ):
             raise ValueError(
-                f"ekd needs feature map {self.feature_tap!r} from each of its "
+                f"ekd needs feature map {tap!r} from each of its "
                 f"{self.student.num_branches} teachers for every batch"
             )
-        return [f[self.feature_tap] for f in teachers.features]
+        return [f[tap] for f in teachers.features]
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
@@ -187,6 +189,7 @@ def build_ekd(params: EKDParams, *, num_classes: int, in_chans: int, teachers: l
                     f"its taps: {', '.join(sorted(teacher.feature_shapes)) or 'none'}"
                 )
             teacher_channels.append(teacher.feature_shapes[params.feature_tap][0])
+    assert params.shared_stages is not None  # _shared_stages_of_the_trunk set it
     student = params.build_trunk(
         num_classes=num_classes,
         in_chans=in_chans,

@@ -45,7 +45,7 @@ ekd's reading, where the sources leave a choice:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,18 @@ from trainer.methods.registry import register_method
 from trainer.students import StudentConfig
 
 _LEAKY_SLOPE = 0.1  # FT's LeakyReLU slope in both the translator and the paraphraser
+
+
+class FeatureStudent(Protocol):
+    """What FEED calls on its student besides nn.Module's methods: timm's split of the forward pass, which
+    build_feed checks the student has."""
+
+    @property
+    def num_features(self) -> int: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class FeedParams(BaseModel):
@@ -151,7 +163,8 @@ class FeatureEnsembleDistillation(Method):
             max(1, round(c * params.paraphrase_rate)) if params.paraphraser else c
             for c in self.teacher_channels
         ]
-        self.transforms = nn.ModuleList(Translator(student.num_features, c) for c in factor_channels)
+        student_channels = cast(FeatureStudent, student).num_features
+        self.transforms = nn.ModuleList(Translator(student_channels, c) for c in factor_channels)
         self.paraphrasers = None
         if params.paraphraser:
             self.paraphrasers = nn.ModuleList(
@@ -217,15 +230,16 @@ class FeatureEnsembleDistillation(Method):
     ) -> LossResult:
         if teachers is None:
             raise ValueError("feed needs teacher feature maps; got no teacher outputs")
-        features = self.student.forward_features(images)
+        student = cast(FeatureStudent, self.student)
+        features = student.forward_features(images)
         if features.dim() != 4:
             raise ConfigError(
                 "feed transforms the student's feature map [B, C, H, W], but its forward_features returns "
                 f"shape {list(features.shape)} (a transformer's tokens?); choose a convolutional student"
             )
-        logits = self.student.forward_head(features)
+        logits = student.forward_head(features)
         ce = self.hard_label_loss(logits, labels)
-        loss, terms = ce, {"ce": ce.item()}
+        loss, terms = ce, {"ce": ce.detach()}
         active = self._active_teachers()
         factor_total = features.new_zeros(())
         for i in active:
@@ -233,22 +247,25 @@ class FeatureEnsembleDistillation(Method):
             if self.paraphrasers is not None:
                 target, reconstruction = self.paraphrasers[i](target)
                 loss = loss + reconstruction
-                terms[f"reconstruction/{self.teacher_names[i]}"] = reconstruction.item()
+                terms[f"reconstruction/{self.teacher_names[i]}"] = reconstruction.detach()
             student_factor = self.transforms[i](features)
             if student_factor.shape[-2:] != target.shape[-2:]:
-                student_factor = F.adaptive_avg_pool2d(student_factor, target.shape[-2:])
+                height, width = target.shape[-2:]
+                student_factor = F.adaptive_avg_pool2d(student_factor, (height, width))
             factor = normalized_l1(student_factor, target)
-            terms[f"factor/{self.teacher_names[i]}"] = factor.item()
+            terms[f"factor/{self.teacher_names[i]}"] = factor.detach()
             factor_total = factor_total + factor
         loss = loss + self.params.beta * factor_total
-        terms["factor"] = factor_total.item()
+        terms["factor"] = factor_total.detach()
         if self.params.kd_weight > 0:
-            target_probs = soft_targets(
-                [teachers.logits[i] for i in active], self.params.temperature, student_logits=logits
-            )
+            teacher_logits = [teachers.logits[i] for i in active]
+            received = [t for t in teacher_logits if t is not None]
+            if len(received) != len(teacher_logits):
+                raise ValueError("feed's logit KD needs the logits of the stage's teachers for every batch")
+            target_probs = soft_targets(received, self.params.temperature, student_logits=logits)
             kd = distillation_kl(logits, target_probs, self.params.temperature)
             loss = loss + self.params.kd_weight * kd
-            terms["kd"] = kd.item()
+            terms["kd"] = kd.detach()
         return LossResult(loss=loss, terms=terms)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ into one class."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,15 @@ def _softened(
     return F.softmax(teacher_logits.float() / temperature, dim=1)
 
 
+def summed(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ terms, added as Python's `sum` adds them (onto 0); the tensor that is, typed as one (`sum` types it
+    Tensor | int, for no terms at all)."""
+    total = sum(terms)
+    if not isinstance(total, torch.Tensor):
+        raise ValueError("summed needs at least one loss term")
+    return total
+
+
 def distillation_kl(
     student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -72,9 +81,9 @@ def hinton_kd_loss(
     temperature: float,
     alpha: float,
     label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """λ·CE(s, y) + (1−λ)·T²·KL(p_t^T ‖ p_s^T) with λ = alpha; CE on the raw student logits (labels smoothed
     by `label_smoothing`)."""
     ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     kl = distillation_kl(student_logits, target_probs, temperature)
-    return alpha * ce + (1.0 - alpha) * kl, {"ce": ce.item(), "kd": kl.item()}
+    return alpha * ce + (1.0 - alpha) * kl, {"ce": ce.detach(), "kd": kl.detach()}

@@ -47,7 +47,7 @@ first reported came from 30-epoch runs, 60 optimizer steps at that fraction (REA
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ from trainer.methods.base import (
     TeacherOutputs,
     TrainingClock,
 )
-from trainer.methods.losses import distillation_kl
+from trainer.methods.losses import distillation_kl, summed
 from trainer.methods.registry import register_method
 from trainer.students import MultiBranchTrunkParams, StudentConfig
 
@@ -123,10 +123,13 @@ class OnlineEnsembleCompression(Method):
     ) -> torch.Tensor:
         """L_inter: MSE of each compressed student's adapted stage outputs to the pseudo teacher's."""
         teacher_maps = [m.detach() if detach_teacher else m for m in stage_features[0]]
-        return sum(
+        # Each item of `adaptation` is a student's ModuleList; nn.ModuleList types its items as plain Modules.
+        return summed(
             F.mse_loss(adapt(student_map), teacher_map)
             for student_maps, adapters in zip(stage_features[1:], self.adaptation, strict=True)
-            for student_map, adapt, teacher_map in zip(student_maps, adapters, teacher_maps, strict=True)
+            for student_map, adapt, teacher_map in zip(
+                student_maps, cast(nn.ModuleList, adapters), teacher_maps, strict=True
+            )
         )
 
     def training_loss(
@@ -144,11 +147,11 @@ class OnlineEnsembleCompression(Method):
         if official:
             ce = self.hard_label_loss(ensemble, labels)
         else:
-            ce = sum(self.hard_label_loss(z, labels) for z in outputs.logits)
+            ce = summed(self.hard_label_loss(z, labels) for z in outputs.logits)
         inter = self.intermediate_loss(outputs.stage_features, detach_teacher=not official)
-        kl = sum(distillation_kl(z, target, temperature) for z in outputs.logits)
+        kl = summed(distillation_kl(z, target, temperature) for z in outputs.logits)
         loss = self.params.alpha * ce + self.params.beta * inter + self.params.gamma * kl
-        return LossResult(loss, {"ce": ce.item(), "inter": inter.item(), "kl": kl.item()})
+        return LossResult(loss, {"ce": ce.detach(), "inter": inter.detach(), "kl": kl.detach()})
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
@@ -168,7 +171,7 @@ class OnlineEnsembleCompression(Method):
         ]
 
     def exported_students(self) -> dict[str, nn.Module]:
-        students = {self.headline(): self.network}
+        students: dict[str, nn.Module] = {self.headline(): self.network}
         for index, width in enumerate(self.widths):
             students[self._student_name(width)] = self.network.export_branch(index)
         return students

@@ -51,7 +51,7 @@ from trainer.methods.base import (
     TeacherOutputs,
     TrainingClock,
 )
-from trainer.methods.losses import distillation_kl
+from trainer.methods.losses import distillation_kl, summed
 from trainer.methods.registry import register_method
 from trainer.students import BranchOutputs, MultiBranchTrunk, MultiBranchTrunkParams, StudentConfig
 
@@ -145,18 +145,18 @@ class OnTheFlyNativeEnsemble(Method):
         ensemble = self.network.ensemble_logits(outputs.logits, gate)
         temperature = self.params.temperature
         target = F.softmax(ensemble.detach() / temperature, dim=1)
-        ce_branches = sum(self.hard_label_loss(z, labels) for z in outputs.logits)
+        ce_branches = summed(self.hard_label_loss(z, labels) for z in outputs.logits)
         ce_ensemble = self.hard_label_loss(ensemble, labels)
-        kl = sum(distillation_kl(z, target, temperature) for z in outputs.logits)
+        kl = summed(distillation_kl(z, target, temperature) for z in outputs.logits)
         weight = sigmoid_rampup(clock.epoch, self.params.rampup_epochs)
         loss = ce_branches + ce_ensemble + weight * kl
         return LossResult(
             loss,
             {
-                "ce_branches": ce_branches.item(),
-                "ce_ensemble": ce_ensemble.item(),
-                "kl": kl.item(),
-                "kl_weight": weight,
+                "ce_branches": ce_branches.detach(),
+                "ce_ensemble": ce_ensemble.detach(),
+                "kl": kl.detach(),
+                "kl_weight": torch.tensor(weight),
             },
         )
 

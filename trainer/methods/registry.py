@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -17,6 +18,17 @@ from services.core.registry import Registry
 from trainer.methods.base import Method, TeacherInfo
 
 MethodBuilder = Callable[..., Method]  # builder(params, *, num_classes, in_chans, teachers) -> Method
+
+
+class MethodParams(Protocol):
+    """Any registered method's params, as code that does not know which method sees them: the `name` field
+    (a Literal of the method's name) and pydantic's dump. The schema's union of them is assembled from the
+    registry at import time (trainer.config.MethodConfig), so the type checker sees this instead."""
+
+    @property
+    def name(self) -> str: ...
+
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,7 @@ def register_method(
 
 
 def create_method(
-    params: BaseModel, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]
+    params: MethodParams, *, num_classes: int, in_chans: int, teachers: list[TeacherInfo]
 ) -> Method:
     """Build the method named by `params.name` from its validated params, for these teachers."""
     entry = METHODS.get(params.name)

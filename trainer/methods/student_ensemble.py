@@ -151,7 +151,7 @@ class StudentEnsemble(Method):
     ) -> LossResult:
         teacher_logits = require_teacher_logits(self.name, teachers, self.num_teachers)
         total = images.new_zeros(())
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}
         for i, student in enumerate(self.students):
             logits = student(images)
             # Per student: a compact teacher's tail is spread as this student's softmax spreads it.
@@ -159,8 +159,8 @@ class StudentEnsemble(Method):
             hard = self.hard_label_loss(logits, labels)
             soft = soft_cross_entropy(logits, target, self.temperature, self.soft_term_t2)
             total = total + self.alpha * hard + (1.0 - self.alpha) * soft
-            terms[f"ce_{i}"] = hard.item()
-            terms[f"soft_ce_{i}"] = soft.item()
+            terms[f"ce_{i}"] = hard.detach()
+            terms[f"soft_ce_{i}"] = soft.detach()
         return LossResult(total, terms)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

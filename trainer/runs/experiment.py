@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from trainer.runs.loop import (
     LoaderSettings,
     Shard,
     StepSettings,
+    StudentTraining,
     all_reduce_counts,
     all_reduce_epoch_stats,
     eval_loader,
@@ -206,6 +208,7 @@ def teacher_test_accuracies(
     ):
         outputs = source.fetch(images, [[LOGITS]] * count)
         for i, logits in enumerate(outputs.logits):
+            assert isinstance(logits, torch.Tensor)  # every teacher's logits, asked for in full
             correct[i] += (logits.argmax(1) == labels).sum().item()
         total += labels.shape[0]
     return [c / total for c in correct]
@@ -226,7 +229,7 @@ class _StepProgress:
     def step(self) -> None:
         if self.on_progress is not None:
             self.completed += 1
-            self._report()
+            self._report(self.on_progress)
 
     def epoch_done(self, row: dict[str, float]) -> None:
         if self.on_progress is not None:
@@ -237,10 +240,10 @@ class _StepProgress:
             )
             if "val_accuracy" in row:
                 self.description += f" val {row['val_accuracy']:.1%}"
-            self._report()
+            self._report(self.on_progress)
 
-    def _report(self) -> None:
-        self.on_progress(ProgressUpdate(self.session.cfg.name, self.completed, self.total, self.description))
+    def _report(self, on_progress: OnProgress) -> None:
+        on_progress(ProgressUpdate(self.session.cfg.name, self.completed, self.total, self.description))
 
 
 class ExperimentSession:
@@ -280,7 +283,8 @@ class ExperimentSession:
         self.method.label_smoothing = cfg.train.label_smoothing
         self.settings = StepSettings.resolve(cfg.train, device)
         memory_format = torch.channels_last if self.settings.channels_last else torch.preserve_format
-        self.method.to(device, memory_format=memory_format)
+        # Module.to takes the device and the memory format in one call, but is typed for one or the other.
+        self.method.to(device).to(memory_format=memory_format)
         self.views = train_views(splits, cfg.data)
         self.loading = loader_settings(cfg.data, device)
         # From here on `cfg.train.epochs` is what trains: `train.steps` turned into whole epochs.
@@ -298,7 +302,7 @@ class ExperimentSession:
         # Where training stands: the last epoch completed in `stage`, and that stage's optimizer and schedule.
         self.stage, self.epoch = 0, -1
         self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     @property
     def is_primary(self) -> bool:
@@ -332,7 +336,8 @@ class ExperimentSession:
             self.enter_stage(stage, resume if stage == first_stage else None)
             step_module = make_step_module(self.method) if make_step_module is not None else self.method
             if self.cfg.train.compile:
-                step_module = torch.compile(step_module)
+                # An OptimizedModule, an nn.Module; torch.compile types it as the callable it wraps.
+                step_module = cast(nn.Module, torch.compile(step_module))
             for epoch in range(self.epoch + 1, self.cfg.train.epochs):
                 row = self.train_one_epoch(epoch, step_module, tracker.step)
                 tracker.epoch_done(row)
@@ -363,22 +368,27 @@ class ExperimentSession:
     ) -> dict[str, float]:
         """Train epoch `epoch` of the current stage, evaluate on the validation split, and return the epoch's
         history row (also appended to `history`)."""
-        stats = train_epoch(
+        if self.optimizer is None:
+            raise ValueError("no optimizer before a training stage is entered (enter_stage)")
+        training = StudentTraining(
             self.method,
-            self._train_loader(epoch),
-            self.source,
             self.optimizer,
             self.scheduler,
+            self.device,
+            self.splits.mean,
+            self.splits.std,
+            settings=self.settings,
+            step_module=step_module,
+            soft_labels=self.cfg.teacher_source.soft_labels,
+        )
+        stats = train_epoch(
+            training,
+            self._train_loader(epoch),
+            self.source,
             epoch=epoch,
             total_epochs=self.cfg.train.epochs,
-            mean=self.splits.mean,
-            std=self.splits.std,
-            device=self.device,
-            on_step=(lambda metrics: on_step()) if on_step is not None else None,
-            step_module=step_module,
             prefetch_batches=self.cfg.teacher_source.prefetch_batches,
-            settings=self.settings,
-            soft_labels=self.cfg.teacher_source.soft_labels,
+            on_step=on_step,
         )
         if self.shard is not None and self.shard.world_size > 1:
             stats = all_reduce_epoch_stats(stats)
@@ -417,7 +427,7 @@ class ExperimentSession:
         `torch.load(..., weights_only=True)` reads it back): what `fit(resume=...)` continues from. It holds
         the teacher source's counters up to that epoch, so that the resumed run's record counts the whole
         run."""
-        if self.optimizer is None:
+        if self.optimizer is None or self.scheduler is None:
             raise ValueError("no training state before the first epoch of fit has run")
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -550,4 +560,6 @@ def run_locally(
         ensure_teachers(cfg, splits, device, on_progress)
     session = ExperimentSession(cfg, splits=splits, device=device, started=started, source=source)
     session.fit(on_progress=on_progress)
-    return session.finish()
+    result = session.finish()
+    assert result is not None  # the only process is the primary one
+    return result

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from torch import nn
 from services.core.errors import UserError
 from trainer.config import ExperimentConfig
 from trainer.data import normalize
-from trainer.methods import METHODS, create_method
+from trainer.methods import METHODS, MethodParams, create_method
 from trainer.methods.base import TeacherInfo
 from trainer.runs.inputs import load_splits
 from trainer.runs.loop import EVAL_BATCH_SIZE, eval_loader, readable_batches
@@ -97,8 +97,11 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
             for t in payload["teachers"]
         ],
     )
-    params = METHODS.get(exported.method["name"]).params.model_validate(
-        _without_initial_weights(exported.method)
+    # A registered params class is a method's params (register_method checks its `name` field); the registry
+    # holds it as a plain pydantic model class.
+    params = cast(
+        MethodParams,
+        METHODS.get(exported.method["name"]).params.model_validate(_without_initial_weights(exported.method)),
     )
     method = create_method(
         params, num_classes=exported.num_classes, in_chans=exported.in_chans, teachers=exported.teachers

@@ -7,12 +7,14 @@ import logging
 
 import torch
 
-from services.teachers.zoo import Preprocessing, default_preprocessing
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import default_preprocessing
 from trainer.config import DataConfig, ExperimentConfig
 from trainer.data import (
     FILE_DATASETS,
     CentreCrop,
     DatasetSplits,
+    ImageFiles,
     PadCrop,
     RandomResizedCrop,
     ReplayedViews,
@@ -73,6 +75,7 @@ def train_views(splits: DatasetSplits, data: DataConfig) -> ReplayedViews:
             splits.train, seed=data.replay_seed, views=data.views, maker=PadCrop(data.pad, data.hflip)
         )
     if data.views == 0:
+        assert isinstance(splits.train, ImageFiles)  # what load_dataset decodes on access
         centre = CentreCrop(data.image_size, data.crop_pct, data.interpolation)
         return ReplayedViews(
             splits.train.with_transform(centre), seed=data.replay_seed, views=0, maker=PadCrop(0, False)

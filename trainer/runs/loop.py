@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import distributed, nn
@@ -19,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from services.core.errors import ConfigError
 from trainer.config import OptimConfig
 from trainer.data import ReplayedViews, collate_readable, normalize
-from trainer.methods.base import Method, TrainingClock, in_soft_label_form
-from trainer.runs.prefetch import prepared_batches
+from trainer.methods.base import LossResult, Method, TrainingClock, in_soft_label_form
+from trainer.runs.prefetch import PreparedBatch, prepared_batches
 from trainer.runs.sources import TeacherSource
 
 
@@ -237,40 +238,68 @@ class EpochStats:
     optimizer_steps: int = 0
 
 
+@dataclass
+class StudentTraining:
+    """What trains a student, the same every epoch: the method (and `step_module`, what computes its loss:
+    the method itself, or a DistributedDataParallel wrapper of it that all-reduces gradients during backward),
+    its optimizer and schedule, the device, the data's normalisation, the step settings, and the form
+    (`soft_labels`: "full" or "compact") the teachers' logits reach the method in."""
+
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    mean: Sequence[float]
+    std: Sequence[float]
+    settings: StepSettings = StepSettings()
+    step_module: nn.Module | None = None
+    soft_labels: str = "full"
+
+
+class _EpochSums:
+    """The epoch's loss and loss terms summed over samples on the training device, read once at the end: a
+    read is a host sync, which would stall the device at every step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], samples: int) -> None:
+        self.loss += loss.detach().float() * samples
+        for name, value in terms.items():
+            weighted = value.detach().float() * samples
+            self.terms[name] = self.terms[name] + weighted if name in self.terms else weighted
+
+    def per_sample(self, samples: int) -> tuple[float, dict[str, float]]:
+        names = list(self.terms)
+        values = torch.stack([self.loss, *(self.terms[name].to(self.loss.device) for name in names)])
+        loss, *terms = (values / max(samples, 1)).tolist()
+        return loss, dict(zip(names, terms, strict=True))
+
+
 def train_epoch(
-    method: Method,
+    training: StudentTraining,
     loader: Iterable,
     source: TeacherSource | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
     *,
     epoch: int,
     total_epochs: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    on_step: Callable[[dict[str, float]], None] | None = None,
-    step_module: nn.Module | None = None,
     prefetch_batches: int = 0,
-    settings: StepSettings = StepSettings(),
-    soft_labels: str = "full",
+    on_step: Callable[[], None] | None = None,
 ) -> EpochStats:
-    """One epoch over `loader`. `step_module` is what computes the loss: the method itself, or a
-    DistributedDataParallel wrapper of it (Ray Train), which all-reduces gradients during backward.
-    Teacher outputs are fetched `prefetch_batches` batches ahead (trainer.runs.prefetch).
+    """One epoch over `loader`, teacher outputs fetched `prefetch_batches` batches ahead (`prepared_batches`).
 
-    Each batch's uint8 images and its teacher outputs are copied to `device` (non-blocking: the loader pins
+    Each batch's uint8 images and its teacher outputs are copied to the device (non-blocking: the loader pins
     them where the config says so) and normalized there, in the same step. With `settings.accumulate_steps`
-    k > 1 the optimizer and the schedule step once per k batches, on the mean of their losses. The teachers'
-    logits reach the method in the form `soft_labels` names ("full" or "compact").
+    k > 1 the optimizer and the schedule step once per k batches, on the mean of their losses. `on_step` is
+    called after each batch (progress); the loss is read from the device once, at the epoch's end.
     """
-    step_module = step_module if step_module is not None else method
+    method = training.method
     method.train()
     wanted = method.teacher_outputs()
     stats = EpochStats()
+    sums = _EpochSums(training.device)
     batches = len(loader)  # type: ignore[arg-type]
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    accumulate = settings.accumulate_steps
 
     def counted(batches_with_counts: Iterable) -> Iterator[tuple]:
         for batch, skipped in batches_with_counts:
@@ -278,48 +307,54 @@ def train_epoch(
             yield batch
 
     start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
+    training.optimizer.zero_grad(set_to_none=True)
     # Closed on any exit, an exception included: the prefetching thread stops before this frame unwinds, so
     # it never outlives the run inside a teacher forward (that aborts the interpreter at exit).
     batches_with_teachers = prepared_batches(
-        counted(readable_batches(loader)), source, wanted, prefetch_batches, soft_labels
+        counted(readable_batches(loader)), source, wanted, prefetch_batches, training.soft_labels
     )
     with contextlib.closing(batches_with_teachers) as prepared:
         for step, batch in enumerate(prepared):
-            teacher_outputs = (
-                in_soft_label_form(batch.teachers, soft_labels).to(device)
-                if batch.teachers is not None
-                else None
-            )
             stats.stall_seconds += batch.stall_seconds
-            images = batch.images.to(device, non_blocking=True)
-            inputs = normalize(images, mean, std).contiguous(memory_format=memory_format)
-            labels = batch.labels.to(device, non_blocking=True)
             clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)
-            with torch.autocast(
-                device.type,
-                dtype=settings.autocast_dtype or torch.float32,
-                enabled=settings.autocast_dtype is not None,
-            ):
-                result = step_module(inputs, labels, teacher_outputs, clock)
-            (result.loss / accumulate if accumulate > 1 else result.loss).backward()
-            if (step + 1) % accumulate == 0 or step + 1 == batches:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            result = _train_step(training, batch, clock)
+            if (step + 1) % training.settings.accumulate_steps == 0 or step + 1 == batches:
+                training.optimizer.step()
+                training.scheduler.step()
+                training.optimizer.zero_grad(set_to_none=True)
                 stats.optimizer_steps += 1
-            n = labels.shape[0]
-            loss = result.loss.item()
-            stats.samples += n
-            stats.loss += loss * n
-            for k, v in result.terms.items():
-                stats.terms[k] = stats.terms.get(k, 0.0) + v * n
+            samples = batch.labels.shape[0]
+            stats.samples += samples
+            sums.add(result.loss, result.terms, samples)
             if on_step is not None:
-                on_step({"loss": loss, **result.terms})
+                on_step()
+    stats.loss, stats.terms = sums.per_sample(stats.samples)
     stats.seconds = time.perf_counter() - start
-    stats.loss /= max(stats.samples, 1)
-    stats.terms = {k: v / max(stats.samples, 1) for k, v in stats.terms.items()}
     return stats
+
+
+def _train_step(training: StudentTraining, batch: PreparedBatch, clock: TrainingClock) -> LossResult:
+    """Forward and backward of one batch (gradients accumulate: the caller steps the optimizer)."""
+    settings, device = training.settings, training.device
+    teacher_outputs = (
+        in_soft_label_form(batch.teachers, training.soft_labels).to(device)
+        if batch.teachers is not None
+        else None
+    )
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    images = batch.images.to(device, non_blocking=True)
+    inputs = normalize(images, training.mean, training.std).contiguous(memory_format=memory_format)
+    labels = batch.labels.to(device, non_blocking=True)
+    step_module = training.step_module if training.step_module is not None else training.method
+    with torch.autocast(
+        device.type,
+        dtype=settings.autocast_dtype or torch.float32,
+        enabled=settings.autocast_dtype is not None,
+    ):
+        result = step_module(inputs, labels, teacher_outputs, clock)
+    accumulate = settings.accumulate_steps
+    (result.loss / accumulate if accumulate > 1 else result.loss).backward()
+    return result
 
 
 def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +50,10 @@ def prepared_batches(
     wanted: Sequence[Sequence[str]],
     depth: int,
     logits_form: str = FULL,
-) -> Iterator[PreparedBatch]:
+) -> Generator[PreparedBatch, None, None]:
     """(images, labels, ...) batches with their teacher outputs; fetched `depth` batches ahead when
-    depth > 0."""
-    needs_teachers = source is not None and any(wanted)
-    if not needs_teachers:
+    depth > 0. A generator: closing it stops the fetching thread."""
+    if source is None or not any(wanted):  # nothing to fetch
         for images, labels, *_ in batches:
             yield PreparedBatch(images, labels, None, 0.0)
         return

@@ -36,13 +36,23 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, get_device
+from ray.train import Checkpoint
+from ray.train.torch import get_device
 from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    # What ray.train and ray.train.torch export under Ray Train v2, the default, which this adapter needs (its
+    # workers return the result: `Result.return_value`); type checkers see the v1 names they import first.
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+else:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
 from trainer.config import ExperimentConfig
 from trainer.methods.base import Method

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 import torch
@@ -33,10 +33,13 @@ import torch
 from services.cache import FULL, CacheUnreachableError, TeacherOutputStore, open_store
 from services.core.contract import LOGITS
 from services.core.errors import ConfigError
+from services.core.redaction import redact
+from services.formats.soft_labels import CompactLogits
 from services.rpc.client import TeacherClient, TeacherServiceError, TeacherServiceUnavailable
 from services.teachers.engine import TeacherEngine
-from services.teachers.zoo import Teacher, create_teacher
-from trainer.config import ExperimentConfig, TeacherSourceConfig, redact_address
+from services.teachers.spec import Teacher
+from services.teachers.zoo import create_teacher
+from trainer.config import ExperimentConfig, TeacherSourceConfig
 from trainer.methods.base import TeacherInfo, TeacherOutputs
 
 logger = logging.getLogger(__name__)
@@ -110,7 +113,8 @@ class InProcessTeacherSource(TeacherSource):
     def fetch(
         self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
     ) -> TeacherOutputs:
-        logits, features = [], []
+        logits: list[torch.Tensor | CompactLogits | None] = []
+        features: list[dict[str, torch.Tensor]] = []
         for engine, outputs in zip(self.engines, wanted, strict=True):
             result = {}
             if outputs:
@@ -168,7 +172,7 @@ class ServedTeacherSource(TeacherSource):
         outage_wait: OutageWait | None = None,
     ) -> None:
         self.names = list(teachers)
-        self.shown_address = redact_address(address)
+        self.shown_address = redact(address)
         self.outage_wait = outage_wait or OutageWait.of(TeacherSourceConfig())
         self.outages = 0
         self.outage_seconds = 0.0
@@ -226,7 +230,7 @@ class ServedTeacherSource(TeacherSource):
             return lambda: self._outputs({}, wanted)
         submitted_at = time.monotonic()
 
-        def again() -> dict[str, dict[str, torch.Tensor]]:
+        def again() -> dict[str, dict[str, torch.Tensor | CompactLogits]]:
             return self.client.fetch(images, list(asked), asked, logits_form=logits_form)
 
         try:
@@ -320,13 +324,15 @@ class ServedTeacherSource(TeacherSource):
         ) from error
 
     def _outputs(
-        self, result: dict[str, dict[str, torch.Tensor]], wanted: Sequence[Sequence[str]]
+        self, result: dict[str, dict[str, torch.Tensor | CompactLogits]], wanted: Sequence[Sequence[str]]
     ) -> TeacherOutputs:
-        logits, features = [], []
+        logits: list[torch.Tensor | CompactLogits | None] = []
+        features: list[dict[str, torch.Tensor]] = []
         for name, outputs in zip(self.names, wanted):
             got = result.get(name, {}) if outputs else {}
             logits.append(got.get(LOGITS))
-            features.append({k: v for k, v in got.items() if k != LOGITS})
+            # Only logits come in the compact form: the taps are tensors.
+            features.append({k: cast(torch.Tensor, v) for k, v in got.items() if k != LOGITS})
         return TeacherOutputs(logits=logits, features=features)
 
     def parameter_counts(self) -> list[int]:
@@ -392,6 +398,7 @@ def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.
         return InProcessTeacherSource(
             [create_teacher(t.name, num_classes, checkpoint=t.checkpoint) for t in cfg.teachers], device
         )
+    assert settings.address is not None  # TeacherSourceConfig requires it of a served source
     names = [t.served_as or t.name for t in cfg.teachers]
     if len(set(names)) != len(names):
         raise ConfigError(

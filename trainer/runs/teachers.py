@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from services.core.weights import WeightsFileError, read_weights_file
-from services.teachers.zoo import CHECKPOINT_FORMAT, Preprocessing, create_teacher, save_teacher_checkpoint
+from services.teachers.checkpoints import CHECKPOINT_FORMAT
+from services.teachers.spec import Preprocessing
+from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 from trainer.config import DataConfig, TeacherConfig
 from trainer.data import DatasetSplits
 from trainer.methods.ce import CrossEntropyTraining
@@ -19,6 +21,7 @@ from trainer.runs.inputs import loader_settings, train_views
 from trainer.runs.loop import (
     EVAL_BATCH_SIZE,
     StepSettings,
+    StudentTraining,
     eval_loader,
     evaluate,
     make_optimizer,
@@ -87,7 +90,8 @@ def train_teacher(
     model.requires_grad_(True)
     settings = StepSettings.resolve(cfg.train, device)
     memory_format = torch.channels_last if settings.channels_last else torch.preserve_format
-    method = CrossEntropyTraining(model).to(device, memory_format=memory_format)
+    # Module.to takes the device and the memory format in one call, but is typed for one or the other.
+    method = CrossEntropyTraining(model).to(device).to(memory_format=memory_format)
     method.label_smoothing = cfg.train.label_smoothing
     views = train_views(splits, data)
     loading = loader_settings(data, device)
@@ -101,20 +105,17 @@ def train_teacher(
         epochs * optimizer_steps,
         warmup_steps=round(cfg.train.warmup_epochs * optimizer_steps),
     )
+    training = StudentTraining(
+        method, optimizer, scheduler, device, splits.mean, splits.std, settings=settings
+    )
     seconds, val_accuracy = 0.0, None
     for epoch in range(epochs):
         stats = train_epoch(
-            method,
+            training,
             train_loader(views, data.batch_size, seed, epoch, loading=loading),
             None,
-            optimizer,
-            scheduler,
             epoch=epoch,
             total_epochs=epochs,
-            mean=splits.mean,
-            std=splits.std,
-            device=device,
-            settings=settings,
         )
         seconds += stats.seconds
         if len(splits.val):

@@ -27,7 +27,8 @@ _BN_COUNTER = "num_batches_tracked"
 
 def classifier_name(model: nn.Module) -> str | None:
     """Module name of the model's classifier: timm's `get_classifier()`, else the last `nn.Linear`."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)  # timm's; nn.Module does not declare it
+    head = get_classifier() if get_classifier is not None else None
     if head is None:
         linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
         head = linears[-1] if linears else None

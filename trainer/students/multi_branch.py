@@ -14,12 +14,14 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, cast
 
 import timm
 import torch
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 from timm.models import ResNet
+from timm.models.resnet import BasicBlock as TimmBasicBlock
+from timm.models.resnet import Bottleneck
 from torch import nn
 
 from services.teachers.cifar_models import (
@@ -99,9 +101,13 @@ class MultiBranchTrunk(nn.Module, ABC):
         """Plain ensemble prediction: the mean of the branch logits."""
         return torch.stack(self.forward_branches(x).logits).mean(0)
 
+    def branch(self, index: int) -> Branch:
+        """Branch `index`, as built from `branches` (nn.ModuleList types its items as plain Modules)."""
+        return cast(Branch, self.branches[index])
+
     def export_branch(self, index: int) -> nn.Module:
         """Branch `index` as a standalone network (stem + shared stages + its own stages and classifier)."""
-        return SingleBranchNet(self.stem, self.shared, self.branches[index])
+        return SingleBranchNet(self.stem, self.shared, self.branch(index))
 
     @abstractmethod
     def alone_network(self, index: int) -> StudentConfig:
@@ -204,16 +210,21 @@ class ImageNetMultiBranchResNet(MultiBranchTrunk):
         if not isinstance(full, ResNet):
             raise ValueError(f"{arch!r} is not a timm ResNet")
         stage_names = [f"layer{s + 1}" for s in range(4)]
-        expansion = type(full.layer1[0]).expansion
-        # feature_info: the stem's output, then each stage's (timm's own record of the channel counts)
-        planes = [info["num_chs"] // expansion for info in full.feature_info[1:]]
+        first_block = full.get_submodule("layer1.0")
+        if not isinstance(first_block, (TimmBasicBlock, Bottleneck)):
+            raise ValueError(f"{arch!r} is not a timm ResNet of basic or bottleneck blocks")
+        expansion = first_block.expansion
+        # feature_info: the stem's output, then each stage's (timm's own record of the channel counts, in
+        # dicts whose values it leaves untyped)
+        stage_outputs = [cast(int, info["num_chs"]) for info in full.feature_info]
+        planes = [channels // expansion for channels in stage_outputs[1:]]
         stem = nn.Sequential(
             OrderedDict(conv1=full.conv1, bn1=full.bn1, act1=full.act1, maxpool=full.maxpool)
         )
         shared = nn.Sequential(
             OrderedDict((name, getattr(full, name)) for name in stage_names[:shared_stages])
         )
-        shared_channels = full.feature_info[shared_stages]["num_chs"]
+        shared_channels = stage_outputs[shared_stages]
         branches, stage_channels, branch_planes = [], [], []
         for width in branch_widths:
             channels = tuple(p if s < shared_stages else max(1, int(p * width)) for s, p in enumerate(planes))
@@ -221,6 +232,7 @@ class ImageNetMultiBranchResNet(MultiBranchTrunk):
             # A whole timm ResNet at these channels, of which the branch keeps the unshared stages: timm
             # builds every variant's blocks (attention, anti-aliasing, avg-down shortcuts) and their init.
             copy = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, channels=channels)
+            assert isinstance(copy, ResNet)  # the architecture of `full`
             own = nn.ModuleList(getattr(copy, name) for name in stage_names[shared_stages:])
             branches.append(Branch(own, copy.num_features, num_classes))
             stage_channels.append([c * expansion for c in channels[shared_stages:]])
@@ -282,10 +294,13 @@ class MultiBranchTrunkParams(BaseModel):
     def build_trunk(
         self, *, num_classes: int, in_chans: int, branch_widths: Sequence[float], shared_stages: int
     ) -> MultiBranchTrunk:
+        # _fields_of_the_chosen_trunk set the chosen trunk's field.
         if self.trunk == "cifar_resnet":
+            assert self.depth is not None
             return MultiBranchResNet(
                 self.depth, num_classes, branch_widths, shared_stages=shared_stages, in_chans=in_chans
             )
+        assert self.arch is not None
         return ImageNetMultiBranchResNet(
             self.arch, num_classes, branch_widths, shared_stages=shared_stages, in_chans=in_chans
         )

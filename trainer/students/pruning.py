@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 import timm
 import torch
-from timm.models import ResNet
 from timm.models.resnet import Bottleneck
 from torch import nn
 
@@ -28,6 +28,8 @@ from trainer.students.initial_weights import load_initial_weights
 from trainer.students.registry import STUDENTS, count_parameters
 
 logger = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def l1_kept_filters(weight: torch.Tensor, prune_ratio: float) -> torch.Tensor:
@@ -38,15 +40,21 @@ def l1_kept_filters(weight: torch.Tensor, prune_ratio: float) -> torch.Tensor:
     return norms.topk(filters - int(filters * prune_ratio)).indices.sort().values
 
 
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's size attribute as the pair Conv2d takes: it stores two, typed as a tuple of any length."""
+    height, width = size
+    return height, width
+
+
 def _conv_subset(conv: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
     """A dense conv like `conv` (ungrouped) holding `weight` [out, in, kh, kw]."""
     pruned = nn.Conv2d(
         weight.shape[1],
         weight.shape[0],
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
+        _pair(conv.kernel_size),
+        _pair(conv.stride),
+        conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        _pair(conv.dilation),
         bias=False,
         padding_mode=conv.padding_mode,
     )
@@ -63,6 +71,11 @@ def _batch_norm_subset(bn: nn.BatchNorm2d, kept: torch.Tensor) -> nn.BatchNorm2d
             pruned.weight.copy_(bn.weight[kept])
             pruned.bias.copy_(bn.bias[kept])
         if bn.track_running_stats:
+            # Both track running statistics (the same flag), so both hold these buffers, typed optional.
+            assert bn.running_mean is not None and bn.running_var is not None
+            assert bn.num_batches_tracked is not None
+            assert pruned.running_mean is not None and pruned.running_var is not None
+            assert pruned.num_batches_tracked is not None
             pruned.running_mean.copy_(bn.running_mean[kept])
             pruned.running_var.copy_(bn.running_var[kept])
             pruned.num_batches_tracked.copy_(bn.num_batches_tracked)
@@ -73,17 +86,20 @@ def prune_bottleneck(block: Bottleneck, prune_ratio: float) -> None:
     """Replace `block`'s conv1/bn1, conv2/bn2 and conv3's inputs by their kept channels, in place."""
     if block.conv2.groups != 1 or block.conv1.bias is not None or block.conv2.bias is not None:
         raise ValueError("L1 filter pruning covers ungrouped, bias-free bottleneck convs (ResNet-50's)")
+    bn1, bn2 = block.bn1, block.bn2
+    if not isinstance(bn1, nn.BatchNorm2d) or not isinstance(bn2, nn.BatchNorm2d):
+        raise ValueError("L1 filter pruning covers bottlenecks normalized by BatchNorm2d (ResNet-50's)")
     keep1 = l1_kept_filters(block.conv1.weight, prune_ratio)
     conv2_weight = block.conv2.weight.detach()[:, keep1]
     keep2 = l1_kept_filters(conv2_weight, prune_ratio)
     block.conv1 = _conv_subset(block.conv1, block.conv1.weight.detach()[keep1])
-    block.bn1 = _batch_norm_subset(block.bn1, keep1)
+    block.bn1 = _batch_norm_subset(bn1, keep1)
     block.conv2 = _conv_subset(block.conv2, conv2_weight[keep2])
-    block.bn2 = _batch_norm_subset(block.bn2, keep2)
+    block.bn2 = _batch_norm_subset(bn2, keep2)
     block.conv3 = _conv_subset(block.conv3, block.conv3.weight.detach()[:, keep2])
 
 
-def prune_resnet_filters(model: ResNet, prune_ratio: float) -> ResNet:
+def prune_resnet_filters(model: ModuleT, prune_ratio: float) -> ModuleT:
     """Prune every bottleneck of a timm ResNet in place (see the module docstring); returns `model`."""
     if not 0 <= prune_ratio < 1:
         raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
