@@ -34,7 +34,6 @@ import math
 import os
 import signal
 import threading
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
@@ -69,8 +68,6 @@ from services.teachers.zoo import create_teacher
 
 APP_NAME = "ekd"
 INGRESS_DEPLOYMENT = "GrpcIngress"
-# Forward-pass sizes a teacher replica remembers for inspection (tests, debugging); older ones are dropped.
-RECENT_BATCHES = 1024
 STOP_GRACE_SECONDS = 5.0
 # The custom autoscaling metric a teacher replica reports: samples in it, batching or computing.
 QUEUED_SAMPLES = "queued_samples"
@@ -117,7 +114,6 @@ class TeacherDeployment:
             channels_last=teacher.channels_last,
         )
         self._feature_shapes = self._engine.feature_shapes(self._engine.spec.preprocessing.input_size)
-        self._batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)
         self._apply(teacher.batching())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -155,31 +151,13 @@ class TeacherDeployment:
         """Serve's hook for custom autoscaling metrics: the signal `QueuedSamplesPolicy` scales on."""
         return {QUEUED_SAMPLES: float(self._queued_samples)}
 
-    def forward_count(self) -> int:
-        """Forward passes this replica's engine has run."""
-        return self._engine.calls
-
-    def replica_forward_count(self) -> tuple[str, int]:
-        """This replica's id and `forward_count`: which replica answered, when there are several."""
-        return serve.get_replica_context().replica_id.unique_id, self._engine.calls
-
-    def recent_batch_sizes(self) -> list[int]:
-        """Samples in each of the latest forward passes, oldest first."""
-        return list(self._batch_sizes)
-
-    def batching(self) -> BatchingConfig:
-        """The batching settings in effect."""
-        return self._batching
-
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=sample_count)
     async def _forward(self, requests: list[PendingRequest]) -> list[Result]:
         return await forward_batch(requests, self._run_engine)
 
     async def _run_engine(self, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
         # In a worker thread, so that the replica keeps queueing requests for the next batch meanwhile.
-        merged = await asyncio.to_thread(self._engine.infer, images, outputs)
-        self._batch_sizes.append(images.shape[0])
-        return merged
+        return await asyncio.to_thread(self._engine.infer, images, outputs)
 
 
 class QueuedSamplesPolicy:
@@ -263,8 +241,8 @@ class RayServeBackend:
         return {output: shared_tensor(array) for output, array in results.items()}
 
     def teacher_calls(self) -> int:
-        """Infer calls sent to the teacher deployments; they may merge several into one forward pass (each
-        deployment's `forward_count` says how many ran)."""
+        """Infer calls sent to the teacher deployments (their batching may merge several into one forward
+        pass)."""
         return self._calls
 
     def _known(self, name: str) -> str:
@@ -348,31 +326,29 @@ def _auto_gpus_per_replica(config: ServeConfig) -> float:
     return min(1.0, torch.cuda.device_count() / max(replicas, 1))
 
 
-def build_app(config: ServeConfig) -> Application:
-    """The Serve application: one `TeacherDeployment` per configured teacher, behind the `GrpcIngress`."""
+def build_app(config: ServeConfig, teacher_deployment: Deployment | None = None) -> Application:
+    """The Serve application: one `TeacherDeployment` per configured teacher (or `teacher_deployment`, a
+    deployment of a subclass of its class), behind the `GrpcIngress`."""
+    teacher_deployment = teacher_deployment or _deployment(TeacherDeployment)
     auto_gpus = _auto_gpus_per_replica(config)
     teachers: dict[str, Application] = {}
     for teacher in config.teachers:
         # TeacherDeploymentConfig's validator sets it (4 x max_batch_size) when the file leaves it out.
         assert teacher.max_ongoing_requests is not None
-        teachers[teacher.name] = (
-            _deployment(TeacherDeployment)
-            .options(
-                name=teacher_deployment_name(teacher.name),
-                **(
-                    {"autoscaling_config": autoscaling_options(teacher.autoscaling)}
-                    if teacher.autoscaling is not None
-                    else {"num_replicas": teacher.num_replicas}
-                ),
-                max_ongoing_requests=teacher.max_ongoing_requests,
-                user_config=teacher.batching().model_dump(),
-                ray_actor_options={
-                    "num_cpus": teacher.num_cpus,
-                    "num_gpus": auto_gpus if teacher.num_gpus == "auto" else teacher.num_gpus,
-                },
-            )
-            .bind(teacher)
-        )
+        teachers[teacher.name] = teacher_deployment.options(
+            name=teacher_deployment_name(teacher.name),
+            **(
+                {"autoscaling_config": autoscaling_options(teacher.autoscaling)}
+                if teacher.autoscaling is not None
+                else {"num_replicas": teacher.num_replicas}
+            ),
+            max_ongoing_requests=teacher.max_ongoing_requests,
+            user_config=teacher.batching().model_dump(),
+            ray_actor_options={
+                "num_cpus": teacher.num_cpus,
+                "num_gpus": auto_gpus if teacher.num_gpus == "auto" else teacher.num_gpus,
+            },
+        ).bind(teacher)
     ingress = _deployment(GrpcIngress).options(
         num_replicas=config.grpc.replicas,
         # Ray annotates it Default[int], yet takes None as its own default: no limit per node.

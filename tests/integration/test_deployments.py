@@ -25,6 +25,7 @@ import ray
 import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inspected_teachers import RAY_RUNTIME_ENV, inspected_app
 from ray import serve
 from ray.serve._private.api import serve_start
 from ray.serve.config import ProxyLocation
@@ -40,7 +41,6 @@ from services.serve.deployments import (
     APP_NAME,
     QUEUED_SAMPLES,
     QueuedSamplesPolicy,
-    build_app,
     teacher_deployment_name,
 )
 from services.serve.serve_config import (
@@ -138,7 +138,7 @@ def serve_deploy_schema(
     """What a Serve config file for the service holds, with optional per-teacher user_config overrides."""
     application: dict[str, Any] = {
         "name": APP_NAME,
-        "import_path": "services.serve.deployments:app_builder",
+        "import_path": "inspected_teachers:app_builder",
         "route_prefix": None,
         "args": {"config": str(config_path)},
     }
@@ -169,7 +169,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     config_path = write_serve_config(directory / "serve.yaml", checkpoints, str(directory / "cache"))
     with pytest.MonkeyPatch.context() as environment:
         environment.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=RAY_RUNTIME_ENV)
         try:
             controller = serve_start(proxy_location=ProxyLocation.Disabled)
 
@@ -409,7 +409,7 @@ def scaled(served: Served) -> Iterator[tuple[str, DeploymentHandle, DeploymentHa
         grpc=GrpcConfig(port=free_port(), replicas=2),
         metrics_port=0,
     )
-    ingress = serve.run(build_app(config), name=SCALED_APP, route_prefix=None)
+    ingress = serve.run(inspected_app(config), name=SCALED_APP, route_prefix=None)
     try:
         address = ingress.address.remote().result(timeout_s=DEADLINE_SECONDS)
         yield address, ingress, serve.get_deployment_handle(teacher_deployment_name(teacher), SCALED_APP)
