@@ -246,12 +246,8 @@ class GrpcConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _inflight_holds_a_message(self) -> GrpcConfig:
-        if self.max_inflight_request_bytes < self.max_message_bytes:
-            raise ValueError(
-                f"max_inflight_request_bytes ({self.max_inflight_request_bytes}) must be at least "
-                f"max_message_bytes ({self.max_message_bytes})"
-            )
+    def _limits_fit_together(self) -> GrpcConfig:
+        self.limits  # noqa: B018 -- ServiceLimits checks how the limits fit together, once for every caller
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,48 @@
+"""The one key layout (`services.cache.layout`) and the one set of service limits (`services.rpc.limits`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from services.cache import COMPACT, FULL, OutputEntries, ValueSpec, input_digests, output_key, stored_form
+from services.core.contract import LOGITS
+from services.rpc.limits import ServiceLimits
+from services.serve.serve_config import GrpcConfig
+
+IDENTITY = "ab" * 32
+
+
+def test_the_compact_form_applies_only_to_logits() -> None:
+    assert stored_form(LOGITS, COMPACT) == COMPACT
+    assert stored_form("layer3", COMPACT) == FULL
+    assert stored_form(LOGITS, FULL) == FULL
+    with pytest.raises(ValueError, match="unknown form 'sparse'"):
+        stored_form(LOGITS, "sparse")
+
+
+def test_output_entries_are_the_keys_and_specs_of_the_layout() -> None:
+    digests = input_digests(torch.arange(96, dtype=torch.uint8).reshape(2, 3, 4, 4))
+    compact = OutputEntries.of(IDENTITY, LOGITS, "float16", logits_form=COMPACT)
+    tap = OutputEntries.of(IDENTITY, "layer3", "float16", logits_form=COMPACT)
+    top = OutputEntries.of(IDENTITY, LOGITS, "int64", logits_form=FULL, top_k=5)
+
+    assert compact.keys(digests) == [
+        output_key(IDENTITY, LOGITS, "float16", 0, d, form=COMPACT) for d in digests
+    ]
+    assert tap.keys(digests) == [output_key(IDENTITY, "layer3", "float16", 0, d) for d in digests]
+    assert top.key(digests[0]) == output_key(IDENTITY, LOGITS, "int64", 5, digests[0])
+    assert len({*compact.keys(digests), *tap.keys(digests)}) == 4
+    assert compact.spec(num_classes=10, shape=(10,)) == ValueSpec.compact(10)
+    assert tap.spec(num_classes=10, shape=(8, 2, 2)) == ValueSpec.full("float16", (8, 2, 2))
+
+
+def test_limits_that_cannot_work_are_refused_in_one_place() -> None:
+    with pytest.raises(ValueError, match=r"max_inflight_request_bytes \(1048576\) must be at least"):
+        ServiceLimits(max_message_bytes=2**21, max_inflight_request_bytes=2**20)
+    with pytest.raises(ValidationError, match=r"max_inflight_request_bytes \(1048576\) must be at least"):
+        GrpcConfig(max_message_bytes=2**21, max_inflight_request_bytes=2**20)
+    with pytest.raises(ValueError, match="default_dtype must be one of"):
+        ServiceLimits(default_dtype="int8")
+    assert GrpcConfig(max_batch_size=8).limits == ServiceLimits(max_batch_size=8)
