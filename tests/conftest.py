@@ -8,10 +8,16 @@ other on a 2-core machine, so one worker runs them one after another.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from image_folders import write_image_folder  # tests/ is on sys.path: pytest put this conftest's folder there
+
+# Ray starts its workers at nice 15: beside the other test worker, or any other load at nice 0, they would get
+# a few percent of a core, and a Ray test's deadlines would measure that load, not ekd. Inherited by every
+# process the tests start.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 TESTS = Path(__file__).resolve().parent
 INTEGRATION_FOLDER = TESTS / "integration"

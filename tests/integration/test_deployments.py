@@ -58,7 +58,7 @@ from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 DEADLINE_SECONDS = 30.0
-DEPLOY_SECONDS = 90.0
+DEPLOY_SECONDS = 180.0
 NUM_CLASSES = 10
 PREPROCESSING = Preprocessing.cifar(16)
 TEACHERS = ("resnet20_a", "resnet20_b")
