@@ -20,7 +20,8 @@ One table: each stage's wall time, optimizer steps/s, the share of it the studen
 teacher calls, peak RSS and stored bytes per view; and the ratios warm KD ÷ CE (seconds per step) and cold
 served ÷ in process (steps/s). Written as JSON too.
 
-    .venv/bin/python benchmarks/rehearsal.py            # the full rehearsal (tens of minutes on 2 cores)
+    .venv/bin/python benchmarks/rehearsal.py --readme benchmarks/README.md   # the full run, into the README
+    .venv/bin/python benchmarks/rehearsal.py --render runs/rehearsal/full/rehearsal.json  # re-render a run
     .venv/bin/python benchmarks/rehearsal.py --quick    # a smoke check, under 5 minutes on 2 cores
     .venv/bin/python benchmarks/rehearsal.py --scale gpu --device cuda   # what benchmarks/gpu_check.sh runs
 """
@@ -283,11 +284,14 @@ def run_in_process_of_its_own(stage: str, root: Path, work: Path, scale_name: st
         "--scale",
         scale_name,
     ]
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    # Ray's workers (teacher replicas, warm actors) at the trainer's priority, not Ray's default nice 15: the
+    # figures compare the paths, not the scheduler's shares on a machine the trainer keeps busy.
+    env = {"RAY_worker_niceness": "0", **os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(command, check=True, env=env)
     return StageResult(**json.loads(out.read_text()))
 
 
-def table(results: dict[str, StageResult], ratios: dict[str, float | None], title: str) -> Table:
+def table(results: dict[str, StageResult], title: str) -> Table:
     shown = Table(title=title)
     for column in (
         "stage",
@@ -311,9 +315,60 @@ def table(results: dict[str, StageResult], ratios: dict[str, float | None], titl
             f"{result.bytes_per_view:,.0f}" if result.bytes_per_view is not None else "—",
             f"{result.views_per_second:.2f}" if result.views_per_second is not None else "—",
         )
-    for name, value in ratios.items():
-        shown.add_row(name, *([""] * 6), f"{value:.2f}" if value is not None else "—")
     return shown
+
+
+def ratio_table(ratios: dict[str, float]) -> Table:
+    shown = Table(title="ratios")
+    shown.add_column("ratio")
+    shown.add_column("value", justify="right")
+    for name, value in ratios.items():
+        shown.add_row(name, f"{value:.2f}")
+    return shown
+
+
+README_BEGIN = "<!-- rehearsal:BEGIN -->"
+README_END = "<!-- rehearsal:END -->"
+
+
+def markdown(report: dict) -> str:
+    """The report as the markdown block benchmarks/README.md carries (`--readme`)."""
+    scale = report["scale"]
+    lines = [
+        f"{scale['classes']} classes x {scale['train_per_class']} training images (500x375 JPEGs) at "
+        f"224², {scale['views']} views, batch {scale['batch_size']}; KD {scale['kd_epochs']} epochs, CE and "
+        f"warm KD {scale['warm_epochs']}; device {report['device']}, {report['cpus']} CPUs, 1-minute load "
+        f"{report['load_average_1m']:.1f} at the end; {report['seconds'] / 60:.1f} min in all.",
+        "",
+        "| stage | wall s | steps/s | stall | teacher calls | peak RSS | stored B/view | views/s a teacher |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, stage in report["stages"].items():
+        steps, stored, rate = stage["steps_per_second"], stage["bytes_per_view"], stage["views_per_second"]
+        stall = stage["stall_seconds"] / stage["seconds"] if stage["optimizer_steps"] else None
+        cells = [
+            name,
+            f"{stage['seconds']:.1f}",
+            f"{steps:.3f}" if steps else "—",
+            f"{stall:.1%}" if stall is not None else "—",
+            f"{stage['teacher_calls']:,}",
+            f"{stage['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"{stored:,.0f}" if stored is not None else "—",
+            f"{rate:.2f}" if rate is not None else "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def write_into_readme(report: dict, readme: Path) -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no {README_BEGIN} ... {README_END} block to write the table into")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{markdown(report)}\n{README_END}{tail}")
 
 
 def main() -> None:
@@ -324,8 +379,17 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=REPO / "runs" / "rehearsal", help="where everything goes"
     )
+    parser.add_argument(
+        "--readme", type=Path, help="write the table into this markdown file's rehearsal block"
+    )
+    parser.add_argument("--render", type=Path, help="only write a rehearsal.json's table into --readme")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        write_into_readme(
+            json.loads(args.render.read_text()), args.readme or REPO / "benchmarks" / "README.md"
+        )
+        return
     scale_name = "quick" if args.quick else args.scale
     scale = SCALES[scale_name]
     work = args.work.resolve() / scale_name
@@ -367,7 +431,11 @@ def main() -> None:
         "ratios": ratios,
     }
     (work / "rehearsal.json").write_text(json.dumps(report, indent=2))
-    Console().print(table(results, ratios, f"seed-000 rehearsal at 224², {scale_name} scale, {args.device}"))
+    out = Console(width=150)
+    out.print(table(results, f"seed-000 rehearsal at 224², {scale_name} scale, {args.device}"))
+    out.print(ratio_table(ratios))
+    if args.readme:
+        write_into_readme(report, args.readme)
     console.print(f"written: {work / 'rehearsal.json'}")
 
 
