@@ -113,7 +113,7 @@ def engine_section(cpu: bool) -> dict:
     from services.serve.serve_config import GrpcConfig, ServeConfig, TeacherDeploymentConfig
     from services.teachers.engine import TeacherEngine
     from services.teachers.spec import Preprocessing
-    from services.teachers.zoo import create_teacher
+    from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
     device = "cpu" if cpu else "cuda"
     options = {"precision": "fp32"} if cpu else {"precision": "bf16", "channels_last": True, "compile": True}
@@ -123,14 +123,19 @@ def engine_section(cpu: bool) -> dict:
     seconds = TIMED_SECONDS["cpu" if cpu else "gpu"]
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # Random weights in a weights file, so a real identity. On the CPU check an ekd checkpoint carries the
+        # tiny input size, so that the bare engine and the Serve replicas (which read it) resize alike.
         checkpoints = {}
-        for name in TEACHERS:  # random weights in the published layout: a weights file, so a real identity
-            checkpoints[name] = Path(tmp) / f"{name}.safetensors"
-            safetensors.torch.save_file(
-                create_teacher(name, NUM_CLASSES).model.state_dict(), checkpoints[name]
-            )
         for name in TEACHERS:
-            teacher = create_teacher(name, NUM_CLASSES, checkpoints[name], preprocessing=preprocessing)
+            model = create_teacher(name, NUM_CLASSES).model
+            if cpu:
+                checkpoints[name] = Path(tmp) / f"{name}.pt"
+                save_teacher_checkpoint(checkpoints[name], model, name, NUM_CLASSES, preprocessing)
+            else:
+                checkpoints[name] = Path(tmp) / f"{name}.safetensors"
+                safetensors.torch.save_file(model.state_dict(), checkpoints[name])
+        for name in TEACHERS:
+            teacher = create_teacher(name, NUM_CLASSES, checkpoints[name])
             results.update(
                 bare_and_grpc(TeacherEngine(teacher, device, **options), name, batches, size, seconds)
             )

@@ -26,6 +26,8 @@ else
     ENV_S=60; ENGINE_S=330; STUDENT_S=330
 fi
 export RAY_AUTH_MODE=disabled
+# Ray's workers at the driver's priority, not Ray's default nice 15: the figures compare paths, not shares.
+export RAY_worker_niceness=0
 
 section() {  # name, seconds, command...
     local name=$1 seconds=$2; shift 2
