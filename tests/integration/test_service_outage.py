@@ -189,9 +189,9 @@ def test_a_consumer_that_stops_ends_the_wait_at_once(engine):
         iterator = prepared_batches(batches(), source, [["logits"]], depth=1)
         next(iterator)
         server.close()
-        for _ in range(200):  # bounded: until the fetching thread waits for the service
-            if source.outages:
-                break
+        # Until the fetching thread waits for the service: bounded, yet long enough for a loaded machine.
+        deadline = time.monotonic() + 120
+        while not source.outages and time.monotonic() < deadline:
             time.sleep(0.05)
         assert source.outages == 1
         started = time.monotonic()
