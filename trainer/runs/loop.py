@@ -106,7 +106,13 @@ class LoaderSettings:
     prefetch_factor: int = 2  # batches each worker prepares ahead
 
     def kwargs(self) -> dict:
-        extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
+        # forkserver, not fork: the training process runs threads (prefetch, gRPC, Ray's) and a child forked
+        # while one of them holds a lock deadlocks; forkserver's children start from a clean, thread-free parent.
+        extra = (
+            {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": "forkserver"}
+            if self.workers > 0
+            else {}
+        )
         return {
             "num_workers": self.workers,
             "pin_memory": self.pin_memory,
