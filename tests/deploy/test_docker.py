@@ -1,5 +1,6 @@
 """docker/Dockerfile.cpu and docker/Dockerfile.cuda, read statically (no Docker engine here): hadolint finds
-nothing, and the runtime stage is what the stacks assume (user, paths, ports, healthcheck, command)."""
+nothing, both install exactly the lock, and the runtime stage is what the stacks assume (user, paths, ports,
+healthcheck, command)."""
 
 from __future__ import annotations
 
@@ -88,14 +89,16 @@ def test_base_images():
     cpu_bases = {args.split()[0] for keyword, args in instructions(DOCKERFILES["cpu"]) if keyword == "FROM"}
     assert cpu_bases == {"python:3.11-slim"}
     cuda_bases = {args.split()[0] for keyword, args in instructions(DOCKERFILES["cuda"]) if keyword == "FROM"}
-    # The official PyTorch CUDA runtime image of the torch that pyproject pins, so `pip install .` keeps it.
+    # The official PyTorch CUDA runtime image of the pinned torch, so installing the lock keeps it.
     (cuda_base,) = cuda_bases
     tag = rf"{re.escape(torch_pin())}-cuda[0-9.]+-cudnn[0-9]+-runtime"
     assert re.fullmatch(rf"pytorch/pytorch:{tag}", cuda_base)
 
 
 @pytest.mark.parametrize("flavor", DOCKERFILES)
-def test_project_is_installed_from_its_pyproject(flavor):
+def test_image_installs_exactly_the_lock(flavor):
+    """The locked set, hash-checked, and then the project without resolving its ranges again: an image has the
+    versions the tests ran on, whatever the registry serves that day."""
     steps = instructions(DOCKERFILES[flavor])
     copied = {
         source
@@ -103,9 +106,18 @@ def test_project_is_installed_from_its_pyproject(flavor):
         if keyword == "COPY" and "--from" not in args
         for source in args.split()[:-1]
     }
-    assert {"pyproject.toml", "services", "trainer"} <= copied
-    installs = [shlex.split(args) for keyword, args in steps if keyword == "RUN" and "pip install" in args]
-    assert len(installs) == 1 and installs[0][-1] == "." and "--no-cache-dir" in installs[0]
+    assert {"pyproject.toml", "requirements.lock", "services", "trainer"} <= copied
+    installs = [
+        shlex.split(command)
+        for keyword, args in steps
+        if keyword == "RUN" and "pip install" in args
+        for command in args.split("&&")
+    ]
+    assert len(installs) == 2
+    lock_install, project_install = installs
+    assert lock_install[-2:] == ["-r", "requirements.lock"]
+    assert {"--require-hashes", "--no-deps", "--no-cache-dir"} <= set(lock_install)
+    assert project_install[-1] == "." and {"--no-deps", "--no-cache-dir"} <= set(project_install)
 
 
 @pytest.mark.parametrize("flavor", DOCKERFILES)
