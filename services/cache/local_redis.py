@@ -135,3 +135,74 @@ def running_redis_server(
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class RedisCluster:
+    """A local Redis Cluster: one primary per shard, no replicas. `url` is its cache URI."""
+
+    url: str
+    shards: list[RedisServer]
+
+
+def redis_cli_binary() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        raise RedisServerError(
+            "redis-cli not found on PATH; it ships with redis-server (`apt-get install redis-tools`)"
+        )
+    return binary
+
+
+def _wait_for_cluster_ok(url: str) -> None:
+    """Until every shard says the cluster is up (the slots are assigned and gossip has spread them)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                if client.cluster("info").get("cluster_state") == "ok":
+                    return
+            time.sleep(0.1)
+    finally:
+        client.close()
+    raise RedisServerError(
+        f"the Redis Cluster at {url} did not reach cluster_state:ok in {START_TIMEOUT_SECONDS} s"
+    )
+
+
+@contextlib.contextmanager
+def running_redis_cluster(directory: Path, shards: int = 3, *config_args: str) -> Iterator[RedisCluster]:
+    """A Redis Cluster of `shards` redis-servers (`--cluster-enabled yes`) on free 127.0.0.1 ports, made with
+    `redis-cli --cluster create --cluster-replicas 0`; its URL is `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,.../`."""
+    with contextlib.ExitStack() as servers:
+        started = [
+            servers.enter_context(
+                running_redis_server(
+                    directory / f"shard-{number}",
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *config_args,
+                )
+            )
+            for number in range(shards)
+        ]
+        addresses = [server.url.removeprefix("redis://").removesuffix("/0") for server in started]
+        created = subprocess.run(
+            [
+                redis_cli_binary(),
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_SECONDS * 3,
+        )
+        if created.returncode != 0:
+            raise RedisServerError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
+        for server in started:
+            _wait_for_cluster_ok(server.url)
+        yield RedisCluster(url="redis+cluster://" + ",".join(addresses) + "/", shards=started)

@@ -1,4 +1,5 @@
-"""The production teacher-output store: a Redis server shared by every trainer and teacher host.
+"""The production teacher-output store: a Redis server shared by every trainer and teacher host (or a Redis
+Cluster: `services.cache.redis_cluster_store`, on the same code).
 
 Reads are one MGET, writes one non-transactional pipeline of SETs. Run the server with `maxmemory` and an
 eviction policy such as `allkeys-lru`: an evicted entry is simply a miss. Under `noeviction` a full server
@@ -21,6 +22,7 @@ secret belongs in a URL's query (the password goes in its user info, redacted fr
 from __future__ import annotations
 
 import ssl
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
@@ -29,7 +31,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import OutOfMemoryError
+from redis.cluster import RedisCluster
+from redis.exceptions import OutOfMemoryError, RedisClusterException
 from redis.retry import Retry
 
 from services.cache.store import (
@@ -63,26 +66,32 @@ def _glob_escaped(text: bytes) -> bytes:
     return text
 
 
-class RedisStore(TeacherOutputStore):
-    """Teacher outputs in the Redis database at `url` ("redis://[:password@]host:port/db" or "rediss://...",
-    see the module doc for the query).
+def checked_query(url: str, redacted: str) -> None:
+    """ValueError unless every query parameter of `url` is one of `ALLOWED_QUERY`."""
+    unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query)} - set(ALLOWED_QUERY))
+    if unknown:
+        raise ValueError(
+            f"bad Redis cache URL {redacted!r}: unknown query parameters {unknown}; "
+            f"allowed: {', '.join(ALLOWED_QUERY)}"
+        )
+
+
+def connection_retry() -> Retry:
+    """One immediate retry recovers a pooled connection the server closed; more would only delay the error
+    when the server is really down. Timeouts are not retried: that would double them."""
+    return Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,))
+
+
+class RedisBackedStore(TeacherOutputStore):
+    """What one Redis and a Redis Cluster share: whole-value SETs in a non-transactional pipeline, DEL, SCAN
+    of each server, the errors as cache errors. A subclass gives the client, its multi-get, its ping and the
+    servers a scan walks.
 
     `ttl_seconds` expires entries that long after their last write (None: kept until evicted); `key_prefix`
     namespaces this store's keys on a shared server; `hmac_key` authenticates values (`TeacherOutputStore`).
-    The server is pinged on open, so a wrong URL fails here; with `ping_on_open` False (a caller that degrades
-    without the cache, and takes it up when it answers) the first call finds out instead.
     """
 
-    def __init__(
-        self,
-        url: str,
-        ttl_seconds: int | None = None,
-        key_prefix: str = "",
-        connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
-        socket_timeout_seconds: float = DEFAULT_SOCKET_TIMEOUT_SECONDS,
-        hmac_key: bytes | None = None,
-        ping_on_open: bool = True,
-    ) -> None:
+    def __init__(self, url: str, ttl_seconds: int | None, key_prefix: str, hmac_key: bytes | None) -> None:
         super().__init__(hmac_key)
         if ttl_seconds is not None and (
             isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
@@ -91,29 +100,20 @@ class RedisStore(TeacherOutputStore):
         self.url = redact(url)
         self.ttl_seconds = ttl_seconds
         self._prefix = key_prefix.encode()
-        unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query)} - set(ALLOWED_QUERY))
-        if unknown:
-            raise ValueError(
-                f"bad Redis cache URL {self.url!r}: unknown query parameters {unknown}; "
-                f"allowed: {', '.join(ALLOWED_QUERY)}"
-            )
-        try:
-            self._client = redis.Redis.from_url(
-                url,
-                socket_connect_timeout=connect_timeout_seconds,
-                socket_timeout=socket_timeout_seconds,
-                # One immediate retry recovers a pooled connection the server closed; more would only delay
-                # the error when the server is really down. Timeouts are not retried: that would double them.
-                retry=Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,)),
-            )
-        except ValueError as error:
-            raise ValueError(f"bad Redis cache URL {self.url!r}: {error}") from None
-        if ping_on_open:
-            self.ping()
+        checked_query(url, self.url)
 
-    def ping(self) -> None:
-        with self._translated_errors():
-            self._client.ping()
+    @property
+    @abstractmethod
+    def _client(self) -> redis.Redis | RedisCluster:
+        """The client every command but the multi-get and the scan goes through."""
+
+    @abstractmethod
+    def _get_prefixed(self, keys: list[bytes]) -> list[bytes | None]:
+        """The values of the (prefixed) keys, in order; None where absent."""
+
+    @abstractmethod
+    def _scanned_servers(self) -> list[redis.Redis]:
+        """A client of each server whose keys a scan walks: every primary."""
 
     @contextmanager
     def _translated_errors(self) -> Iterator[None]:
@@ -137,15 +137,12 @@ class RedisStore(TeacherOutputStore):
                 f"Redis cache at {self.url} is out of memory and refuses writes ({error}); "
                 "set maxmemory-policy to allkeys-lru so old entries are evicted, or raise maxmemory"
             ) from error
-        except redis.RedisError as error:
+        except (redis.RedisError, RedisClusterException) as error:
             raise CacheError(f"Redis cache at {self.url} failed: {error}") from error
 
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
         with self._translated_errors():
-            values = self._client.mget([self._prefix + key for key in keys])
-        # Bytes, never str: the client leaves decode_responses off, and ALLOWED_QUERY keeps a URL from turning
-        # it on; redis-py's annotation covers both.
-        return cast(list[bytes | None], values)
+            return self._get_prefixed([self._prefix + key for key in keys])
 
     def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
         with self._translated_errors():
@@ -155,18 +152,19 @@ class RedisStore(TeacherOutputStore):
             pipeline.execute()
 
     def _scan_raw(self, prefix: bytes) -> Iterator[tuple[bytes, int]]:
-        # SCAN MATCH walks the keyspace in steps without blocking the server; STRLEN, pipelined per step,
+        # SCAN MATCH walks each server's keyspace in steps without blocking it; STRLEN, pipelined per step,
         # gives each value's size without sending it.
         pattern = _glob_escaped(self._prefix + prefix) + b"*"
         with self._translated_errors():
-            keys = self._client.scan_iter(match=pattern, count=_SCAN_STEP)
-            while step := list(islice(keys, _SCAN_STEP)):
-                pipeline = self._client.pipeline(transaction=False)
-                for key in step:
-                    pipeline.strlen(key)
-                for key, size in zip(step, pipeline.execute(), strict=True):
-                    if size:  # 0: expired or evicted since the scan saw it
-                        yield key[len(self._prefix) :], size
+            for server in self._scanned_servers():
+                keys = server.scan_iter(match=pattern, count=_SCAN_STEP)
+                while step := list(islice(keys, _SCAN_STEP)):
+                    pipeline = server.pipeline(transaction=False)
+                    for key in step:
+                        pipeline.strlen(key)
+                    for key, size in zip(step, pipeline.execute(), strict=True):
+                        if size:  # 0: expired or evicted since the scan saw it
+                            yield key[len(self._prefix) :], size
 
     def _delete_raw(self, keys: list[bytes]) -> None:
         # A concurrent writer may have just replaced a damaged value with a good one; deleting it then costs
@@ -176,3 +174,51 @@ class RedisStore(TeacherOutputStore):
 
     def close(self) -> None:
         self._client.close()
+
+
+class RedisStore(RedisBackedStore):
+    """Teacher outputs in the Redis database at `url` ("redis://[:password@]host:port/db" or "rediss://...",
+    see the module doc for the query); the other options as `RedisBackedStore`'s.
+
+    The server is pinged on open, so a wrong URL fails here; with `ping_on_open` False (a caller that degrades
+    without the cache, and takes it up when it answers) the first call finds out instead.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: int | None = None,
+        key_prefix: str = "",
+        connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+        socket_timeout_seconds: float = DEFAULT_SOCKET_TIMEOUT_SECONDS,
+        hmac_key: bytes | None = None,
+        ping_on_open: bool = True,
+    ) -> None:
+        super().__init__(url, ttl_seconds, key_prefix, hmac_key)
+        try:
+            self._redis = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=connect_timeout_seconds,
+                socket_timeout=socket_timeout_seconds,
+                retry=connection_retry(),
+            )
+        except ValueError as error:
+            raise ValueError(f"bad Redis cache URL {self.url!r}: {error}") from None
+        if ping_on_open:
+            self.ping()
+
+    @property
+    def _client(self) -> redis.Redis:
+        return self._redis
+
+    def ping(self) -> None:
+        with self._translated_errors():
+            self._redis.ping()
+
+    def _get_prefixed(self, keys: list[bytes]) -> list[bytes | None]:
+        # Bytes, never str: the client leaves decode_responses off, and ALLOWED_QUERY keeps a URL from turning
+        # it on; redis-py's annotation covers both.
+        return cast(list[bytes | None], self._redis.mget(keys))
+
+    def _scanned_servers(self) -> list[redis.Redis]:
+        return [self._redis]
