@@ -107,7 +107,7 @@ class LoaderSettings:
 
     def kwargs(self) -> dict:
         # forkserver, not fork: the training process runs threads (prefetch, gRPC, Ray's) and a child forked
-        # while one of them holds a lock deadlocks; forkserver's children start from a clean, thread-free parent.
+        # while one of them holds a lock deadlocks; forkserver's children start from a thread-free parent.
         extra = (
             {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": "forkserver"}
             if self.workers > 0
