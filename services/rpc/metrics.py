@@ -98,6 +98,13 @@ class Metrics:
             ["teacher"],
             registry=self.registry,
         )
+        self.unread_requests = Counter(
+            "ekd_unread_requests",
+            "Calls ended before their handler ran, by method and reason: 'timeout' (no request message "
+            "within the read deadline), 'missing' (the call ended without one), 'undecodable'.",
+            ["method", "reason"],
+            registry=self.registry,
+        )
         self.served_bytes = Counter(
             "ekd_served_bytes",
             "Serialized size of the InferResponse messages sent, per teacher.",

@@ -15,10 +15,13 @@ EKD_TLS_CERT_FILE and EKD_TLS_KEY_FILE are set (client certificates required whe
 a bearer token on every RPC but health and reflection when EKD_AUTH_TOKEN or EKD_AUTH_TOKEN_FILE is. Unset,
 the server listens without either, and says so in a warning when its address is reachable from other machines.
 
-Hostile callers meet bounds: at most `max_concurrent_rpcs` Infer RPCs and `max_inflight_request_bytes` of
-their requests are processed at once (RESOURCE_EXHAUSTED beyond, from the servicer), and gRPC itself runs at
-most `max_concurrent_rpcs` + PROBE_RPCS RPCs of any kind, the headroom keeping health checks answered while
-Infer is at its bound.
+Hostile callers meet bounds (`ServiceLimits`): a request larger than `max_message_bytes` is refused by gRPC;
+every call must send its request within `request_read_seconds` and a decodable one
+(`services.rpc.admission`); one connection holds at most `max_streams_per_connection` calls; at most
+`max_concurrent_rpcs` Infer RPCs and `max_inflight_request_bytes` of their requests are processed at once
+(RESOURCE_EXHAUSTED beyond, from the servicer, which counts an Infer only once its request is in). gRPC's own
+cap on concurrent RPCs of every kind is not set: calls that send headers and nothing else would fill it and
+shut out health checks and ListTeachers, which cost nothing to answer.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2
 from services.cache import TeacherOutputStore
+from services.rpc.admission import RequestReadInterceptor
 from services.rpc.backends import TeacherBackend
 from services.rpc.limits import DEFAULT_LIMITS, ServiceLimits
 from services.rpc.metrics import Metrics
@@ -52,10 +56,6 @@ logger = logging.getLogger(__name__)
 
 OVERALL_HEALTH = ""
 """The health-check service name that stands for the whole server."""
-
-PROBE_RPCS = 16
-"""RPCs gRPC admits beyond `max_concurrent_rpcs`: room for health checks, reflection and refusals while the
-servicer runs its most Infer RPCs."""
 
 
 @dataclass
@@ -105,11 +105,15 @@ def create_server(
     metrics = metrics if metrics is not None else Metrics()
     servicer = TeacherServicer(backend, store, metrics, limits=limits)
     server = grpc.aio.server(
-        interceptors=security.interceptors(auth_exempt_services),
-        maximum_concurrent_rpcs=limits.max_concurrent_rpcs + PROBE_RPCS,
+        # The token is checked first, so that a caller without it never gets as far as sending a request.
+        interceptors=[
+            *security.interceptors(auth_exempt_services),
+            RequestReadInterceptor(limits.request_read_seconds, metrics),
+        ],
         options=[
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
             # Several servers (ingress replicas on one node) may listen on one port; the kernel spreads the
             # connections over them. grpc's default on Linux, stated because scaling out relies on it.
             ("grpc.so_reuseport", 1),

@@ -11,16 +11,24 @@ The bytes are ordinary protobuf wire format (fields may come in any order and a 
 parts that concatenate), so a client that sends a plain `InferRequest` and a server that reads one both
 interoperate with these functions. The one case handled by protobuf itself is `images` appearing more than
 once, which protobuf merges.
+
+Reading is bounded before it starts: Python walks the request's top-level fields (and the images tensor's)
+only to find the image bytes, and stops at MAX_MESSAGE_FIELDS of them; everything else is parsed by protobuf's
+own C parser. A request padded with millions of tiny fields (unknown ones, or empty teacher names) is refused
+after reading that many, in about a millisecond, instead of costing seconds of the event loop per megabyte.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 
 from services._generated import teacher_pb2
+from services.core.contract import MAX_OUTPUTS_PER_REQUEST, MAX_TEACHERS_PER_REQUEST
 
 _LENGTH_DELIMITED = 2
 _IMAGES_FIELD = teacher_pb2.InferRequest.DESCRIPTOR.fields_by_name["images"].number
@@ -29,6 +37,19 @@ _IMAGES_TAG = bytes([_IMAGES_FIELD << 3 | _LENGTH_DELIMITED])
 _DATA_TAG = bytes([_DATA_FIELD << 3 | _LENGTH_DELIMITED])
 _FIXED_WIDTHS = {1: 8, 5: 4}  # wire types 1 (64-bit) and 5 (32-bit)
 _MAX_VARINT_BYTES = 10
+
+MAX_MESSAGE_FIELDS = 4 * (2 * MAX_TEACHERS_PER_REQUEST + MAX_OUTPUTS_PER_REQUEST)
+"""The most fields the request, or its images tensor, may carry on the wire (counting each entry of a repeated
+field). A valid request has at most 64 teachers, 64 outputs, 64 expected identities and a few single fields;
+the factor leaves room for a message sent in concatenated parts (protobuf merges them)."""
+
+MAX_TENSOR_HEADER_BYTES = 1024
+"""The most bytes the images tensor may take besides its data: its dtype and shape (a few dimensions) take
+tens. Protobuf holds each packed shape entry in 8 bytes, so a longer shape would cost 8 times its size."""
+
+
+class MessageTooComplexError(DecodeError):
+    """A request beyond MAX_MESSAGE_FIELDS or MAX_TENSOR_HEADER_BYTES: refused before it is read in full."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +107,10 @@ def serialize_infer_request(request: OutgoingInferRequest) -> bytes:
 
 
 def parse_infer_request(data: bytes) -> ReceivedInferRequest:
-    """Read an InferRequest's wire form; DecodeError when it is not one."""
+    """Read an InferRequest's wire form; DecodeError when it is not one (MessageTooComplexError when it
+    carries more fields than a valid one can)."""
     view = memoryview(data)
-    rest, images = _split_field(view, _IMAGES_FIELD)
+    rest, images = _split_field(view, _IMAGES_FIELD, teacher_pb2.InferRequest.DESCRIPTOR)
     if len(images) > 1:  # protobuf merges repeated message fields; let it
         message = teacher_pb2.InferRequest.FromString(data)
         image_data = memoryview(message.images.data)
@@ -97,19 +119,29 @@ def parse_infer_request(data: bytes) -> ReceivedInferRequest:
     message = teacher_pb2.InferRequest.FromString(b"".join(rest))
     image_data = memoryview(b"")
     if images:
-        tensor_rest, payloads = _split_field(images[0], _DATA_FIELD)
+        tensor_rest, payloads = _split_field(images[0], _DATA_FIELD, teacher_pb2.Tensor.DESCRIPTOR)
+        header_bytes = sum(len(field) for field in tensor_rest)
+        if header_bytes > MAX_TENSOR_HEADER_BYTES:
+            raise MessageTooComplexError(
+                f"images tensor of {header_bytes} bytes besides its data; at most {MAX_TENSOR_HEADER_BYTES}"
+            )
         # A scalar field repeated on the wire: the last one wins, as in protobuf.
         image_data = payloads[-1] if payloads else image_data
         message.images.CopyFrom(teacher_pb2.Tensor.FromString(b"".join(tensor_rest)))
     return ReceivedInferRequest(message, image_data, len(data))
 
 
-def _split_field(view: memoryview, number: int) -> tuple[list[memoryview], list[memoryview]]:
-    """The wire form `view` of a message cut into (every field but `number`, whole; the values of the
-    length-delimited field `number`)."""
-    others, values = [], []
+def _split_field(
+    view: memoryview, number: int, descriptor: Descriptor
+) -> tuple[list[memoryview], list[memoryview]]:
+    """The wire form `view` of a `descriptor` message cut into (every field but `number`, whole; the values of
+    the length-delimited field `number`); MessageTooComplexError beyond MAX_MESSAGE_FIELDS fields."""
+    others: list[memoryview] = []
+    values: list[memoryview] = []
     position = 0
     while position < len(view):
+        if len(others) + len(values) == MAX_MESSAGE_FIELDS:
+            raise MessageTooComplexError(_too_many_fields(view, others, values, number, descriptor))
         tag, value_start = _read_varint(view, position)
         wire_type = tag & 7
         if wire_type == 0:
@@ -132,6 +164,21 @@ def _split_field(view: memoryview, number: int) -> tuple[list[memoryview], list[
         others.append(view[position:end])
         position = end
     return others, values
+
+
+def _too_many_fields(
+    view: memoryview, others: list[memoryview], values: list[memoryview], number: int, descriptor: Descriptor
+) -> str:
+    """What a message cut off at MAX_MESSAGE_FIELDS fields carried: its size and its most frequent field."""
+    numbers = Counter(_read_varint(field, 0)[0] >> 3 for field in others)
+    numbers[number] += len(values)
+    most, count = numbers.most_common(1)[0]
+    field = descriptor.fields_by_number.get(most)
+    name = repr(field.name) if field is not None else f"unknown field {most}"
+    return (
+        f"{descriptor.name} of {len(view)} bytes carries more than {MAX_MESSAGE_FIELDS} fields, {count} of "
+        f"the first {MAX_MESSAGE_FIELDS} {name}"
+    )
 
 
 def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
