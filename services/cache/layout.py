@@ -2,22 +2,29 @@
 key must be.
 
 A key is derived from everything that determines a teacher's output for one sample (the teacher's identity,
-which output, its dtype, its form: full, top-k or compact, and the exact input bytes), so a key never returns
-another input's or another teacher's output, full and compact values never mix, and any experiment that feeds
-the same input to the same teacher reuses the entry.
+which output, its dtype, its form: full, top-k, compact or quantized, and the exact input bytes), so a key
+never returns another input's or another teacher's output, values of different forms never mix, and any
+experiment that feeds the same input to the same teacher reuses the entry.
 
-Keys (namespace v2; v1 keys were one opaque hash, so caches written before are not read, only re-filled) start
-with a readable prefix, so that entries can be counted and dropped per teacher, output and form by a prefix
-scan (Redis SCAN MATCH, an LMDB cursor) without reading any value:
+Keys (namespace v3, binary; v1 keys were one opaque hash and v2 keys a readable text prefix: caches written
+under either are not read, only re-filled) start with a fixed prefix, so that entries can be counted and
+dropped per teacher, output and form by a prefix scan (Redis SCAN MATCH, an LMDB cursor) without reading any
+value:
 
-    ekd:v2:<teacher tag>:<output>:<form label>:<xxh3_128 of every field, 16 raw bytes>
+    b"e\x03" | teacher tag, 6 bytes | output | form | first 12 bytes of the xxh3_128 of every field
 
-The teacher tag is the identity's first 12 characters when it is hex (every zoo teacher's identity is a sha256
-hex digest), else the first 12 hex digits of its xxh3_64; the form label is the dtype's short name for a full
-value (`f16`), `top<k>.<dtype>` for a top-k part and `compact` for the compact soft-label form (its own
-encoding, whatever the dtype).
-The compact form applies only to logits (`stored_form`); `OutputEntries` names one teacher output's entries
-(their keys and the spec a read checks), the one way the client, the servicer and the bank writer build them.
+22 bytes for logits (the v2 text keys took 51): per entry, bytes the key takes are bytes the bank takes, in
+Redis and in LMDB alike (`benchmarks/bank_bytes.py`). The teacher tag is the identity's first 12 hex digits
+when it is hex (every zoo teacher's identity is a sha256 hex digest), else the first 12 hex digits of its
+xxh3_64, stored as their 6 bytes. The output is one byte 0 for the logits, else one length byte and the
+name. The form is one code byte (the full form's dtype, the compact and the quantized forms), and for a
+top-k part the code and k as u16. 96 bits of hash keep apart the entries of one teacher, output and form:
+the chance that two of 10⁹ collide is about 10⁻¹¹. Readable labels (`parse_key`, `ekd cache stats`) are
+`f16` (the dtype's short name) for a full value, `top<k>.<dtype>` for a top-k part, `compact` and
+`quantized`.
+The compact and quantized forms apply only to logits (`stored_form`); `OutputEntries` names one teacher
+output's entries (their keys and the spec a read checks), the one way the client, the servicer and the bank
+writer build them.
 """
 
 from __future__ import annotations
@@ -31,23 +38,35 @@ import torch
 import xxhash
 
 from services.core.contract import LOGITS
-from services.formats.codec import DTYPE_NAMES, DTYPES
+from services.formats.codec import DTYPE_CODES, DTYPE_NAMES, DTYPES
 from services.formats.soft_labels import CompactLogits, entries_that_fit
 
-KEY_NAMESPACE = b"ekd:v2:"
+KEY_NAMESPACE = b"e\x03"
 INPUT_DIGEST_SIZE = 16  # bytes of an xxh3_128 digest
-KEY_HASH_SIZE = 16  # bytes of the xxh3_128 that ends a key
-TEACHER_TAG_LENGTH = 12
+KEY_HASH_SIZE = 12  # bytes of the xxh3_128 that ends a key
+TEACHER_TAG_LENGTH = 12  # hex digits: 6 bytes in a key
 _INPUT_DIGEST_DOMAIN = b"ekd-input-v1"
 
 FULL = "full"
 COMPACT = "compact"
-FORMS = (FULL, COMPACT)
+QUANTIZED = "quantized"
+FORMS = (FULL, COMPACT, QUANTIZED)
 """Value forms: `full` stores the tensor (or, with top_k > 0, a top-k part) in its dtype; `compact` stores
-logits as `services.formats.soft_labels` frames."""
+logits as `services.formats.soft_labels` frames, `quantized` as `services.formats.quantized_logits` frames."""
 
 _DTYPE_LABELS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "uint8": "u8", "int64": "i64"}
+_DTYPES_BY_LABEL = {label: dtype for dtype, label in _DTYPE_LABELS.items()}
 _HEX = re.compile(r"[0-9a-f]+")
+_TOP_K_LABEL = re.compile(r"top([1-9][0-9]*)\.([a-z0-9]+)")
+
+# Form codes (one byte of a key). Part of the stored layout: never renumber, only append.
+_TOP_K_FLAG = 0x40  # | the dtype's code, then k as u16
+_FORM_CODES = {COMPACT: 0x80, QUANTIZED: 0x81}
+_FORMS_BY_CODE = {code: form for form, code in _FORM_CODES.items()}
+_LABELS_BY_DTYPE_CODE = {code: _DTYPE_LABELS[dtype] for dtype, code in DTYPE_CODES.items()}
+_LOGITS_OUTPUT = b"\x00"  # the output every form serves takes one byte; any other its length and name
+_MAX_TOP_K = 2**16 - 1
+_MAX_OUTPUT_BYTES = 255
 
 CachedValue = torch.Tensor | CompactLogits
 
@@ -94,18 +113,47 @@ def teacher_tag(teacher_identity: str) -> str:
 
 
 def form_label(dtype: str, top_k: int, form: str) -> str:
-    """The form segment of a key: `compact`, `top<k>.<dtype>` or the dtype's short name."""
-    if form == COMPACT:
-        return COMPACT
+    """The readable name of a key's form: `compact`, `quantized`, `top<k>.<dtype>` or the dtype's short
+    name."""
+    if form in _FORM_CODES:
+        return form
     return f"top{top_k}.{_DTYPE_LABELS[dtype]}" if top_k else _DTYPE_LABELS[dtype]
+
+
+def _form_segment(label: str) -> bytes:
+    """The bytes of a key that name the form `label` (see `form_label`)."""
+    if label in _FORM_CODES:
+        return bytes([_FORM_CODES[label]])
+    if label in _DTYPES_BY_LABEL:
+        return bytes([DTYPE_CODES[_DTYPES_BY_LABEL[label]]])
+    top_k = _TOP_K_LABEL.fullmatch(label)
+    if top_k and top_k[2] in _DTYPES_BY_LABEL and int(top_k[1]) <= _MAX_TOP_K:
+        code = _TOP_K_FLAG | DTYPE_CODES[_DTYPES_BY_LABEL[top_k[2]]]
+        return struct.pack("<BH", code, int(top_k[1]))
+    raise ValueError(f"unknown form label {label!r}")
+
+
+def _output_segment(output: str) -> bytes:
+    if output == LOGITS:
+        return _LOGITS_OUTPUT
+    name = output.encode()
+    if not 1 <= len(name) <= _MAX_OUTPUT_BYTES:
+        raise ValueError(f"output must be a name of 1 to {_MAX_OUTPUT_BYTES} bytes; got {output!r}")
+    return bytes([len(name)]) + name
 
 
 def key_prefix(tag: str, output: str | None = None, label: str | None = None) -> bytes:
     """The prefix every key of teacher tag `tag` (and of `output`, and of form `label`) starts with."""
     if label is not None and output is None:
         raise ValueError("a key prefix with a form label needs the output too")
-    parts = [tag, *(part for part in (output, label) if part is not None)]
-    return KEY_NAMESPACE + ":".join(parts).encode() + b":"
+    if len(tag) != TEACHER_TAG_LENGTH or not _HEX.fullmatch(tag):
+        raise ValueError(f"a teacher tag is {TEACHER_TAG_LENGTH} hex digits; got {tag!r}")
+    prefix = KEY_NAMESPACE + bytes.fromhex(tag)
+    if output is not None:
+        prefix += _output_segment(output)
+    if label is not None:
+        prefix += _form_segment(label)
+    return prefix
 
 
 @dataclass(frozen=True)
@@ -117,37 +165,55 @@ class KeyFields:
     label: str
 
 
+def _parsed_form(segment: bytes) -> str | None:
+    """The label of a key's form segment (what remains between the output and the hash); None if foreign."""
+    if len(segment) == 1 and segment[0] in _FORMS_BY_CODE:
+        return _FORMS_BY_CODE[segment[0]]
+    if len(segment) == 1 and segment[0] in _LABELS_BY_DTYPE_CODE:
+        return _LABELS_BY_DTYPE_CODE[segment[0]]
+    if len(segment) == 3 and segment[0] & _TOP_K_FLAG and (segment[0] ^ _TOP_K_FLAG) in _LABELS_BY_DTYPE_CODE:
+        (top_k,) = struct.unpack_from("<H", segment, 1)
+        return f"top{top_k}.{_LABELS_BY_DTYPE_CODE[segment[0] ^ _TOP_K_FLAG]}" if top_k else None
+    return None
+
+
 def parse_key(key: bytes) -> KeyFields | None:
-    """The readable fields of a v2 key; None for anything else (another namespace, a foreign key)."""
-    if not key.startswith(KEY_NAMESPACE) or len(key) <= len(KEY_NAMESPACE) + KEY_HASH_SIZE:
+    """The readable fields of a v3 key; None for anything else (another namespace, a foreign key)."""
+    tag_end = len(KEY_NAMESPACE) + TEACHER_TAG_LENGTH // 2
+    if not key.startswith(KEY_NAMESPACE) or len(key) < tag_end + 2 + KEY_HASH_SIZE:
         return None
-    fields_part = key[len(KEY_NAMESPACE) : -KEY_HASH_SIZE]
-    parts = fields_part.split(b":")
-    if len(parts) != 4 or parts[3] != b"":
+    if key[tag_end : tag_end + 1] == _LOGITS_OUTPUT:
+        output, form_start = LOGITS, tag_end + 1
+    else:
+        form_start = tag_end + 1 + key[tag_end]
+        try:
+            output = key[tag_end + 1 : form_start].decode()
+        except UnicodeDecodeError:
+            return None
+    label = _parsed_form(key[form_start:-KEY_HASH_SIZE])
+    if label is None or (output == LOGITS and form_start != tag_end + 1):
         return None
-    try:
-        return KeyFields(*(part.decode() for part in parts[:3]))
-    except UnicodeDecodeError:
-        return None
+    return KeyFields(key[len(KEY_NAMESPACE) : tag_end].hex(), output, label)
 
 
 def output_key(
     teacher_identity: str, output: str, dtype: str, top_k: int, digest: bytes, *, form: str = FULL
 ) -> bytes:
     """The cache key of one teacher output for one input (layout in the module doc). `top_k` is whatever
-    truncation the caller applies to a full-form value (its convention, e.g. 0 for none); the compact form
-    fixes its own encoding, so with it `top_k` must be 0 and `dtype` is not part of the key."""
+    truncation the caller applies to a full-form value (its convention, e.g. 0 for none); the compact and
+    quantized forms fix their own encoding, so with them `top_k` must be 0 and `dtype` is not part of the
+    key."""
     tag = teacher_tag(teacher_identity)
-    if not output or ":" in output:
-        raise ValueError(f"output must be a non-empty output name without ':'; got {output!r}")
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; allowed: {', '.join(FORMS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
-    if form == COMPACT and top_k:
-        raise ValueError(f"the compact form keeps its own top entries; top_k must be 0, got {top_k}")
+    if form != FULL and top_k:
+        raise ValueError(f"the {form} form keeps its own encoding; top_k must be 0, got {top_k}")
+    if top_k > _MAX_TOP_K:
+        raise ValueError(f"top_k must be at most {_MAX_TOP_K}; got {top_k}")
     if not isinstance(digest, bytes) or len(digest) != INPUT_DIGEST_SIZE:
         raise ValueError(
             f"digest must be the {INPUT_DIGEST_SIZE}-byte bytes from input_digest; got {digest!r}"
@@ -156,18 +222,25 @@ def output_key(
     fields = _length_prefixed(
         teacher_identity.encode(),
         output.encode(),
-        (COMPACT if form == COMPACT else dtype).encode(),
+        (dtype if form == FULL else form).encode(),
         struct.pack("<Q", top_k),
         form.encode(),
         digest,
     )
-    return key_prefix(tag, output, label) + xxhash.xxh3_128_digest(fields)
+    return key_prefix(tag, output, label) + xxhash.xxh3_128_digest(fields)[:KEY_HASH_SIZE]
+
+
+def is_quantized_key(key: bytes) -> bool:
+    """Whether `key` is a quantized-form key: its value is a `services.formats.quantized_logits` frame."""
+    fields = parse_key(key)
+    return fields is not None and fields.label == QUANTIZED
 
 
 @dataclass(frozen=True)
 class ValueSpec:
-    """What the value under a key must be: a full-form tensor of `dtype` and per-sample `shape`, or one row
-    of compact logits of `shape[0]` classes (`form` COMPACT, `dtype` None). Made by `full` and `compact`."""
+    """What the value under a key must be: a full-form tensor of `dtype` and per-sample `shape`, one row of
+    compact logits of `shape[0]` classes (`form` COMPACT, `dtype` None), or the float32 [`shape[0]`] logits
+    a quantized frame decodes to (`form` QUANTIZED). Made by `full`, `compact` and `of`."""
 
     form: str
     dtype: str | None
@@ -185,7 +258,10 @@ class ValueSpec:
 
     @classmethod
     def of(cls, form: str, dtype: str, *, num_classes: int, shape: Sequence[int]) -> ValueSpec:
-        """The spec of a value in `form`: compact logits of `num_classes` classes, or `full(dtype, shape)`."""
+        """The spec of a value in `form`: compact logits of `num_classes` classes, quantized logits of
+        `num_classes` classes, or `full(dtype, shape)`."""
+        if form == QUANTIZED:
+            return cls(QUANTIZED, "float32", (int(num_classes),))
         return cls.compact(num_classes) if form == COMPACT else cls.full(dtype, shape)
 
     def mismatch(self, value: CachedValue) -> str | None:
@@ -214,8 +290,8 @@ class ValueSpec:
 
 
 def stored_form(output: str, logits_form: str) -> str:
-    """The form `output` is stored in when the logits are asked for in `logits_form`: the compact form applies
-    only to logits; feature maps are always full."""
+    """The form `output` is stored in when the logits are asked for in `logits_form`: the compact and
+    quantized forms apply only to logits; feature maps are always full."""
     if logits_form not in FORMS:
         raise ValueError(f"unknown form {logits_form!r}; allowed: {', '.join(FORMS)}")
     return logits_form if output == LOGITS else FULL

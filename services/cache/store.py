@@ -1,8 +1,9 @@
 """The teacher-output cache's store interface, which every backend implements (keys and value specs:
 `services.cache.layout`).
 
-Values are framed by `services.formats.codec`, or by
-`services.formats.soft_labels` for the compact form, so damage is detected on read, never returned as data;
+Values are framed by `services.formats.codec`, or by `services.formats.soft_labels` for the compact form and
+`services.formats.quantized_logits` under a quantized-form key, so damage is detected on read, never returned
+as data;
 with a secret configured each value also carries an HMAC tag (`services.cache.authentication`), so a value
 nobody with the secret wrote is never returned either. A reader that says what it expects (`ValueSpec`: dtype
 and per-sample shape, or the compact form's class count) never gets a value of another kind: an intact frame
@@ -17,9 +18,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
 
+import torch
+
 from services.cache.authentication import ValueAuthenticator
-from services.cache.layout import KEY_NAMESPACE, CachedValue, ValueSpec
+from services.cache.layout import KEY_NAMESPACE, CachedValue, ValueSpec, is_quantized_key
 from services.core.errors import UserError
+from services.formats import quantized_logits
 from services.formats.codec import CorruptValueError, decode_value, encode_value
 from services.formats.soft_labels import CompactLogits, decode, encode, is_compact_frame
 
@@ -57,7 +61,11 @@ class CacheStats:
     bytes_written: int = 0
 
 
-def _encoded(value: CachedValue) -> bytes:
+def _encoded(key: bytes, value: CachedValue) -> bytes:
+    if is_quantized_key(key):
+        if not isinstance(value, torch.Tensor) or value.dim() != 1:
+            raise ValueError(f"a quantized-form value is one sample's logits [classes]; got {value!r}")
+        return quantized_logits.encode(value.unsqueeze(0))[0]
     if isinstance(value, CompactLogits):
         if len(value) != 1:
             raise ValueError(f"a cache value is one sample's compact logits; got {len(value)} rows")
@@ -182,15 +190,20 @@ class TeacherOutputStore(ABC):
                     "no valid HMAC tag for this key: not written with this cache's secret"
                 )
             frame = verified
+        if is_quantized_key(key) != quantized_logits.is_quantized_frame(frame):
+            raise CorruptValueError("a quantized frame only under a quantized-form key, and only that")
+        if quantized_logits.is_quantized_frame(frame):
+            return quantized_logits.decode(frame)
         return decode(frame) if is_compact_frame(frame) else decode_value(frame)
 
     def put_many(self, items: Sequence[tuple[bytes, CachedValue]]) -> None:
-        """Store each (key, value), overwriting existing values: a tensor, or a one-row `CompactLogits` under
-        a compact-form key."""
+        """Store each (key, value), overwriting existing values: a tensor (quantized under a quantized-form
+        key, see `services.formats.quantized_logits`), or a one-row `CompactLogits` under a compact-form
+        key."""
         _check_keys([key for key, _ in items])
         if not items:
             return
-        encoded = [(key, _encoded(value)) for key, value in items]
+        encoded = [(key, _encoded(key, value)) for key, value in items]
         if self._authenticator is not None:
             encoded = [(key, self._authenticator.sign(key, frame)) for key, frame in encoded]
         self._put_raw(encoded)

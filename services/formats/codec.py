@@ -50,10 +50,10 @@ _WIRE_NUMPY_DTYPES: dict[str, np.dtype] = {
     "int64": np.dtype("<i8"),
 }
 
-# Framed-format dtype codes, the same numbers as the proto's DType enum. They are part of the stored format:
-# never renumber, only append.
-_DTYPE_CODES: dict[str, int] = {"uint8": 1, "float32": 2, "float16": 3, "bfloat16": 4, "int64": 5}
-_DTYPES_BY_CODE: dict[int, str] = {code: name for name, code in _DTYPE_CODES.items()}
+# Framed-format dtype codes (and the cache keys' form codes), the same numbers as the proto's DType enum. They
+# are part of the stored format: never renumber, only append.
+DTYPE_CODES: dict[str, int] = {"uint8": 1, "float32": 2, "float16": 3, "bfloat16": 4, "int64": 5}
+_DTYPES_BY_CODE: dict[int, str] = {code: name for name, code in DTYPE_CODES.items()}
 
 MAGIC = b"EKDT"
 FORMAT_VERSION = 1
@@ -175,7 +175,7 @@ def encode_value(tensor: torch.Tensor) -> bytes:
         raise CodecError(f"shape {shape} has a dimension above {_MAX_DIM}, the framed format's limit")
     payload = _payload_bytes(tensor)
     header = (
-        _PREFIX.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[name], len(shape))
+        _PREFIX.pack(MAGIC, FORMAT_VERSION, DTYPE_CODES[name], len(shape))
         + struct.pack(f"<{len(shape)}I", *shape)
         + _LENGTH_AND_CHECKSUM.pack(len(payload), xxhash.xxh3_64_intdigest(payload))
     )

@@ -23,6 +23,7 @@ from services.cache import (
     ValueSpec,
     input_digest,
     input_digests,
+    key_prefix,
     open_store,
     output_key,
     parse_key,
@@ -89,14 +90,16 @@ def test_output_key_differs_in_every_field_and_is_unambiguous():
     keys = [output_key(*fields) for fields in variants]
     assert len(set(keys)) == len(keys) - 1 and keys[0] == keys[-1]
     assert len({output_key(*base, form="compact"), output_key(*base)}) == 2
-    # A readable prefix (namespace, teacher tag, output, form), then the 16-byte hash of every field.
-    assert keys[0].startswith(b"ekd:v2:" + xxhash.xxh3_64_hexdigest(b"resnet20@sha256:abc")[:12].encode())
-    assert keys[0][:-16].endswith(b":logits:f16:") and keys[3][:-16].endswith(b":logits:f32:")
-    assert keys[4][:-16].endswith(b":logits:top5.f16:")
-    assert output_key(*base, form="compact")[:-16].endswith(b":logits:compact:")
-    assert parse_key(keys[2]) == KeyFields(keys[2][7:19].decode(), "layer3", "f16")
+    # A prefix (namespace, teacher tag, output, form), then 12 bytes of the hash of every field.
+    tag = xxhash.xxh3_64_hexdigest(b"resnet20@sha256:abc")[:12]
+    assert keys[0] == key_prefix(tag, "logits", "f16") + keys[0][-12:] and len(keys[0]) == 22
+    assert keys[3].startswith(key_prefix(tag, "logits", "f32"))
+    assert keys[4].startswith(key_prefix(tag, "logits", "top5.f16"))
+    assert output_key(*base, form="compact").startswith(key_prefix(tag, "logits", "compact"))
+    assert parse_key(keys[2]) == KeyFields(tag, "layer3", "f16")
+    assert parse_key(keys[4]) == KeyFields(tag, "logits", "top5.f16")
     sha_identity = "ab" * 32
-    assert output_key(sha_identity, *base[1:]).startswith(b"ekd:v2:abababababab:logits:f16:")
+    assert output_key(sha_identity, *base[1:]).startswith(b"e\x03" + b"\xab" * 6 + b"\x00\x03")
 
 
 def test_output_key_names_bad_fields():
@@ -111,8 +114,8 @@ def test_output_key_names_bad_fields():
         output_key("t", "logits", "float16", -1, digest)
     with pytest.raises(ValueError, match="16-byte"):
         output_key("t", "logits", "float16", 0, digest[:8])
-    with pytest.raises(ValueError, match="without ':'"):
-        output_key("t", "a:b", "float16", 0, digest)
+    with pytest.raises(ValueError, match="1 to 255 bytes"):
+        output_key("t", "a" * 256, "float16", 0, digest)
     with pytest.raises(ValueError, match="top_k must be 0, got 5"):
         output_key("t", "logits", "float16", 5, digest, form="compact")
 
@@ -445,11 +448,11 @@ def test_scan_counts_entries_per_prefix_without_reading_values_and_delete_drops_
         sizes = dict(store.scan())
         assert set(full + compact + other) <= set(sizes)
         assert {sizes[key] for key in compact} == {39}  # 10 classes, all kept
-        assert sorted(dict(store.scan(f"ekd:v2:{first[:12]}:logits:compact:".encode()))) == sorted(compact)
-        assert sorted(dict(store.scan(f"ekd:v2:{first[:12]}:".encode()))) == sorted(full + compact)
-        assert len(dict(store.scan(f"ekd:v2:{second[:12]}:".encode()))) == 3
+        assert sorted(dict(store.scan(key_prefix(first[:12], "logits", "compact")))) == sorted(compact)
+        assert sorted(dict(store.scan(key_prefix(first[:12])))) == sorted(full + compact)
+        assert len(dict(store.scan(key_prefix(second[:12])))) == 3
         store.delete_many(other)
-        assert dict(store.scan(f"ekd:v2:{second[:12]}:".encode())) == {}
+        assert dict(store.scan(key_prefix(second[:12]))) == {}
 
 
 def test_a_refused_redis_password_is_one_line_naming_the_store(start_redis_server):

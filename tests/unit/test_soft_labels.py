@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from services.formats import quantized_logits
 from services.formats.codec import CorruptValueError
 from services.formats.soft_labels import COMPACT_BYTES, CompactLogits, compress, decode, encode
 from trainer.methods.base import TeacherOutputs, in_soft_label_form
@@ -74,3 +75,67 @@ def test_training_outputs_turn_compact_when_asked_and_move_like_tensors():
     compact = in_soft_label_form(outputs, "compact")
     assert isinstance(compact.logits[0], CompactLogits) and compact.logits[1] is None
     assert isinstance(compact.to("cpu").logits[0], CompactLogits)
+
+
+def long_tailed(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) logits [batch, 1000] shaped like benchmarks/soft_labels.py's: a heavy-tailed bulk,
+    one dominant class and a few related ones; the student correlated with the teacher."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.distributions.StudentT(4.0).sample((batch, 1000)) * 1.6
+    rows = torch.arange(batch)
+    teacher[rows, torch.randint(0, 1000, (batch,), generator=generator)] += 11
+    for _ in range(3):
+        teacher[rows, torch.randint(0, 1000, (batch,), generator=generator)] += 4.5
+    return teacher, 0.8 * teacher + torch.randn(batch, 1000, generator=generator)
+
+
+def test_a_quantized_frame_is_half_of_fp16_and_decodes_to_what_quantized_gives():
+    raw = logits(8, 1000) * 3
+    frames = quantized_logits.encode(raw)
+    assert {len(frame) for frame in frames} == {quantized_logits.frame_bytes(1000)} == {910}
+    decoded = torch.stack([quantized_logits.decode(frame) for frame in frames])
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, quantized_logits.quantized(raw))
+    assert torch.equal(decoded.argmax(1), raw.argmax(1)) and torch.allclose(
+        decoded.max(1).values, raw.max(1).values
+    )
+    assert quantized_logits.encode(decoded) == frames  # a decoded row encodes to its own frame
+    equal = torch.zeros(1, 10)  # no range: every gap is zero
+    assert torch.equal(quantized_logits.decode(quantized_logits.encode(equal)[0]), equal[0])
+
+
+def test_the_quantized_form_keeps_the_kd_loss_and_gradient_within_one_percent_at_t_1_to_4():
+    teacher, student = long_tailed(128)
+    stored = quantized_logits.quantized(teacher)
+    for temperature in (1.0, 2.0, 4.0):
+        losses, gradients = [], []
+        for target_logits in (teacher, stored):
+            scores = student.clone().requires_grad_(True)
+            loss = distillation_kl(scores, soft_targets([target_logits], temperature), temperature)
+            loss.backward()
+            losses.append(loss.item())
+            gradients.append(scores.grad)
+        assert abs(losses[1] - losses[0]) / losses[0] < 0.01
+        assert (gradients[1] - gradients[0]).norm() / gradients[0].norm() < 0.01
+
+
+def test_damaged_truncated_or_foreign_quantized_frames_are_rejected():
+    frame = bytearray(quantized_logits.encode(logits(1, 1000))[0])
+    with pytest.raises(CorruptValueError, match="truncated"):
+        quantized_logits.decode(bytes(frame[:10]))
+    with pytest.raises(CorruptValueError, match="bytes"):
+        quantized_logits.decode(bytes(frame[:-1]))
+    for position in (200, len(frame) - 1):
+        damaged = bytearray(frame)
+        damaged[position] ^= 0x01
+        with pytest.raises(CorruptValueError, match="checksum"):
+            quantized_logits.decode(bytes(damaged))
+    with pytest.raises(CorruptValueError, match="magic"):
+        quantized_logits.decode(encode(compress(logits(1, 1000)))[0])
+    with pytest.raises(ValueError, match="finite"):
+        quantized_logits.encode(torch.tensor([[0.0, float("inf")]]))
+
+
+def test_training_outputs_turn_quantized_when_asked():
+    raw = logits(2, 1000)
+    outputs = in_soft_label_form(TeacherOutputs(logits=[raw, None], features=[{}, {}]), "quantized")
+    assert torch.equal(outputs.logits[0], quantized_logits.quantized(raw)) and outputs.logits[1] is None

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.formats.quantized_logits import quantized
 from services.formats.soft_labels import CompactLogits, compress
 from trainer.students import StudentConfig
 
@@ -54,13 +55,18 @@ class TeacherOutputs:
 
 
 def in_soft_label_form(outputs: TeacherOutputs, form: str) -> TeacherOutputs:
-    """`outputs` with dense logits turned into the compact form when `form` is "compact" (exactly the values
-    a compact cache entry decodes to); a source that already returns compact logits passes through."""
-    if form != "compact":
+    """`outputs` with dense logits turned into the compact form when `form` is "compact", or quantized when
+    it is "quantized" (exactly the values a compact or quantized cache entry decodes to); a source that
+    already returns compact logits passes through."""
+    if form == "compact":
+        logits: list[torch.Tensor | CompactLogits | None] = [
+            t if t is None or isinstance(t, CompactLogits) else compress(t) for t in outputs.logits
+        ]
+    elif form == "quantized":
+        # Quantizing decoded quantized logits gives them back: a cached or served value passes unchanged.
+        logits = [t if t is None or isinstance(t, CompactLogits) else quantized(t) for t in outputs.logits]
+    else:
         return outputs
-    logits: list[torch.Tensor | CompactLogits | None] = [
-        t if t is None or isinstance(t, CompactLogits) else compress(t) for t in outputs.logits
-    ]
     return TeacherOutputs(logits=logits, features=outputs.features)
 
 
