@@ -50,8 +50,17 @@ class DataConfig(_Section):
         gt=0,
         le=1,
         description="share of the training split trained on (the limited-data regime): that share of each "
-        "class, drawn by split_seed, so every experiment and teacher with this split seed sees the same "
-        "subset (a smaller fraction's within a larger one's); validation and test splits do not change",
+        "class, drawn by subset_seed (else split_seed), so every experiment and teacher with this seed sees "
+        "the same subset (a smaller fraction's within a larger one's); validation and test splits do not "
+        "change",
+    )
+    subset_seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**32,
+        description="seed of the limited-data subset (train_fraction < 1); None: split_seed. Apart from the "
+        "split, so that another subset can be drawn (and swept) while the teachers' data and the held-out "
+        "splits stay put",
     )
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="share held out for test (digits only)")
     split_seed: int = Field(
@@ -372,6 +381,19 @@ class ExperimentConfig(_Section):
     @classmethod
     def _single_path_component(cls, name: str) -> str:
         return check_experiment_name(name)
+
+    def with_absolute_paths(self) -> ExperimentConfig:
+        """This config with every path made absolute against the working directory: what a process elsewhere
+        (a Ray worker, a Tune trial in its own directory) reads."""
+        data = self.model_dump(mode="json")
+        data["output_dir"] = str(Path(self.output_dir).absolute())
+        if "://" not in self.execution.storage_path:  # Ray Train also takes URIs (s3://, gs://) as storage
+            data["execution"]["storage_path"] = str(Path(self.execution.storage_path).absolute())
+        if self.data.root is not None:
+            data["data"]["root"] = str(Path(self.data.root).absolute())
+        for teacher in data["teachers"]:
+            teacher["checkpoint"] = str(Path(teacher["checkpoint"]).absolute())
+        return ExperimentConfig.model_validate(data)
 
     def shown_json(self) -> dict:
         """The config as JSON data fit to print or record: secrets (the cache's password, credentials in the

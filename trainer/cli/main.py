@@ -55,6 +55,14 @@ SetOption = Annotated[
 ConfigArg = Annotated[
     Path, typer.Argument(help="experiment YAML, e.g. configs/digits/kd.yaml", show_default=False)
 ]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else the embedded store "
+        "<output_dir>/mlflow.db)"
+    ),
+]
+TrackingOption = Annotated[bool, typer.Option("--tracking/--no-tracking", help="log the runs to MLflow")]
 
 
 # The packages whose loggers `-v` turns up; third-party loggers stay at WARNING.
@@ -218,11 +226,14 @@ def distill(
             "linked runs <name>-alone-<network> beside it) and show every student's gain over it"
         ),
     ] = False,
+    tracking_uri: TrackingUriOption = None,
+    tracking: TrackingOption = True,
     overrides: SetOption = None,
 ) -> None:
     """Run one experiment (training its missing teachers first) and report accuracy, sizes and time."""
     from trainer.results.baselines import alone_experiments
     from trainer.results.report import plot_results, results_table, teacher_table, write_results_json
+    from trainer.tracking import Tracking, log_artifacts, tracked_experiment
 
     cfg = with_cli_overrides(
         load_experiment(config, overrides or ()),
@@ -233,22 +244,135 @@ def distill(
     results = []
     from trainer.runs.run import run_experiment
 
+    tracked = Tracking.resolve(cfg.output_dir, tracking_uri, tracking)
+    run_ids = []
+
+    def run_tracked(run_cfg: ExperimentConfig, bars: ProgressBars) -> None:
+        result, run_id = tracked_experiment(
+            tracked,
+            run_cfg,
+            functools.partial(run_experiment, run_cfg, on_progress=bars, ray_address=address),
+        )
+        results.append(result)
+        run_ids.append(run_id)
+
     with ProgressBars() as bars:
         for seed in parse_seeds(seeds, cfg.seed):
-            run_cfg = cfg.model_copy(update={"seed": seed})
-            results.append(run_experiment(run_cfg, on_progress=bars, ray_address=address))
+            run_tracked(cfg.model_copy(update={"seed": seed}), bars)
         if baselines:
             networks = [s.alone_network for s in results[0].students if s.alone_network is not None]
             for alone_cfg in alone_experiments(cfg, networks):
                 for seed in parse_seeds(seeds, cfg.seed):
-                    run_cfg = alone_cfg.model_copy(update={"seed": seed})
-                    results.append(run_experiment(run_cfg, on_progress=bars, ray_address=address))
+                    run_tracked(alone_cfg.model_copy(update={"seed": seed}), bars)
     run_dir = Path(results[0].run_dir)
     out_console.print(results_table(results, title=f"ekd distill {config}"))
     if (teachers := teacher_table(results)) is not None:
         out_console.print(teachers)
     json_path = write_results_json(results, run_dir / "results.json")
     plot_path = plot_results(results, run_dir / "accuracy_vs_params.png")
+    log_artifacts(tracked, run_ids, [json_path, plot_path])
+    err_console.print(f"results: {json_path}\nplot: {plot_path}")
+
+
+@app.command()
+@user_errors
+def sweep(
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="an experiment YAML, swept as the options say, or a sweep YAML (it lists `experiments`), "
+            "e.g. configs/digits/sweep_kd.yaml",
+            show_default=False,
+        ),
+    ],
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            help="field=v1,v2,...: every value of a field --set takes (values read as YAML), every "
+            "combination with the other --grid fields; repeatable",
+            show_default=False,
+        ),
+    ] = None,
+    random: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--random",
+            help="field=uniform:LOW:HIGH, loguniform:LOW:HIGH, randint:LOW:HIGH or choice:A,B: drawn "
+            "--samples times per grid point; repeatable",
+            show_default=False,
+        ),
+    ] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="random draws per grid point")] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, swept like a field")] = None,
+    concurrent: Annotated[int | None, typer.Option(min=1, help="trials at once (default 2)")] = None,
+    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs per trial (default 1)")] = None,
+    gpus_per_trial: Annotated[
+        float | None, typer.Option(help="GPUs per trial (default: a share of the cluster's, if any)")
+    ] = None,
+    asha: Annotated[
+        bool, typer.Option(help="stop trailing trials early on validation accuracy (Tune's ASHA)")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="the sweep's name (default: <experiment>-sweep)")] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="where the sweep's folder goes (default: the experiment's output_dir)")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="a running Ray cluster to run the trials on (default: a local Ray)")
+    ] = None,
+    teacher_service: Annotated[
+        str | None, typer.Option(help="HOST:PORT of a running teacher service every trial reads from")
+    ] = None,
+    tracking_uri: TrackingUriOption = None,
+    tracking: TrackingOption = True,
+    overrides: SetOption = None,
+) -> None:
+    """Run many experiments as Ray Tune trials (a grid, random draws, seeds over any --set field); a rerun
+    resumes the sweep; prints one table and writes a plot of accuracy against each swept field."""
+    import time
+
+    from trainer.sweep.plan import PLOT_FILE, RESULTS_FILE, plan_sweep, train_missing_teachers
+    from trainer.sweep.ray_tune import run_sweep
+    from trainer.sweep.report import plot_sweep, sweep_table, write_sweep_json
+    from trainer.sweep.spec import sweep_spec
+    from trainer.tracking import Tracking
+
+    spec = sweep_spec(
+        config,
+        grid=grid or [],
+        random=random or [],
+        samples=samples,
+        seeds=None if seeds is None else parse_seeds(seeds, 0),
+        concurrent=concurrent,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        asha=asha,
+        name=name,
+        output_dir=output_dir,
+        teacher_service=teacher_service,
+        overrides=overrides or [],
+    )
+    plan = plan_sweep(spec)
+    tracked = Tracking.resolve(plan.directory.parent, tracking_uri, tracking)
+    if tracked is not None:
+        tracked.experiment_id(plan.name)  # the store and the experiment exist before the trials log to them
+    with ProgressBars() as bars:
+        train_missing_teachers(plan, bars)
+    err_console.print(f"sweep {plan.name}: {len(plan.trials)} trials, {spec.concurrent} at a time")
+    started = time.time()
+    outcomes = run_sweep(
+        spec,
+        plan.trials,
+        plan.configs,
+        directory=plan.directory,
+        sweep=plan.name,
+        tracking=tracked,
+        address=address,
+    )
+    seconds = time.time() - started
+    out_console.print(sweep_table(outcomes, spec.swept_fields, f"ekd sweep {plan.name} ({seconds:.0f} s)"))
+    json_path = write_sweep_json(outcomes, spec.swept_fields, seconds, plan.directory / RESULTS_FILE)
+    plot_path = plot_sweep(outcomes, spec.swept_fields, plan.directory / PLOT_FILE)
     err_console.print(f"results: {json_path}\nplot: {plot_path}")
 
 
@@ -362,11 +486,14 @@ def warm(
     ray_address: Annotated[
         str | None, typer.Option(help="a running Ray cluster to run on (default: a private local one)")
     ] = None,
+    tracking_uri: TrackingUriOption = None,
+    tracking: TrackingOption = True,
     overrides: SetOption = None,
 ) -> None:
     """Precompute every teacher output the experiment trains from into the cache (a Ray Data job), in the
     form teacher_source.soft_labels names; what is cached already is skipped, so it resumes."""
     from trainer.bank.warm import warm_bank
+    from trainer.tracking import Tracking, log_warm
     from trainer.runs.experiment import ensure_teachers
     from trainer.runs.inputs import load_splits
     from trainer.runs.loop import resolve_device
@@ -400,6 +527,7 @@ def warm(
 
     with progress:
         warmed = warm_bank(cfg, uri, batch_size=batch_size, ray_address=ray_address, on_batch=on_batch)
+    log_warm(Tracking.resolve(cfg.output_dir, tracking_uri, tracking), cfg, uri, batch_size, warmed)
     table = Table(title=f"ekd warm {cfg.name} -> {redact(uri)}")
     for column in (
         "teacher",

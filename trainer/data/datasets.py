@@ -108,6 +108,7 @@ def load_dataset(
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     train_fraction: float = 1.0,
+    subset_seed: int | None = None,
     fake_samples: int = 512,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -120,6 +121,7 @@ def load_dataset(
     `val_fraction` is the share of the training pool held out for validation (stratified by class; 0: none,
     the whole pool trains and `val` is empty). `train_fraction` keeps that share of the training split, per
     class (`limited_training_subset`), the limited-data regime: the held-out splits do not change with it.
+    `subset_seed` draws that subset (None: `seed`), so that subsets can be redrawn while the split stays put.
     `test_fraction` applies only where a dataset has no official test split (digits, fake): the share of all
     samples held out for testing. CIFAR and ImageFolder keep their own test split. `fake_samples` is the total
     number of FakeData images.
@@ -141,7 +143,9 @@ def load_dataset(
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
     if not 0.0 < train_fraction <= 1.0:
         raise ValueError(f"train_fraction must lie in (0, 1], got {train_fraction!r}")
-    carving = _PoolSplit(seed, val_fraction, train_fraction)
+    if subset_seed is not None and not 0 <= subset_seed < 2**32:
+        raise ValueError(f"subset_seed must be an int in [0, 2**32), got {subset_seed!r}")
+    carving = _PoolSplit(seed, val_fraction, train_fraction, seed if subset_seed is None else subset_seed)
     if name in FILE_DATASETS:
         if mean is None or std is None:
             raise ValueError(f"{name} needs the student's mean and std: its images are not read at start")
@@ -167,6 +171,7 @@ class _PoolSplit:
     seed: int
     val_fraction: float
     train_fraction: float
+    subset_seed: int  # draws the limited-data subset (train_fraction < 1)
 
     def split(self, indices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(train, val) index arrays of the pool `indices` whose labels are `labels` (aligned)."""
@@ -177,7 +182,7 @@ class _PoolSplit:
         if self.train_fraction < 1:
             by_index = dict(zip(indices.tolist(), labels.tolist()))
             train_labels = np.asarray([by_index[i] for i in train.tolist()])
-            train = limited_training_subset(train, train_labels, self.train_fraction, self.seed)
+            train = limited_training_subset(train, train_labels, self.train_fraction, self.subset_seed)
         return train, val
 
 
@@ -186,7 +191,7 @@ def limited_training_subset(
 ) -> np.ndarray:
     """The sorted indices kept when training on `fraction` of `indices`: round(fraction · n_c) of each
     class's n_c (at least one), drawn by a permutation seeded by `seed` alone, so that every experiment and
-    teacher with the same split seed trains on the same images, and a smaller fraction's subset lies within
+    teacher with the same seed trains on the same images, and a smaller fraction's subset lies within
     a larger one's."""
     rng = np.random.default_rng(seed)
     kept = []
@@ -340,7 +345,7 @@ def _load_fake(
     trained: SplitDataset = train
     if carving.train_fraction < 1:
         kept = limited_training_subset(
-            np.arange(len(train)), train.labels.numpy(), carving.train_fraction, carving.seed
+            np.arange(len(train)), train.labels.numpy(), carving.train_fraction, carving.subset_seed
         )
         trained = _subset(train, kept)
     return _splits("fake", trained, val, test, image_size, tuple(str(c) for c in range(_FAKE_NUM_CLASSES)))

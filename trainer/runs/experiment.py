@@ -24,6 +24,7 @@ from torch import nn
 
 from services.core.contract import LOGITS
 from services.core.errors import ConfigError
+from services.teachers.zoo import create_teacher
 from trainer.config import DataConfig, ExperimentConfig, TeacherConfig, alone_experiment_name
 from trainer.data import DatasetSplits
 from trainer.methods import create_method
@@ -53,7 +54,8 @@ from trainer.runs.sources import TeacherSource, build_teacher_source
 from trainer.runs.teachers import recorded_training_data, teacher_training_data, train_teacher
 from trainer.students import count_parameters
 
-EpochEndCallback = Callable[[dict[str, float]], None]  # called with the history row of the epoch just trained
+# Called with the history row of the epoch just trained (by run_locally: with the source's counters so far).
+EpochEndCallback = Callable[[dict[str, float]], None]
 StepModuleFactory = Callable[[Method], nn.Module]  # builds what computes each step's loss in a stage
 
 TRAINING_STATE_FORMAT = "ekd.training_state.v2"
@@ -81,6 +83,9 @@ class TeacherSummary:
     # What the teacher's checkpoint records it was trained on (dataset, split_seed, val_fraction,
     # train_fraction); None: the checkpoint records nothing (published weights, or older ekd checkpoints).
     training_data: dict | None = None
+    # The teacher's identity (TeacherSpec.identity: the key its outputs are banked under); None: no local
+    # checkpoint to compute it from (a served teacher known only by its name on the service).
+    identity: str | None = None
 
 
 @dataclass
@@ -400,7 +405,12 @@ class ExperimentSession:
         row = {"stage": self.stage, "epoch": epoch, "loss": stats.loss}
         if self.val_accuracy is not None:
             row["val_accuracy"] = self.val_accuracy
-        row.update(resumes=self.resumes, skipped_images=stats.skipped_images, **stats.terms)
+        row.update(
+            resumes=self.resumes,
+            skipped_images=stats.skipped_images,
+            stall_seconds=stats.stall_seconds,
+            **stats.terms,
+        )
         self.history.append(row)
         logger.debug("%s: %s", self.cfg.name, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
         return row
@@ -517,7 +527,13 @@ class ExperimentSession:
         if self.source is not None:
             accuracies = teacher_test_accuracies(self.source, len(cfg.teachers), splits, self.loading)
             teacher_summaries = [
-                TeacherSummary(t.name, params, acc, recorded_training_data(t.checkpoint))
+                TeacherSummary(
+                    t.name,
+                    params,
+                    acc,
+                    recorded_training_data(t.checkpoint),
+                    teacher_identity(t, splits.num_classes),
+                )
                 for t, params, acc in zip(cfg.teachers, self.source.parameter_counts(), accuracies)
             ]
         self._close_source()
@@ -548,18 +564,35 @@ class ExperimentSession:
             self.source.close()
 
 
+def teacher_identity(teacher: TeacherConfig, num_classes: int) -> str | None:
+    """`TeacherSpec.identity` of the teacher's local checkpoint; None when there is none."""
+    if not Path(teacher.checkpoint).is_file():
+        return None
+    return create_teacher(teacher.name, num_classes, checkpoint=teacher.checkpoint).spec.identity
+
+
 def run_locally(
-    cfg: ExperimentConfig, *, on_progress: OnProgress | None = None, source: TeacherSource | None = None
+    cfg: ExperimentConfig,
+    *,
+    on_progress: OnProgress | None = None,
+    source: TeacherSource | None = None,
+    on_epoch_end: EpochEndCallback | None = None,
 ) -> ExperimentResult:
     """Run `cfg` in this process (`execution.backend: local`); `source` replaces the configured teacher
-    source (it stays open for its owner)."""
+    source (it stays open for its owner). `on_epoch_end` hears of every epoch: its history row and the
+    teacher source's counters so far (what experiment tracking logs per epoch)."""
     started = time.time()
     device = resolve_device(cfg.device)
     splits = load_splits(cfg)
     if cfg.teachers and cfg.teacher_source.kind == "in_process":
         ensure_teachers(cfg, splits, device, on_progress)
     session = ExperimentSession(cfg, splits=splits, device=device, started=started, source=source)
-    session.fit(on_progress=on_progress)
+
+    def epoch_metrics(row: dict[str, float]) -> None:
+        if on_epoch_end is not None:
+            on_epoch_end({**row, **session.counters_at_epoch_end})
+
+    session.fit(on_progress=on_progress, on_epoch_end=epoch_metrics)
     result = session.finish()
     assert result is not None  # the only process is the primary one
     return result

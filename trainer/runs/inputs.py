@@ -57,6 +57,7 @@ def load_splits(cfg: ExperimentConfig, train_fraction: float | None = None) -> D
         val_fraction=data.val_fraction,
         test_fraction=data.test_fraction,
         train_fraction=data.train_fraction if train_fraction is None else train_fraction,
+        subset_seed=data.subset_seed,
         fake_samples=data.fake_samples,
         mean=mean,
         std=std,

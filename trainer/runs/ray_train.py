@@ -79,7 +79,7 @@ def run_on_ray_train(
     """Run `cfg` on Ray Train. Uses the Ray instance this process is already connected to, else connects to
     `ray_address`, else starts a local one (shut down again at the end)."""
     started = time.time()
-    cfg = _with_absolute_paths(cfg)
+    cfg = cfg.with_absolute_paths()
     failure = _failure_injection()
     device = resolve_device(cfg.device)
     if cfg.teachers and cfg.teacher_source.kind == "in_process":
@@ -250,16 +250,3 @@ def _failure_injection() -> dict | None:
             f"checkpoint of the epoch before), got {epoch!r}"
         )
     return {"epoch": int(epoch), "marker": str(Path(marker).absolute())}
-
-
-def _with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg` with every path made absolute against this process's working directory."""
-    data = cfg.model_dump(mode="json")
-    data["output_dir"] = str(Path(cfg.output_dir).absolute())
-    if "://" not in cfg.execution.storage_path:  # Ray Train also takes URIs (s3://, gs://) as storage
-        data["execution"]["storage_path"] = str(Path(cfg.execution.storage_path).absolute())
-    if cfg.data.root is not None:
-        data["data"]["root"] = str(Path(cfg.data.root).absolute())
-    for teacher in data["teachers"]:
-        teacher["checkpoint"] = str(Path(teacher["checkpoint"]).absolute())
-    return ExperimentConfig.model_validate(data)

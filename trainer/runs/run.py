@@ -8,7 +8,7 @@ imported only when the config asks for it.
 from __future__ import annotations
 
 from trainer.config import ExperimentConfig
-from trainer.runs.experiment import ExperimentResult, run_locally
+from trainer.runs.experiment import EpochEndCallback, ExperimentResult, run_locally
 from trainer.runs.progress import OnProgress
 from trainer.runs.sources import TeacherSource
 
@@ -19,9 +19,11 @@ def run_experiment(
     on_progress: OnProgress | None = None,
     source: TeacherSource | None = None,
     ray_address: str | None = None,
+    on_epoch_end: EpochEndCallback | None = None,
 ) -> ExperimentResult:
     """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces the configured teacher
-    source; `ray_address` (ray_train only) is a running Ray cluster to train on."""
+    source; `ray_address` (ray_train only) is a running Ray cluster to train on. `on_epoch_end` hears of
+    every epoch (`run_locally`'s), as it ends in process, or from the history after a ray_train run."""
     if cfg.execution.backend == "ray_train":
         if source is not None:
             raise ValueError(
@@ -32,5 +34,9 @@ def run_experiment(
             run_on_ray_train,  # Ray is imported only by the backend that uses it
         )
 
-        return run_on_ray_train(cfg, on_progress=on_progress, ray_address=ray_address)
-    return run_locally(cfg, on_progress=on_progress, source=source)
+        result = run_on_ray_train(cfg, on_progress=on_progress, ray_address=ray_address)
+        if on_epoch_end is not None:
+            for row in result.history:
+                on_epoch_end(row)
+        return result
+    return run_locally(cfg, on_progress=on_progress, source=source, on_epoch_end=on_epoch_end)

@@ -47,13 +47,17 @@ class TeacherTrainingResult:
 def teacher_training_data(teacher: TeacherConfig, data: DataConfig) -> dict:
     """What a teacher is (or would be) trained on, as recorded in the checkpoints ekd writes: the dataset,
     its split, and the share of the training split (the teacher's own `train_fraction`, else the
-    experiment's)."""
-    return {
+    experiment's), and the seed of a subset drawn apart from the split (`data.subset_seed`)."""
+    fraction = data.train_fraction if teacher.train_fraction is None else teacher.train_fraction
+    recorded = {
         "dataset": data.dataset,
         "split_seed": data.split_seed,
         "val_fraction": data.val_fraction,
-        "train_fraction": data.train_fraction if teacher.train_fraction is None else teacher.train_fraction,
+        "train_fraction": fraction,
     }
+    if fraction < 1 and data.subset_seed is not None:
+        recorded["subset_seed"] = data.subset_seed
+    return recorded
 
 
 def recorded_training_data(checkpoint: str) -> dict | None:
