@@ -332,7 +332,6 @@ def sweep(
     import time
 
     from trainer.sweep.plan import PLOT_FILE, RESULTS_FILE, plan_sweep, train_missing_teachers
-    from trainer.sweep.ray_tune import run_sweep
     from trainer.sweep.report import plot_sweep, sweep_table, write_sweep_json
     from trainer.sweep.spec import sweep_spec
     from trainer.tracking import Tracking
@@ -353,6 +352,8 @@ def sweep(
         overrides=overrides or [],
     )
     plan = plan_sweep(spec)
+    from trainer.sweep.ray_tune import run_sweep  # Ray is imported once every trial is valid
+
     tracked = Tracking.resolve(plan.directory.parent, tracking_uri, tracking)
     if tracked is not None:
         tracked.experiment_id(plan.name)  # the store and the experiment exist before the trials log to them
