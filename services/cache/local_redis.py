@@ -18,6 +18,10 @@ import redis
 
 START_TIMEOUT_SECONDS = 10.0
 PORT_ATTEMPTS = 3
+# How long a local cluster's shard may go unanswered before the others count it lost: well beyond Redis's
+# 15 s, so that a loaded machine starving a shard of CPU does not look like a lost shard (a killed one still
+# fails every call that touches it at once).
+CLUSTER_NODE_TIMEOUT_MS = 300_000
 
 
 class RedisServerError(RuntimeError):
@@ -181,6 +185,7 @@ def running_redis_cluster(directory: Path, shards: int = 3, *config_args: str) -
                 running_redis_server(
                     directory / f"shard-{number}",
                     *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)),
                     *config_args,
                 )
             )

@@ -131,6 +131,20 @@ class TeacherOutputStore(ABC):
         if keys:
             self._delete_raw(keys)
 
+    def read_stored(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The bytes stored under each key as they are (frames with their HMAC tags), unchecked and uncounted:
+        for moving a bank between stores (`trainer.bank.transfer`), whose reader checks them."""
+        keys = list(keys)
+        _check_keys(keys)
+        return self._get_raw(keys) if keys else []
+
+    def write_stored(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store each (key, stored bytes) as it is, overwriting: the other half of `read_stored`, for bytes
+        whose tags and checksums the caller has checked (`trainer.bank.transfer`)."""
+        _check_keys([key for key, _ in items])
+        if items:
+            self._put_raw(list(items))
+
     def ping(self) -> None:
         """One round trip to the backend; CacheError when it cannot answer."""
         self._get_raw([KEY_NAMESPACE])

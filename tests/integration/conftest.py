@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from services.cache import open_store
-from services.cache.local_redis import RedisServer, RedisServerError, free_port
+from services.cache.local_redis import (
+    RedisCluster,
+    RedisServer,
+    RedisServerError,
+    free_port,
+    running_redis_cluster,
+)
 from services.cache.local_redis import running_redis_server as _running_redis_server
 from services.teachers.engine import TeacherEngine
 from services.teachers.spec import Preprocessing
@@ -54,6 +60,16 @@ def start_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
             return servers.enter_context(running_redis_server(directory, *config_args))
 
         yield start
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of three shards (primaries, no replicas) of this test's own, which it may stop."""
+    try:
+        with running_redis_cluster(tmp_path / "redis-cluster", shards=3) as cluster:
+            yield cluster
+    except RedisServerError as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 @pytest.fixture(params=["lmdb", "redis"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from services.cache import (
     open_store,
 )
 from services.cache.guard import Outcome
-from services.cache.local_redis import RedisCluster, RedisServerError, running_redis_cluster
+from services.cache.local_redis import RedisCluster
 from services.cache.redis_cluster_store import RedisClusterStore, seed_nodes
 from services.formats.codec import encode_value
 from trainer.cli.main import app
@@ -34,15 +33,6 @@ from trainer.runs.run import run_experiment
 
 SECRET = b"a cluster's secret, 32 bytes...."
 ENTRIES = OutputEntries.of("ab" * 32, "logits", "float16", logits_form="full")
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    try:
-        with running_redis_cluster(tmp_path / "cluster", shards=3) as started:
-            yield started
-    except RedisServerError as err:
-        pytest.fail(str(err), pytrace=False)
 
 
 def shard_sizes(cluster: RedisCluster) -> list[int]:
@@ -69,32 +59,32 @@ def test_the_cluster_uri_names_its_nodes_credentials_and_query():
             RedisClusterStore(bad, ping_on_open=False)
 
 
-def test_values_spread_over_every_shard_round_trip_and_stats_count_them_all(cluster: RedisCluster):
+def test_values_spread_over_every_shard_round_trip_and_stats_count_them_all(redis_cluster: RedisCluster):
     keys = ENTRIES.keys([index.to_bytes(16, "little") for index in range(300)])
     values = [torch.randn(10).half() for _ in keys]
     spec = [ValueSpec.full("float16", (10,))] * len(keys)
-    with open_store(cluster.url, hmac_key=SECRET) as store:
+    with open_store(redis_cluster.url, hmac_key=SECRET) as store:
         assert isinstance(store, RedisClusterStore)
         store.put_many(list(zip(keys, values, strict=True)))
-        assert all(size > 50 for size in shard_sizes(cluster))  # every shard holds its share
+        assert all(size > 50 for size in shard_sizes(redis_cluster))  # every shard holds its share
         read = store.get_many(keys, expected=spec)
         assert all(torch.equal(got, want) for got, want in zip(read, values, strict=True))
         # A value planted without the secret, on whichever shard holds its key, is corrupt and deleted.
-        planter = redis.cluster.RedisCluster.from_url(seed_nodes(cluster.url)[0])
+        planter = redis.cluster.RedisCluster.from_url(seed_nodes(redis_cluster.url)[0])
         planter.set(keys[7], encode_value(values[7]))
         assert store.get_many([keys[7]], expected=spec[:1]) == [None]
         assert planter.exists(keys[7]) == 0
         planter.close()
-    stats = CliRunner().invoke(app, ["cache", "stats", cluster.url])
+    stats = CliRunner().invoke(app, ["cache", "stats", redis_cluster.url])
     assert stats.exit_code == 0, stats.output
     assert "299 entries" in stats.output
 
 
-def test_a_killed_shard_reads_as_an_outage_and_the_guard_answers_misses(cluster: RedisCluster):
+def test_a_killed_shard_reads_as_an_outage_and_the_guard_answers_misses(redis_cluster: RedisCluster):
     keys = ENTRIES.keys([index.to_bytes(16, "little") for index in range(64)])
-    with open_store(cluster.url) as store:
+    with open_store(redis_cluster.url) as store:
         store.put_many([(key, torch.zeros(10).half()) for key in keys])
-        kill(cluster.shards[1])
+        kill(redis_cluster.shards[1])
         with pytest.raises(CacheUnreachableError, match="unavailable"):
             store.get_many(keys)
         with pytest.raises(CacheUnreachableError):
@@ -106,19 +96,21 @@ def test_a_killed_shard_reads_as_an_outage_and_the_guard_answers_misses(cluster:
 
 
 @pytest.mark.faults
-def test_a_served_run_with_a_shard_killed_mid_run_ends_as_undisturbed(tmp_path: Path, cluster: RedisCluster):
+def test_a_served_run_with_a_shard_killed_mid_run_ends_as_undisturbed(
+    tmp_path: Path, redis_cluster: RedisCluster
+):
     save_random_teachers(tmp_path)
 
     def served_run(name: str, on_progress=None):
-        server, _ = serve_teachers(tmp_path, cluster.url)
+        server, _ = serve_teachers(tmp_path, redis_cluster.url)
         with server:
-            source = {"kind": "served", "address": server.address, "cache": cluster.url}
+            source = {"kind": "served", "address": server.address, "cache": redis_cluster.url}
             cfg = ExperimentConfig.model_validate(experiment(tmp_path, name, KD, teacher_source=source))
             return run_experiment(cfg, on_progress=on_progress)
 
     clean = served_run("clean")
     assert clean.counters["cache_hits"] > 0  # the second epoch replays the first one's views from the cluster
-    for shard in cluster.shards:
+    for shard in redis_cluster.shards:
         client = redis.Redis.from_url(shard.url)
         client.flushall()
         client.close()
@@ -127,7 +119,7 @@ def test_a_served_run_with_a_shard_killed_mid_run_ends_as_undisturbed(tmp_path: 
     def kill_a_shard_in_the_second_epoch(update: ProgressUpdate) -> None:
         steps = clean.optimizer_steps // len(clean.history)
         if update.task == "shard-killed" and update.completed >= steps + 2 and not killed:
-            kill(cluster.shards[2])
+            kill(redis_cluster.shards[2])
             killed.append(update.completed)
 
     faulted = served_run("shard-killed", kill_a_shard_in_the_second_epoch)

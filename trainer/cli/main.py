@@ -672,5 +672,58 @@ def cache_evict(
     out_console.print(f"deleted {deleted:,} entries of teacher {teacher} from {redact(uri)}")
 
 
+BankRayAddress = Annotated[
+    str | None, typer.Option(help="a running Ray cluster to run on (default: a private local one)")
+]
+
+
+@cache_app.command("export")
+@user_errors
+def cache_export(
+    uri: Annotated[str, typer.Argument(help="cache URI to export")],
+    directory: Annotated[Path, typer.Argument(help="a new directory for the bank", show_default=False)],
+    entries_per_shard: Annotated[int, typer.Option(min=1, help="entries per Parquet shard")] = 100_000,
+    ray_address: BankRayAddress = None,
+) -> None:
+    """Export every entry of a cache as a bank another store can import: Parquet shards of keys and stored
+    values (HMAC tags kept) and a manifest of entries, forms and sha256 per shard (a Ray Data job)."""
+    from trainer.bank.ray_transfer import OverRayData
+    from trainer.bank.transfer import export_bank
+
+    manifest = export_bank(uri, directory, OverRayData(ray_address), entries_per_shard=entries_per_shard)
+    out_console.print(
+        f"exported {manifest.entries:,} entries of {redact(uri)} to {directory} "
+        f"in {len(manifest.shards)} shards" + (" (HMAC-tagged)" if manifest.authenticated else "")
+    )
+
+
+@cache_app.command("import")
+@user_errors
+def cache_import(
+    directory: Annotated[Path, typer.Argument(help="a bank `ekd cache export` wrote", show_default=False)],
+    uri: Annotated[str, typer.Argument(help="cache URI to import into")],
+    source_hmac_key_file: Annotated[
+        Path | None,
+        typer.Option(help="file holding the exporter's HMAC secret, when it is not this store's own"),
+    ] = None,
+    ray_address: BankRayAddress = None,
+) -> None:
+    """Import a bank into a cache (a Ray Data job). Each shard is checked whole first (sha256, entries, HMAC
+    tags under the exporter's secret); one that fails is named and not imported (exit status 2)."""
+    from trainer.bank.ray_transfer import OverRayData
+    from trainer.bank.transfer import BankError, import_bank, read_secret
+
+    secret = read_secret(source_hmac_key_file) if source_hmac_key_file is not None else None
+    shards = import_bank(directory, uri, OverRayData(ray_address), source_hmac_key=secret)
+    written = [shard for shard in shards if shard.problem is None]
+    out_console.print(
+        f"imported {sum(shard.entries for shard in written):,} entries from {len(written)} of {len(shards)} "
+        f"shards of {directory} into {redact(uri)}"
+    )
+    if failed := [shard for shard in shards if shard.problem is not None]:
+        named = "; ".join(f"{shard.file}: {shard.problem}" for shard in failed)
+        raise BankError(f"not imported: {named} (the other {len(written)} shards were)")
+
+
 def main() -> None:
     app()
