@@ -5,7 +5,8 @@ handler, for as long as the caller takes, and a caller that sends its headers an
 open indefinitely. `RequestReadInterceptor` reads the request itself instead, within `read_seconds` of the
 call's start (DEADLINE_EXCEEDED beyond), and decodes it with the method's own deserializer: a request that is
 not a valid message ends INVALID_ARGUMENT with the reason, logged as one line, not gRPC's UNKNOWN with a
-traceback. The handler then runs as registered.
+traceback. The handler then runs as registered, and when it ends, `services.rpc.heap` is told how large a
+request the server has let go of.
 
 Nothing here counts calls: a call waiting for its request holds no slot that others need (the servicer admits
 an Infer only once its request is in, `services.rpc.servicer`), so health checks and ListTeachers are answered
@@ -23,6 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from services.rpc.heap import HeapTrimmer
 from services.rpc.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class RequestReadInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, read_seconds: float, metrics: Metrics) -> None:
         self._read_seconds = read_seconds
         self._metrics = metrics
+        self._heap = HeapTrimmer()
 
     async def intercept_service(
         self,
@@ -45,6 +48,7 @@ class RequestReadInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method
+        deserializer = handler.request_deserializer
         if handler.response_streaming:
             behavior = handler.unary_stream
             if inspect.isasyncgenfunction(behavior):
@@ -52,25 +56,36 @@ class RequestReadInterceptor(grpc.aio.ServerInterceptor):
                 async def stream_responses(
                     _requests, context: grpc.aio.ServicerContext
                 ) -> AsyncIterator[Any]:
-                    request = await self._read(method, handler.request_deserializer, context)
-                    async for response in behavior(request, context):
-                        yield response
+                    request, size = await self._read(method, deserializer, context)
+                    try:
+                        if request is not _UNREAD:
+                            async for response in behavior(request, context):
+                                yield response
+                    finally:
+                        self._heap.released(size)
 
                 return grpc.stream_stream_rpc_method_handler(
                     stream_responses, response_serializer=handler.response_serializer
                 )
 
             async def write_responses(_requests, context: grpc.aio.ServicerContext) -> None:
-                await behavior(await self._read(method, handler.request_deserializer, context), context)
+                request, size = await self._read(method, deserializer, context)
+                try:
+                    if request is not _UNREAD:
+                        await behavior(request, context)
+                finally:
+                    self._heap.released(size)
 
             return grpc.stream_stream_rpc_method_handler(
                 write_responses, response_serializer=handler.response_serializer
             )
 
         async def respond(_requests, context: grpc.aio.ServicerContext) -> Any:
-            return await handler.unary_unary(
-                await self._read(method, handler.request_deserializer, context), context
-            )
+            request, size = await self._read(method, deserializer, context)
+            try:
+                return None if request is _UNREAD else await handler.unary_unary(request, context)
+            finally:
+                self._heap.released(size)
 
         return grpc.stream_unary_rpc_method_handler(respond, response_serializer=handler.response_serializer)
 
@@ -79,25 +94,53 @@ class RequestReadInterceptor(grpc.aio.ServerInterceptor):
         method: str,
         deserializer: Callable[[bytes], Any] | None,
         context: grpc.aio.ServicerContext,
-    ) -> Any:
-        """The call's request, decoded; or the call ends (abort) when it does not come in time, does not come
-        at all, or does not decode."""
+    ) -> tuple[Any, int]:
+        """(the call's request, decoded; its size in bytes), or (_UNREAD, its size) with the call's status set
+        when it does not come in time, does not come at all, or does not decode. The status is set, not raised
+        by `context.abort`: grpc keeps that exception, and with it the frames that hold the request, in a
+        reference cycle that only a full garbage collection breaks."""
         try:
             raw = await asyncio.wait_for(context.read(), self._read_seconds)
         except TimeoutError:
-            self._metrics.unread_requests.labels(method, "timeout").inc()
-            await context.abort(
+            self._refuse(
+                context,
+                method,
+                "timeout",
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no request message within {self._read_seconds:g} s of the call's start",
             )
+            return _UNREAD, 0
         if raw is grpc.aio.EOF:
-            self._metrics.unread_requests.labels(method, "missing").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message")
+            self._refuse(
+                context,
+                method,
+                "missing",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the call ended without a request message",
+            )
+            return _UNREAD, 0
         if deserializer is None:
-            return raw
+            return raw, len(raw)
         try:
-            return deserializer(raw)
+            return deserializer(raw), len(raw)
         except DecodeError as error:
-            self._metrics.unread_requests.labels(method, "undecodable").inc()
             logger.warning("refused a %s request of %d bytes: %s", method, len(raw), error)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read the request: {error}")
+            self._refuse(
+                context,
+                method,
+                "undecodable",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cannot read the request: {error}",
+            )
+            return _UNREAD, len(raw)
+
+    def _refuse(
+        self, context: grpc.aio.ServicerContext, method: str, reason: str, code: grpc.StatusCode, details: str
+    ) -> None:
+        self._metrics.unread_requests.labels(method, reason).inc()
+        context.set_code(code)
+        context.set_details(details)
+
+
+_UNREAD = object()
+"""What `_read` returns for a call it has ended."""

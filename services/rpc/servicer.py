@@ -231,21 +231,18 @@ class TeacherServicer:
             async for response in self._stream(plan):
                 yield response
         except _RequestError as error:
-            failure = error
+            # Without its traceback: through this frame, it would hold the request (a cycle that only the
+            # garbage collector's rare full passes break, keeping refused requests' bytes for minutes).
+            failure = error.with_traceback(None)
             for label in labels:
                 self.metrics.request_errors.labels(label, error.code.name).inc()
         finally:
             if admitted:
                 self._release_when_computed(plan.computing if plan is not None else [], request.wire_bytes)
-            # Before abort() sends the status, so that a client that has the status sees the metrics too.
+            # Before the status is sent, so that a client that has the status sees the metrics too.
             self.metrics.request_seconds.labels("Infer").observe(time.perf_counter() - started)
         if failure is not None:
-            pushback = (
-                ((RETRY_PUSHBACK_METADATA, str(failure.retry_after_ms)),)
-                if failure.retry_after_ms is not None
-                else ()
-            )
-            await context.abort(failure.code, _truncated(failure.message), trailing_metadata=pushback)
+            _set_status(context, failure.code, failure.message, failure.retry_after_ms)
 
     # ---- admission ------------------------------------------------------------------------------------
 
@@ -781,6 +778,18 @@ def _listed(names: Iterable[str], *, quoted: bool = True) -> str:
     more = len(names) - len(shown)
     listed = str(shown) if quoted else ", ".join(shown)
     return listed + (f" and {more} more" if more > 0 else "")
+
+
+def _set_status(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None
+) -> None:
+    """End the RPC with `code` and `message` (truncated) when its handler returns; `retry_after_ms` sends
+    gRPC's retry pushback. Not `context.abort`: the exception it raises would sit in grpc's call state with
+    the handler's frames, in a cycle that keeps the request's bytes until a full garbage collection."""
+    context.set_code(code)
+    context.set_details(_truncated(message))
+    if retry_after_ms is not None:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_METADATA, str(retry_after_ms)),))
 
 
 def _truncated(message: str) -> str:
