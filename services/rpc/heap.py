@@ -53,4 +53,5 @@ class HeapTrimmer:
 
     def _start(self) -> None:
         self._pending = None
-        asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
+        if self._trim is not None:  # always: only scheduled when there is one
+            asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
