@@ -231,11 +231,12 @@ class TeacherConfig(_Section):
 
 
 class TeacherSourceConfig(_Section):
-    kind: Literal["in_process", "served"] = Field(
+    kind: Literal["in_process", "served", "bank"] = Field(
         "in_process",
         description="where teacher outputs come from: in_process runs the teachers in this process "
         "(the baseline); served reads the shared cache first and asks the teacher "
-        "service for the misses",
+        "service for the misses; bank reads a bank `ekd warm` filled (`cache`), with no service: a miss "
+        "is an error, or computed here (`on_miss`)",
     )
     address: str | None = Field(
         None,
@@ -246,7 +247,13 @@ class TeacherSourceConfig(_Section):
         None,
         description="served: URI of the output cache the service writes "
         "(lmdb:///path or redis://host:port/db; ${VAR} expands from the environment); "
-        "None: ask the service for everything",
+        "None: ask the service for everything. bank: the bank's URI (required)",
+    )
+    on_miss: Literal["error", "compute"] = Field(
+        "error",
+        description="bank: a view the bank lacks: error stops the run (one line: how many views of the "
+        "batch are missing and the `ekd warm` command that fills them); compute runs the teachers here for "
+        "the missing outputs and writes them to the bank",
     )
     soft_labels: Literal["full", "compact"] = Field(
         "full",
@@ -310,6 +317,10 @@ class TeacherSourceConfig(_Section):
         if self.kind == "served" and not self.address:
             raise ValueError(
                 "teacher_source.kind 'served' needs `address` (host:port of the teacher service)"
+            )
+        if self.kind == "bank" and not self.cache:
+            raise ValueError(
+                "teacher_source.kind 'bank' needs `cache` (the URI of the bank `ekd warm` filled)"
             )
         return self
 

@@ -7,10 +7,13 @@ service or cache that cannot be reached) print one short message and exit with s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import logging
 import os
+import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -256,7 +259,7 @@ def distill(
         results.append(result)
         run_ids.append(run_id)
 
-    with ProgressBars() as bars:
+    with ProgressBars() as bars, bank_misses_name_warm(config, overrides):
         for seed in parse_seeds(seeds, cfg.seed):
             run_tracked(cfg.model_copy(update={"seed": seed}), bars)
         if baselines:
@@ -465,6 +468,19 @@ def demo(
     json_path = write_results_json(results, output_dir / "results.json")
     plot_path = plot_results(results, output_dir / "accuracy_vs_params.png")
     err_console.print(f"results: {json_path}\nplot: {plot_path}")
+
+
+@contextlib.contextmanager
+def bank_misses_name_warm(config: Path, overrides: list[str] | None) -> Iterator[None]:
+    """A bank miss (teacher_source.kind: bank) in the block names the exact `ekd warm` command that fills the
+    bank: this config file with its --set options."""
+    from trainer.runs.sources import BankMissError
+
+    try:
+        yield
+    except BankMissError as miss:
+        sets = [arg for override in overrides or () for arg in ("--set", override)]
+        raise miss.with_warm_command(shlex.join(["ekd", "warm", str(config), *sets])) from None
 
 
 def _cache_uri(cfg: ExperimentConfig, cache: str | None) -> str:

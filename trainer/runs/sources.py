@@ -13,6 +13,8 @@ the training loop neither skips nor repeats a sample. Beyond the budget the erro
 address and the budget. The outages and the time spent waiting are counted (`service_outages`,
 `outage_wait_seconds`). A service not up yet when the source is made (a trainer started beside it) is
 waited for in the same way.
+
+`BankTeacherSource` reads a bank that `ekd warm` filled, with no service: the same keys, the same values.
 """
 
 from __future__ import annotations
@@ -30,11 +32,22 @@ from typing import TypeVar, cast
 import grpc
 import torch
 
-from services.cache import FULL, CacheUnreachableError, TeacherOutputStore, open_store
-from services.core.contract import LOGITS
-from services.core.errors import ConfigError
+from services.cache import (
+    COMPACT,
+    FULL,
+    CachedValue,
+    CacheUnreachableError,
+    OutputEntries,
+    TeacherOutputStore,
+    ValueSpec,
+    input_digests,
+    open_store,
+)
+from services.core.contract import DEFAULT_OUTPUT_DTYPE, LOGITS
+from services.core.errors import ConfigError, UserError
 from services.core.redaction import redact
-from services.formats.soft_labels import CompactLogits
+from services.formats.codec import DTYPES
+from services.formats.soft_labels import CompactLogits, compress
 from services.rpc.client import TeacherClient, TeacherServiceError, TeacherServiceUnavailable
 from services.teachers.engine import TeacherEngine
 from services.teachers.spec import Teacher
@@ -361,6 +374,210 @@ class ServedTeacherSource(TeacherSource):
             self.store.close()
 
 
+class BankMissError(UserError):
+    """Views of a batch that a bank-only run needs and the bank lacks (teacher_source.on_miss: error).
+    `warm_command` is the command that fills them, where the caller knows it (the CLI: the config file and
+    its --set options)."""
+
+    def __init__(
+        self, missing: int, views: int, bank: str, lacking: Sequence[str], warm_command: str | None = None
+    ) -> None:
+        self.missing, self.views, self.bank = missing, views, bank
+        self.lacking, self.warm_command = list(lacking), warm_command
+        command = warm_command or "ekd warm CONFIG (the experiment's config and --set options)"
+        super().__init__(
+            f"the bank {bank} lacks {missing} of the {views} views of a batch ({', '.join(self.lacking)}); "
+            f"fill it with: {command}; or set teacher_source.on_miss: compute"
+        )
+
+    def with_warm_command(self, command: str) -> BankMissError:
+        return BankMissError(self.missing, self.views, self.bank, self.lacking, command)
+
+    def __reduce__(self):  # pickled whole (a Ray Train worker's error reaches the driver pickled)
+        return BankMissError, (self.missing, self.views, self.bank, self.lacking, self.warm_command)
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One (teacher, output) of a fetch: its entries in the bank."""
+
+    teacher: int
+    output: str
+    entries: OutputEntries
+
+
+class BankTeacherSource(TeacherSource):
+    """Teacher outputs from a bank that `ekd warm` filled (or a served run's cache), with no teacher service.
+
+    Each batch is one multi-get under the keys the service and `ekd warm` write (`OutputEntries` of each
+    teacher's identity: its checkpoint's sha256, preprocessing and taps), and the values come back as the
+    served source returns them (float16 entries as float32, compact entries as `CompactLogits`), so a run
+    from the bank trains exactly as a served run from the same bank.
+
+    A view the bank lacks (any output of any teacher asked for) is a `BankMissError` saying how many of the
+    batch's views are missing; with `compute_misses`, the teachers run here on `device` for the views they
+    lack, and their outputs are written to the bank in the stored form and used in that form, so that a
+    view computed trains exactly as a view found. The teachers are built either way (their tap shapes are
+    read off a forward of one blank image); without `compute_misses` they are released once described.
+    `bank` is the bank's URI (shown redacted). Reads and writes are those of one thread at a time.
+    """
+
+    def __init__(
+        self,
+        teachers: Sequence[Teacher],
+        bank: str,
+        *,
+        compute_misses: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        for teacher in teachers:
+            if teacher.spec.weights_sha256 is None:
+                raise ConfigError(
+                    f"teacher {teacher.spec.name!r} has no weights file, so nothing in a bank is its outputs"
+                )
+        self.shown_bank = redact(bank)
+        self.store = open_store(bank)
+        self.specs = [teacher.spec for teacher in teachers]
+        engines = [TeacherEngine(teacher, device if compute_misses else "cpu") for teacher in teachers]
+        # The service's shapes: every image is resized to the teacher's input size before its forward.
+        self.tap_shapes = [engine.feature_shapes(engine.spec.preprocessing.input_size) for engine in engines]
+        self.parameters = [sum(p.numel() for p in engine.model.parameters()) for engine in engines]
+        self.engines = engines if compute_misses else None
+        self.calls = 0  # teacher forward passes for the views the bank lacked
+        # (teacher, view) pairs with every output asked for in the bank, and without.
+        self.hits = self.misses = 0
+
+    def describe(self, image_size: int) -> list[TeacherInfo]:
+        return [
+            TeacherInfo(name=spec.name, num_classes=spec.num_classes, feature_shapes=dict(shapes))
+            for spec, shapes in zip(self.specs, self.tap_shapes, strict=True)
+        ]
+
+    def fetch(
+        self, images: torch.Tensor, wanted: Sequence[Sequence[str]], *, logits_form: str = FULL
+    ) -> TeacherOutputs:
+        columns = [
+            _Column(
+                teacher,
+                output,
+                OutputEntries.of(
+                    self.specs[teacher].identity, output, DEFAULT_OUTPUT_DTYPE, logits_form=logits_form
+                ),
+            )
+            for teacher, outputs in enumerate(wanted)
+            for output in dict.fromkeys(outputs)
+        ]
+        found: dict[tuple[int, str], list[CachedValue | None]] = {}
+        if columns:
+            digests = input_digests(images)
+            values = self.store.get_many(
+                [key for column in columns for key in column.entries.keys(digests)],
+                [self._value_spec(column) for column in columns for _ in digests],
+            )
+            for index, column in enumerate(columns):
+                found[column.teacher, column.output] = values[
+                    index * len(digests) : (index + 1) * len(digests)
+                ]
+            lacking = self._lacking(columns, found, images.shape[0])
+            if lacking:
+                if self.engines is None:
+                    missing = set().union(*lacking.values())
+                    raise BankMissError(
+                        len(missing),
+                        images.shape[0],
+                        self.shown_bank,
+                        [
+                            f"teachers.{column.teacher} {self.specs[column.teacher].name}: "
+                            f"{column.output} ({column.entries.form})"
+                            for column in columns
+                            if any(value is None for value in found[column.teacher, column.output])
+                        ],
+                    )
+                self._compute(images, digests, columns, found, lacking)
+        logits: list[torch.Tensor | CompactLogits | None] = []
+        features: list[dict[str, torch.Tensor]] = []
+        for teacher, outputs in enumerate(wanted):
+            got = {output: _stacked(found[teacher, output]) for output in outputs}
+            logits.append(got.pop(LOGITS, None))
+            # Only logits come in the compact form: the taps are tensors.
+            features.append({name: cast(torch.Tensor, value) for name, value in got.items()})
+        return TeacherOutputs(logits=logits, features=features)
+
+    def _value_spec(self, column: _Column) -> ValueSpec:
+        spec = self.specs[column.teacher]
+        shape = (
+            (spec.num_classes,) if column.output == LOGITS else self.tap_shapes[column.teacher][column.output]
+        )
+        return column.entries.spec(num_classes=spec.num_classes, shape=shape)
+
+    def _lacking(
+        self, columns: Sequence[_Column], found: dict[tuple[int, str], list[CachedValue | None]], batch: int
+    ) -> dict[int, list[int]]:
+        """Per teacher asked for, the rows of the views that lack one of its outputs (none: left out);
+        counted as hits and misses."""
+        lacking = {}
+        for teacher in dict.fromkeys(column.teacher for column in columns):
+            rows = [
+                row
+                for row in range(batch)
+                if any(found[teacher, c.output][row] is None for c in columns if c.teacher == teacher)
+            ]
+            self.hits += batch - len(rows)
+            self.misses += len(rows)
+            if rows:
+                lacking[teacher] = rows
+        return lacking
+
+    def _compute(
+        self,
+        images: torch.Tensor,
+        digests: Sequence[bytes],
+        columns: Sequence[_Column],
+        found: dict[tuple[int, str], list[CachedValue | None]],
+        lacking: dict[int, list[int]],
+    ) -> None:
+        """Run each teacher on the views it lacks, write their outputs to the bank in the stored form (as
+        `ekd warm` does) and put them in `found` in that form."""
+        assert self.engines is not None  # only a source that computes misses gets here
+        items: list[tuple[bytes, CachedValue]] = []
+        for teacher, rows in lacking.items():
+            teacher_columns = [column for column in columns if column.teacher == teacher]
+            computed = self.engines[teacher].infer(
+                images[rows], [column.output for column in teacher_columns]
+            )
+            self.calls += 1
+            for column in teacher_columns:
+                values = computed[column.output]
+                stored: torch.Tensor | CompactLogits = (
+                    compress(values)
+                    if column.entries.form == COMPACT
+                    else values.to(DTYPES[DEFAULT_OUTPUT_DTYPE])
+                )
+                for position, row in enumerate(rows):
+                    value = stored[position]
+                    found[teacher, column.output][row] = value
+                    items.append((column.entries.key(digests[row]), value))
+        self.store.put_many(items)
+
+    def parameter_counts(self) -> list[int]:
+        return list(self.parameters)
+
+    def counters(self) -> dict[str, float]:
+        """teacher_calls: forward passes for views the bank lacked (0 without on_miss: compute);
+        cache_hits and cache_misses: (teacher, view) pairs, as the served source counts them."""
+        return {"teacher_calls": self.calls, "cache_hits": self.hits, "cache_misses": self.misses}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _stacked(values: Sequence[CachedValue | None]) -> torch.Tensor | CompactLogits:
+    """One output of a batch from its per-view values (all present): a float32 tensor, or `CompactLogits`."""
+    if isinstance(values[0], CompactLogits):
+        return CompactLogits.cat([value for value in values if isinstance(value, CompactLogits)])
+    return torch.stack([value for value in values if isinstance(value, torch.Tensor)]).float()
+
+
 def _open_cache(uri: str) -> TeacherOutputStore:
     """The run's cache. One that does not answer yet (down, or still starting beside the trainer) does not
     stop the run: it starts without it, and the client's circuit breaker takes it up once it answers. One
@@ -390,13 +607,30 @@ def _code_name(error: TeacherServiceError) -> str:
 def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> TeacherSource:
     """The experiment's teacher source, as `teacher_source.kind` says.
 
-    in_process loads every teacher's checkpoint here. served names each teacher by `served_as` (default: its
-    zoo name) and, where the checkpoint is present locally, requires the service to host exactly that teacher.
+    in_process loads every teacher's checkpoint here. bank loads them too, for their identities (the
+    bank's keys), and runs them only for the views the bank lacks, with on_miss: compute. served names each
+    teacher by `served_as` (default: its zoo name) and, where the checkpoint is present locally, requires the
+    service to host exactly that teacher.
     """
     settings = cfg.teacher_source
     if settings.kind == "in_process":
         return InProcessTeacherSource(
             [create_teacher(t.name, num_classes, checkpoint=t.checkpoint) for t in cfg.teachers], device
+        )
+    if settings.kind == "bank":
+        assert settings.cache is not None  # TeacherSourceConfig requires it of a bank source
+        for index, teacher in enumerate(cfg.teachers):
+            if not Path(teacher.checkpoint).is_file():
+                raise ConfigError(
+                    f"teachers.{index}.checkpoint: no file at {teacher.checkpoint}; a bank names each "
+                    "teacher's outputs by its weights' sha256, so a bank source needs the checkpoint "
+                    "(`ekd warm` of the experiment trains a missing one)"
+                )
+        return BankTeacherSource(
+            [create_teacher(t.name, num_classes, checkpoint=t.checkpoint) for t in cfg.teachers],
+            settings.cache,
+            compute_misses=settings.on_miss == "compute",
+            device=device,
         )
     assert settings.address is not None  # TeacherSourceConfig requires it of a served source
     names = [t.served_as or t.name for t in cfg.teachers]
