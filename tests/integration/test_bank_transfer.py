@@ -92,6 +92,10 @@ def test_an_exported_bank_trains_another_cluster_with_no_teacher_call(
     assert entries(redis_cluster.url) == banked
 
     replayed, replayed_calls = served_run(tmp_path, "from-imported-bank", redis_cluster.url)
+    print(
+        f"{banked} entries in {len(shards)} shards; origin: {origin_calls} forward passes, {origin.counters}"
+    )
+    print(f"from the imported bank: {replayed_calls} forward passes, {replayed.counters}")
     assert replayed_calls == 0
     assert replayed.counters["teacher_calls"] == 0 and replayed.counters["cache_misses"] == 0
     assert replayed.counters["cache_corrupt"] == 0

@@ -124,6 +124,9 @@ def test_a_served_run_with_a_shard_killed_mid_run_ends_as_undisturbed(
 
     faulted = served_run("shard-killed", kill_a_shard_in_the_second_epoch)
     assert killed, "the run ended before the shard was killed"
+    for name, run in (("undisturbed", clean), ("shard killed", faulted)):
+        losses = ", ".join(f"{row['loss']:.6f}" for row in run.history)
+        print(f"{name}: losses {losses}; test accuracy {run.test_accuracy:.4f}; {run.counters}")
     assert faulted.train_samples == clean.train_samples
     assert faulted.optimizer_steps == clean.optimizer_steps
     assert [row["loss"] for row in faulted.history] == pytest.approx([row["loss"] for row in clean.history])
