@@ -22,9 +22,13 @@ of the wrong dtype or shape is never used.
 of several submitted ones) are outstanding at once, so that the service computes the next while this thread
 reads the last, and each response stream is written into the results chunk by chunk as it arrives.
 
-Every RPC has a deadline (`timeout_seconds`). UNAVAILABLE is retried with exponential backoff (and
-DEADLINE_EXCEEDED too for ListTeachers, which is cheap and idempotent; an Infer that ran out of time is not
-repeated); other status codes raise `TeacherServiceError` at once.
+Every RPC has a deadline (`timeout_seconds`). UNAVAILABLE and refusals for load are retried with exponential
+backoff, waiting at least the pause a refusal asks for (gRPC's retry pushback); so is DEADLINE_EXCEEDED for
+ListTeachers, which is cheap and idempotent (an Infer that ran out of time is not repeated). A refusal for
+load is RESOURCE_EXHAUSTED that does not say a size limit was exceeded: the servicer's admission caps (with
+pushback) and gRPC's own concurrent-RPC limit (without) alike. Beyond the retries it is
+`TeacherServiceUnavailable`, which a trainer waits out like an outage. Other status codes raise
+`TeacherServiceError` at once.
 
 Thread safety: a TeacherClient is meant for one thread at a time (its stats and the cached teacher list are
 unguarded); give each thread that fetches, e.g. a prefetching worker, its own client.
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -44,6 +49,7 @@ from typing import TypeVar
 import grpc
 import torch
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity.wait import wait_base
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
 from services.cache import (
@@ -102,7 +108,8 @@ class TeacherServiceError(RuntimeError):
 
 
 class TeacherServiceUnavailable(TeacherServiceError, UserError):
-    """The teacher service could not be reached at its address, even after the bounded retries."""
+    """The teacher service could not be reached at its address, or refused the call for load, even after the
+    bounded retries."""
 
 
 class TeacherServiceChanged(TeacherServiceError, UserError):
@@ -285,21 +292,54 @@ def _proto_dtype(name: str) -> teacher_pb2.DType:
     return teacher_pb2.DType.Value(PROTO_DTYPE_NAMES[name])
 
 
+# RESOURCE_EXHAUSTED also says that a message is too large (gRPC's "larger than max") or a request exceeds the
+# servicer's max_batch_size or max_message_bytes: the same refusal every time, never a busy server's.
+_SIZE_REFUSAL = re.compile(r"larger than max|max_batch_size|max_message_bytes")
+
+
+def _pushback_seconds(error: grpc.RpcError) -> float | None:
+    """The pause a refusal asks for before a retry (RETRY_PUSHBACK_METADATA), None when it names none."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK_METADATA:
+            try:
+                return max(0, int(value)) / 1000
+            except ValueError:
+                return None
+    return None
+
+
+def _refused_for_load(error: grpc.RpcError) -> bool:
+    """Whether the server refused the call because it is busy, not because of the request: RESOURCE_EXHAUSTED
+    with retry pushback (the servicer's admission caps) or without a size limit named (gRPC's concurrent-RPC
+    limit, which answers every RPC, ListTeachers included, while all its slots are held)."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return _pushback_seconds(error) is not None or not _SIZE_REFUSAL.search(error.details() or "")
+
+
 def _retryable(codes: Collection[grpc.StatusCode]) -> Callable[[BaseException], bool]:
-    """Whether a failed call may be repeated: one of `codes`, or a refusal the server marked as retryable
-    (RESOURCE_EXHAUSTED with RETRY_PUSHBACK_METADATA: its admission caps were full, the request is fine)."""
+    """Whether a failed call may be repeated: one of `codes`, or a refusal for load."""
 
     def retryable(error: BaseException) -> bool:
         if not isinstance(error, grpc.RpcError):
             return False
-        if error.code() in codes:
-            return True
-        trailing = error.trailing_metadata() or ()
-        return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and any(
-            key == RETRY_PUSHBACK_METADATA for key, _ in trailing
-        )
+        return error.code() in codes or _refused_for_load(error)
 
     return retryable
+
+
+class _WaitAtLeastPushback(wait_base):
+    """`backoff`, or the pause the last refusal asked for when that is longer."""
+
+    def __init__(self, backoff: wait_base) -> None:
+        self.backoff = backoff
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        pause = self.backoff(retry_state)
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        if isinstance(error, grpc.RpcError) and (pushback := _pushback_seconds(error)) is not None:
+            return max(pause, pushback)
+        return pause
 
 
 class TeacherClient:
@@ -831,12 +871,12 @@ class TeacherClient:
     def _call(
         self, rpc: str, call: Callable[[], _Result], retry_codes: Collection[grpc.StatusCode]
     ) -> _Result:
-        """Run `call`, repeating it with exponential backoff while it fails with one of `retry_codes` (or a
-        refusal the server marks as retryable: a busy server)."""
+        """Run `call`, repeating it with exponential backoff while it fails with one of `retry_codes` or a
+        refusal for load (a busy server), waiting at least the pause the refusal asks for."""
         retryable = _retryable(retry_codes)
         attempts = Retrying(
             stop=stop_after_attempt(self.retries + 1),
-            wait=wait_exponential(multiplier=self.backoff_seconds),
+            wait=_WaitAtLeastPushback(wait_exponential(multiplier=self.backoff_seconds)),
             retry=retry_if_exception(retryable),
             before_sleep=self._count_retry,
             reraise=True,
