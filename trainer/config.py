@@ -342,6 +342,12 @@ class ExecutionConfig(_Section):
     storage_path: str = Field(
         "runs/ray", description="ray_train: where Ray Train keeps run state and checkpoints"
     )
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="ray_train: where the workers go on a cluster; PACK: on as few nodes as fit them "
+        "(fastest all-reduce); SPREAD: one per node as far as there are nodes, so that losing a node loses "
+        "fewest workers, and a restarted group packs onto the nodes left",
+    )
 
 
 # Every registered method's params, told apart by their `name` field. The union is built from the registry

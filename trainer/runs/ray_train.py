@@ -17,7 +17,10 @@ the students and writes the record exactly as the local backend does, and return
 (Ray Train's `Result.return_value`, as plain data).
 GPUs are used when `device` resolves to cuda on the driver: one per worker. On a cluster of several nodes
 (`ray_address`), the teacher checkpoints, `output_dir` and a local `storage_path` must lie on a filesystem
-that every node shares.
+that every node shares. Losing a node is a worker failure like any other: Ray Train's controller (on the
+driver's node) sees the group's worker there die, ends the group and starts a new one where resources are
+left (`execution.placement_strategy: SPREAD` puts one worker per node, and lets the restarted group pack
+onto the surviving nodes), which resumes from the last committed checkpoint.
 
 Failure injection, to check recovery: with `EKD_FAIL_ONCE_AT_EPOCH=<k>` (k ≥ 1) and `EKD_FAIL_MARKER=<path>`
 in the environment of the process that calls `run_on_ray_train`, the last worker (rank 1 of 2) exits with
@@ -108,7 +111,11 @@ def run_on_ray_train(
                 "failure": failure,
                 "progress_file": str(progress_file),
             },
-            scaling_config=ScalingConfig(num_workers=cfg.execution.workers, use_gpu=device.type == "cuda"),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.execution.workers,
+                use_gpu=device.type == "cuda",
+                placement_strategy=cfg.execution.placement_strategy,
+            ),
             run_config=RunConfig(
                 name=run_name,
                 storage_path=cfg.execution.storage_path,
