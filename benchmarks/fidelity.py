@@ -1,34 +1,36 @@
-"""The fidelity report: every method on digits at training fractions 5 %, 10 %, 25 % and 100 %, 3 seeds each,
-beside the baselines the papers' claims are made against, as one table and one plot.
+"""The fidelity report: every method on digits at training fractions 5 %, 10 %, 25 % and 100 %, on two draws
+of the limited-data subset × 3 seeds, beside the baselines the papers' claims are made against, as one table
+and one plot.
 
-Each method runs from its digits config (configs/digits/*.yaml, hyperparameters as there and in
-docs/methods.md, nothing tuned here) with `data.val_fraction: 0` (the whole training split trains, as in the
-papers), `data.train_fraction` set, and `train.steps` fixed: the same number of optimizer steps at every
-fraction (138 = 6 epochs of the full split, 69 epochs of the 5 % subset; FEED sequential gets half per
-stage). The teachers of each fraction train on that fraction's subset (their own checkpoints under
-<output>/teachers/, trained when missing, `--teacher-steps` steps, seed 0) and are the same for every
-seed. After each method the networks it exports are trained alone with CE on the same data, schedule and seed
-(trainer.results.baselines: `<experiment>-alone-<network>`), once per distinct network and schedule (a
-baseline identical to an earlier run, e.g. KD's student and ce.yaml's, is that run's result under its own
-name).
+The runs are one `ekd sweep` (configs/digits/sweep_fidelity.yaml): each method from its digits config
+(configs/digits/*.yaml, hyperparameters as there and in docs/methods.md, nothing tuned here) with
+`data.val_fraction: 0` (the whole training split trains, as in the papers), `data.train_fraction` and
+`data.subset_seed` swept, and `train.steps` fixed: the same number of optimizer steps at every fraction (138 =
+6 epochs of the full split, 69 epochs of the 5 % subset; FEED sequential gets half per stage). The teachers of
+each fraction and subset train on it (their own checkpoints under runs/fidelity/teachers/, trained when
+missing, 276 steps, seed 0) and are the same for every seed. Each trial then trains the networks its method
+exports alone with CE on the same data, schedule and seed (trainer.results.baselines:
+`<experiment>-alone-<network>`). A cell's mean ± std pools the seeds and the subset draws, so its error bar
+covers which images were drawn as well as the seed.
 
-Writes, under --output (default runs/fidelity): `fidelity.md` (the table: test accuracy, mean ± std over the
-seeds, per method row and fraction column; baselines and gains beside the rows they belong to),
+Writes, under --output (default runs/fidelity, the sweep's folder): `fidelity.md` (the table: test accuracy,
+mean ± std per method row and fraction column; baselines and gains beside the rows they belong to),
 `fidelity.png` (accuracy against fraction, one line per method, baselines dashed), `results.json` (every
-run's record) and each run's own directory (`f<fraction>/<experiment>/`, exports loadable by `ekd evaluate`).
+run's record), and the sweep's own table, plot and trials (`trials/<experiment>-tNNN/`, exports loadable by
+`ekd evaluate`).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity.py [--seeds 0,1,2] [--fractions 0.05,0.1,0.25,1]
-                                                               [--steps 138] [--teacher-steps 276] [--jobs 2]
+                                                               [--subset-seeds 0,1] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,79 +38,40 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from trainer.config import ExperimentConfig, load_experiment
-from trainer.results.baselines import alone_experiments
-from trainer.runs.experiment import ExperimentResult, ensure_teachers, run_locally
-from trainer.runs.inputs import load_splits
-from trainer.runs.loop import resolve_device
+from trainer.runs.experiment import ExperimentResult
+from trainer.sweep.plan import RESULTS_FILE
+from trainer.sweep.report import DONE, read_sweep_json
 
-CONFIGS = Path("configs/digits")
-METHOD_CONFIGS = (
-    "ce",
-    "kd",
-    "kd_ensemble",
-    "feed_parallel",
-    "feed_sequential",
-    "ekd",
-    "one",
-    "okd",
-    "okd_official_code",
-    "student_ensemble",
-)
+SWEEP = Path("configs/digits/sweep_fidelity.yaml")
+EKD = str(Path(sys.executable).parent / "ekd")
 
 console = Console(stderr=True)
 
 
-def method_experiment(config: str, fraction: float, seed: int, args: argparse.Namespace) -> ExperimentConfig:
-    base = load_experiment(CONFIGS / f"{config}.yaml")
-    stages = 2 if config == "feed_sequential" else 1
-    overrides = [
-        f"seed={seed}",
-        f"output_dir={args.output}/f{fraction:g}",
-        "data.val_fraction=0",
-        f"data.train_fraction={fraction}",
-        f"train.steps={args.steps // stages}",
-    ]
-    for index, teacher in enumerate(base.teachers):
-        overrides += [
-            f"teachers.{index}.checkpoint={args.output}/teachers/f{fraction:g}/{teacher.name}.pt",
-            f"teachers.{index}.train.steps={args.teacher_steps}",
-        ]
-    return load_experiment(CONFIGS / f"{config}.yaml", overrides)
-
-
-def _identity(cfg: ExperimentConfig) -> str:
-    """What makes two baseline runs the same run: everything but the name."""
-    return json.dumps({k: v for k, v in cfg.model_dump(mode="json").items() if k != "name"}, sort_keys=True)
-
-
-def run_group(fraction: float, seed: int, args: argparse.Namespace) -> list[dict]:
-    """Every method and every distinct baseline at one fraction and seed (one worker process)."""
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    results: list[ExperimentResult] = []
-    done: dict[str, ExperimentResult] = {}  # baseline identity -> its result
-    for config in METHOD_CONFIGS:
-        cfg = method_experiment(config, fraction, seed, args)
-        result = run_locally(cfg)
-        results.append(result)
-        if cfg.method.name == "ce":
-            done[_identity(cfg)] = result
-        networks = [s.alone_network for s in result.students if s.alone_network is not None]
-        for alone_cfg in alone_experiments(cfg, networks):
-            identity = _identity(alone_cfg)
-            if identity not in done:
-                done[identity] = run_locally(alone_cfg)
-                results.append(done[identity])
-            elif done[identity].name != alone_cfg.name:  # ce.yaml's run is this network's baseline
-                results.append(
-                    ExperimentResult.from_json({**done[identity].to_json(), "name": alone_cfg.name})
-                )
-    return [r.to_json() for r in results]
+def sweep_results(sweep_dir: Path) -> list[ExperimentResult]:
+    """Every finished trial's record and its baselines' under the experiment names the table knows (the
+    trial's name less its `-tNNN`)."""
+    _, _, outcomes = read_sweep_json(sweep_dir / RESULTS_FILE)
+    results = []
+    for outcome in outcomes:
+        if outcome.status != DONE or outcome.results is None:
+            continue
+        trial = ExperimentResult.from_json(json.loads(Path(outcome.results).read_text()))
+        base = trial.name.removesuffix(f"-{outcome.id}")
+        for student in trial.students:
+            if student.alone is None:
+                continue
+            alone = Path(trial.run_dir).parent / student.alone / f"results_seed{trial.seed}.json"
+            student.alone = base + student.alone.removeprefix(trial.name)
+            if alone.is_file():
+                baseline = ExperimentResult.from_json(json.loads(alone.read_text()))
+                baseline.name = student.alone
+                results.append(baseline)
+        trial.name = base
+        results.append(trial)
+    return results
 
 
 @dataclass(frozen=True)
@@ -284,7 +247,9 @@ def write_table(results: list[ExperimentResult], fractions: list[float], path: P
         "steps per run: "
         + ", ".join(f"{f:.0%}: {steps[f]}" for f in fractions)
         + ". Test split: 360 images. "
-        f"Seeds per cell: {len({r.seed for r in results})}. Wall time: {seconds / 60:.0f} min.",
+        f"Seeds per cell: {len({r.seed for r in results})}, on "
+        f"{len({r.config['data'].get('subset_seed') for r in results})} draws of each subset. "
+        f"Wall time: {seconds / 60:.0f} min.",
     ]
     lines += ["", "Claims (means over seeds; in brackets the smallest margin, in points):", ""]
     lines += claim_lines(results, fractions)
@@ -320,29 +285,19 @@ def plot(results: list[ExperimentResult], fractions: list[float], path: Path) ->
     plt.close(fig)
 
 
-def train_fraction_teachers(fraction: float, args: argparse.Namespace) -> None:
-    """One fraction's teachers, trained on its subset when their checkpoints are missing (one worker per
-    fraction, before any experiment runs, so that no two processes train the same teacher)."""
-    torch.set_num_threads(1)
-    cfg = method_experiment("kd_ensemble", fraction, 0, args)
-    ensure_teachers(cfg, load_splits(cfg), resolve_device("cpu"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--fractions", default="0.05,0.1,0.25,1")
-    parser.add_argument("--steps", type=int, default=138, help="optimizer steps per run (per experiment)")
-    parser.add_argument("--teacher-steps", type=int, default=276, help="optimizer steps per teacher")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one fraction and seed each)")
-    parser.add_argument("--output", default="runs/fidelity")
+    parser.add_argument("--subset-seeds", default="0,1", help="draws of each limited-data subset")
+    parser.add_argument("--jobs", type=int, default=2, help="trials at once")
+    parser.add_argument("--output", default="runs/fidelity", help="the sweep's folder")
     parser.add_argument(
         "--from-results",
         type=Path,
         help="rewrite the table and plot from a results.json this script wrote, training nothing",
     )
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -355,20 +310,27 @@ def main() -> None:
         plot(results, fractions, output / "fidelity.png")
         return
     started = time.time()
-    groups = [(f, s) for f in fractions for s in seeds]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    records: list[dict] = []
-    with Progress(*columns, console=console) as progress, ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        task = progress.add_task("teachers (per fraction)", total=len(fractions))
-        for future in as_completed([pool.submit(train_fraction_teachers, f, args) for f in fractions]):
-            future.result()
-            progress.advance(task)
-        task = progress.add_task("fractions × seeds (every method and baseline)", total=len(groups))
-        for future in as_completed([pool.submit(run_group, f, s, args) for f, s in groups]):
-            records += future.result()
-            progress.advance(task)
+    command = [
+        EKD,
+        "sweep",
+        str(SWEEP),
+        "--name",
+        output.name,
+        "--output-dir",
+        str(output.parent),
+        "--seeds",
+        args.seeds,
+        "--grid",
+        f"data.train_fraction={','.join(str(f) for f in fractions)}",
+        "--grid",
+        f"data.subset_seed={args.subset_seeds}",
+        "--concurrent",
+        str(args.jobs),
+    ]
+    subprocess.run(command, check=True)  # a rerun resumes the sweep
     seconds = time.time() - started
-    results = [ExperimentResult.from_json(r) for r in records]
+    results = sweep_results(output)
+    records = [r.to_json() for r in results]
     (output / "results.json").write_text(json.dumps({"seconds": seconds, "runs": records}, indent=1))
     table = write_table(results, fractions, output / "fidelity.md", seconds)
     plot(results, fractions, output / "fidelity.png")

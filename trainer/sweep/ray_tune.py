@@ -4,9 +4,10 @@ Tune trial with its resources, `concurrent` at a time, on a private local Ray or
 Each epoch is reported to Tune (`tune.report`: validation accuracy for ASHA, the teacher calls so far) and,
 with tracking, logged to MLflow through Ray's integration (`setup_mlflow` opens the trial's run). Tune keeps
 the sweep's state under `<sweep dir>/tune`: a rerun of the same sweep restores it (`Tuner.restore`) and runs
-only the trials that had not finished, so a sweep survives Ctrl-C or a killed driver. A trial that fails is
-an errored Tune trial: the others go on, and its error is its row's. The trial configs reach the trials as
-Tune parameters (`tune.with_parameters`), never written to Tune's folder: a cache password stays off disk.
+only the trials that had not finished (or had failed), so a sweep survives Ctrl-C or a killed driver. A trial
+that fails is an errored Tune trial: the others go on, and its error is its row's. The trial configs reach the
+trials as Tune parameters (`tune.with_parameters`), never written to Tune's folder: a cache password stays
+off disk.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ray.air.integrations.mlflow import setup_mlflow
 from ray.tune.schedulers import ASHAScheduler
 
 from trainer.config import ExperimentConfig
+from trainer.results.baselines import alone_experiments
 from trainer.runs.experiment import run_locally
 from trainer.sweep.report import DONE, FAILED, STOPPED, TrialOutcome
 from trainer.sweep.spec import SweepSpec, Trial
@@ -38,9 +40,16 @@ logger = logging.getLogger(__name__)
 
 
 def run_trial(
-    params: dict, *, configs: dict[str, dict], tracking: Tracking | None, sweep: str, threads: int
+    params: dict,
+    *,
+    configs: dict[str, dict],
+    tracking: Tracking | None,
+    sweep: str,
+    threads: int,
+    baselines: bool = False,
 ) -> None:
-    """One Tune trial: the experiment `configs[params["trial"]]`, reported per epoch and at the end."""
+    """One Tune trial: the experiment `configs[params["trial"]]`, reported per epoch and at the end; with
+    `baselines`, then each network it exports trained alone with CE."""
     trial_id = params["trial"]
     cfg = ExperimentConfig.model_validate(configs[trial_id])
     torch.set_num_threads(threads)
@@ -72,6 +81,9 @@ def run_trial(
         result = run_locally(cfg, on_epoch_end=on_epoch_end)
         if tracker is not None:
             tracker.log_result(result)
+        networks = [s.alone_network for s in result.students if s.alone_network is not None]
+        for alone in alone_experiments(cfg, networks) if baselines else []:
+            run_locally(alone)
     except BaseException:
         if mlflow is not None:
             mlflow.end_run("FAILED")
@@ -87,6 +99,11 @@ def run_trial(
             **({VALIDATION_METRIC: result.val_accuracy} if result.val_accuracy is not None else {}),
         }
     )
+
+
+def trial_folder(trial) -> str:
+    """A Tune trial's folder: the ekd trial id, so that every result, errored ones too, names its trial."""
+    return trial.config["trial"]
 
 
 def _last_line(error: BaseException) -> str:
@@ -180,13 +197,15 @@ def run_sweep(
                 tracking=tracking,
                 sweep=sweep,
                 threads=max(1, int(spec.cpus_per_trial)),
+                baselines=spec.baselines,
             ),
             _resources(spec),
         )
         path = directory / STATE_FOLDER
         if tune.Tuner.can_restore(str(path)):
             logger.info("resuming the sweep saved under %s", path)
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True)
+            # Trials that failed run again: a rerun finishes what is not done.
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, restart_errored=True)
         else:
             scheduler = None
             if spec.asha is not None:
@@ -202,7 +221,11 @@ def run_sweep(
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search([t.id for t in trials])},
-                tune_config=tune.TuneConfig(max_concurrent_trials=spec.concurrent, scheduler=scheduler),
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=spec.concurrent,
+                    scheduler=scheduler,
+                    trial_dirname_creator=trial_folder,
+                ),
                 run_config=tune.RunConfig(
                     name=STATE_FOLDER,
                     storage_path=str(directory),
@@ -216,8 +239,7 @@ def run_sweep(
         outcomes = {}
         for index in range(len(grid)):
             result = grid[index]
-            assert result.config is not None  # every trial of a grid search has its parameters
-            trial = by_id[result.config["trial"]]
+            trial = by_id[Path(result.path).name]
             outcomes[trial.id] = outcome_of(trial, result.metrics or {}, result.error)
     finally:
         if started_ray:

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,25 @@ class AshaSettings(_Section):
     reduction_factor: float = Field(2.0, gt=1, description="1/reduction_factor of the trials go on per rung")
 
 
+class ExperimentEntry(_Section):
+    """An experiment YAML with overrides of its own (after the sweep's `set`)."""
+
+    path: str
+    set: list[str] = Field(default_factory=list)
+
+
 class SweepSpec(_Section):
-    experiments: list[str] = Field(min_length=1, description="experiment YAMLs, swept like a field")
+    experiments: list[str | ExperimentEntry] = Field(
+        min_length=1, description="experiment YAMLs (or {path, set}), swept like a field"
+    )
     name: str | None = Field(
         None, description="the sweep's name: its folder under output_dir (default: <experiment>-sweep)"
     )
-    set: list[str] = Field(default_factory=list, description="dotted.key=value overrides of every trial")
+    set: list[str] = Field(
+        default_factory=list,
+        description="dotted.key=value overrides of every trial; {field} in a value is that swept field's "
+        "value in the trial (e.g. a teacher checkpoint per data.train_fraction)",
+    )
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="field: values, every combination")
     random: dict[str, Distribution] = Field(default_factory=dict, description="field: a distribution")
     samples: int = Field(1, ge=1, le=10_000, description="random draws per grid point")
@@ -106,6 +120,11 @@ class SweepSpec(_Section):
     )
     asha: AshaSettings | None = Field(None, description="stop trailing trials early on validation accuracy")
     output_dir: str | None = Field(None, description="default: the first experiment's output_dir")
+    baselines: bool = Field(
+        False,
+        description="each trial also trains every network its method exports alone with CE (as "
+        "`ekd distill --baselines`: linked runs <trial>-alone-<network> beside it)",
+    )
 
     @model_validator(mode="after")
     def _fields_once(self) -> SweepSpec:
@@ -191,10 +210,36 @@ def _override(field: str, value: Any) -> str:
     return f"{field}={json.dumps(value)}"  # JSON is YAML: the value keeps its type
 
 
-def _base_raw(experiment: str, spec: SweepSpec) -> dict:
-    """The experiment's config (with the sweep's `set`) as data, validated once."""
-    cfg = load_yaml_model(experiment, ExperimentConfig, what="experiment", overrides=spec.set)
-    return cfg.model_dump(mode="json")
+_TEMPLATE = re.compile(r"\{([A-Za-z0-9_.]+)\}")
+
+
+@dataclass(frozen=True)
+class _Base:
+    """One experiment of the sweep: its config with the overrides that name no field, validated, and those
+    that do (resolved per trial)."""
+
+    path: str
+    raw: dict
+    templated: list[str]
+
+    @classmethod
+    def of(cls, entry: str | ExperimentEntry, spec: SweepSpec) -> _Base:
+        path, own = (entry, []) if isinstance(entry, str) else (entry.path, entry.set)
+        overrides = [*spec.set, *own]
+        fixed = [o for o in overrides if not _TEMPLATE.search(o)]
+        cfg = load_yaml_model(path, ExperimentConfig, what="experiment", overrides=fixed)
+        return cls(path, cfg.model_dump(mode="json"), [o for o in overrides if _TEMPLATE.search(o)])
+
+    def overrides(self, fields: dict[str, Any]) -> list[str]:
+        """The templated overrides with the trial's field values, then the fields themselves."""
+
+        def value(match: re.Match) -> str:
+            if match.group(1) not in fields:
+                raise ConfigError(f"sweep: {match.group(0)} in a `set` value names no swept field")
+            return _shown(fields[match.group(1)])
+
+        resolved = [_TEMPLATE.sub(value, o) for o in self.templated]
+        return resolved + [_override(k, v) for k, v in fields.items()]
 
 
 def _validated(raw: dict, overrides: list[str], where: str) -> ExperimentConfig:
@@ -212,26 +257,27 @@ def expand(spec: SweepSpec) -> list[Trial]:
     """Every trial of the sweep, each config validated: first every swept value alone (so that a bad one is
     one line naming its field and value), then every combination. Random draws come from `sample_seed`, so
     the same spec gives the same trials."""
-    bases = {experiment: _base_raw(experiment, spec) for experiment in spec.experiments}
+    bases = [_Base.of(entry, spec) for entry in spec.experiments]
     axes: dict[str, list[Any]] = dict(spec.grid)
     if spec.seeds is not None:
         axes[SEED_FIELD] = list(spec.seeds)
-    for raw in bases.values():
+    for base in bases:
+        if base.templated:
+            continue  # its values are checked in their trials, with the fields the templates name
         for field, values in axes.items():
             for value in values:
-                _validated(raw, [_override(field, value)], f"{field}={_shown(value)}")
+                _validated(base.raw, [_override(field, value)], f"{field}={_shown(value)}")
     rng = random.Random(spec.sample_seed)
     trials: list[Trial] = []
     combinations = list(itertools.product(*axes.values()))
-    for experiment, raw in bases.items():
+    for base in bases:
         for combination in combinations:
             for _ in range(spec.samples if spec.random else 1):
                 fields = dict(zip(axes, combination))
                 fields.update({field: d.draw(rng) for field, d in spec.random.items()})
                 shown = ", ".join(f"{k}={_shown(v)}" for k, v in fields.items()) or "the experiment as it is"
-                cfg = _validated(raw, [_override(k, v) for k, v in fields.items()], shown)
-                trial_id = f"t{len(trials):03d}"
-                trials.append(Trial(trial_id, experiment, fields, cfg))
+                cfg = _validated(base.raw, base.overrides(fields), shown)
+                trials.append(Trial(f"t{len(trials):03d}", base.path, fields, cfg))
     return trials
 
 

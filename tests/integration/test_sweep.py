@@ -1,0 +1,157 @@
+"""`ekd sweep` on a real local Ray Tune: a digits KD sweep of 3 temperatures × 2 α, two trials at a time,
+every trial reading one teacher bank through a served teacher (real gRPC over 127.0.0.1, real LMDB). Only trials
+that meet a cold view call a teacher; after `ekd warm` none does. The driver killed mid-sweep (SIGKILL) and
+run again resumes without redoing the trials that finished; every trial is read back from MLflow.
+
+The runs are tiny: digits at 8×8, random-weight cifar_resnet20 teachers, a cifar_resnet8 student, 2 epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from test_served_distill import KD, experiment, save_random_teachers, serve_teachers
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+EKD = str(Path(sys.executable).parent / "ekd")
+EPOCHS = 2
+SWEEP = [
+    "--grid",
+    "method.temperature=1,2,4",
+    "--grid",
+    "method.alpha=0.1,0.5",
+    "--concurrent",
+    "2",
+    "--set",
+    f"train.epochs={EPOCHS}",
+]
+TRIALS = [f"t{i:03d}" for i in range(6)]
+DEADLINE_SECONDS = 900  # a loaded 2-core machine: Ray's start, six trials' imports and training
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def served_config(tmp_path: Path, address: str, cache_uri: str) -> Path:
+    config = tmp_path / "kd.yaml"
+    source = {"kind": "served", "address": address, "cache": cache_uri}
+    config.write_text(yaml.safe_dump(experiment(tmp_path, "kd", KD, teacher_source=source)))
+    return config
+
+
+def finished_trials(tune_dir: Path) -> set[str]:
+    """The trials Tune's saved state records as finished (what a restored sweep skips)."""
+    finished = set()
+    for state in tune_dir.glob("experiment_state-*.json"):
+        try:
+            trials = [json.loads(data[0]) for data in json.loads(state.read_text())["trial_data"]]
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+        finished |= {t["config"]["trial"] for t in trials if t["status"] == "TERMINATED"}
+    return finished
+
+
+def sweep_record(tmp_path: Path) -> dict[str, dict]:
+    record = json.loads((tmp_path / "runs" / "kd-sweep" / "sweep.json").read_text())
+    return {trial["id"]: trial for trial in record["trials"]}
+
+
+def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path):
+    save_random_teachers(tmp_path)
+    cache_uri = f"lmdb://{tmp_path / 'cache'}"
+    sweep_dir = tmp_path / "runs" / "kd-sweep"
+    server, _ = serve_teachers(tmp_path, cache_uri)
+    with server:
+        command = [EKD, "sweep", str(served_config(tmp_path, server.address, cache_uri)), *SWEEP]
+        with (tmp_path / "killed.log").open("w") as log:
+            driver = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=ENV, start_new_session=True
+            )
+            deadline = time.monotonic() + DEADLINE_SECONDS
+            while len(finished_trials(sweep_dir / "tune")) < 2 and driver.poll() is None:
+                assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+                time.sleep(0.5)
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            driver.wait()
+        before_kill = finished_trials(sweep_dir / "tune")
+        assert 2 <= len(before_kill) < len(TRIALS), (tmp_path / "killed.log").read_text()
+        records = {t: sweep_dir / "trials" / f"kd-{t}" / "results_seed0.json" for t in TRIALS}
+        written = {t: records[t].stat().st_mtime_ns for t in before_kill}
+
+        rerun = subprocess.run(
+            command, capture_output=True, text=True, timeout=DEADLINE_SECONDS, cwd=tmp_path, env=ENV
+        )
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming the sweep" in rerun.stderr
+    assert all(f" {t} " in rerun.stdout for t in TRIALS)  # the table: one row per trial
+    assert {t: records[t].stat().st_mtime_ns for t in before_kill} == written  # not redone
+    trials = sweep_record(tmp_path)
+    assert all(trials[t]["status"] == "done" and trials[t]["test_accuracy"] is not None for t in TRIALS)
+    # Every trial finished before the kill read the views the first ones fetched; a trial run after it found
+    # every view in the bank.
+    assert sum(trials[t]["teacher_calls"] for t in before_kill) > 0
+    assert all(trials[t]["teacher_calls"] == 0 for t in TRIALS if t not in before_kill)
+    assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    sweep = client.get_experiment_by_name("kd-sweep")
+    runs = client.search_runs([sweep.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    assert sorted(run.data.tags["ekd.trial"] for run in runs) == TRIALS  # each once: none redone
+    for run in runs:
+        fields = trials[run.data.tags["ekd.trial"]]["fields"]
+        assert float(run.data.params["method.temperature"]) == fields["method.temperature"]
+        assert float(run.data.params["method.alpha"]) == fields["method.alpha"]
+        assert run.data.params["teachers.1.served_as"] == "t1"
+        assert run.data.tags["ekd.bank"] == cache_uri and run.data.tags["ekd.teacher.0"] == "cifar_resnet20"
+        for metric in ("loss", "val_accuracy", "teacher_calls", "cache_hit_rate", "stall_seconds"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert sorted(m.step for m in history) == list(range(EPOCHS)), metric
+        assert run.data.metrics["test_accuracy"] == trials[run.data.tags["ekd.trial"]]["test_accuracy"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"results_seed0.json", "students"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "students")] == ["students/student.pt"]
+
+
+def test_after_warm_no_trial_calls_a_teacher(tmp_path):
+    save_random_teachers(tmp_path)
+    cache_uri = f"lmdb://{tmp_path / 'cache'}"
+    server, backend = serve_teachers(tmp_path, cache_uri)
+    with server:
+        config = served_config(tmp_path, server.address, cache_uri)
+        warm = subprocess.run(
+            [EKD, "warm", str(config), "--set", f"train.epochs={EPOCHS}"],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_SECONDS,
+            cwd=tmp_path,
+            env=ENV,
+        )
+        assert warm.returncode == 0, warm.stderr
+        calls_at_start = backend.teacher_calls()
+        run = subprocess.run(
+            [EKD, "sweep", str(config), *SWEEP, "--no-tracking"],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_SECONDS,
+            cwd=tmp_path,
+            env=ENV,
+        )
+        assert run.returncode == 0, run.stderr
+        assert backend.teacher_calls() == calls_at_start
+    trials = sweep_record(tmp_path)
+    assert [trials[t]["teacher_calls"] for t in TRIALS] == [0] * len(TRIALS)
+    assert all(trials[t]["status"] == "done" for t in TRIALS)
+    # ekd warm is tracked (by default, in the embedded store under the output directory); the sweep is not.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert client.get_experiment_by_name("kd-sweep") is None
+    (warmed,) = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
+    assert warmed.info.run_name == "warm" and warmed.data.tags["ekd.bank"] == cache_uri
+    assert warmed.data.metrics["teacher0.computed"] > 0 and warmed.data.params["method.name"] == "kd"
