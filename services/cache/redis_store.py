@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ssl
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import cast
@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import OutOfMemoryError, RedisClusterException
+from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisClusterUnreachableError
 from redis.retry import Retry
 
 from services.cache.store import (
@@ -120,10 +120,14 @@ class RedisBackedStore(TeacherOutputStore):
         try:
             yield
         except redis.AuthenticationError as error:
-            raise CacheUnavailableError(
-                f"Redis cache at {self.url} refuses the password ({error}); give the right one in the URL: "
-                "redis://:PASSWORD@host:port/db"
-            ) from error
+            raise self._refused_password(error) from error
+        except RedisClusterUnreachableError as error:
+            raise CacheUnreachableError(f"Redis cache at {self.url} is unavailable: {error}") from error
+        except RedisClusterException as error:
+            # A cluster client wraps what the nodes it asked for the slot map said.
+            if isinstance(error.__cause__, redis.AuthenticationError):
+                raise self._refused_password(error.__cause__) from error
+            raise CacheUnavailableError(f"Redis cache at {self.url} cannot be used: {error}") from error
         except (redis.ConnectionError, redis.TimeoutError) as error:
             # A TLS handshake that fails (an untrusted certificate) is a configuration error, not an outage.
             failed = (
@@ -137,8 +141,14 @@ class RedisBackedStore(TeacherOutputStore):
                 f"Redis cache at {self.url} is out of memory and refuses writes ({error}); "
                 "set maxmemory-policy to allkeys-lru so old entries are evicted, or raise maxmemory"
             ) from error
-        except (redis.RedisError, RedisClusterException) as error:
+        except redis.RedisError as error:
             raise CacheError(f"Redis cache at {self.url} failed: {error}") from error
+
+    def _refused_password(self, error: redis.AuthenticationError) -> CacheUnavailableError:
+        return CacheUnavailableError(
+            f"Redis cache at {self.url} refuses the password ({error}); give the right one in the URL: "
+            "redis://:PASSWORD@host:port/db"
+        )
 
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
         with self._translated_errors():
@@ -165,6 +175,16 @@ class RedisBackedStore(TeacherOutputStore):
                     for key, size in zip(step, pipeline.execute(), strict=True):
                         if size:  # 0: expired or evicted since the scan saw it
                             yield key[len(self._prefix) :], size
+
+    def entry_bytes(self, groups: Sequence[Sequence[tuple[bytes, int]]]) -> list[float] | None:
+        # MEMORY USAGE: the server's own count of a key's allocations (entry, key, value object and value),
+        # less the hash table's slot (8 bytes a bucket).
+        with self._translated_errors():
+            return [
+                sum(int(self._client.memory_usage(self._prefix + key, samples=0) or 0) for key, _ in group)
+                / max(1, len(group))
+                for group in groups
+            ]
 
     def _delete_raw(self, keys: list[bytes]) -> None:
         # A concurrent writer may have just replaced a damaged value with a good one; deleting it then costs

@@ -16,6 +16,7 @@ from test_served_distill import KD, experiment, save_random_teachers, serve_teac
 from typer.testing import CliRunner
 
 from services.cache import (
+    CacheUnavailableError,
     CacheUnreachableError,
     OutputEntries,
     ValueSpec,
@@ -57,6 +58,14 @@ def test_the_cluster_uri_names_its_nodes_credentials_and_query():
     for bad in ("redis+cluster://h:7000/3", "redis+cluster://h:7000,h/", "redis+cluster://h:7000/?db=1"):
         with pytest.raises(ValueError, match="bad Redis"):
             RedisClusterStore(bad, ping_on_open=False)
+
+
+def test_a_cluster_that_cannot_be_used_is_named_in_one_line(free_tcp_port, start_redis_server):
+    with pytest.raises(CacheUnreachableError, match="cannot be connected"):
+        RedisClusterStore(f"redis+cluster://127.0.0.1:{free_tcp_port}/")
+    plain = start_redis_server().url.replace("redis://", "redis+cluster://").removesuffix("0")
+    with pytest.raises(CacheUnavailableError, match="Cluster mode is not enabled"):
+        open_store(plain)
 
 
 def test_values_spread_over_every_shard_round_trip_and_stats_count_them_all(redis_cluster: RedisCluster):
