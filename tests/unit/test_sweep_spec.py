@@ -164,6 +164,8 @@ def test_tracking_is_embedded_by_default_a_server_when_asked_and_off_when_disabl
     assert embedded is not None and embedded.uri == embedded_store_uri(tmp_path / "runs")
     assert embedded.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert Tracking.resolve(tmp_path, "http://127.0.0.1:5000", True) == Tracking("http://127.0.0.1:5000")
+    other = Tracking.resolve(tmp_path, f"sqlite:///{tmp_path / 'other' / 'runs.db'}", True)
+    assert other is not None and other.artifact_root == (tmp_path / "other" / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
     assert Tracking.resolve(tmp_path, None, True) == Tracking("http://127.0.0.1:5001")
     assert Tracking.resolve(tmp_path, None, False) is None

@@ -26,6 +26,7 @@ from trainer.runs.experiment import ExperimentResult
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 STORE_FILE = "mlflow.db"  # the embedded store, under the output directory
+SQLITE_PREFIX = "sqlite:///"
 ARTIFACTS_FOLDER = "mlartifacts"  # the embedded store's artifacts, beside it
 # MLflow takes at most this many parameters per call (MlflowClient.log_batch).
 PARAMS_PER_BATCH = 100
@@ -48,11 +49,13 @@ class Tracking:
         if not enabled:
             return None
         chosen = uri or os.environ.get(TRACKING_URI_ENV)
-        if chosen:
-            return cls(chosen)
-        root = Path(output_dir).absolute()
+        if chosen and not chosen.startswith(SQLITE_PREFIX):
+            return cls(chosen)  # a server keeps the artifacts where it is configured to
+        store = Path(chosen.removeprefix(SQLITE_PREFIX)) if chosen else Path(output_dir) / STORE_FILE
+        root = store.absolute().parent
         root.mkdir(parents=True, exist_ok=True)
-        return cls(embedded_store_uri(root), (root / ARTIFACTS_FOLDER).as_uri())
+        # A SQLite store's artifacts go beside it (MLflow's default would be ./mlruns, wherever ekd runs).
+        return cls(f"{SQLITE_PREFIX}{store.absolute()}", (root / ARTIFACTS_FOLDER).as_uri())
 
     def client(self):
         from mlflow.tracking import MlflowClient  # mlflow takes seconds to import: only where it tracks
@@ -79,7 +82,7 @@ class Tracking:
 
 def embedded_store_uri(output_dir: str | os.PathLike) -> str:
     """The embedded store of runs under `output_dir`: what `mlflow ui --backend-store-uri` takes."""
-    return f"sqlite:///{Path(output_dir).absolute() / STORE_FILE}"
+    return f"{SQLITE_PREFIX}{Path(output_dir).absolute() / STORE_FILE}"
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
