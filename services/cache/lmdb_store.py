@@ -10,7 +10,7 @@ growing it safely needs every process to reopen, so a full map is reported with 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +68,33 @@ def _release(path: Path) -> None:
         if entry.users == 0:
             entry.env.close()
             del _OPEN[key]
+
+
+_PAGE_HEADER = 16  # LMDB's page header
+_NODE_HEADER = 8  # a leaf node's header
+_SLOT = 2  # a node's offset in its page
+
+
+def _node_limit(page: int) -> int:
+    """The largest leaf node (header, key and value) LMDB keeps on a leaf page (its me_nodemax)."""
+    return ((page - _PAGE_HEADER) // 2 & -2) - _SLOT
+
+
+def _overflows(key_bytes: int, value_bytes: int, page: int) -> bool:
+    return _NODE_HEADER + key_bytes + value_bytes > _node_limit(page)
+
+
+def _own_pages(key_bytes: int, value_bytes: int, page: int) -> int:
+    """Bytes of the overflow pages an entry's value takes to itself (0 when it fits a leaf)."""
+    if not _overflows(key_bytes, value_bytes, page):
+        return 0
+    return -(-(value_bytes + _PAGE_HEADER) // page) * page
+
+
+def _on_leaf(key_bytes: int, value_bytes: int, page: int) -> int:
+    """Bytes an entry puts on its leaf page: node header, key, the value or its overflow page number, slot."""
+    stored = 8 if _overflows(key_bytes, value_bytes, page) else value_bytes
+    return (_NODE_HEADER + key_bytes + stored + 1 & -2) + _SLOT
 
 
 class LmdbStore(TeacherOutputStore):
@@ -142,6 +169,23 @@ class LmdbStore(TeacherOutputStore):
                 if not key.startswith(prefix):
                     return
                 yield key, len(value)
+
+    def entry_bytes(self, groups: Sequence[Sequence[tuple[bytes, int]]]) -> list[float] | None:
+        # LMDB counts pages, not entries: a value too large for a leaf takes whole overflow pages of its
+        # own (`_own_pages`, exact); the branch and leaf pages are shared out by each entry's bytes on them,
+        # at the tree's measured fill (pages in use over the bytes every key in it puts on them).
+        stat = self._open_env.stat()
+        page = stat["psize"]
+        on_tree = sum(_on_leaf(len(key), size, page) for key, size in self._scan_raw(b""))
+        per_byte = (stat["branch_pages"] + stat["leaf_pages"]) * page / on_tree if on_tree else 0.0
+        return [
+            sum(
+                _own_pages(len(key), size, page) + per_byte * _on_leaf(len(key), size, page)
+                for key, size in group
+            )
+            / max(1, len(group))
+            for group in groups
+        ]
 
     def _delete_raw(self, keys: list[bytes]) -> None:
         # A read-only handle cannot delete; the damaged value stays a miss until a writer replaces it.

@@ -124,6 +124,12 @@ class TeacherOutputStore(ABC):
         default), in no particular order; values are not read."""
         return self._scan_raw(prefix)
 
+    def entry_bytes(self, groups: Sequence[Sequence[tuple[bytes, int]]]) -> list[float] | None:
+        """For each group (a sample of (key, value size) pairs of one teacher, output and form, as `scan`
+        gives them), the mean bytes the backend spends holding one such entry, all-in: key, value and the
+        backend's own overhead, from its own accounting; None where the backend does not tell."""
+        return None
+
     def delete_many(self, keys: Sequence[bytes]) -> None:
         """Remove the keys; absent keys are not an error."""
         keys = list(keys)

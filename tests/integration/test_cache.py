@@ -15,6 +15,7 @@ import torch
 import xxhash
 
 from services.cache import (
+    QUANTIZED,
     CacheError,
     CacheFullError,
     CacheStats,
@@ -27,10 +28,13 @@ from services.cache import (
     open_store,
     output_key,
     parse_key,
+    teacher_tag,
 )
+from services.cache.inventory import inventory
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
 from services.core.redaction import redact
+from services.formats import quantized_logits
 from services.formats.codec import encode_value
 from services.formats.soft_labels import compress, encode
 
@@ -538,3 +542,32 @@ def test_lmdb_errors_are_cache_errors(tmp_path):
             store.put_many([(key_for(0), logits(0))])
     finally:
         store.close()
+
+
+def test_quantized_values_round_trip_and_stats_count_each_entry_all_in(backend, teacher):
+    raw = torch.randn(300, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    keys = [
+        output_key(teacher, "logits", "float16", 0, input_digest(image(i)), form=QUANTIZED)
+        for i in range(300)
+    ]
+    fp16_keys = [output_key(teacher, "logits", "float16", 0, input_digest(image(i))) for i in range(300)]
+    with backend.open() as store:
+        store.put_many(list(zip(keys, raw, strict=True)) + list(zip(fp16_keys, raw.half(), strict=True)))
+        found = store.get_many(
+            keys, [ValueSpec.of(QUANTIZED, "float16", num_classes=1000, shape=(1000,))] * 300
+        )
+        assert torch.equal(torch.stack(found), quantized_logits.quantized(raw))
+        # A full frame under a quantized key (or the reverse) is the wrong kind: a miss, deleted.
+        store._put_raw([(keys[0], encode_value(raw[0])), (fp16_keys[0], quantized_logits.encode(raw[:1])[0])])
+        assert store.get_many([keys[0], fp16_keys[0]]) == [None, None]
+        groups = {group.form: group for group in inventory(store)[0] if group.tag == teacher_tag(teacher)}
+    quantized_group, fp16_group = groups["quantized"], groups["f16"]
+    assert (quantized_group.entries, fp16_group.entries) == (299, 299)
+    assert quantized_group.bytes_per_entry == 22 + 910 and fp16_group.bytes_per_entry == 22 + 2027
+    # All-in: more than the key and value, and within what the backend could plausibly spend; an fp16 value
+    # overflows an LMDB leaf and takes a 4 KiB page of its own.
+    for group in (quantized_group, fp16_group):
+        assert group.all_in_bytes is not None
+        assert group.bytes_per_entry < group.all_in_bytes < 2.5 * group.bytes_per_entry
+    if isinstance(backend, LmdbBackend):
+        assert fp16_group.all_in_bytes > 4096

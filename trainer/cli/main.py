@@ -589,18 +589,20 @@ def cache_stats(
     uri: Annotated[str, typer.Argument(help="cache URI: lmdb:///path, a path, or redis://host:port/db")],
     views: Annotated[int, typer.Option(min=1, help="replayed views per image of the ImageNet estimate")] = 16,
 ) -> None:
-    """Entries and bytes per teacher, output and form (from the keys, without reading values), and what a
-    full ImageNet bank would take at each group's bytes per entry."""
+    """Entries and bytes per teacher, output and form (from the keys, without reading values), what an entry
+    costs the store all-in (key, value and the store's overhead: LMDB's pages, Redis's MEMORY USAGE), and
+    what a full ImageNet bank would take at that."""
     from services.cache import open_store
     from services.cache.inventory import IMAGENET_TRAIN_IMAGES, inventory
 
     with open_store(uri) as store:
         groups, unrecognized = inventory(store)
     table = Table(title=f"ekd cache {redact(uri)}")
-    for column in ("teacher tag", "output", "form", "entries", "key bytes", "value bytes", "bytes/entry"):
+    for column in ("teacher tag", "output", "form", "entries", "key bytes", "value bytes", "all-in B/entry"):
         table.add_column(column, justify="left" if column in ("teacher tag", "output", "form") else "right")
     table.add_column(f"ImageNet bank ({views} views)", justify="right")
     for g in groups:
+        per_entry = g.all_in_bytes if g.all_in_bytes is not None else g.bytes_per_entry
         table.add_row(
             g.tag,
             g.output,
@@ -608,8 +610,8 @@ def cache_stats(
             f"{g.entries:,}",
             _bytes(g.key_bytes),
             _bytes(g.value_bytes),
-            f"{g.bytes_per_entry:,.0f}",
-            _bytes(g.bytes_per_entry * IMAGENET_TRAIN_IMAGES * views),
+            f"{per_entry:,.0f}",
+            _bytes(per_entry * IMAGENET_TRAIN_IMAGES * views),
         )
     out_console.print(table)
     total = sum(g.key_bytes + g.value_bytes for g in groups)
