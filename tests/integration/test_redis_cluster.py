@@ -104,6 +104,7 @@ def test_a_killed_shard_reads_as_an_outage_and_the_guard_answers_misses(redis_cl
         assert guard.get_many(keys).outcome is Outcome.SKIPPED
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_a_served_run_with_a_shard_killed_mid_run_ends_as_undisturbed(
     tmp_path: Path, redis_cluster: RedisCluster
