@@ -11,7 +11,6 @@ of the wrong dtype or shape, which only a foreign or buggy writer leaves, is tre
 
 from __future__ import annotations
 
-import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -21,13 +20,12 @@ from types import TracebackType
 import torch
 
 from services.cache.authentication import ValueAuthenticator
+from services.cache.corrupt_values import ForgedValueError, WrongKindValueError, corrupt_values
 from services.cache.layout import KEY_NAMESPACE, CachedValue, ValueSpec, is_quantized_key
 from services.core.errors import UserError
 from services.formats import quantized_logits
 from services.formats.codec import CorruptValueError, decode_value, encode_value
 from services.formats.soft_labels import CompactLogits, decode, encode, is_compact_frame
-
-logger = logging.getLogger(__name__)
 
 
 class CacheError(RuntimeError):
@@ -189,10 +187,10 @@ class TeacherOutputStore(ABC):
                 value = self._decoded(key, raw)
                 problem = expected[index].mismatch(value) if expected is not None else None
                 if problem is not None:
-                    raise CorruptValueError(problem)
+                    raise WrongKindValueError(problem)
                 values.append(value)
             except CorruptValueError as error:
-                logger.warning("deleting corrupt cache value under %r: %s", key, error)
+                corrupt_values.found(error)  # reported in one line per interval, not one each
                 corrupt_keys.append(key)
                 values.append(None)
         if corrupt_keys:
@@ -206,9 +204,7 @@ class TeacherOutputStore(ABC):
         if self._authenticator is not None:
             verified = self._authenticator.verified_frame(key, raw)
             if verified is None:
-                raise CorruptValueError(
-                    "no valid HMAC tag for this key: not written with this cache's secret"
-                )
+                raise ForgedValueError("no valid HMAC tag for this key: not written with this cache's secret")
             frame = verified
         if is_quantized_key(key) != quantized_logits.is_quantized_frame(frame):
             raise CorruptValueError("a quantized frame only under a quantized-form key, and only that")
