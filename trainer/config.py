@@ -255,11 +255,13 @@ class TeacherSourceConfig(_Section):
         "batch are missing and the `ekd warm` command that fills them); compute runs the teachers here for "
         "the missing outputs and writes them to the bank",
     )
-    soft_labels: Literal["full", "compact"] = Field(
+    soft_labels: Literal["full", "compact", "quantized"] = Field(
         "full",
-        description="the form of the teacher logits the student learns from: full (every logit) or compact "
+        description="the form of the teacher logits the student learns from: full (every logit), compact "
         "(services/formats/soft_labels.py: the top logits and the tail's log-sum-exp, 63 bytes a view "
-        "for 1000 classes; the form `ekd warm` writes and, served, the form the service streams and caches)",
+        "for 1000 classes) or quantized (services/formats/quantized_logits.py: every logit to 7-12 bits, "
+        "910 bytes a view, KD loss within 1 % at T <= 4); the form `ekd warm` writes and, served, the "
+        "form the service streams and caches (compact; quantized is in process or from a bank)",
     )
     prefetch_batches: int = Field(
         2,
@@ -321,6 +323,11 @@ class TeacherSourceConfig(_Section):
         if self.kind == "bank" and not self.cache:
             raise ValueError(
                 "teacher_source.kind 'bank' needs `cache` (the URI of the bank `ekd warm` filled)"
+            )
+        if self.kind == "served" and self.soft_labels == "quantized":
+            raise ValueError(
+                "teacher_source.soft_labels 'quantized' is taken in process or from a bank (kind 'bank', "
+                "filled by `ekd warm`); the teacher service streams full and compact logits"
             )
         return self
 

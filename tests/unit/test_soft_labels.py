@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from services.formats import quantized_logits
 from services.formats.codec import CorruptValueError
 from services.formats.soft_labels import COMPACT_BYTES, CompactLogits, compress, decode, encode
+from trainer.config import load_experiment
 from trainer.methods.base import TeacherOutputs, in_soft_label_form
 from trainer.methods.losses import distillation_kl, soft_targets
 
@@ -139,3 +140,15 @@ def test_training_outputs_turn_quantized_when_asked():
     raw = logits(2, 1000)
     outputs = in_soft_label_form(TeacherOutputs(logits=[raw, None], features=[{}, {}]), "quantized")
     assert torch.equal(outputs.logits[0], quantized_logits.quantized(raw)) and outputs.logits[1] is None
+
+
+def test_the_quantized_form_is_chosen_in_config_and_refused_where_the_service_would_serve_it():
+    cfg = load_experiment("configs/digits/kd.yaml", ["teacher_source.soft_labels=quantized"])
+    assert cfg.teacher_source.soft_labels == "quantized"
+    served = [
+        "teacher_source.soft_labels=quantized",
+        "teacher_source.kind=served",
+        "teacher_source.address=h:1",
+    ]
+    with pytest.raises(ValueError, match="'quantized' is taken in process or from a bank"):
+        load_experiment("configs/digits/kd.yaml", served)

@@ -103,7 +103,9 @@ class TeacherBankWriter:
                     compact = compress(values)
                     items += [(keys[output][i], compact[row]) for row, i in enumerate(missing)]
                 else:
-                    values = values.to(DTYPES[self.dtype])
+                    # A quantized value is taken from the float32 logits, as a run in process takes it.
+                    if entries[output].form == FULL:
+                        values = values.to(DTYPES[self.dtype])
                     items += [(keys[output][i], values[row]) for row, i in enumerate(missing)]
             self.store.put_many(items)
         return BatchWritten(
