@@ -419,7 +419,8 @@ class BankTeacherSource(TeacherSource):
     lack, and their outputs are written to the bank in the stored form and used in that form, so that a
     view computed trains exactly as a view found. The teachers are built either way (their tap shapes are
     read off a forward of one blank image); without `compute_misses` they are released once described.
-    `bank` is the bank's URI (shown redacted). Reads and writes are those of one thread at a time.
+    `bank` is the bank's URI (shown redacted); `names` name the teachers to the method (default: their zoo
+    names). Reads and writes are those of one thread at a time.
     """
 
     def __init__(
@@ -427,6 +428,7 @@ class BankTeacherSource(TeacherSource):
         teachers: Sequence[Teacher],
         bank: str,
         *,
+        names: Sequence[str] | None = None,
         compute_misses: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -438,6 +440,7 @@ class BankTeacherSource(TeacherSource):
         self.shown_bank = redact(bank)
         self.store = open_store(bank)
         self.specs = [teacher.spec for teacher in teachers]
+        self.names = list(names) if names is not None else [spec.name for spec in self.specs]
         engines = [TeacherEngine(teacher, device if compute_misses else "cpu") for teacher in teachers]
         # The service's shapes: every image is resized to the teacher's input size before its forward.
         self.tap_shapes = [engine.feature_shapes(engine.spec.preprocessing.input_size) for engine in engines]
@@ -449,8 +452,8 @@ class BankTeacherSource(TeacherSource):
 
     def describe(self, image_size: int) -> list[TeacherInfo]:
         return [
-            TeacherInfo(name=spec.name, num_classes=spec.num_classes, feature_shapes=dict(shapes))
-            for spec, shapes in zip(self.specs, self.tap_shapes, strict=True)
+            TeacherInfo(name=name, num_classes=spec.num_classes, feature_shapes=dict(shapes))
+            for name, spec, shapes in zip(self.names, self.specs, self.tap_shapes, strict=True)
         ]
 
     def fetch(
@@ -487,7 +490,7 @@ class BankTeacherSource(TeacherSource):
                         images.shape[0],
                         self.shown_bank,
                         [
-                            f"teachers.{column.teacher} {self.specs[column.teacher].name}: "
+                            f"teachers.{column.teacher} {self.names[column.teacher]}: "
                             f"{column.output} ({column.entries.form})"
                             for column in columns
                             if any(value is None for value in found[column.teacher, column.output])
@@ -610,7 +613,8 @@ def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.
     in_process loads every teacher's checkpoint here. bank loads them too, for their identities (the
     bank's keys), and runs them only for the views the bank lacks, with on_miss: compute. served names each
     teacher by `served_as` (default: its zoo name) and, where the checkpoint is present locally, requires the
-    service to host exactly that teacher.
+    service to host exactly that teacher; bank names them so too, so that its runs record what served runs
+    from the same bank record (per-teacher loss terms).
     """
     settings = cfg.teacher_source
     if settings.kind == "in_process":
@@ -629,6 +633,7 @@ def build_teacher_source(cfg: ExperimentConfig, num_classes: int, device: torch.
         return BankTeacherSource(
             [create_teacher(t.name, num_classes, checkpoint=t.checkpoint) for t in cfg.teachers],
             settings.cache,
+            names=[t.served_as or t.name for t in cfg.teachers],
             compute_misses=settings.on_miss == "compute",
             device=device,
         )
