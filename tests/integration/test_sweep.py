@@ -1,7 +1,8 @@
 """`ekd sweep` on a real local Ray Tune: a digits KD sweep of 3 temperatures × 2 α, two trials at a time,
-every trial reading one teacher bank through a served teacher (real gRPC over 127.0.0.1, real LMDB). Only trials
-that meet a cold view call a teacher; after `ekd warm` none does. The driver killed mid-sweep (SIGKILL) and
-run again resumes without redoing the trials that finished; every trial is read back from MLflow.
+every trial reading one teacher bank through a served teacher (real gRPC over 127.0.0.1, real LMDB). Only
+trials that meet a cold view call a teacher; after `ekd warm` none does. The driver killed mid-sweep
+(SIGKILL) and run again resumes without redoing the trials that finished; every trial is read back from
+MLflow.
 
 The runs are tiny: digits at 8×8, random-weight cifar_resnet20 teachers, a cifar_resnet8 student, 2 epochs.
 """
@@ -20,6 +21,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from test_served_distill import KD, experiment, save_random_teachers, serve_teachers
+
+from services.core.redaction import redact
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -110,7 +113,10 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path):
         assert float(run.data.params["method.temperature"]) == fields["method.temperature"]
         assert float(run.data.params["method.alpha"]) == fields["method.alpha"]
         assert run.data.params["teachers.1.served_as"] == "t1"
-        assert run.data.tags["ekd.bank"] == cache_uri and run.data.tags["ekd.teacher.0"] == "cifar_resnet20"
+        assert (
+            run.data.tags["ekd.bank"] == redact(cache_uri)
+            and run.data.tags["ekd.teacher.0"] == "cifar_resnet20"
+        )
         for metric in ("loss", "val_accuracy", "teacher_calls", "cache_hit_rate", "stall_seconds"):
             history = client.get_metric_history(run.info.run_id, metric)
             assert sorted(m.step for m in history) == list(range(EPOCHS)), metric
@@ -153,5 +159,5 @@ def test_after_warm_no_trial_calls_a_teacher(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     assert client.get_experiment_by_name("kd-sweep") is None
     (warmed,) = client.search_runs([client.get_experiment_by_name("kd").experiment_id])
-    assert warmed.info.run_name == "warm" and warmed.data.tags["ekd.bank"] == cache_uri
+    assert warmed.info.run_name == "warm" and warmed.data.tags["ekd.bank"] == redact(cache_uri)
     assert warmed.data.metrics["teacher0.computed"] > 0 and warmed.data.params["method.name"] == "kd"

@@ -517,6 +517,9 @@ def warm(
 
     cfg = load_experiment(config, overrides or ())
     uri = _cache_uri(cfg, cache)
+    tracked = Tracking.resolve(cfg.output_dir, tracking_uri, tracking)
+    if tracked is not None:
+        tracked.experiment_id(cfg.name)  # a tracking store that cannot be used fails before the job
     with ProgressBars() as bars:
         ensure_teachers(cfg, load_splits(cfg), resolve_device(cfg.device), bars)
     progress = Progress(
@@ -544,7 +547,7 @@ def warm(
 
     with progress:
         warmed = warm_bank(cfg, uri, batch_size=batch_size, ray_address=ray_address, on_batch=on_batch)
-    log_warm(Tracking.resolve(cfg.output_dir, tracking_uri, tracking), cfg, uri, batch_size, warmed)
+    log_warm(tracked, cfg, uri, batch_size, warmed)
     table = Table(title=f"ekd warm {cfg.name} -> {redact(uri)}")
     for column in (
         "teacher",

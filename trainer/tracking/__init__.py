@@ -28,8 +28,6 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 STORE_FILE = "mlflow.db"  # the embedded store, under the output directory
 SQLITE_PREFIX = "sqlite:///"
 ARTIFACTS_FOLDER = "mlartifacts"  # the embedded store's artifacts, beside it
-# MLflow takes at most this many parameters per call (MlflowClient.log_batch).
-PARAMS_PER_BATCH = 100
 # MLflow's longest parameter value; a longer one (a long list) is cut, the config in results.json is whole.
 MAX_PARAM_LENGTH = 6000
 
@@ -65,6 +63,8 @@ class Tracking:
     def experiment_id(self, name: str) -> str:
         """The id of MLflow experiment `name`, created when missing (in the embedded store, with its
         artifacts beside the store)."""
+        from mlflow.exceptions import MlflowException
+
         client = self.client()
         try:
             found = client.get_experiment_by_name(name)
@@ -72,12 +72,9 @@ class Tracking:
                 return found.experiment_id
             location = f"{self.artifact_root}/{name}" if self.artifact_root else None
             return client.create_experiment(name, artifact_location=location)
-        except Exception as err:  # mlflow raises its own and its HTTP library's errors
-            if type(err).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
-                raise ConfigError(
-                    f"tracking store {self.uri} cannot be used: {err}".splitlines()[0]
-                ) from None
-            raise
+        except MlflowException as err:  # an unreachable server, a store that cannot be opened
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"tracking store {self.uri} cannot be used: {problem}") from None
 
 
 def embedded_store_uri(output_dir: str | os.PathLike) -> str:
@@ -139,9 +136,7 @@ class RunTracker:
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
-        for start in range(0, len(items), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
