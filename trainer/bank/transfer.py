@@ -134,10 +134,12 @@ def export_bank(
     directory: Path,
     map_shards: MapShards,
     *,
-    entries_per_shard: int = DEFAULT_ENTRIES_PER_SHARD,
+    entries_per_shard: int | None = None,
 ) -> Manifest:
     """Export every entry of the store at `source_uri` into `directory` (created; it must hold no bank yet),
-    shards run by `map_shards`; the manifest is written last, so a directory with one holds a whole bank."""
+    `entries_per_shard` to a shard (None: DEFAULT_ENTRIES_PER_SHARD), shards run by `map_shards`; the
+    manifest is written last, so a directory with one holds a whole bank."""
+    entries_per_shard = DEFAULT_ENTRIES_PER_SHARD if entries_per_shard is None else entries_per_shard
     if entries_per_shard < 1:
         raise BankError(f"entries_per_shard must be at least 1; got {entries_per_shard}")
     if (directory / MANIFEST).exists():

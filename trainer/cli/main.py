@@ -703,7 +703,9 @@ BankRayAddress = Annotated[
 def cache_export(
     uri: Annotated[str, typer.Argument(help="cache URI to export")],
     directory: Annotated[Path, typer.Argument(help="a new directory for the bank", show_default=False)],
-    entries_per_shard: Annotated[int, typer.Option(min=1, help="entries per Parquet shard")] = 100_000,
+    entries_per_shard: Annotated[
+        int | None, typer.Option(min=1, help="entries per Parquet shard  [default: 100,000]")
+    ] = None,
     ray_address: BankRayAddress = None,
 ) -> None:
     """Export every entry of a cache as a bank another store can import: Parquet shards of keys and stored
