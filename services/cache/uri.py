@@ -26,11 +26,21 @@ def open_store(uri: str, **options) -> TeacherOutputStore:
     "rediss://..." -> RedisStore; "redis+cluster://host:port,host:port/" or "rediss+cluster://..." ->
     RedisClusterStore. `options` go to the backend's constructor. Unless they name `hmac_key`
     (None: unauthenticated), values are authenticated with the secret `EKD_CACHE_HMAC_KEY` or
-    `EKD_CACHE_HMAC_KEY_FILE` configures, when one does (`services.cache.authentication`)."""
+    `EKD_CACHE_HMAC_KEY_FILE` configures, when one does (`services.cache.authentication`). A URI or options
+    the backend refuses are a ConfigError."""
     if not uri:
         raise ConfigError(f"empty cache URI; allowed forms: {_ALLOWED_URIS}")
     if "hmac_key" not in options:
         options["hmac_key"] = hmac_key_from_environment()
+    try:
+        return _opened(uri, options)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the backend's word on its URI or options: an unknown query parameter, ...
+        raise ConfigError(str(error)) from error
+
+
+def _opened(uri: str, options: dict) -> TeacherOutputStore:
     if "://" not in uri:
         return LmdbStore(uri, **options)
     scheme = uri.split("://", 1)[0].lower()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,10 @@ def read_weights_file(path: str | os.PathLike) -> Any:
         except Exception as err:  # any failure to parse untrusted bytes means "not a weights file"
             raise WeightsFileError(path, f"not a readable safetensors file ({_described(err)})") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns of any pickle protocol but its own before it parses: the file is judged below.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to parse untrusted bytes means "not a weights file"
         refused = _REFUSED_GLOBAL.search(str(err))
         if refused:

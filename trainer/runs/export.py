@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from services.core.errors import UserError
+from services.core.weights import WeightsFileError, read_weights_file
 from trainer.config import ExperimentConfig
 from trainer.data import normalize
 from trainer.methods import METHODS, MethodParams, create_method
@@ -78,9 +79,9 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     """Rebuild an exported student's network and load its tensors (weights_only: no code runs)."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise ExportError(f"cannot read exported student {path}: {error}") from None
+        payload = read_weights_file(path)  # weights_only: a pickled object is refused, never built
+    except WeightsFileError as error:
+        raise ExportError(f"cannot read exported student {path}: {error.problem}") from error
     if not isinstance(payload, dict) or payload.get("format") != STUDENT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ExportError(f"{path} is not an exported student of format {STUDENT_FORMAT!r} (found {found!r})")
