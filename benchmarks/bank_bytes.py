@@ -7,8 +7,8 @@ digests, 1,000 a batch as the bank writer writes them) through ekd's stores, the
 accounting:
 
 - LMDB: the pages in use (branch, leaf and overflow pages, `env.stat()`) × the page size, over N, as written
-  (keys arrive in hash order, so B-tree pages are split part-full) and after `env.copy(compact=True)` (pages
-  rewritten full);
+  (keys arrive in hash order, so B-tree pages are split part-full) and packed (`ekd cache pack`: copied in
+  key order, pages full);
 - Redis (a private redis-server on a free port): the rise of INFO used_memory over N, and MEMORY USAGE of a
   sample of 1,000 keys (the server's own per-key count, without the hash table's slot of ~8-16 bytes).
 
@@ -37,6 +37,7 @@ from soft_labels import IDENTITY, long_tailed_logits  # benchmarks/ is the scrip
 
 from services.cache import COMPACT, FULL, QUANTIZED, CachedValue, OutputEntries, open_store
 from services.cache.inventory import inventory
+from services.cache.lmdb_store import LmdbStore
 from services.cache.local_redis import running_redis_server
 from services.formats.quantized_logits import quantized
 from services.formats.soft_labels import CompactLogits, compress
@@ -92,10 +93,9 @@ def measure(entries: int, form: str, directory: Path, server_url: str) -> dict:
         stats_lmdb, stats_redis = (inventory(store)[0][0].all_in_bytes for store in (lmdb_store, redis_store))
     used = int(client.info("memory")["used_memory"]) - before
     key_bytes = sum(len(key) for key in all_keys)
-    compacted = directory / f"lmdb-{form}-compacted"
-    compacted.mkdir()
-    with lmdb.open(str(path), readonly=True, lock=False) as env:
-        env.copy(str(compacted), compact=True)
+    packed = directory / f"lmdb-{form}-packed"
+    with LmdbStore(path, readonly=True) as written:
+        written.copy_packed(packed)  # `ekd cache pack`
     sample = random.Random(1).sample(all_keys, min(SAMPLED_KEYS, len(all_keys)))
     usage = sum(int(client.memory_usage(key, samples=0) or 0) for key in sample) / len(sample)
     assert client.dbsize() == entries, f"redis holds {client.dbsize()} keys, {entries} written"
@@ -106,7 +106,7 @@ def measure(entries: int, form: str, directory: Path, server_url: str) -> dict:
         "key_bytes": key_bytes / entries,
         "value_bytes": value_bytes / entries,
         "lmdb_as_written": lmdb_pages_bytes(path) / entries,
-        "lmdb_compacted": lmdb_pages_bytes(compacted) / entries,
+        "lmdb_packed": lmdb_pages_bytes(packed) / entries,
         "redis_used_memory": used / entries,
         "redis_memory_usage": usage,
         "stats_lmdb": stats_lmdb,
@@ -119,7 +119,7 @@ HEADERS = (
     "key B",
     "value B",
     "LMDB as written B",
-    "LMDB compacted B",
+    "LMDB packed B",
     "Redis used_memory B",
     "Redis MEMORY USAGE B",
     "ekd cache stats: LMDB / Redis B",
@@ -133,7 +133,7 @@ def rows(results: list[dict]) -> list[list[str]]:
             f"{r['key_bytes']:.0f}",
             f"{r['value_bytes']:,.0f}",
             f"{r['lmdb_as_written']:,.0f}",
-            f"{r['lmdb_compacted']:,.0f}",
+            f"{r['lmdb_packed']:,.0f}",
             f"{r['redis_used_memory']:,.0f}",
             f"{r['redis_memory_usage']:,.0f}",
             f"{r['stats_lmdb']:,.0f} / {r['stats_redis']:,.0f}",

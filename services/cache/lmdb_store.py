@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import lmdb
@@ -70,6 +71,7 @@ def _release(path: Path) -> None:
             del _OPEN[key]
 
 
+_PACK_STEP = 10_000  # entries per write transaction of `copy_packed`
 _PAGE_HEADER = 16  # LMDB's page header
 _NODE_HEADER = 8  # a leaf node's header
 _SLOT = 2  # a node's offset in its page
@@ -194,6 +196,30 @@ class LmdbStore(TeacherOutputStore):
         with self._translated_errors(), self._open_env.begin(write=True) as txn:
             for key in keys:
                 txn.delete(key)
+
+    def copy_packed(self, destination: str | Path) -> int:
+        """Copy every entry, in key order, into a new LMDB environment at `destination` (an empty or new
+        folder), whose leaf pages come out full: keys that arrive in hash order, as a bank's do, leave leaf
+        pages about 69 % full (a page splits in half), while appending in key order fills each page before
+        the next (compact entries: 143 -> 98 bytes all-in, `benchmarks/bank_bytes.py`). The number of
+        entries copied."""
+        target = Path(destination)
+        if target.exists() and any(target.iterdir()):
+            raise CacheUnavailableError(f"cannot pack LMDB cache {self.path} into {target}: it is not empty")
+        copied = 0
+        packed = LmdbStore(target, map_size=self.map_size)
+        with (
+            self._translated_errors(),
+            packed,
+            self._open_env.begin(write=False, buffers=True) as source,
+        ):
+            entries = source.cursor().iternext()
+            while step := list(islice(entries, _PACK_STEP)):
+                with packed._open_env.begin(write=True) as txn:
+                    for key, value in step:
+                        txn.put(bytes(key), bytes(value), append=True)
+                copied += len(step)
+        return copied
 
     def close(self) -> None:
         if self._env is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import pytest
 import redis
 import torch
 import xxhash
+from typer.testing import CliRunner
 
 from services.cache import (
     QUANTIZED,
@@ -37,6 +39,7 @@ from services.core.redaction import redact
 from services.formats import quantized_logits
 from services.formats.codec import encode_value
 from services.formats.soft_labels import compress, encode
+from trainer.cli.main import app
 
 pytestmark = pytest.mark.integration
 
@@ -571,3 +574,23 @@ def test_quantized_values_round_trip_and_stats_count_each_entry_all_in(backend, 
         assert group.bytes_per_entry < group.all_in_bytes < 2.5 * group.bytes_per_entry
     if isinstance(backend, LmdbBackend):
         assert fp16_group.all_in_bytes > 4096
+
+
+def test_ekd_cache_pack_copies_an_lmdb_bank_in_key_order_into_fuller_pages(tmp_path):
+    raw = torch.randn(3000, 100, generator=torch.Generator().manual_seed(0))
+    keys = [
+        output_key("ab" * 32, "logits", "float16", 0, random.Random(i).randbytes(16), form="compact")
+        for i in range(3000)
+    ]
+    with LmdbStore(tmp_path / "bank") as store:
+        for start in range(0, 3000, 500):  # in hash order, as a bank is written
+            compact = compress(raw[start : start + 500])
+            store.put_many([(keys[start + row], compact[row]) for row in range(500)])
+        written = store.entry_bytes([list(store.scan())])
+    result = CliRunner().invoke(app, ["cache", "pack", str(tmp_path / "bank"), str(tmp_path / "packed")])
+    assert result.exit_code == 0 and "packed 3,000 entries" in result.output
+    with LmdbStore(tmp_path / "packed", readonly=True) as packed, LmdbStore(tmp_path / "bank") as store:
+        assert [encode(v)[0] for v in packed.get_many(keys)] == [encode(v)[0] for v in store.get_many(keys)]
+        assert packed.entry_bytes([list(packed.scan())])[0] < 0.85 * written[0]
+    refused = CliRunner().invoke(app, ["cache", "pack", str(tmp_path / "bank"), str(tmp_path / "packed")])
+    assert refused.exit_code != 0 and "not empty" in refused.output

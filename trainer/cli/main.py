@@ -693,6 +693,24 @@ def cache_evict(
     out_console.print(f"deleted {deleted:,} entries of teacher {teacher} from {redact(uri)}")
 
 
+@cache_app.command("pack")
+@user_errors
+def cache_pack(
+    uri: Annotated[str, typer.Argument(help="LMDB cache URI (lmdb:///path or a path)")],
+    destination: Annotated[Path, typer.Argument(help="a new folder for the packed copy", show_default=False)],
+) -> None:
+    """Copy an LMDB cache into a new folder in key order, its leaf pages full (a bank written in hash order
+    fills them about 69 %: compact entries 143 -> 98 bytes each); point the runs at the copy."""
+    from services.cache import open_store
+    from services.cache.lmdb_store import LmdbStore
+
+    with open_store(uri) as store:
+        if not isinstance(store, LmdbStore):
+            raise UserError(f"ekd cache pack copies an LMDB cache; {redact(uri)} is not one")
+        copied = store.copy_packed(destination)
+    out_console.print(f"packed {copied:,} entries of {redact(uri)} into {destination}")
+
+
 BankRayAddress = Annotated[
     str | None, typer.Option(help="a running Ray cluster to run on (default: a private local one)")
 ]
