@@ -19,16 +19,20 @@ import torch
 import yaml
 from test_imagenet_recipes import recipe
 
-from services.cache import open_store
+from services.cache import FORMS, open_store
+from services.core.contract import LOGITS
 from services.core.errors import ConfigError
+from services.formats.soft_labels import CompactLogits
 from services.rpc.backends import LocalBackend
 from services.rpc.server import BackgroundServer
 from services.teachers.engine import TeacherEngine
 from services.teachers.zoo import create_teacher
 from trainer.config import ExperimentConfig, TeacherSourceConfig
+from trainer.methods.base import TeacherOutputs, in_soft_label_form
 from trainer.runs.experiment import ExperimentResult, ensure_teachers
 from trainer.runs.inputs import load_splits
 from trainer.runs.run import run_experiment
+from trainer.runs.sources import BankMissError, BankTeacherSource
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -171,3 +175,46 @@ def test_a_bank_source_needs_the_bank_and_the_teachers_checkpoints(work, image_f
     )
     with pytest.raises(ConfigError, match=r"teachers\.1\.checkpoint: no file at .*sha256"):
         run_experiment(with_source(cfg, "no-checkpoint", kind="bank", cache=f"lmdb://{tmp_path / 'bank'}"))
+
+
+def as_trained(outputs: TeacherOutputs, form: str) -> list[torch.Tensor]:
+    """What the training loop makes of a source's outputs in `form`, as plain tensors to compare."""
+    shaped = in_soft_label_form(outputs, form)
+    tensors = [*shaped.features[0].values()]
+    for logits in shaped.logits:
+        parts = (
+            (logits.top, logits.indices, logits.gaps, logits.tail)
+            if isinstance(logits, CompactLogits)
+            else (logits,)
+        )
+        tensors += [part for part in parts if part is not None]
+    return tensors
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_computed_on_a_miss_trains_as_read_back_from_the_bank(form, engines, tmp_path):
+    checkpoint = engines["a"].spec.checkpoint
+    bank = f"lmdb://{tmp_path / 'bank'}"
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    wanted = [[LOGITS, "layer3"]]
+
+    def source(**options) -> BankTeacherSource:
+        return BankTeacherSource(
+            [create_teacher("cifar_resnet20", 10, checkpoint=checkpoint)], bank, **options
+        )
+
+    filling = source(compute_misses=True)
+    computed = filling.fetch(images[:4], wanted, logits_form=form)
+    assert filling.counters() == {"teacher_calls": 1, "cache_hits": 0, "cache_misses": 4}
+    filling.close()
+
+    reading = source()
+    read = reading.fetch(images[:4], wanted, logits_form=form)
+    assert reading.counters() == {"teacher_calls": 0, "cache_hits": 4, "cache_misses": 0}
+    for got, expected in zip(as_trained(read, form), as_trained(computed, form), strict=True):
+        assert torch.equal(got, expected)
+    with pytest.raises(
+        BankMissError, match=r"lacks 2 of the 6 views of a batch \(teachers\.0 cifar_resnet20: "
+    ):
+        reading.fetch(images, wanted, logits_form=form)
+    reading.close()

@@ -551,11 +551,13 @@ class BankTeacherSource(TeacherSource):
             self.calls += 1
             for column in teacher_columns:
                 values = computed[column.output]
-                stored: torch.Tensor | CompactLogits = (
-                    compress(values)
-                    if column.entries.form == COMPACT
-                    else values.to(DTYPES[DEFAULT_OUTPUT_DTYPE])
-                )
+                stored: torch.Tensor | CompactLogits = values
+                if column.entries.form == COMPACT:
+                    stored = compress(values)
+                elif column.entries.form == FULL:
+                    stored = values.to(DTYPES[DEFAULT_OUTPUT_DTYPE])
+                # A quantized value is the float32 logits: the store quantizes what it writes, and the
+                # training loop what it is given, alike (`in_soft_label_form`).
                 for position, row in enumerate(rows):
                     value = stored[position]
                     found[teacher, column.output][row] = value
