@@ -17,7 +17,15 @@ from trainer.cli.main import app
 from trainer.data import load_dataset
 from trainer.sweep.plan import plan_sweep
 from trainer.sweep.report import DONE, FAILED, TrialOutcome, plot_sweep, sweep_table
-from trainer.sweep.spec import Distribution, SweepSpec, expand, parse_grid, parse_random, sweep_spec
+from trainer.sweep.spec import (
+    Distribution,
+    SweepSpec,
+    expand,
+    load_sweep,
+    parse_grid,
+    parse_random,
+    sweep_spec,
+)
 from trainer.tracking import Tracking, embedded_store_uri, flatten
 
 KD = {
@@ -175,3 +183,16 @@ def test_tracking_is_embedded_by_default_a_server_when_asked_and_off_when_disabl
         "pair": "[1, 2]",
     }
     assert json.loads(json.dumps(flatten({"x": None}))) == {"x": "None"}
+
+
+@pytest.mark.parametrize("name", ["sweep_kd", "sweep_fidelity"])
+def test_every_shipped_sweep_expands_to_valid_trials(name, monkeypatch):
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)  # the sweeps name their experiments from the repository root
+    trials = expand(load_sweep(repo / "configs" / "digits" / f"{name}.yaml"))
+    assert len(trials) == {"sweep_kd": 6, "sweep_fidelity": 240}[name]
+    if name == "sweep_fidelity":  # each fraction and subset draw has teachers of its own
+        last = trials[-1]
+        assert last.config.teachers[1].checkpoint.endswith(
+            f"f{last.fields['data.train_fraction']}-s{last.fields['data.subset_seed']}/cifar_wrn16_4.pt"
+        )
