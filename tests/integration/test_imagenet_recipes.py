@@ -38,6 +38,9 @@ SMALL_STUDENTS = {  # the recipe's student, made small enough for 2 CPU cores (N
 }
 
 
+DECODED_IN_WORKERS = "seed000_ensemble_kd"
+
+
 def recipe(name: str, image_folder: Path, work: Path, extra: list[str] = ()) -> ExperimentConfig:
     """The recipe with the dataset, sizes and teachers of this machine; teachers ekd trains itself (the
     registered ones become torchvision resnet18s, the timm ones timm resnet10ts), one epoch each."""
@@ -48,7 +51,9 @@ def recipe(name: str, image_folder: Path, work: Path, extra: list[str] = ()) -> 
         "data.views=2",
         "data.batch_size=32",
         "data.val_fraction=0.1",
-        "data.workers=2",
+        # Decoding processes in the one recipe that stands for the others (they start anew each epoch, from
+        # a forkserver: seconds each on this machine); in process elsewhere.
+        f"data.workers={2 if name == DECODED_IN_WORKERS else 0}",
         "data.skip_unreadable=true",
         "train.epochs=1",
         "train.warmup_epochs=0",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
+import multiprocessing.context
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +99,16 @@ class StepSettings:
         return cls(torch.bfloat16 if bf16 else None, channels_last, cfg.accumulate_steps)
 
 
+def loader_worker_context() -> multiprocessing.context.BaseContext:
+    """Where DataLoader workers start: forkserver, not fork. The training process runs threads (prefetch,
+    gRPC, Ray's), and a child forked while one of them holds a lock deadlocks; forkserver's children fork
+    from a thread-free server instead. The server imports torch and the datasets once, so that a loader's
+    workers (started anew each epoch) do not each import them again."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "torch", "trainer.data"])
+    return context
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     """DataLoader settings shared by training and evaluation."""
@@ -106,10 +118,8 @@ class LoaderSettings:
     prefetch_factor: int = 2  # batches each worker prepares ahead
 
     def kwargs(self) -> dict:
-        # forkserver, not fork: the training process runs threads (prefetch, gRPC, Ray's) and a child forked
-        # while one of them holds a lock deadlocks; forkserver's children start from a thread-free parent.
         extra = (
-            {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": "forkserver"}
+            {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": loader_worker_context()}
             if self.workers > 0
             else {}
         )
