@@ -29,12 +29,12 @@ def test_the_committed_lock_agrees_with_pyproject() -> None:
 def test_a_dependency_the_lock_lacks_fails_the_check(tmp_path: Path) -> None:
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     grown = tmp_path / "pyproject.toml"
-    grown.write_text(pyproject.replace("dependencies = [\n", 'dependencies = [\n  "mlflow>=3",\n', 1))
+    grown.write_text(pyproject.replace("dependencies = [\n", 'dependencies = [\n  "wandb>=0.19",\n', 1))
 
     checked = check_lock(grown, REPO_ROOT / "requirements.lock")
 
     assert checked.returncode == 1
-    assert "mlflow>=3 is declared in pyproject.toml but not pinned in the lock" in checked.stderr
+    assert "wandb>=0.19 is declared in pyproject.toml but not pinned in the lock" in checked.stderr
     assert "make lock" in checked.stderr
 
 
