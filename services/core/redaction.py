@@ -14,7 +14,7 @@ def redact(location: str) -> str:
     "***"; an address (host:port) loses whatever precedes an '@' (user:pass@host:port -> ***@host:port)."""
     if "://" not in location:
         return f"***@{location.rpartition('@')[2]}" if "@" in location else location
-    parts = urlsplit(location)
+    original = parts = urlsplit(location)
     if parts.password is not None:
         user = parts.username or ""
         host = parts.netloc.rsplit("@", 1)[1]
@@ -24,4 +24,6 @@ def redact(location: str) -> str:
         if any(_SECRET_QUERY_NAME.search(name) for name, _ in query):
             redacted = [(name, "***" if _SECRET_QUERY_NAME.search(name) else value) for name, value in query]
             parts = parts._replace(query=urlencode(redacted, safe="/*"))
-    return parts.geturl()
+    # geturl() drops an empty netloc (lmdb:///path -> lmdb:/path): a location with nothing to hide is
+    # printed as it was given.
+    return location if parts == original else parts.geturl()
