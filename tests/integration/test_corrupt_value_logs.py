@@ -14,7 +14,7 @@ import pytest
 
 from services.cache.corrupt_values import REPORT_INTERVAL_SECONDS
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
 PLANTED = 3072  # a multiple of 3 kinds and of BATCH
 BATCH = 64
