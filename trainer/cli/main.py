@@ -510,10 +510,10 @@ def warm(
     """Precompute every teacher output the experiment trains from into the cache (a Ray Data job), in the
     form teacher_source.soft_labels names; what is cached already is skipped, so it resumes."""
     from trainer.bank.warm import warm_bank
-    from trainer.tracking import Tracking, log_warm
     from trainer.runs.experiment import ensure_teachers
     from trainer.runs.inputs import load_splits
     from trainer.runs.loop import resolve_device
+    from trainer.tracking import Tracking, log_warm
 
     cfg = load_experiment(config, overrides or ())
     uri = _cache_uri(cfg, cache)
