@@ -514,5 +514,9 @@ def test_memory_comes_back_after_waves_of_large_requests(start_server):
         set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED} and grpc.StatusCode.OK in codes
     )
     growth = [resident - baseline for resident in after_waves]
-    # Each wave moved 24 x 20 MB through the server; unreturned, that left hundreds of MB per wave.
-    assert max(growth) < 5 * len(request), [f"{grown / 2**20:.0f} MiB" for grown in growth]
+    # Each wave moved 24 x 20 MB through the server; unreturned, that left hundreds of MB per wave, growing
+    # wave after wave. Handed back, what stays is a few requests' worth (glibc's arenas, gRPC's buffers,
+    # 60-112 MiB measured) and it does not grow.
+    shown = [f"{grown / 2**20:.0f} MiB" for grown in growth]
+    assert max(growth) < 8 * len(request), shown
+    assert growth[-1] < growth[0] + 2 * len(request), shown

@@ -169,7 +169,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     config_path = write_serve_config(directory / "serve.yaml", checkpoints, str(directory / "cache"))
     with pytest.MonkeyPatch.context() as environment:
         environment.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env=RAY_RUNTIME_ENV)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=RAY_RUNTIME_ENV)
         try:
             controller = serve_start(proxy_location=ProxyLocation.Disabled)
 

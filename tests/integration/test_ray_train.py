@@ -76,7 +76,7 @@ def experiment(
 def local_ray() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
         try:
             yield
         finally:

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import ray
 
+from trainer.runs.ray_address import ray_init_address
+
 Task = TypeVar("Task")
 Done = TypeVar("Done")
 
@@ -31,7 +33,7 @@ class OverRayData:
         started_ray = not ray.is_initialized()
         if started_ray:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
-            ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False)
+            ray.init(address=ray_init_address(self.address), include_dashboard=False, log_to_driver=False)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             rows = (

@@ -30,6 +30,7 @@ from services.teachers.zoo import create_teacher
 from trainer.bank.writer import TeacherBankWriter, requested_outputs
 from trainer.config import ExperimentConfig, TeacherConfig
 from trainer.runs.inputs import load_splits, train_views
+from trainer.runs.ray_address import ray_init_address
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def warm_bank(
     started_ray = not ray.is_initialized()
     if started_ray:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
-        ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False)
+        ray.init(address=ray_init_address(ray_address), include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -90,7 +90,7 @@ def run_demo(
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: nothing to authenticate
     # Logical CPUs: one per teacher replica and per training worker, so Serve and Train can share the machine.
     logical_cpus = max(os.cpu_count() or 1, sum(t.num_replicas for t in service.teachers) + workers + 1)
-    ray.init(num_cpus=logical_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=logical_cpus, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
         address = deploy(service)

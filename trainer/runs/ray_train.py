@@ -63,6 +63,7 @@ from trainer.runs.experiment import ExperimentResult, ExperimentSession, ensure_
 from trainer.runs.inputs import load_splits
 from trainer.runs.loop import Shard, resolve_device
 from trainer.runs.progress import OnProgress, ProgressUpdate
+from trainer.runs.ray_address import ray_init_address
 
 FAIL_AT_EPOCH_ENV = "EKD_FAIL_ONCE_AT_EPOCH"
 FAIL_MARKER_ENV = "EKD_FAIL_MARKER"
@@ -92,7 +93,7 @@ def run_on_ray_train(
     if started_ray:
         if ray_address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
-        ray.init(address=ray_address, include_dashboard=False)
+        ray.init(address=ray_init_address(ray_address), include_dashboard=False)
     try:
         logger.info(
             "ray_train: %d workers on %s, run %s under %s",

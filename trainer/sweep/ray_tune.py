@@ -26,6 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 from trainer.config import ExperimentConfig
 from trainer.results.baselines import alone_experiments
 from trainer.runs.experiment import run_locally
+from trainer.runs.ray_address import ray_init_address
 from trainer.sweep.report import DONE, FAILED, STOPPED, TrialOutcome
 from trainer.sweep.spec import SweepSpec, Trial
 from trainer.tracking import RunTracker, Tracking, experiment_params, experiment_tags
@@ -157,7 +158,7 @@ def _connect(address: str | None) -> bool:
         return False
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    ray.init(address=ray_init_address(address), include_dashboard=False, log_to_driver=False)
     return True
 
 
