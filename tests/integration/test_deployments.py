@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema
 
 from services._generated import TEACHER_SERVICE_FULL_NAME, teacher_pb2, teacher_pb2_grpc
+from services.cache import open_store
 from services.cache.local_redis import free_port
 from services.core.errors import ConfigError
 from services.formats.codec import DTYPES_BY_PROTO_NAME, tensor_from_bytes
@@ -121,6 +122,11 @@ class Served:
     stub: teacher_pb2_grpc.TeacherServiceStub
     channel: grpc.Channel
     deploy: Callable[[dict[str, dict[str, Any]] | None], None]
+    cache_path: Path  # the service's LMDB cache
+
+    def cached_entries(self) -> int:
+        with open_store(str(self.cache_path)) as store:
+            return sum(1 for _ in store.scan())
 
     def forward_counts(self) -> dict[str, int]:
         return {
@@ -193,6 +199,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                     teacher_pb2_grpc.TeacherServiceStub(channel),
                     channel,
                     deploy,
+                    directory / "cache",
                 )
         finally:
             serve.shutdown()
@@ -275,8 +282,14 @@ def test_served_outputs_equal_the_in_process_engine(served: Served) -> None:
 def test_repeated_request_is_answered_from_the_cache_without_a_forward_pass(served: Served) -> None:
     request = infer_request(images(seed=200, count=5))
 
+    entries_before = served.cached_entries()
     first, first_cached = infer(served.stub, request)
     counts_after_first = served.forward_counts()
+    # The service writes its cache behind the answer: the repeat is asked once the first answer's entries
+    # (5 samples x 2 teachers) are in.
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while served.cached_entries() < entries_before + 5 * len(TEACHERS) and time.monotonic() < deadline:
+        time.sleep(0.1)
     second, second_cached = infer(served.stub, request)
 
     assert first_cached == {name: [False] * 5 for name in TEACHERS}

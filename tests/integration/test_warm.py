@@ -16,6 +16,7 @@ from test_served_distill import KD, experiment, serve_teachers
 from typer.testing import CliRunner
 
 from services.cache import open_store
+from services.cache.layout import parse_key
 from trainer.cli.main import app
 from trainer.config import ExperimentConfig
 from trainer.runs.run import run_experiment
@@ -122,7 +123,7 @@ def test_compact_bank_resumes_and_is_seen_audited_and_evicted(tmp_path):
 
     with open_store(cache_uri) as store:
         entries = sum(1 for _ in store.scan())
-        tag = next(iter(store.scan()))[0][7:19].decode()
+        tag = parse_key(next(iter(store.scan()))[0]).tag
     evict = runner.invoke(app, ["cache", "evict", cache_uri, "--teacher", tag])
     assert evict.exit_code == 0, evict.output
     with open_store(cache_uri) as store:
