@@ -42,7 +42,7 @@ def test_distill_logs_its_run_to_the_embedded_store(tmp_path, monkeypatch):
         assert params["teachers.0.checkpoint"] == str(tmp_path / "t0.pt")
         assert run.data.tags["ekd.teacher.0.identity"] == identity
         assert run.data.tags["ekd.teacher.1"] == "cifar_resnet20"
-        for metric in ("loss", "val_accuracy", "teacher_calls", "stall_seconds", "kd"):
+        for metric in ("loss", "train_accuracy", "val_accuracy", "teacher_calls", "stall_seconds", "kd"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
             assert sorted(steps) == list(range(EPOCHS)), metric
         assert 0 <= run.data.metrics["test_accuracy"] <= 1 and run.data.metrics["total_teacher_calls"] > 0

@@ -1,5 +1,5 @@
 """The student step's GPU-ready settings, checked on the CPU: the warm-up schedule, gradient accumulation,
-bf16 autocast, channels_last, what `auto` resolves to, and torch.compile."""
+bf16 autocast, channels_last, what `auto` resolves to, and torch.compile; the epoch's train accuracy."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
-from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews
+from trainer.data import ImageTensorDataset, PadCrop, ReplayedViews, normalize
 from trainer.methods.ce import CrossEntropyTraining
-from trainer.runs.loop import StepSettings, StudentTraining, make_scheduler, train_epoch, train_loader
+from trainer.runs.loop import (
+    StepSettings,
+    StudentTraining,
+    make_scheduler,
+    readable_batches,
+    train_epoch,
+    train_loader,
+)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -86,6 +93,22 @@ def test_accumulating_two_batches_of_16_steps_like_one_batch_of_32():
     assert samples == 64 and steps.optimizer_steps == whole_steps.optimizer_steps == 2
     for a, b in zip(accumulated.parameters(), whole.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_accuracy_counts_the_methods_predictions_on_the_batches_it_trained():
+    method = linear_student()
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.0)  # the model stays as it was: count it after
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    training = StudentTraining(method, optimizer, scheduler, torch.device("cpu"), MEAN, STD)
+    stats = train_epoch(
+        training, train_loader(tiny_views(), 16, seed=0, epoch=0), None, epoch=0, total_epochs=1
+    )
+    correct = 0
+    with torch.no_grad():
+        for (images, labels, *_), _ in readable_batches(train_loader(tiny_views(), 16, seed=0, epoch=0)):
+            correct += int((method.predict(normalize(images, MEAN, STD)).argmax(1) == labels).sum())
+    assert 0 < correct < 64  # a random linear model is right on some of four classes, not all
+    assert stats.train_accuracy == pytest.approx(correct / 64)
 
 
 def test_bf16_autocast_and_channels_last_train_on_the_cpu():

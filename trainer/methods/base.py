@@ -84,6 +84,9 @@ class LossResult:
     # Named parts of the loss, detached and on the loss's device: the training loop sums them there and reads
     # them once per epoch, so that no step waits for the device.
     terms: dict[str, torch.Tensor]
+    # The batch's scores [B, classes] from this step's forward, whose argmax is the method's prediction (what
+    # `predict` scores, in training mode): the loop counts train accuracy from them, with no second forward.
+    scores: torch.Tensor
 
 
 class Method(nn.Module, ABC):

@@ -44,8 +44,9 @@ class CrossEntropyTraining(Method):
         teachers: TeacherOutputs | None,
         clock: TrainingClock,
     ) -> LossResult:
-        ce = self.hard_label_loss(self.model(images), labels)
-        return LossResult(ce, {"ce": ce.detach()})
+        logits = self.model(images)
+        ce = self.hard_label_loss(logits, labels)
+        return LossResult(ce, {"ce": ce.detach()}, logits.detach())
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -135,7 +135,8 @@ class EnsembleKnowledgeDistillation(Method):
             )
             total = total + branch_loss
             terms[f"ce_{i}"], terms[f"kd_{i}"] = branch_terms["ce"], branch_terms["kd"]
-        ensemble_ce = self.hard_label_loss(torch.stack(out.logits).mean(0), labels)
+        ensemble = torch.stack(out.logits).mean(0)
+        ensemble_ce = self.hard_label_loss(ensemble, labels)
         total = total + ensemble_ce
         terms["ce_ensemble"] = ensemble_ce.detach()
         if self.feature_tap is not None:
@@ -149,7 +150,7 @@ class EnsembleKnowledgeDistillation(Method):
                 feature_mse = F.mse_loss(adapted, t_map.detach())
                 total = total + self.feature_weight * feature_mse
                 terms[f"feature_{i}"] = feature_mse.detach()
-        return LossResult(total, terms)
+        return LossResult(total, terms, ensemble.detach())
 
     def _teacher_maps(self, teachers: TeacherOutputs, tap: str) -> list[torch.Tensor]:
         if len(teachers.features) != self.student.num_branches or any(

@@ -266,7 +266,7 @@ class FeatureEnsembleDistillation(Method):
             kd = distillation_kl(logits, target_probs, self.params.temperature)
             loss = loss + self.params.kd_weight * kd
             terms["kd"] = kd.detach()
-        return LossResult(loss=loss, terms=terms)
+        return LossResult(loss=loss, terms=terms, scores=logits.detach())
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)

@@ -129,7 +129,7 @@ class KnowledgeDistillation(Method):
         loss, terms = hinton_kd_loss(
             logits, labels, target, self.temperature, self.alpha, self.label_smoothing
         )
-        return LossResult(loss, terms)
+        return LossResult(loss, terms, logits.detach())
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)

@@ -151,7 +151,9 @@ class OnlineEnsembleCompression(Method):
         inter = self.intermediate_loss(outputs.stage_features, detach_teacher=not official)
         kl = summed(distillation_kl(z, target, temperature) for z in outputs.logits)
         loss = self.params.alpha * ce + self.params.beta * inter + self.params.gamma * kl
-        return LossResult(loss, {"ce": ce.detach(), "inter": inter.detach(), "kl": kl.detach()})
+        return LossResult(
+            loss, {"ce": ce.detach(), "inter": inter.detach(), "kl": kl.detach()}, ensemble.detach()
+        )
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)

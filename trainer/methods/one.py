@@ -158,6 +158,7 @@ class OnTheFlyNativeEnsemble(Method):
                 "kl": kl.detach(),
                 "kl_weight": torch.tensor(weight),
             },
+            outputs.logits[0].detach(),  # branch 0 is the method's prediction (`predict`)
         )
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

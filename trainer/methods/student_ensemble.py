@@ -152,8 +152,10 @@ class StudentEnsemble(Method):
         teacher_logits = require_teacher_logits(self.name, teachers, self.num_teachers)
         total = images.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
+        every_logits = []
         for i, student in enumerate(self.students):
             logits = student(images)
+            every_logits.append(logits.detach())
             # Per student: a compact teacher's tail is spread as this student's softmax spreads it.
             target = soft_targets(teacher_logits, self.temperature, self.teacher_weights, logits)
             hard = self.hard_label_loss(logits, labels)
@@ -161,7 +163,7 @@ class StudentEnsemble(Method):
             total = total + self.alpha * hard + (1.0 - self.alpha) * soft
             terms[f"ce_{i}"] = hard.detach()
             terms[f"soft_ce_{i}"] = soft.detach()
-        return LossResult(total, terms)
+        return LossResult(total, terms, combine_predictions(every_logits, self.combine))
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return combine_predictions([student(images) for student in self.students], self.combine)

@@ -402,7 +402,12 @@ class ExperimentSession:
         self.counters_at_epoch_end = self.counters()
         self.val_accuracy = self.evaluate_validation()
         self.epoch = epoch
-        row = {"stage": self.stage, "epoch": epoch, "loss": stats.loss}
+        row = {
+            "stage": self.stage,
+            "epoch": epoch,
+            "loss": stats.loss,
+            "train_accuracy": stats.train_accuracy,
+        }
         if self.val_accuracy is not None:
             row["val_accuracy"] = self.val_accuracy
         row.update(

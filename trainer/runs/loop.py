@@ -247,6 +247,7 @@ def readable_batches(loader: Iterable) -> Iterator[tuple[tuple, int]]:
 class EpochStats:
     loss: float = 0.0
     terms: dict[str, float] = field(default_factory=dict)
+    train_accuracy: float = 0.0  # of the method's prediction on the training batches, as they trained
     samples: int = 0
     seconds: float = 0.0
     stall_seconds: float = 0.0  # time the student waited for teacher outputs
@@ -273,24 +274,29 @@ class StudentTraining:
 
 
 class _EpochSums:
-    """The epoch's loss and loss terms summed over samples on the training device, read once at the end: a
-    read is a host sync, which would stall the device at every step."""
+    """The epoch's loss, loss terms and correct predictions summed over samples on the training device, read
+    once at the end: a read is a host sync, which would stall the device at every step."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
         self.terms: dict[str, torch.Tensor] = {}
 
-    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], samples: int) -> None:
-        self.loss += loss.detach().float() * samples
-        for name, value in terms.items():
+    def add(self, result: LossResult, labels: torch.Tensor) -> None:
+        samples = labels.shape[0]
+        self.loss += result.loss.detach().float() * samples
+        self.correct += (result.scores.argmax(1) == labels).sum()
+        for name, value in result.terms.items():
             weighted = value.detach().float() * samples
             self.terms[name] = self.terms[name] + weighted if name in self.terms else weighted
 
-    def per_sample(self, samples: int) -> tuple[float, dict[str, float]]:
+    def per_sample(self, samples: int) -> tuple[float, float, dict[str, float]]:
+        """(loss, accuracy, terms) per sample."""
         names = list(self.terms)
-        values = torch.stack([self.loss, *(self.terms[name].to(self.loss.device) for name in names)])
-        loss, *terms = (values / max(samples, 1)).tolist()
-        return loss, dict(zip(names, terms, strict=True))
+        device = self.loss.device
+        values = torch.stack([self.loss, self.correct, *(self.terms[name].to(device) for name in names)])
+        loss, accuracy, *terms = (values / max(samples, 1)).tolist()
+        return loss, accuracy, dict(zip(names, terms, strict=True))
 
 
 def train_epoch(
@@ -333,24 +339,26 @@ def train_epoch(
         for step, batch in enumerate(prepared):
             stats.stall_seconds += batch.stall_seconds
             clock = TrainingClock(epoch=epoch + step / batches, total_epochs=total_epochs)
-            result = _train_step(training, batch, clock)
+            result, labels = _train_step(training, batch, clock)
             if (step + 1) % training.settings.accumulate_steps == 0 or step + 1 == batches:
                 training.optimizer.step()
                 training.scheduler.step()
                 training.optimizer.zero_grad(set_to_none=True)
                 stats.optimizer_steps += 1
-            samples = batch.labels.shape[0]
-            stats.samples += samples
-            sums.add(result.loss, result.terms, samples)
+            stats.samples += labels.shape[0]
+            sums.add(result, labels)
             if on_step is not None:
                 on_step()
-    stats.loss, stats.terms = sums.per_sample(stats.samples)
+    stats.loss, stats.train_accuracy, stats.terms = sums.per_sample(stats.samples)
     stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _train_step(training: StudentTraining, batch: PreparedBatch, clock: TrainingClock) -> LossResult:
-    """Forward and backward of one batch (gradients accumulate: the caller steps the optimizer)."""
+def _train_step(
+    training: StudentTraining, batch: PreparedBatch, clock: TrainingClock
+) -> tuple[LossResult, torch.Tensor]:
+    """Forward and backward of one batch (gradients accumulate: the caller steps the optimizer); the loss
+    and the batch's labels on the device."""
     settings, device = training.settings, training.device
     teacher_outputs = (
         in_soft_label_form(batch.teachers, training.soft_labels).to(device)
@@ -370,17 +378,18 @@ def _train_step(training: StudentTraining, batch: PreparedBatch, clock: Training
         result = step_module(inputs, labels, teacher_outputs, clock)
     accumulate = settings.accumulate_steps
     (result.loss / accumulate if accumulate > 1 else result.loss).backward()
-    return result
+    return result, labels
 
 
 def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
-    """The epoch's statistics over all workers of the process group: loss and terms averaged per sample,
-    samples and skipped images summed, seconds and stall seconds averaged per worker. Every worker must call
-    it."""
+    """The epoch's statistics over all workers of the process group: loss, terms and train accuracy averaged
+    per sample, samples and skipped images summed, seconds and stall seconds averaged per worker. Every worker
+    must call it."""
     names = sorted(stats.terms)
     sums = torch.tensor(
         [
             stats.loss * stats.samples,
+            stats.train_accuracy * stats.samples,
             *(stats.terms[k] * stats.samples for k in names),
             stats.samples,
             stats.seconds,
@@ -395,7 +404,8 @@ def all_reduce_epoch_stats(stats: EpochStats) -> EpochStats:
     per_sample = [w / max(samples, 1) for w in weighted]
     return EpochStats(
         loss=per_sample[0],
-        terms=dict(zip(names, per_sample[1:])),
+        train_accuracy=per_sample[1],
+        terms=dict(zip(names, per_sample[2:])),
         samples=int(samples),
         seconds=seconds / workers,
         stall_seconds=stall / workers,
