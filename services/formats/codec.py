@@ -10,7 +10,13 @@ from LMDB or Redis is detected instead of being returned as data:
     magic b"EKDT" | version u8 | dtype code u8 | ndim u8 | shape u32 * ndim | payload length u64 |
     xxh3_64(payload) u64 | payload
 
-All header integers are little-endian.
+All header integers are little-endian. Version 1 stores the raw payload. Version 2, for 16-bit elements,
+stores them as two byte planes: the high bytes (sign, exponent and the top of the mantissa: a few values
+repeat) deflated, then the low bytes as they are. A 1000-class fp16 logit vector shrinks from 2,000 to about
+1,760 bytes, which keeps an LMDB entry on its leaf page (two to a 4 KiB page) instead of an overflow page of
+its own; the planes cost a fast deflate on write and are bit-exact. A value whose high plane does not shrink
+is stored as version 1. The checksum covers the stored payload, so damage is found before anything is
+inflated, and inflating stops at the element count the header declares.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,6 +64,11 @@ _DTYPES_BY_CODE: dict[int, str] = {code: name for name, code in DTYPE_CODES.item
 
 MAGIC = b"EKDT"
 FORMAT_VERSION = 1
+PLANED_FORMAT_VERSION = 2  # 16-bit elements as byte planes, the high plane deflated (the module docstring)
+# Raw deflate (no zlib header or trailer: the frame has its own checksum) at its fastest level, which on
+# logits and feature maps gives within a few percent of the best level's size at several times its speed.
+_DEFLATE_WBITS = -15
+_DEFLATE_LEVEL = 1
 _PREFIX = struct.Struct("<4sBBB")  # magic, version, dtype code, ndim
 _LENGTH_AND_CHECKSUM = struct.Struct("<QQ")  # payload length, xxh3_64 of the payload
 _MAX_DIM = 2**32 - 1
@@ -174,8 +186,14 @@ def encode_value(tensor: torch.Tensor) -> bytes:
     if any(dim > _MAX_DIM for dim in shape):
         raise CodecError(f"shape {shape} has a dimension above {_MAX_DIM}, the framed format's limit")
     payload = _payload_bytes(tensor)
+    version = FORMAT_VERSION
+    if _WIRE_NUMPY_DTYPES[name].itemsize == 2 and payload:
+        planes = np.frombuffer(payload, dtype=np.uint8).reshape(-1, 2)
+        high = zlib.compress(planes[:, 1].tobytes(), _DEFLATE_LEVEL, _DEFLATE_WBITS)
+        if len(high) < len(planes):
+            version, payload = PLANED_FORMAT_VERSION, high + planes[:, 0].tobytes()
     header = (
-        _PREFIX.pack(MAGIC, FORMAT_VERSION, DTYPE_CODES[name], len(shape))
+        _PREFIX.pack(MAGIC, version, DTYPE_CODES[name], len(shape))
         + struct.pack(f"<{len(shape)}I", *shape)
         + _LENGTH_AND_CHECKSUM.pack(len(payload), xxhash.xxh3_64_intdigest(payload))
     )
@@ -192,9 +210,10 @@ def decode_value(data: bytes | memoryview) -> torch.Tensor:
     magic, version, code, ndim = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CorruptValueError(f"bad magic {magic!r}; expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, PLANED_FORMAT_VERSION):
         raise CorruptValueError(
-            f"unknown format version {version}; this codec reads version {FORMAT_VERSION}"
+            f"unknown format version {version}; this codec reads versions {FORMAT_VERSION} and "
+            f"{PLANED_FORMAT_VERSION}"
         )
     if code not in _DTYPES_BY_CODE:
         raise CorruptValueError(f"unknown dtype code {code}; known: {sorted(_DTYPES_BY_CODE)}")
@@ -207,9 +226,15 @@ def decode_value(data: bytes | memoryview) -> torch.Tensor:
     shape = struct.unpack_from(f"<{ndim}I", view, _PREFIX.size)
     payload_length, checksum = _LENGTH_AND_CHECKSUM.unpack_from(view, _PREFIX.size + 4 * ndim)
     expected = _expected_payload_length(name, shape)
-    if payload_length != expected:
+    planed = version == PLANED_FORMAT_VERSION
+    if planed and _WIRE_NUMPY_DTYPES[name].itemsize != 2:
+        raise CorruptValueError(f"format version {version} holds 16-bit elements, not {name}")
+    # A planed payload is the deflated high plane (shorter than the plane) and the low plane.
+    fits = expected // 2 < payload_length < expected if planed else payload_length == expected
+    if not fits:
         raise CorruptValueError(
             f"header says {payload_length} payload bytes but a {name} tensor of shape {shape} has {expected}"
+            + (" (in planes: more than half that, less than all)" if planed else "")
         )
     if len(view) != header_length + payload_length:
         problem = "truncated" if len(view) < header_length + payload_length else "has extra bytes"
@@ -219,4 +244,22 @@ def decode_value(data: bytes | memoryview) -> torch.Tensor:
     payload = view[header_length:]
     if xxhash.xxh3_64_intdigest(payload) != checksum:
         raise CorruptValueError("payload checksum mismatch")
+    if planed:
+        return _tensor_from_payload(_joined_planes(payload, expected // 2).data, name, shape, copy=False)
     return _tensor_from_payload(payload, name, shape)
+
+
+def _joined_planes(payload: memoryview, elements: int) -> np.ndarray:
+    """The little-endian 16-bit elements of a planed payload: the deflated high plane, then the low plane."""
+    inflater = zlib.decompressobj(_DEFLATE_WBITS)
+    try:
+        # At most one byte past the plane: enough to tell a stream that inflates too far.
+        high = inflater.decompress(payload[:-elements], elements + 1)
+    except zlib.error as error:
+        raise CorruptValueError(f"high byte plane does not inflate: {error}") from None
+    if len(high) != elements or not inflater.eof or inflater.unused_data:
+        raise CorruptValueError(f"high byte plane does not inflate to exactly {elements} bytes")
+    joined = np.empty((elements, 2), dtype=np.uint8)
+    joined[:, 0] = np.frombuffer(payload[-elements:], dtype=np.uint8)
+    joined[:, 1] = np.frombuffer(high, dtype=np.uint8)
+    return joined.reshape(-1)

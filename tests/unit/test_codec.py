@@ -1,7 +1,9 @@
 import struct
+import zlib
 
 import pytest
 import torch
+import xxhash
 
 from services.formats.codec import (
     DTYPES,
@@ -145,7 +147,7 @@ def replaced(data: bytes, offset: int, new: bytes) -> bytes:
         (b"", "shorter than the 7-byte prefix"),
         (FRAMED + b"\x00", r"extra bytes: 44 bytes, expected 43"),
         (replaced(FRAMED, 0, b"EKDX"), r"bad magic b'EKDX'"),
-        (replaced(FRAMED, 4, b"\x02"), "unknown format version 2"),
+        (replaced(FRAMED, 4, b"\x03"), "unknown format version 3"),
         (replaced(FRAMED, 5, b"\x09"), "unknown dtype code 9"),
         (replaced(FRAMED, 7, struct.pack("<I", 3)), "header says 12 payload bytes but a float16 tensor"),
         (b"\x80\x04\x95garbage that a pickle would start with", "bad magic"),
@@ -168,3 +170,60 @@ def replaced(data: bytes, offset: int, new: bytes) -> bytes:
 def test_every_corruption_is_detected(damaged, message):
     with pytest.raises(CorruptValueError, match=message):
         decode_value(damaged)
+
+
+def planed_frame(dtype_code: int, elements: int, payload: bytes) -> bytes:
+    """A version-2 frame around `payload` for a 1-D tensor, its checksum right: only the planes are wrong."""
+    return (
+        struct.pack("<4sBBBI", b"EKDT", 2, dtype_code, 1, elements)
+        + struct.pack("<QQ", len(payload), xxhash.xxh3_64_intdigest(payload))
+        + payload
+    )
+
+
+def deflated(data: bytes) -> bytes:
+    return zlib.compress(data, 9, -15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logits_are_stored_in_byte_planes_bit_exactly_and_smaller(dtype):
+    # Logits of 1000 classes, and the values whose bits must survive: NaN, infinities, -0, a subnormal.
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    logits[:5] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 1e-7])
+    tensor = logits.to(dtype)
+    value = encode_value(tensor)
+    assert value[4] == 2 and len(value) < 27 + 2 * 1000 - 200
+    assert_bitwise_equal(decode_value(value), tensor)
+
+
+def test_elements_whose_high_bytes_do_not_shrink_are_stored_as_they_are():
+    noise = torch.randint(-(2**15), 2**15, (1000,), generator=torch.Generator().manual_seed(0))
+    tensor = noise.to(torch.int16).view(torch.float16)
+    value = encode_value(tensor)
+    assert value[4] == 1 and len(value) == 27 + 2 * 1000
+    assert_bitwise_equal(decode_value(value), tensor)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (planed_frame(3, 100, b"\xff" * 20 + bytes(100)), "does not inflate"),
+        (planed_frame(3, 100, deflated(bytes(60)) + bytes(100)), "inflate to exactly 100 bytes"),
+        # 65 bytes that would inflate to 50 kB: inflating stops one byte past the plane.
+        (planed_frame(3, 100, deflated(bytes(50_000)) + bytes(100)), "inflate to exactly 100 bytes"),
+        (planed_frame(3, 100, deflated(bytes(100)) + b"\x00" + bytes(100)), "inflate to exactly 100 bytes"),
+        (planed_frame(3, 100, bytes(50)), "has 200 .in planes: more than half that, less than all"),
+        (planed_frame(2, 100, deflated(bytes(100)) + bytes(100)), "holds 16-bit elements, not float32"),
+    ],
+    ids=[
+        "not-deflate",
+        "inflates-short",
+        "inflates-far-too-far",
+        "bytes-after-the-stream",
+        "too-short",
+        "float32",
+    ],
+)
+def test_damaged_planes_are_detected_even_under_a_right_checksum(frame, message):
+    with pytest.raises(CorruptValueError, match=message):
+        decode_value(frame)
