@@ -101,8 +101,9 @@ def test_compose_services_run_as_local_processes(tmp_path):
                 assert time.monotonic() < deadline, "ekd serve did not become healthy in time"
                 time.sleep(2)
 
+            # One epoch: every view of it goes through the service and the cache; more would add only time.
             trainer = subprocess.run(
-                command("trainer"),
+                [*command("trainer"), "--set", "train.epochs=1"],
                 env=service_env("trainer"),
                 cwd=app,
                 capture_output=True,

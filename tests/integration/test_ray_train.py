@@ -29,14 +29,14 @@ from trainer.runs.run import run_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
-EPOCHS = 4
+EPOCHS = 3
 CHANCE = 0.1  # ten digit classes
 # The ray_train backend steps on exactly the local backend's batches (each worker takes half of every batch,
 # DDP averages the gradients), so its runs differ from local ones only by batch-norm statistics taken over
 # half-batches and the rounding of averaged gradients: a few test images out of 360 (1 image = 0.28 points;
 # 3-4 images when measured), in a training whose accuracy still climbs 5-30 points per epoch. A resumed run
 # replays the same steps from the checkpointed state. 0.1 is well outside that noise, and well inside the gap
-# between a trained student (above 0.6 here) and chance.
+# between a trained student (about 0.55 here after 3 epochs) and chance.
 ACCURACY_TOLERANCE = 0.1
 
 
@@ -163,9 +163,9 @@ def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
 @pytest.mark.faults
 def test_killed_worker_resumes_from_the_last_epoch_checkpoint(kd_runs):
     assert kd_runs.failure_marker.is_file()  # the injected failure happened
-    # Epochs 0 and 1 ran before the failure and came back from the checkpoint; 2 and 3 ran after the resume.
+    # Epochs 0 and 1 ran before the failure and came back from the checkpoint; 2 ran after the resume.
     killed, uninterrupted = kd_runs.killed, kd_runs.uninterrupted
-    assert [(row["epoch"], row["resumes"]) for row in killed.history] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert [(row["epoch"], row["resumes"]) for row in killed.history] == [(0, 0), (1, 0), (2, 1)]
     assert killed.counters["resumes"] == 1 and uninterrupted.counters["resumes"] == 0
     # The checkpoint carried the teacher calls of epochs 0 and 1 (both workers'): the totals are true ones.
     # Calls the dead worker group made for epoch 2 before it died are lost with it, as is their work.

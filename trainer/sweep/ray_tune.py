@@ -224,6 +224,9 @@ def run_sweep(
                 param_space={"trial": tune.grid_search([t.id for t in trials])},
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=spec.concurrent,
+                    # A finished trial's process takes the next trial: torch's and the trainer's imports
+                    # (seconds each) are paid once per concurrent slot, not once per trial.
+                    reuse_actors=True,
                     scheduler=scheduler,
                     trial_dirname_creator=trial_folder,
                 ),
