@@ -3,7 +3,8 @@
 Every test under tests/integration/ starts Ray, a server process, redis-server or a training run, and is
 marked `integration` here; test files elsewhere that do so mark themselves. Files that start Ray also join the
 xdist group "ray": `make test` runs the suite on two workers, and two Ray instances at once would starve each
-other on a 2-core machine, so one worker runs them one after another.
+other on a 2-core machine, so one worker runs them one after another (and a module's Ray fixtures start
+once); the session refuses to run if the group stops grouping.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(INTEGRATION_FOLDER):
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under `--dist loadgroup`, pytest-xdist groups a test by appending "@<group>" to its id; a pytest or
+    xdist release that stops it would run Ray tests side by side, unnoticed. Refuse to run instead."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    ungrouped = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"--dist loadgroup does not group {ungrouped[0]} (and {len(ungrouped) - 1} more): this pytest "
+            "and pytest-xdist no longer work together; see pyproject.toml's pins"
+        )
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

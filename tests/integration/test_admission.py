@@ -516,8 +516,8 @@ def test_memory_comes_back_after_waves_of_large_requests(start_server):
     growth = [resident - baseline for resident in after_waves]
     # Each wave moved 24 x 20 MB through the server; unreturned, that left hundreds of MB per wave, growing
     # wave after wave. Handed back, what stays is a few requests' worth (glibc's arenas, gRPC's buffers,
-    # 40-112 MiB measured, which wave leaves the most varies) and it does not grow: the last wave leaves no more
-    # than the worst wave before it plus one request.
+    # 40-112 MiB measured, which wave leaves the most varies) and it does not grow: the last wave leaves no
+    # more than the worst wave before it plus one request.
     shown = [f"{grown / 2**20:.0f} MiB" for grown in growth]
     assert max(growth) < 8 * len(request), shown
     assert growth[-1] < max(growth[:-1]) + len(request), shown

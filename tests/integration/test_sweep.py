@@ -117,7 +117,14 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path):
             run.data.tags["ekd.bank"] == redact(cache_uri)
             and run.data.tags["ekd.teacher.0"] == "cifar_resnet20"
         )
-        for metric in ("loss", "train_accuracy", "val_accuracy", "teacher_calls", "cache_hit_rate", "stall_seconds"):
+        for metric in (
+            "loss",
+            "train_accuracy",
+            "val_accuracy",
+            "teacher_calls",
+            "cache_hit_rate",
+            "stall_seconds",
+        ):
             history = client.get_metric_history(run.info.run_id, metric)
             assert sorted(m.step for m in history) == list(range(EPOCHS)), metric
         assert run.data.metrics["test_accuracy"] == trials[run.data.tags["ekd.trial"]]["test_accuracy"]
