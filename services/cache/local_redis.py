@@ -125,6 +125,8 @@ def running_redis_server(
                 "no",
                 "--logfile",
                 str(log_path),
+                # As ekd's deployments run Redis (services.cache.redis_store): compact entries' hashes compact.
+                *("--hash-max-listpack-entries", "512", "--hash-max-listpack-value", "128"),
                 *config_args,
             ],
             stdout=subprocess.DEVNULL,

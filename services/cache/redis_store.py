@@ -1,9 +1,13 @@
 """The production teacher-output store: a Redis server shared by every trainer and teacher host (or a Redis
 Cluster: `services.cache.redis_cluster_store`, on the same code).
 
-Reads are one MGET, writes one non-transactional pipeline of SETs. Run the server with `maxmemory` and an
-eviction policy such as `allkeys-lru`: an evicted entry is simply a miss. Under `noeviction` a full server
-refuses writes, which surfaces as CacheFullError.
+Reads are one MGET, writes one non-transactional pipeline of SETs. Compact-form entries, whose values are
+smaller than a Redis key's own overhead, live several to a hash instead (`services.cache.layout`'s buckets:
+pipelined HGET, HSET, HDEL): run the server with `hash-max-listpack-entries 512` and `hash-max-listpack-value
+128` so that those hashes keep Redis's compact encoding (an HMAC-tagged 1000-class compact frame is 79
+bytes). Run it with `maxmemory` and an eviction policy such as `allkeys-lru`: an evicted entry (or bucket) is
+simply a miss. Under `noeviction` a full server refuses writes, which surfaces as CacheFullError. A TTL
+counts from the last write to a bucket for its entries.
 
 Timeouts are short, so that a frozen or unreachable server costs a caller a fraction of a second, not the
 5 s socket defaults: 0.5 s to connect, 0.25 s for each socket read (a reply, not the whole transfer: a large
@@ -35,6 +39,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisClusterUnreachableError
 from redis.retry import Retry
 
+from services.cache.layout import BUCKET_KEY_LENGTH, bucket_and_field, is_bucket
 from services.cache.store import (
     CacheError,
     CacheFullError,
@@ -151,46 +156,86 @@ class RedisBackedStore(TeacherOutputStore):
         )
 
     def _get_raw(self, keys: list[bytes]) -> list[bytes | None]:
+        values: list[bytes | None] = [None] * len(keys)
+        named = [index for index, key in enumerate(keys) if bucket_and_field(key) is None]
+        in_buckets = [(index, place) for index, key in enumerate(keys) if (place := bucket_and_field(key))]
         with self._translated_errors():
-            return self._get_prefixed([self._prefix + key for key in keys])
+            if named:
+                found = self._get_prefixed([self._prefix + keys[index] for index in named])
+                for index, value in zip(named, found, strict=True):
+                    values[index] = value
+            if in_buckets:
+                pipeline = self._client.pipeline(transaction=False)
+                for _, (bucket, field) in in_buckets:
+                    pipeline.hget(self._prefix + bucket, field)
+                for (index, _), value in zip(in_buckets, pipeline.execute(), strict=True):
+                    values[index] = value
+        return values
 
     def _put_raw(self, items: list[tuple[bytes, bytes]]) -> None:
         with self._translated_errors():
             pipeline = self._client.pipeline(transaction=False)
             for key, value in items:
-                pipeline.set(self._prefix + key, value, ex=self.ttl_seconds)
+                place = bucket_and_field(key)
+                if place is None:
+                    pipeline.set(self._prefix + key, value, ex=self.ttl_seconds)
+                    continue
+                bucket = self._prefix + place[0]
+                pipeline.hset(bucket, place[1], value)
+                if self.ttl_seconds is not None:
+                    pipeline.expire(bucket, self.ttl_seconds)
             pipeline.execute()
 
     def _scan_raw(self, prefix: bytes) -> Iterator[tuple[bytes, int]]:
         # SCAN MATCH walks each server's keyspace in steps without blocking it; STRLEN, pipelined per step,
-        # gives each value's size without sending it.
-        pattern = _glob_escaped(self._prefix + prefix) + b"*"
+        # gives each value's size without sending it. A bucket's entries come from HSCAN (compact values are
+        # small: reading them costs little more than their sizes would).
+        pattern = _glob_escaped(self._prefix + prefix[:BUCKET_KEY_LENGTH]) + b"*"
         with self._translated_errors():
             for server in self._scanned_servers():
-                keys = server.scan_iter(match=pattern, count=_SCAN_STEP)
-                while step := list(islice(keys, _SCAN_STEP)):
+                names = server.scan_iter(match=pattern, count=_SCAN_STEP)
+                while step := [name[len(self._prefix) :] for name in islice(names, _SCAN_STEP)]:
+                    keys = [name for name in step if not is_bucket(name)]
                     pipeline = server.pipeline(transaction=False)
-                    for key in step:
-                        pipeline.strlen(key)
-                    for key, size in zip(step, pipeline.execute(), strict=True):
-                        if size:  # 0: expired or evicted since the scan saw it
-                            yield key[len(self._prefix) :], size
+                    for key in keys:
+                        pipeline.strlen(self._prefix + key)
+                    sizes = zip(keys, pipeline.execute(), strict=True)
+                    for key, size in sizes:
+                        if size and key.startswith(prefix):  # 0: expired or evicted since the scan saw it
+                            yield key, size
+                    for bucket in (name for name in step if is_bucket(name)):
+                        for field, value in server.hscan_iter(self._prefix + bucket, count=_SCAN_STEP):
+                            if (bucket + field).startswith(prefix):
+                                yield bucket + field, len(value)
 
     def entry_bytes(self, groups: Sequence[Sequence[tuple[bytes, int]]]) -> list[float] | None:
         # MEMORY USAGE: the server's own count of a key's allocations (entry, key, value object and value),
-        # less the hash table's slot (8 bytes a bucket).
+        # less the hash table's slot (8 bytes a bucket); an entry in a bucket costs its bucket's share.
+        shares: dict[bytes, float] = {}
+
+        def share(key: bytes) -> float:
+            place = bucket_and_field(key)
+            name = self._prefix + (key if place is None else place[0])
+            if name not in shares:
+                usage = int(self._client.memory_usage(name, samples=0) or 0)
+                shares[name] = usage / max(1, int(self._client.hlen(name))) if place else usage
+            return shares[name]
+
         with self._translated_errors():
-            return [
-                sum(int(self._client.memory_usage(self._prefix + key, samples=0) or 0) for key, _ in group)
-                / max(1, len(group))
-                for group in groups
-            ]
+            return [sum(share(key) for key, _ in group) / max(1, len(group)) for group in groups]
 
     def _delete_raw(self, keys: list[bytes]) -> None:
         # A concurrent writer may have just replaced a damaged value with a good one; deleting it then costs
         # one recomputation, never a wrong answer.
         with self._translated_errors():
-            self._client.delete(*(self._prefix + key for key in keys))
+            pipeline = self._client.pipeline(transaction=False)
+            for key in keys:
+                place = bucket_and_field(key)
+                if place is None:
+                    pipeline.delete(self._prefix + key)  # one key a command: a cluster's may be on any shard
+                else:
+                    pipeline.hdel(self._prefix + place[0], place[1])
+            pipeline.execute()
 
     def close(self) -> None:
         self._client.close()

@@ -58,6 +58,7 @@ def test_redis_is_an_lru_cache_with_a_healthcheck(compose):
     assert command[0] == "redis-server"
     assert command[command.index("--maxmemory") + 1] == "2gb"
     assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert int(command[command.index("--hash-max-listpack-value") + 1]) >= 63 + 16  # HMAC-tagged compact
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert volume_mounts(redis)["/data"] == ("redis-data", "rw")
     assert published(redis) == {6379: "127.0.0.1"}

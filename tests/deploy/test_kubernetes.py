@@ -25,6 +25,8 @@ from deploy_files import (
 )
 from ray.serve.schema import ServeDeploySchema
 
+from services.cache.authentication import TAG_BYTES
+from services.cache.layout import BUCKET_HASH_BYTES
 from services.serve import deployments
 from services.serve.serve_config import load_serve_config
 
@@ -40,6 +42,20 @@ HEADLINE_CONFIG = "/app/configs/serve/imagenet.yaml"
 HEADLINE_RECIPE = REPO / "configs" / "imagenet" / "seed000_ensemble_kd.yaml"
 IMAGENET_TRAIN_IMAGES = 1_281_167
 BYTES_PER_LOGITS_ENTRY = 2160
+COMPACT_FRAME_BYTES = 63  # 1000 classes (services/formats/soft_labels.py)
+
+
+def keeps_compact_buckets_small(directives: dict[str, str]) -> bool:
+    """Whether a redis.conf keeps every bucket of the headline bank's compact entries (one teacher's views
+    spread over its buckets) in the listpack encoding, HMAC-tagged values included."""
+    views = yaml.safe_load(HEADLINE_RECIPE.read_text())["data"]["views"]
+    per_bucket = IMAGENET_TRAIN_IMAGES * views / 2 ** (8 * BUCKET_HASH_BYTES)
+    return (
+        int(directives["hash-max-listpack-entries"]) >= 1.5 * per_bucket
+        and int(directives["hash-max-listpack-value"]) >= COMPACT_FRAME_BYTES + TAG_BYTES
+    )
+
+
 """Redis memory per cached output of 1000 fp16 logits (value, key and Redis's per-key overhead), measured with
 services.cache's RedisStore and `INFO memory` over 20,000 entries."""
 
@@ -393,7 +409,7 @@ def test_redis_requires_the_password_and_evicts_lru_at_its_memory_limit(builds, 
     config_map = objects["ConfigMap", volume["configMap"]["name"]]
     lines = config_map["data"][Path(config_path).name].splitlines()
     directives = dict(line.split(maxsplit=1) for line in lines if line and not line.startswith("#"))
-    assert directives["maxmemory-policy"] == "allkeys-lru"
+    assert directives["maxmemory-policy"] == "allkeys-lru" and keeps_compact_buckets_small(directives)
     # The pod has room for the cache and Redis's own overhead.
     assert redis_bytes(directives["maxmemory"]) < redis_bytes(redis["resources"]["requests"]["memory"])
     assert statefulset["spec"]["serviceName"] == "ekd-redis"

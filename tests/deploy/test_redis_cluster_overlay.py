@@ -19,6 +19,7 @@ from test_kubernetes import (
     by_kind_and_name,
     containers,
     env_of,
+    keeps_compact_buckets_small,
     redis_bytes,
 )
 
@@ -76,7 +77,7 @@ def test_the_primaries_hold_the_headline_recipes_fp16_bank(build):
     directives = dict(
         line.split(maxsplit=1) for line in config.splitlines() if line and not line.startswith("#")
     )
-    assert directives["cluster-enabled"] == "yes"
+    assert directives["cluster-enabled"] == "yes" and keeps_compact_buckets_small(directives)
     primaries = objects["StatefulSet", CLUSTER]["spec"]["replicas"] // 2
     recipe = yaml.safe_load(HEADLINE_RECIPE.read_text())
     entries = IMAGENET_TRAIN_IMAGES * recipe["data"]["views"] * len(recipe["teachers"])

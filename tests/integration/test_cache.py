@@ -33,6 +33,7 @@ from services.cache import (
     teacher_tag,
 )
 from services.cache.inventory import inventory
+from services.cache.layout import BUCKET_KEY_LENGTH, bucket_and_field
 from services.cache.lmdb_store import LmdbStore
 from services.cache.redis_store import RedisStore
 from services.core.redaction import redact
@@ -177,7 +178,8 @@ class RedisBackend:
 
     def write_raw(self, key: bytes, value: bytes) -> None:
         with redis.Redis.from_url(self.url) as client:
-            client.set(key, value)
+            place = bucket_and_field(key)
+            client.set(key, value) if place is None else client.hset(place[0], place[1], value)
 
 
 @pytest.fixture(params=["lmdb", "redis"])
@@ -323,6 +325,37 @@ def test_redis_ttl_and_key_prefix(redis_url, teacher):
         with RedisStore(redis_url) as store:
             store.put_many([(keys[0], logits(seeds[0]))])
         assert raw.ttl(keys[0]) == -1  # no TTL: kept until evicted
+
+
+def test_redis_keeps_compact_entries_several_to_a_compact_hash(redis_url, teacher):
+    """Compact entries live in hash buckets of Redis's listpack encoding: found, scanned, sized, expired and
+    deleted like keys of their own, at under 100 bytes each all-in where a bucket holds a few hundred."""
+    identity = xxhash.xxh3_128_hexdigest(teacher.encode())
+    first = output_key(identity, "logits", "float16", 0, input_digest(image(0)), form="compact")
+    # 300 keys of one bucket (the hash's first bytes fixed), as ImageNet's 20 M views of a teacher fill each.
+    keys = [
+        first[:BUCKET_KEY_LENGTH] + random.Random(i).randbytes(len(first) - BUCKET_KEY_LENGTH)
+        for i in range(300)
+    ]
+    compact = compress(torch.randn(300, 1000, generator=torch.Generator().manual_seed(0)) * 3)
+    bucket = b"exp8:" + first[:BUCKET_KEY_LENGTH]
+    with (
+        redis.Redis.from_url(redis_url) as raw,
+        RedisStore(redis_url, ttl_seconds=600, key_prefix="exp8:") as store,
+    ):
+        store.put_many([(key, compact[row]) for row, key in enumerate(keys)])
+        assert raw.type(bucket) == b"hash" and raw.hlen(bucket) == 300
+        assert raw.object("encoding", bucket) == b"listpack" and 0 < raw.ttl(bucket) <= 600
+        assert all(raw.exists(b"exp8:" + key) == 0 for key in keys[:5])
+        found = store.get_many(keys[::-1])
+        assert all(torch.equal(f.top, compact[row].top) for f, row in zip(found, range(299, -1, -1)))
+        assert dict(store.scan(key_prefix(identity[:12]))) == {key: 63 for key in keys}
+        (per_entry,) = store.entry_bytes([list(store.scan())])
+        assert 63 + 10 < per_entry < 100  # the value, its field (the key's last 10 bytes) and a few
+        store.delete_many(keys[:100])
+        assert raw.hlen(bucket) == 200 and store.get_many(keys[:2]) == [None, None]
+        store.delete_many(keys[100:])
+        assert raw.exists(bucket) == 0  # Redis drops an emptied hash
 
 
 def test_redis_ttl_must_be_positive(redis_url):
