@@ -125,7 +125,7 @@ def running_redis_server(
                 "no",
                 "--logfile",
                 str(log_path),
-                # As ekd's deployments run Redis (services.cache.redis_store): compact entries' hashes compact.
+                # As ekd's deployments run Redis (services.cache.redis_store): compact entries' hashes small.
                 *("--hash-max-listpack-entries", "512", "--hash-max-listpack-value", "128"),
                 *config_args,
             ],
