@@ -31,7 +31,7 @@ system-deps:
 demo: $(INSTALLED)
 	$(VENV)/bin/ekd demo
 
-# Everything, as CI runs it, on two workers (tests that start Ray share one: tests/conftest.py).
+# Everything, as CI runs it, on two workers (a module's tests sharing one Ray instance share one: tests/conftest.py).
 PYTEST_WORKERS := -n 2 --dist loadgroup
 
 test: $(INSTALLED) system-deps lint

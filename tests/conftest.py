@@ -1,10 +1,10 @@
 """Fixtures every suite shares, and the marks that keep the suite's parts consistent.
 
 Every test under tests/integration/ starts Ray, a server process, redis-server or a training run, and is
-marked `integration` here; test files elsewhere that do so mark themselves. Files that start Ray also join the
-xdist group "ray": `make test` runs the suite on two workers, and two Ray instances at once would starve each
-other on a 2-core machine, so one worker runs them one after another (and a module's Ray fixtures start
-once); the session refuses to run if the group stops grouping.
+marked `integration` here; test files elsewhere that do so mark themselves. `make test` runs the suite on two
+workers (`--dist loadgroup`); a module whose tests share a module-scoped Ray instance (or teachers trained
+once) joins an xdist group of its own, so that its tests run on one worker and the fixture starts once. At
+most two Ray instances run at once, one a worker; the session refuses to run if a group stops grouping.
 """
 
 from __future__ import annotations

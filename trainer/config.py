@@ -340,6 +340,9 @@ class ExecutionConfig(_Section):
     workers: int = Field(
         2, ge=1, le=256, description="ray_train: number of training workers, one data shard each"
     )
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="ray_train: CPUs Ray reserves for each worker (its data loading included)"
+    )
     max_failures: int = Field(
         2,
         ge=0,

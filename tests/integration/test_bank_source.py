@@ -34,7 +34,7 @@ from trainer.runs.inputs import load_splits
 from trainer.runs.run import run_experiment
 from trainer.runs.sources import BankMissError, BankTeacherSource
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("bank_source")]
 
 EKD = str(Path(sys.executable).parent / "ekd")
 # Half the training images, one replayed view, one epoch, decoded in the training process: every run asks for

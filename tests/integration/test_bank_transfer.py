@@ -23,7 +23,7 @@ from trainer.config import ExperimentConfig
 from trainer.runs.experiment import ExperimentResult
 from trainer.runs.run import run_experiment
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("bank_transfer")]
 
 EXPORTER_SECRET = "the exporting cluster's secret 0"
 IMPORTER_SECRET = "the importing cluster's secret 1"

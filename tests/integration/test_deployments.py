@@ -56,7 +56,7 @@ from services.teachers.engine import TeacherEngine
 from services.teachers.spec import Preprocessing
 from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("deployments")]
 
 DEADLINE_SECONDS = 30.0
 DEPLOY_SECONDS = 180.0

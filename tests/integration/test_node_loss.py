@@ -44,7 +44,7 @@ from trainer.runs.experiment import ExperimentResult, ensure_teachers
 from trainer.runs.inputs import load_splits
 from trainer.runs.run import run_experiment
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from trainer.runs.loop import Shard, train_loader
 from trainer.runs.ray_train import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, TRAINING_STATE_FILE, run_on_ray_train
 from trainer.runs.run import run_experiment
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray_train")]
 
 EPOCHS = 3
 CHANCE = 0.1  # ten digit classes

@@ -23,7 +23,7 @@ from trainer.cli.main import app
 from trainer.config import ExperimentConfig
 from trainer.runs.run import run_experiment
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EKD = str(Path(sys.executable).parent / "ekd")
 

@@ -14,13 +14,14 @@ resumes. The checkpoint also holds the teacher source's counters up to its epoch
 a resumed run reports the totals of the epochs it kept (what a dead worker group did after its last
 checkpoint is lost with it, and is counted once, when it is redone). At the end worker 0 evaluates, exports
 the students and writes the record exactly as the local backend does, and returns the result to the driver
-(Ray Train's `Result.return_value`, as plain data).
-GPUs are used when `device` resolves to cuda on the driver: one per worker. On a cluster of several nodes
-(`ray_address`), the teacher checkpoints, `output_dir` and a local `storage_path` must lie on a filesystem
-that every node shares. Losing a node is a worker failure like any other: Ray Train's controller (on the
-driver's node) sees the group's worker there die, ends the group and starts a new one where resources are
-left (`execution.placement_strategy: SPREAD` puts one worker per node, and lets the restarted group pack
-onto the surviving nodes), which resumes from the last committed checkpoint.
+(Ray Train's `Result.return_value`, as plain data). Worker 0 also appends each epoch's history row and
+counters to a file the driver follows: the progress bar, and the driver's `on_epoch_end` (tracking, Tune).
+GPUs are used when `device` is cuda, or auto on a cluster that has GPUs: one per worker. On a cluster of
+several nodes (`ray_address`), the teacher checkpoints, `output_dir` and a local `storage_path` must lie on
+a filesystem that every node shares. Losing a node is a worker failure like any other: Ray Train's
+controller (on the driver's node) sees the group's worker there die, ends the group and starts a new one
+where resources are left (`execution.placement_strategy: SPREAD` puts one worker per node, and lets the
+restarted group pack onto the surviving nodes), which resumes from the last committed checkpoint.
 
 Failure injection, to check recovery: with `EKD_FAIL_ONCE_AT_EPOCH=<k>` (k ≥ 1) and `EKD_FAIL_MARKER=<path>`
 in the environment of the process that calls `run_on_ray_train`, the last worker (rank 1 of 2) exits with
@@ -31,8 +32,8 @@ so the run fails exactly once.
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -59,7 +60,7 @@ else:
 
 from trainer.config import ExperimentConfig
 from trainer.methods.base import Method
-from trainer.runs.experiment import ExperimentResult, ExperimentSession, ensure_teachers
+from trainer.runs.experiment import EpochEndCallback, ExperimentResult, ExperimentSession, ensure_teachers
 from trainer.runs.inputs import load_splits
 from trainer.runs.loop import Shard, resolve_device
 from trainer.runs.progress import OnProgress, ProgressUpdate
@@ -79,15 +80,18 @@ def run_on_ray_train(
     *,
     on_progress: OnProgress | None = None,
     ray_address: str | None = None,
+    on_epoch_end: EpochEndCallback | None = None,
 ) -> ExperimentResult:
     """Run `cfg` on Ray Train. Uses the Ray instance this process is already connected to, else connects to
-    `ray_address`, else starts a local one (shut down again at the end)."""
+    `ray_address`, else starts a local one (shut down again at the end). `on_epoch_end` hears of each epoch
+    worker 0 ends, in this process: its history row and the counters over every worker so far."""
     started = time.time()
     cfg = cfg.with_absolute_paths()
     failure = _failure_injection()
-    device = resolve_device(cfg.device)
     if cfg.teachers and cfg.teacher_source.kind == "in_process":
-        ensure_teachers(cfg, load_splits(cfg), device, on_progress)
+        # The driver trains missing teachers on its own GPU if it has one (a Tune trial's driver has none).
+        driver_device = resolve_device("auto" if cfg.device == "cuda" else cfg.device)
+        ensure_teachers(cfg, load_splits(cfg), driver_device, on_progress)
     run_name = f"{cfg.name}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -95,10 +99,12 @@ def run_on_ray_train(
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
         ray.init(address=ray_init_address(ray_address), include_dashboard=False)
     try:
+        # GPUs for the workers when the config says cuda, or auto on a cluster that has them.
+        use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         logger.info(
             "ray_train: %d workers on %s, run %s under %s",
             cfg.execution.workers,
-            device.type,
+            "cuda" if use_gpu else "cpu",
             run_name,
             cfg.execution.storage_path,
         )
@@ -114,7 +120,11 @@ def run_on_ray_train(
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.execution.workers,
-                use_gpu=device.type == "cuda",
+                use_gpu=use_gpu,
+                resources_per_worker={
+                    "CPU": cfg.execution.cpus_per_worker,
+                    **({"GPU": 1} if use_gpu else {}),
+                },
                 placement_strategy=cfg.execution.placement_strategy,
             ),
             run_config=RunConfig(
@@ -124,7 +134,7 @@ def run_on_ray_train(
                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             ),
         )
-        outcome = _fit_showing_progress(trainer, progress_file, cfg, on_progress)
+        outcome = _fit_following_epochs(trainer, progress_file, cfg, on_progress, on_epoch_end)
     finally:
         if started_ray:
             ray.shutdown()
@@ -147,13 +157,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
     failure = config["failure"]
 
     def on_epoch_end(row: dict[str, float]) -> None:
+        counters = session.counters_at_epoch_end  # summed over the workers: every worker reaches here
         if session.is_primary:
+            epoch = {"stages": session.method.num_stages, "epochs": session.cfg.train.epochs}
             with open(config["progress_file"], "a") as progress_file:
-                val = row.get("val_accuracy", float("nan"))  # nan: no validation split
-                progress_file.write(
-                    f"{session.method.num_stages} {row['stage']} {row['epoch']} {session.cfg.train.epochs} "
-                    f"{val:.6f}\n"
-                )
+                progress_file.write(json.dumps({**epoch, "row": {**row, **counters}}) + "\n")
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if session.is_primary:
@@ -173,17 +181,40 @@ def train_loop_per_worker(config: dict) -> dict | None:
     return result.to_json() if result is not None else None
 
 
-def _fit_showing_progress(
-    trainer: TorchTrainer, progress_file: Path, cfg: ExperimentConfig, on_progress: OnProgress | None
+def _fit_following_epochs(
+    trainer: TorchTrainer,
+    progress_file: Path,
+    cfg: ExperimentConfig,
+    on_progress: OnProgress | None,
+    on_epoch_end: EpochEndCallback | None,
 ):
-    """`trainer.fit()`, while a progress bar follows the epochs worker 0 appends to `progress_file` (a line
-    "stages stage epoch epochs val_accuracy" per epoch, epochs as `train.steps` resolved them, val_accuracy
-    nan without a validation split: the driver cannot see into the workers otherwise)."""
-    if on_progress is None:
+    """`trainer.fit()`, while this process follows the epochs worker 0 appends to `progress_file` (a JSON line
+    per epoch: the method's stages, `train.steps`' epochs as resolved, and the history row with the counters;
+    the driver cannot see into the workers otherwise): a progress bar, and `on_epoch_end` for each."""
+    if on_progress is None and on_epoch_end is None:
         return trainer.fit()
     task = f"{cfg.name} (ray_train)"
-    on_progress(ProgressUpdate(task, 0, cfg.train.epochs, task))
+    if on_progress is not None:
+        on_progress(ProgressUpdate(task, 0, cfg.train.epochs, task))
     outcome: dict = {}
+    seen = 0
+
+    def follow() -> None:
+        nonlocal seen
+        lines = progress_file.read_text().splitlines(keepends=True) if progress_file.exists() else []
+        finished = [json.loads(line) for line in lines[seen:] if line.endswith("\n")]  # whole lines only
+        seen += len(finished)
+        for epoch in finished:
+            row = epoch["row"]
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+            if on_progress is not None:
+                stages, stage, epochs, number = epoch["stages"], row["stage"], epoch["epochs"], row["epoch"]
+                description = f"{task} stage {stage + 1}/{stages} epoch {number + 1}/{epochs}"
+                if "val_accuracy" in row:
+                    description += f" val {row['val_accuracy']:.1%}"
+                completed = stage * epochs + number + 1
+                on_progress(ProgressUpdate(task, completed, total=stages * epochs, description=description))
 
     def fit() -> None:
         try:
@@ -195,18 +226,8 @@ def _fit_showing_progress(
     worker.start()
     while worker.is_alive():
         worker.join(timeout=PROGRESS_POLL_SECONDS)
-        fields = progress_file.read_text().split() if progress_file.exists() else []
-        if len(fields) >= 5:
-            stages, stage, epoch, epochs = (int(field) for field in fields[-5:-1])
-            accuracy = float(fields[-1])
-            description = f"{task} stage {stage + 1}/{stages} epoch {epoch + 1}/{epochs}"
-            if not math.isnan(accuracy):
-                description += f" val {accuracy:.1%}"
-            on_progress(
-                ProgressUpdate(
-                    task, completed=stage * epochs + epoch + 1, total=stages * epochs, description=description
-                )
-            )
+        follow()
+    follow()  # what the last epoch wrote just before the run ended
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -23,7 +23,7 @@ def run_experiment(
 ) -> ExperimentResult:
     """Run `cfg` on its `execution.backend`; `source` (local backend only) replaces the configured teacher
     source; `ray_address` (ray_train only) is a running Ray cluster to train on. `on_epoch_end` hears of
-    every epoch (`run_locally`'s), as it ends in process, or from the history after a ray_train run."""
+    every epoch as it ends: its history row and the teacher source's counters so far (over every worker)."""
     if cfg.execution.backend == "ray_train":
         if source is not None:
             raise ValueError(
@@ -34,9 +34,7 @@ def run_experiment(
             run_on_ray_train,  # Ray is imported only by the backend that uses it
         )
 
-        result = run_on_ray_train(cfg, on_progress=on_progress, ray_address=ray_address)
-        if on_epoch_end is not None:
-            for row in result.history:
-                on_epoch_end(row)
-        return result
+        return run_on_ray_train(
+            cfg, on_progress=on_progress, ray_address=ray_address, on_epoch_end=on_epoch_end
+        )
     return run_locally(cfg, on_progress=on_progress, source=source, on_epoch_end=on_epoch_end)

@@ -36,11 +36,6 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     sweep's folder; a folder holding another sweep's trials is refused."""
     trials = expand(spec)
     for trial in trials:
-        if trial.config.execution.backend != "local":
-            raise ConfigError(
-                f"sweep: {trial.experiment}: execution.backend must be local (each trial runs in process in "
-                f"a Tune trial), got {trial.config.execution.backend!r}"
-            )
         if spec.asha is not None and trial.config.data.val_fraction == 0:
             raise ConfigError(
                 f"sweep: early stopping (asha) compares validation accuracy, but trial {trial.id} has no "

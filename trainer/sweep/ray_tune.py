@@ -1,5 +1,8 @@
-"""The Ray Tune adapter of `ekd sweep`: each trial one experiment run in process (`run_locally`) inside a
-Tune trial with its resources, `concurrent` at a time, on a private local Ray or the cluster at `address`.
+"""The Ray Tune adapter of `ekd sweep`: each trial one experiment inside a Tune trial, `concurrent` at a
+time, on a private local Ray or the cluster at `address`. A trial of `execution.backend: local` trains in the
+trial's process, with the trial's resources (`cpus_per_trial`, `gpus_per_trial`); one of `ray_train` is the
+driver of a Ray Train run (Ray's Train-in-Tune pattern): its workers reserve their own CPUs and GPUs, so the
+trial reserves `cpus_per_trial` for the driver and no GPU.
 
 Each epoch is reported to Tune (`tune.report`: validation accuracy for ASHA, the teacher calls so far) and,
 with tracking, logged to MLflow through Ray's integration (`setup_mlflow` opens the trial's run). Tune keeps
@@ -25,8 +28,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from trainer.config import ExperimentConfig
 from trainer.results.baselines import alone_experiments
-from trainer.runs.experiment import run_locally
 from trainer.runs.ray_address import ray_init_address
+from trainer.runs.run import run_experiment
 from trainer.sweep.report import DONE, FAILED, STOPPED, TrialOutcome
 from trainer.sweep.spec import SweepSpec, Trial
 from trainer.tracking import RunTracker, Tracking, experiment_params, experiment_tags
@@ -79,12 +82,12 @@ def run_trial(
         )
 
     try:
-        result = run_locally(cfg, on_epoch_end=on_epoch_end)
+        result = run_experiment(cfg, on_epoch_end=on_epoch_end)
         if tracker is not None:
             tracker.log_result(result)
         networks = [s.alone_network for s in result.students if s.alone_network is not None]
         for alone in alone_experiments(cfg, networks) if baselines else []:
-            run_locally(alone)
+            run_experiment(alone)
     except BaseException:
         if mlflow is not None:
             mlflow.end_run("FAILED")
@@ -162,12 +165,13 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _resources(spec: SweepSpec) -> dict[str, float]:
-    gpus = spec.gpus_per_trial
+def _resources(spec: SweepSpec, cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
+    """What Tune reserves for a trial running `cfg` (the module doc)."""
+    gpus = 0.0 if cfg.execution.backend == "ray_train" else spec.gpus_per_trial
     if gpus is None:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = min(1.0, cluster_gpus / spec.concurrent) if cluster_gpus else 0.0
-    return {"cpu": spec.cpus_per_trial, "gpu": gpus}
+    return tune.PlacementGroupFactory([{"CPU": spec.cpus_per_trial, **({"GPU": gpus} if gpus else {})}])
 
 
 def can_resume(directory: Path) -> bool:
@@ -191,6 +195,7 @@ def run_sweep(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune console tables: ekd reports the trials
     started_ray = _connect(address)
     try:
+        resources = {trial_id: _resources(spec, cfg) for trial_id, cfg in configs.items()}
         trainable = tune.with_resources(
             tune.with_parameters(
                 run_trial,
@@ -200,7 +205,9 @@ def run_sweep(
                 threads=max(1, int(spec.cpus_per_trial)),
                 baselines=spec.baselines,
             ),
-            _resources(spec),
+            # By trial id, never the configs themselves: Tune saves this with its state, and a config may
+            # hold a cache password.
+            lambda params: resources[params["trial"]],
         )
         path = directory / STATE_FOLDER
         if tune.Tuner.can_restore(str(path)):
