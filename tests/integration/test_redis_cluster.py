@@ -27,6 +27,7 @@ from services.cache.guard import Outcome
 from services.cache.local_redis import RedisCluster
 from services.cache.redis_cluster_store import RedisClusterStore, seed_nodes
 from services.formats.codec import encode_value
+from services.formats.soft_labels import compress
 from trainer.cli.main import app
 from trainer.config import ExperimentConfig
 from trainer.runs.progress import ProgressUpdate
@@ -34,6 +35,7 @@ from trainer.runs.run import run_experiment
 
 SECRET = b"a cluster's secret, 32 bytes...."
 ENTRIES = OutputEntries.of("ab" * 32, "logits", "float16", logits_form="full")
+COMPACT_ENTRIES = OutputEntries.of("ab" * 32, "logits", "float16", logits_form="compact")
 
 
 def shard_sizes(cluster: RedisCluster) -> list[int]:
@@ -84,9 +86,17 @@ def test_values_spread_over_every_shard_round_trip_and_stats_count_them_all(redi
         assert store.get_many([keys[7]], expected=spec[:1]) == [None]
         assert planter.exists(keys[7]) == 0
         planter.close()
+        # Compact entries, several to a hash bucket, spread over the shards by their buckets' slots too.
+        compact_keys = COMPACT_ENTRIES.keys([index.to_bytes(16, "little") for index in range(300)])
+        compact = compress(torch.randn(300, 10))
+        store.put_many([(key, compact[row]) for row, key in enumerate(compact_keys)])
+        read = store.get_many(compact_keys)
+        assert all(torch.equal(got.top, compact[row].top) for row, got in enumerate(read))
+        store.delete_many(compact_keys[:1])
+        assert store.get_many(compact_keys[:2])[0] is None and len(dict(store.scan())) == 299 + 299
     stats = CliRunner().invoke(app, ["cache", "stats", redis_cluster.url])
     assert stats.exit_code == 0, stats.output
-    assert "299 entries" in stats.output
+    assert "598 entries" in stats.output
 
 
 def test_a_killed_shard_reads_as_an_outage_and_the_guard_answers_misses(redis_cluster: RedisCluster):
