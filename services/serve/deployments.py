@@ -379,7 +379,9 @@ def serve_locally(config: ServeConfig, *, on_ready: Callable[[str], None] | None
     or print it), serve until SIGINT or SIGTERM, then shut Serve and Ray down."""
     # A cluster of this process alone, on this machine: Ray's token authentication has nothing to protect.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False)
+    # "local", not Ray's default: without an address Ray joins the cluster that RAY_ADDRESS (or the last
+    # `ray start` on this machine) names, and the shutdown below would take Serve down there.
+    ray.init(address="local", include_dashboard=False)
     try:
         address = deploy(config)
         stop = threading.Event()

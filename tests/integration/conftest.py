@@ -1,14 +1,23 @@
 """Real servers and stores for integration tests: redis-server processes on free 127.0.0.1 ports, LMDB in
-temporary directories."""
+temporary directories, and a Ray cluster per test worker for the `ekd` commands that run on Ray."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from services.cache import open_store
@@ -46,6 +55,72 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a redis-server shared by the whole session; tests use keys of their own."""
     with running_redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+# Ray's head start, at most; a loaded 2-core machine takes seconds.
+RAY_HEAD_START_SECONDS = 120
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_env() -> Iterator[dict[str, str]]:
+    """The environment of an `ekd` command (warm, sweep) that joins this test worker's Ray cluster, through
+    RAY_ADDRESS as on a cluster, instead of starting a private instance: a private start costs ~10 CPU-seconds
+    of Ray's own processes. The cluster is as large as a private one (a CPU per core), and only this worker's
+    tests, one at a time, use it. Started on first use; killed, every process of it, at the session's end."""
+    port = free_port()
+    # Short, and not Ray's default: a socket path must fit 107 bytes, and `ray.init()` without an address
+    # joins the cluster Ray's default directory names, which would put `ekd serve` on this one.
+    temp_dir = tempfile.mkdtemp(prefix="ekd-ray-", dir="/tmp")
+    # One thread per Ray worker, a worker per core: Ray's workers take the head's environment.
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+        "RAY_AUTH_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+    }
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--num-cpus={os.cpu_count()}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a process group of its own: the teardown kills raylet, GCS and workers
+    )
+    try:
+        deadline = time.monotonic() + RAY_HEAD_START_SECONDS
+        while True:
+            assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, f"Ray's head did not listen within {RAY_HEAD_START_SECONDS} s"
+            time.sleep(0.2)
+        yield env
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def joined_ray(ray_cluster_env: dict[str, str]) -> Iterator[None]:
+    """This process joined to the worker's Ray cluster (`ray_cluster_env`) for a module's tests, which call
+    ekd's Ray code in process; disconnected (the cluster stays) at the module's end."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(address=ray_cluster_env["RAY_ADDRESS"], include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture

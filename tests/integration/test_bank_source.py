@@ -135,7 +135,9 @@ def distill(config: Path, *options: str, cwd: Path) -> subprocess.CompletedProce
     )
 
 
-def test_a_miss_is_one_line_naming_the_warm_command_that_fills_the_bank(work, image_folder, tmp_path):
+def test_a_miss_is_one_line_naming_the_warm_command_that_fills_the_bank(
+    work, image_folder, tmp_path, ray_cluster_env
+):
     cfg = recipe("seed000_ensemble_kd", image_folder, work, SMALL)
     cfg = with_source(cfg, "seed000-bank", kind="bank", cache=f"lmdb://{tmp_path / 'bank'}")
     config = tmp_path / "seed000-bank.yaml"
@@ -157,7 +159,7 @@ def test_a_miss_is_one_line_naming_the_warm_command_that_fills_the_bank(work, im
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=ray_cluster_env,
         cwd=tmp_path,
     )
     assert warm.returncode == 0, warm.stderr

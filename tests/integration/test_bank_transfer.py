@@ -6,11 +6,9 @@ line and not imported; the others are."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from test_served_distill import KD, experiment, save_random_teachers, serve_teachers
 from typer.testing import CliRunner
 
@@ -27,18 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group
 
 EXPORTER_SECRET = "the exporting cluster's secret 0"
 IMPORTER_SECRET = "the importing cluster's secret 1"
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """One local Ray for the module: `ekd cache export/import` run on it instead of starting their own."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
 
 
 def served_run(tmp_path: Path, name: str, cache_uri: str) -> tuple[ExperimentResult, int]:
@@ -59,7 +45,7 @@ def entries(cache_uri: str) -> int:
 
 
 def test_an_exported_bank_trains_another_cluster_with_no_teacher_call(
-    tmp_path: Path, redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch, local_ray: None
+    tmp_path: Path, redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch, joined_ray: None
 ):
     save_random_teachers(tmp_path)
     origin_uri = f"lmdb://{tmp_path / 'origin'}"

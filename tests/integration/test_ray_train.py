@@ -2,21 +2,21 @@
 killed mid-run and resumed (with the teacher counters of an uninterrupted run), and a local backend that never
 imports Ray.
 
-Ray starts once for the module (about 6 s); each run below starts its own worker group. The runs are tiny:
-scikit-learn's digits at 8×8, a cifar_resnet8 student, 4 epochs of 10 steps of batch 128.
+The module joins the test worker's Ray cluster; each run below starts its own worker group. Three runs of one
+kd config serve every test: local, ray_train, and ray_train with a worker killed. They are tiny:
+scikit-learn's digits at 8×8, a cifar_resnet8 student, 3 epochs of 10 steps of batch 128.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import ray
 import torch
 
 from trainer.config import ExperimentConfig
@@ -72,42 +72,47 @@ def experiment(
     )
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
-
 class KdRuns(NamedTuple):
+    local: ExperimentResult
     uninterrupted: ExperimentResult
+    uninterrupted_log: str
     killed: ExperimentResult
     uninterrupted_storage: Path
     failure_marker: Path
 
 
 @pytest.fixture(scope="module")
-def kd_runs(local_ray, tmp_path_factory) -> KdRuns:
-    """An uninterrupted ray_train kd run and one whose last worker dies at the start of epoch 2, same seed;
-    the teacher (trained by the first run) runs in each worker."""
+def kd_runs(joined_ray, tmp_path_factory) -> KdRuns:
+    """The same kd experiment on the local backend (which trains the teacher), on ray_train, and on ray_train
+    with its last worker dying at the start of epoch 2; the teacher runs in each worker."""
     tmp_path = tmp_path_factory.mktemp("kd")
     marker = tmp_path / "failed-once"
     teacher = tmp_path / "teachers" / "cifar_resnet20.pt"
-    uninterrupted = experiment(
-        tmp_path, "uninterrupted", backend="ray_train", method="kd", teacher_checkpoint=teacher
-    )
+
+    def kd(name: str, backend: str) -> ExperimentConfig:
+        return experiment(tmp_path, name, backend=backend, method="kd", teacher_checkpoint=teacher)
+
+    local = run_experiment(kd("kd-local", "local"))
+    uninterrupted = kd("kd-ray", "ray_train")
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    trainer_logger = logging.getLogger("trainer")
+    trainer_logger.addHandler(handler)
+    level = trainer_logger.level
+    trainer_logger.setLevel(logging.INFO)
+    try:
+        uninterrupted_result = run_experiment(uninterrupted)  # the driver's log lines, captured
+    finally:
+        trainer_logger.removeHandler(handler)
+        trainer_logger.setLevel(level)
     with pytest.MonkeyPatch.context() as env:
         env.setenv(FAIL_AT_EPOCH_ENV, "2")
         env.setenv(FAIL_MARKER_ENV, str(marker))
-        killed = run_experiment(
-            experiment(tmp_path, "killed", backend="ray_train", method="kd", teacher_checkpoint=teacher)
-        )
+        killed = run_experiment(kd("kd-killed", "ray_train"))
     return KdRuns(
-        run_experiment(uninterrupted),
+        local,
+        uninterrupted_result,
+        log.getvalue(),
         killed,
         Path(uninterrupted.execution.storage_path),
         marker,
@@ -133,19 +138,10 @@ def test_shards_of_two_workers_make_up_the_single_process_batches():
             assert sorted(together) == sorted(batch.tolist() + padding)
 
 
-def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
-    teacher = tmp_path / "teachers" / "cifar_resnet20.pt"
-    local = run_experiment(
-        experiment(tmp_path, "kd-local", backend="local", method="kd", teacher_checkpoint=teacher),
-    )
-    assert teacher.is_file()  # trained by the local run, reused by the Ray run (not retrained)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trainer"):
-        distributed = run_experiment(
-            experiment(tmp_path, "kd-ray", backend="ray_train", method="kd", teacher_checkpoint=teacher),
-        )
-    assert "ray_train: 2 workers" in caplog.text  # the driver's log lines are captured here
-    assert "training it" not in caplog.text
+def test_ray_train_kd_matches_local_backend(kd_runs):
+    local, distributed = kd_runs.local, kd_runs.uninterrupted
+    assert "ray_train: 2 workers" in kd_runs.uninterrupted_log
+    assert "training it" not in kd_runs.uninterrupted_log  # the teacher the local run trained, reused
 
     assert local.test_accuracy > CHANCE + 0.3 and distributed.test_accuracy > CHANCE + 0.3
     assert abs(distributed.test_accuracy - local.test_accuracy) <= ACCURACY_TOLERANCE
@@ -154,7 +150,7 @@ def test_ray_train_kd_matches_local_backend(local_ray, tmp_path, caplog):
     assert distributed.teachers[0].name == "cifar_resnet20"
     # Worker 0 exported the student and wrote the record where the local backend does.
     run_dir = Path(distributed.run_dir)
-    assert run_dir == tmp_path / "runs" / "kd-ray"
+    assert run_dir == Path(local.run_dir).parent / "kd-ray"
     loaded = load_student(run_dir / "students" / "seed0" / "student.pt")  # weights_only, from plain data
     assert loaded.predict(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape == (2, 10)
     assert (run_dir / "results_seed0.json").is_file()

@@ -43,7 +43,6 @@ SWEEP = [
 ]
 TRIALS = [f"t{i:03d}" for i in range(6)]
 DEADLINE_SECONDS = 900  # a loaded 2-core machine: Ray's start, six trials' imports and training
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def served_config(tmp_path: Path, address: str, cache_uri: str) -> Path:
@@ -70,7 +69,7 @@ def sweep_record(tmp_path: Path) -> dict[str, dict]:
     return {trial["id"]: trial for trial in record["trials"]}
 
 
-def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path):
+def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path, ray_cluster_env):
     save_random_teachers(tmp_path)
     cache_uri = f"lmdb://{tmp_path / 'cache'}"
     sweep_dir = tmp_path / "runs" / "kd-sweep"
@@ -79,13 +78,18 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path):
         command = [EKD, "sweep", str(served_config(tmp_path, server.address, cache_uri)), *SWEEP]
         with (tmp_path / "killed.log").open("w") as log:
             driver = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=ENV, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                env=ray_cluster_env,
+                start_new_session=True,
             )
             deadline = time.monotonic() + DEADLINE_SECONDS
             while len(finished_trials(sweep_dir / "tune")) < 2 and driver.poll() is None:
                 assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
                 time.sleep(0.5)
-            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver: Ray ends its job's trials with it
             driver.wait()
         before_kill = finished_trials(sweep_dir / "tune")
         assert 2 <= len(before_kill) < len(TRIALS), (tmp_path / "killed.log").read_text()
@@ -93,7 +97,12 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path):
         written = {t: records[t].stat().st_mtime_ns for t in before_kill}
 
         rerun = subprocess.run(
-            command, capture_output=True, text=True, timeout=DEADLINE_SECONDS, cwd=tmp_path, env=ENV
+            command,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_SECONDS,
+            cwd=tmp_path,
+            env=ray_cluster_env,
         )
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming the sweep" in rerun.stderr
@@ -139,7 +148,7 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path):
         assert [a.path for a in client.list_artifacts(run.info.run_id, "students")] == ["students/student.pt"]
 
 
-def test_after_warm_no_trial_calls_a_teacher(tmp_path):
+def test_after_warm_no_trial_calls_a_teacher(tmp_path, ray_cluster_env):
     save_random_teachers(tmp_path)
     cache_uri = f"lmdb://{tmp_path / 'cache'}"
     server, backend = serve_teachers(tmp_path, cache_uri)
@@ -151,7 +160,7 @@ def test_after_warm_no_trial_calls_a_teacher(tmp_path):
             text=True,
             timeout=DEADLINE_SECONDS,
             cwd=tmp_path,
-            env=ENV,
+            env=ray_cluster_env,
         )
         assert warm.returncode == 0, warm.stderr
         calls_at_start = backend.teacher_calls()
@@ -161,7 +170,7 @@ def test_after_warm_no_trial_calls_a_teacher(tmp_path):
             text=True,
             timeout=DEADLINE_SECONDS,
             cwd=tmp_path,
-            env=ENV,
+            env=ray_cluster_env,
         )
         assert run.returncode == 0, run.stderr
         assert backend.teacher_calls() == calls_at_start
@@ -176,7 +185,9 @@ def test_after_warm_no_trial_calls_a_teacher(tmp_path):
     assert warmed.data.metrics["teacher0.computed"] > 0 and warmed.data.params["method.name"] == "kd"
 
 
-def test_a_ray_train_trial_trains_on_its_workers_and_reports_every_epoch_as_it_ends(tmp_path):
+def test_a_ray_train_trial_trains_on_its_workers_and_reports_every_epoch_as_it_ends(
+    tmp_path, ray_cluster_env
+):
     """A trial of `execution.backend: ray_train` is the driver of a two-worker Ray Train run: its epochs reach
     Tune and MLflow as the workers end them, with the teacher calls of both workers."""
     save_random_teachers(tmp_path)
@@ -195,7 +206,7 @@ def test_a_ray_train_trial_trains_on_its_workers_and_reports_every_epoch_as_it_e
         text=True,
         timeout=DEADLINE_SECONDS,
         cwd=tmp_path,
-        env=ENV,
+        env=ray_cluster_env,
     )
     assert run.returncode == 0, run.stderr
     (trial,) = sweep_record(tmp_path).values()

@@ -28,13 +28,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EKD = str(Path(sys.executable).parent / "ekd")
 
 
-def warm(tmp_path: Path, config: Path, cache_uri: str) -> str:
+def warm(tmp_path: Path, config: Path, cache_uri: str, env: dict[str, str]) -> str:
     run = subprocess.run(
         [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "512"],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=env,
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
@@ -57,27 +57,29 @@ def served_distill_calls_no_teacher(tmp_path: Path, cache_uri: str) -> None:
     assert result.counters["teacher_calls"] == 0 and result.counters["cache_misses"] == 0
 
 
-def test_after_warm_a_served_distill_makes_no_teacher_call(tmp_path, redis_url):
+def test_after_warm_a_served_distill_makes_no_teacher_call(tmp_path, redis_url, ray_cluster_env):
     """On Redis; on LMDB, the killed-and-resumed job below ends the same way."""
     save_random_teachers(tmp_path)
     cache_uri = redis_url[: redis_url.rindex("/")] + f"/{abs(hash(str(tmp_path))) % 15 + 1}"
     config = tmp_path / "kd.yaml"
     config.write_text(yaml.safe_dump(experiment(tmp_path, "kd-warm", KD)))
-    table = warm(tmp_path, config, cache_uri)
+    table = warm(tmp_path, config, cache_uri, ray_cluster_env)
     assert "t0" not in table and "cifar_resnet20" in table  # one row per teacher, by zoo name
     served_distill_calls_no_teacher(tmp_path, cache_uri)
 
 
-def test_compact_bank_resumes_and_is_seen_audited_and_evicted(tmp_path):
+def test_compact_bank_resumes_and_is_seen_audited_and_evicted(tmp_path, ray_cluster_env):
     save_random_teachers(tmp_path)
     cache_uri = f"lmdb://{tmp_path / 'cache'}"
     config = tmp_path / "kd.yaml"
     config.write_text(
         yaml.safe_dump(experiment(tmp_path, "kd-compact", KD, teacher_source={"soft_labels": "compact"}))
     )
-    first = warm(tmp_path, config, cache_uri)
+    first = warm(tmp_path, config, cache_uri, ray_cluster_env)
     assert "compact" in first
-    again = warm(tmp_path, config, cache_uri)  # everything is cached: a rerun computes nothing
+    again = warm(
+        tmp_path, config, cache_uri, ray_cluster_env
+    )  # everything is cached: a rerun computes nothing
     rows = [line for line in again.splitlines() if "cifar_resnet20" in line]
     assert len(rows) == 2 and all(row.split("│")[7].strip() == "0" for row in rows)
 
@@ -172,7 +174,7 @@ def wait_until(condition, seconds: float, what: str) -> None:
 
 
 @pytest.mark.faults
-def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path):
+def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path, ray_cluster_env):
     """kill -9 of a writer actor mid-job: the job goes on writing. Ctrl-C mid-job: every value written so far
     reads back whole, and the rerun skips them and completes the bank, which a served run then trains from
     with no teacher call."""
@@ -186,7 +188,7 @@ def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=ray_cluster_env,
         cwd=tmp_path,
     )
     try:
@@ -209,7 +211,7 @@ def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path):
         assert all(value is not None for value in store.get_many(keys))
         assert store.stats.corrupt == 0
 
-    resumed = warm(tmp_path, config, cache_uri)
+    resumed = warm(tmp_path, config, cache_uri, ray_cluster_env)
     rows = [row.split("│") for row in resumed.splitlines() if "cifar_resnet20" in row]
     # Every value written before the interrupt is skipped, not recomputed (views that repeat an image, e.g.
     # the same crop twice, are skipped too, so the count may be higher); the rest, if the interrupt came

@@ -27,8 +27,6 @@ from typing import Any, Literal, TypeAlias, cast, get_args
 import numpy as np
 import torch
 import torchvision
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
@@ -203,6 +201,8 @@ def limited_training_subset(
 
 
 def _load_digits(image_size: int, carving: _PoolSplit, test_fraction: float) -> DatasetSplits:
+    from sklearn.datasets import load_digits  # where used: see _stratified_split
+
     digits = load_digits()
     # load_digits pixels are counts 0..16 (of a 4x4 block of the original 32x32 bitmap); scale them to 0..255.
     pixels = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0))).to(torch.uint8)
@@ -369,6 +369,10 @@ def _stratified_split(
             f"holding out {held_fraction} of {len(indices)} samples leaves fewer samples than the {classes} "
             "classes a stratified split needs; raise the fraction"
         )
+    # Imported where used: sklearn's import takes over a second, which every process that imports this module
+    # (each `ekd` command, each Ray worker of a warm job) would otherwise pay.
+    from sklearn.model_selection import train_test_split
+
     kept, held = train_test_split(indices, test_size=held_fraction, stratify=labels, random_state=seed)
     return np.sort(kept), np.sort(held)
 
