@@ -1,8 +1,8 @@
-"""`ekd sweep` on a real local Ray Tune: a digits KD sweep of 3 temperatures × 2 α, two trials at a time,
-every trial reading one teacher bank through a served teacher (real gRPC over 127.0.0.1, real LMDB). Only
-trials that meet a cold view call a teacher; after `ekd warm` none does. The driver killed mid-sweep
-(SIGKILL) and run again resumes without redoing the trials that finished; every trial is read back from
-MLflow.
+"""`ekd sweep` on real Ray Tune: digits KD sweeps of temperatures × 2 α, two trials at a time, every trial
+reading one teacher bank through a served teacher (real gRPC over 127.0.0.1). After `ekd warm` on Redis,
+no trial of a 3 × 2 sweep calls a teacher. The driver of the same sweep on LMDB, killed mid-sweep (SIGKILL)
+and run again, resumes without redoing the trials that finished; only trials that met a cold view called a
+teacher, and every trial is read back from MLflow.
 
 The runs are tiny: digits at 8×8, random-weight cifar_resnet20 teachers, a cifar_resnet8 student, 2 epochs.
 """
@@ -148,9 +148,10 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path, ray_cluster
         assert [a.path for a in client.list_artifacts(run.info.run_id, "students")] == ["students/student.pt"]
 
 
-def test_after_warm_no_trial_calls_a_teacher(tmp_path, ray_cluster_env):
+def test_after_warm_on_redis_no_trial_calls_a_teacher(tmp_path, redis_url, ray_cluster_env):
     save_random_teachers(tmp_path)
-    cache_uri = f"lmdb://{tmp_path / 'cache'}"
+    database = abs(hash(str(tmp_path))) % 15 + 1  # a Redis database of its own
+    cache_uri = redis_url[: redis_url.rindex("/")] + f"/{database}"
     server, backend = serve_teachers(tmp_path, cache_uri)
     with server:
         config = served_config(tmp_path, server.address, cache_uri)
@@ -163,6 +164,8 @@ def test_after_warm_no_trial_calls_a_teacher(tmp_path, ray_cluster_env):
             env=ray_cluster_env,
         )
         assert warm.returncode == 0, warm.stderr
+        rows = [row.split("│") for row in warm.stdout.splitlines() if "cifar_resnet20" in row]
+        assert [row[1].strip() for row in rows] == ["cifar_resnet20"] * 2  # a row per teacher, by zoo name
         calls_at_start = backend.teacher_calls()
         run = subprocess.run(
             [EKD, "sweep", str(config), *SWEEP, "--no-tracking"],

@@ -1,5 +1,6 @@
-"""`ekd warm` (a real Ray Data job, real LMDB and redis-server) fills the cache under the servicer's keys, so
-served `ekd distill` of the same experiment makes no teacher call; `ekd cache stats/verify/evict` read it.
+"""`ekd warm` (a real Ray Data job, real LMDB) fills the cache under the servicer's keys, so served
+`ekd distill` of the same experiment makes no teacher call; `ekd cache stats/verify/evict` read it. (On
+Redis, a sweep after `ekd warm` makes no teacher call: test_sweep.py.)
 
 The teachers have random weights: the plumbing is under test, not accuracy."""
 
@@ -55,17 +56,6 @@ def served_distill_calls_no_teacher(tmp_path: Path, cache_uri: str) -> None:
         result = run_experiment(ExperimentConfig.model_validate(served_cfg))
         assert backend.teacher_calls() == calls_at_start
     assert result.counters["teacher_calls"] == 0 and result.counters["cache_misses"] == 0
-
-
-def test_after_warm_a_served_distill_makes_no_teacher_call(tmp_path, redis_url, ray_cluster_env):
-    """On Redis; on LMDB, the killed-and-resumed job below ends the same way."""
-    save_random_teachers(tmp_path)
-    cache_uri = redis_url[: redis_url.rindex("/")] + f"/{abs(hash(str(tmp_path))) % 15 + 1}"
-    config = tmp_path / "kd.yaml"
-    config.write_text(yaml.safe_dump(experiment(tmp_path, "kd-warm", KD)))
-    table = warm(tmp_path, config, cache_uri, ray_cluster_env)
-    assert "t0" not in table and "cifar_resnet20" in table  # one row per teacher, by zoo name
-    served_distill_calls_no_teacher(tmp_path, cache_uri)
 
 
 def test_compact_bank_resumes_and_is_seen_audited_and_evicted(tmp_path, ray_cluster_env):
