@@ -2,9 +2,10 @@
 
 Every test under tests/integration/ starts Ray, a server process, redis-server or a training run, and is
 marked `integration` here; test files elsewhere that do so mark themselves. `make test` runs the suite on two
-workers (`--dist loadgroup`); a module whose tests share a module-scoped Ray instance (or teachers trained
-once) joins an xdist group of its own, so that its tests run on one worker and the fixture starts once. At
-most two Ray instances run at once, one a worker; the session refuses to run if a group stops grouping.
+workers (`--dist loadgroup`); a module whose tests share a module-scoped fixture (Ray joined in process, or
+teachers trained once) joins an xdist group of its own, so that its tests run on one worker and the fixture
+starts once; the session refuses to run if a group stops grouping. Each worker starts one Ray cluster, on
+first use, that the Ray commands of its tests join (tests/integration/conftest.py).
 """
 
 from __future__ import annotations
