@@ -516,9 +516,9 @@ def test_memory_comes_back_after_waves_of_large_requests(start_server):
     growth = [resident - baseline for resident in after_waves]
     # Each wave moved 24 x 20 MB through the server: unreturned, that is about 480 MB more after every wave.
     # Handed back, what stays is glibc's arenas and gRPC's buffers, which settle in over the first waves
-    # (32-114 MiB after a wave, 30-80 MiB more from one wave to the next, measured on a loaded machine): each
-    # wave adds less than a quarter of what it moved.
+    # (32-147 MiB after a wave, -6 to 80 MiB from one wave to the next, measured quiet and loaded): each wave
+    # adds less than half of what it moved.
     shown = [f"{grown / 2**20:.0f} MiB" for grown in growth]
     wave_bytes = 24 * len(request)
     added = [after - before for before, after in zip([0, *growth], growth)]
-    assert all(grown < wave_bytes / 4 for grown in added), shown
+    assert all(grown < wave_bytes / 2 for grown in added), shown
