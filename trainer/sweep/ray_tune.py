@@ -250,7 +250,9 @@ def run_sweep(
         outcomes = {}
         for index in range(len(grid)):
             result = grid[index]
-            trial = by_id[Path(result.path).name]
+            # By the id in its config, not its folder: a trial started before a killed driver restarts in a
+            # folder Tune names anew ("t004_4dbc") when its own already exists.
+            trial = by_id[result.config["trial"]]
             outcomes[trial.id] = outcome_of(trial, result.metrics or {}, result.error)
     finally:
         if started_ray:
