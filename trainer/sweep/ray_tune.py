@@ -252,7 +252,8 @@ def run_sweep(
             result = grid[index]
             # By the id in its config, not its folder: a trial started before a killed driver restarts in a
             # folder Tune names anew ("t004_4dbc") when its own already exists.
-            trial = by_id[result.config["trial"]]
+            config = result.config or {}  # None only for a result without a trial, which a grid has not
+            trial = by_id[config["trial"]]
             outcomes[trial.id] = outcome_of(trial, result.metrics or {}, result.error)
     finally:
         if started_ray:
