@@ -26,6 +26,8 @@ from test_served_distill import KD, experiment, save_random_teachers, serve_teac
 from services.core.redaction import redact
 from trainer.config import ExperimentConfig
 from trainer.runs.run import run_experiment
+from trainer.sweep.ray_tune import ENDED_FOLDER
+from trainer.sweep.report import ended_trials
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,16 +54,9 @@ def served_config(tmp_path: Path, address: str, cache_uri: str) -> Path:
     return config
 
 
-def finished_trials(tune_dir: Path) -> set[str]:
-    """The trials Tune's saved state records as finished (what a restored sweep skips)."""
-    finished = set()
-    for state in tune_dir.glob("experiment_state-*.json"):
-        try:
-            trials = [json.loads(data[0]) for data in json.loads(state.read_text())["trial_data"]]
-        except (OSError, ValueError, KeyError):
-            continue  # being written
-        finished |= {t["config"]["trial"] for t in trials if t["status"] == "TERMINATED"}
-    return finished
+def finished_trials(sweep_dir: Path) -> set[str]:
+    """The trials the sweep has recorded as done (what a rerun skips)."""
+    return {t for t, outcome in ended_trials(sweep_dir / ENDED_FOLDER).items() if outcome.status == "done"}
 
 
 def sweep_record(tmp_path: Path) -> dict[str, dict]:
@@ -86,12 +81,12 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path, ray_cluster
                 start_new_session=True,
             )
             deadline = time.monotonic() + DEADLINE_SECONDS
-            while len(finished_trials(sweep_dir / "tune")) < 2 and driver.poll() is None:
+            while len(finished_trials(sweep_dir)) < 2 and driver.poll() is None:
                 assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
                 time.sleep(0.5)
             os.killpg(driver.pid, signal.SIGKILL)  # the driver: Ray ends its job's trials with it
             driver.wait()
-        before_kill = finished_trials(sweep_dir / "tune")
+        before_kill = finished_trials(sweep_dir)
         assert 2 <= len(before_kill) < len(TRIALS), (tmp_path / "killed.log").read_text()
         records = {t: sweep_dir / "trials" / f"kd-{t}" / "results_seed0.json" for t in TRIALS}
         written = {t: records[t].stat().st_mtime_ns for t in before_kill}
@@ -120,8 +115,8 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path, ray_cluster
     sweep = client.get_experiment_by_name("kd-sweep")
     runs = client.search_runs([sweep.experiment_id], filter_string="attributes.status = 'FINISHED'")
     tracked = Counter(run.data.tags["ekd.trial"] for run in runs)
-    # Every trial finished and was tracked; those Tune had recorded as finished at the kill were not redone (a
-    # trial that finished within the state's save interval before the kill is, and is tracked twice).
+    # Every trial finished and was tracked; those recorded as done at the kill were not redone (one the kill
+    # caught between the end of its MLflow run and its record is, and is tracked twice).
     assert set(tracked) == set(TRIALS) and all(tracked[t] == 1 for t in before_kill), tracked
     for run in runs:
         fields = trials[run.data.tags["ekd.trial"]]["fields"]

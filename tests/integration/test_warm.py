@@ -208,3 +208,68 @@ def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path, ray_clus
     # before the job had written everything, is computed.
     assert sum(int(row[6].strip().replace(",", "")) for row in rows) >= at_interrupt
     served_distill_calls_no_teacher(tmp_path, cache_uri)
+
+
+@pytest.mark.faults
+def test_warm_waits_out_a_frozen_redis_and_past_its_wait_stops_in_one_line(
+    tmp_path, start_redis_server, ray_cluster_env
+):
+    """Redis frozen (SIGSTOP) mid-job, so every read and write times out. With a 2 s outage wait, the job
+    stops with one line naming the setting, no traceback. With the default wait, the rerun says it is
+    waiting, goes on when Redis thaws, and completes the bank from what the first job wrote, every value
+    whole."""
+    save_random_teachers(tmp_path)
+    redis_server = start_redis_server()
+    cache_uri = redis_server.url
+    config = tmp_path / "kd.yaml"
+    config.write_text(yaml.safe_dump(experiment(tmp_path, "kd-warm", KD)))
+
+    def start_warm(log: Path, *overrides: str) -> subprocess.Popen:
+        command = [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "32", "--no-tracking"]
+        with log.open("w") as output:
+            return subprocess.Popen(
+                [*command, *(f"--set={o}" for o in overrides)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=ray_cluster_env,
+                cwd=tmp_path,
+            )
+
+    def frozen_after_new_values(job: subprocess.Popen, log: Path, had: int) -> None:
+        wait_until(lambda: entries(cache_uri) > had or job.poll() is not None, 300, "values")
+        assert job.poll() is None, log.read_text()  # thousands of views were left to write
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+
+    short_log = tmp_path / "short-wait.log"
+    job = start_warm(short_log, "teacher_source.outage_wait_seconds=2")
+    try:
+        frozen_after_new_values(job, short_log, 0)
+        assert job.wait(timeout=300) == 2, short_log.read_text()
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+        job.kill()
+    output = short_log.read_text()
+    assert "Traceback" not in output, output
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith("error: teacher cifar_resnet20 (") and (
+        "the cache stayed unreachable beyond teacher_source.outage_wait_seconds (2 s); last error: "
+        in last_line
+    ), output
+
+    first_job = entries(cache_uri)
+    log = tmp_path / "default-wait.log"
+    job = start_warm(log)
+    try:
+        frozen_after_new_values(job, log, first_job)
+        wait_until(lambda: "cache unreachable" in log.read_text() or job.poll() is not None, 120, "a warning")
+        assert "asking again in" in log.read_text() and job.poll() is None, log.read_text()
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert job.wait(timeout=600) == 0, log.read_text()
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+        job.kill()
+    rows = [row.split("│") for row in log.read_text().splitlines() if "cifar_resnet20" in row and "│" in row]
+    assert len(rows) == 2 and sum(int(row[6].strip().replace(",", "")) for row in rows) >= first_job, rows
+    with open_store(cache_uri) as store:
+        keys = [key for key, _ in store.scan()]
+        assert all(value is not None for value in store.get_many(keys)) and store.stats.corrupt == 0

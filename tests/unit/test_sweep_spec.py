@@ -16,7 +16,16 @@ from services.core.errors import ConfigError
 from trainer.cli.main import app
 from trainer.data import load_dataset
 from trainer.sweep.plan import plan_sweep
-from trainer.sweep.report import DONE, FAILED, TrialOutcome, plot_sweep, sweep_table
+from trainer.sweep.report import (
+    DONE,
+    FAILED,
+    STOPPED,
+    TrialOutcome,
+    ended_trials,
+    plot_sweep,
+    save_ended_trial,
+    sweep_table,
+)
 from trainer.sweep.spec import (
     Distribution,
     SweepSpec,
@@ -151,6 +160,31 @@ def test_the_table_and_plot_show_every_trial_with_its_error(tmp_path):
     assert cells[-1][2] == "failed: ConfigError: boom" and cells[4][1] == "0"
     path = plot_sweep(outcomes, ["method.temperature"], tmp_path / "sweep.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rerun_skips_the_trials_recorded_as_ended_and_reads_them_back_whole(experiment):
+    import ray
+
+    from trainer.sweep.ray_tune import ENDED_FOLDER, run_sweep
+
+    plan = plan_sweep(flags(experiment, grid=["method.alpha=0.1,0.5"]))
+    ended = plan.directory / ENDED_FOLDER
+    recorded = [
+        TrialOutcome(
+            "t000", "kd.yaml", {"method.alpha": 0.1}, DONE, 0.9, 0.88, 120, 5.0, 2, results="r.json"
+        ),
+        TrialOutcome("t001", "kd.yaml", {"method.alpha": 0.5}, STOPPED, None, 0.5, 0, 2.0, 1),
+    ]
+    for outcome in reversed(recorded):
+        save_ended_trial(outcome, ended)
+    (ended / ".t001.json.partial").write_text('{"id": "t0')  # what a driver killed mid-write leaves
+    outcomes = run_sweep(
+        plan.spec, plan.trials, plan.configs, directory=plan.directory, sweep=plan.name, tracking=None
+    )
+    assert outcomes == recorded and not ray.is_initialized()  # nothing left to run: Ray never started
+    (ended / "t001.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"t001\.json is not a record of an ended trial.*remove it"):
+        ended_trials(ended)
 
 
 def _pixels(split) -> torch.Tensor:

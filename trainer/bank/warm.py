@@ -8,7 +8,9 @@ the views through one actor pool per teacher (`map_batches` over a `TeacherBankW
 `TeacherEngine`: one GPU per actor where the cluster has GPUs, one CPU actor otherwise). Each actor writes
 what is not yet cached, in the chosen form, under the keys the teacher service writes, so that `ekd distill`
 of any experiment with the same data and replay settings finds every output. A batch is written whole or not
-at all, so Ctrl-C or a killed actor loses nothing written, and a rerun skips it."""
+at all, so Ctrl-C or a killed actor loses nothing written, and a rerun skips it. A cache that does not answer
+is waited for, within `teacher_source.outage_wait_seconds`, each writer's warnings shown in the terminal;
+past the wait the job stops with one line."""
 
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ import torch
 
 from services.cache import open_store, teacher_tag
 from services.core.contract import LOGITS
-from services.core.errors import ConfigError
+from services.core.errors import ConfigError, UserError
 from services.teachers.engine import TeacherEngine
 from services.teachers.zoo import create_teacher
 from trainer.bank.writer import TeacherBankWriter, requested_outputs
 from trainer.config import ExperimentConfig, TeacherConfig
 from trainer.runs.inputs import load_splits, train_views
 from trainer.runs.ray_address import ray_init_address
+from trainer.runs.sources import OutageWait
 
 logger = logging.getLogger(__name__)
 
@@ -79,26 +82,39 @@ class _WriterActor:
         outputs: list[str],
         form: str,
         column: str,
+        outage_wait: OutageWait,
     ) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = TeacherEngine(
             create_teacher(teacher.name, num_classes, checkpoint=teacher.checkpoint), device
         )
-        self.writer = TeacherBankWriter(engine, open_store(cache_uri), outputs, form)
+        self.writer = TeacherBankWriter(engine, cache_uri, outputs, form, outage_wait=outage_wait)
         self.column = column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
-        # Per-row columns (Ray Data's blocks are tables) whose sums are the batch's counts.
+        # Ray Data's arrays may be read-only views of its blocks; torch wants memory it may write.
+        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
+        # Per-row columns (Ray Data's blocks are tables) whose sums are the batch's counts, and the error a
+        # user can fix (a cache that stayed away past the wait) as data: the driver says it in one line, where
+        # an exception would reach the terminal as Ray Data's tracebacks. Bugs still raise.
         cached = np.zeros(len(images), dtype=np.int64)
         written_bytes = np.zeros(len(images), dtype=np.int64)
-        for evaluation in (False, True):
-            rows = np.flatnonzero(batch["evaluation"] == evaluation)
-            if len(rows):
-                written = self.writer.write(images[rows], evaluation=evaluation)
-                cached[rows[: written.cached]] = 1
-                written_bytes[rows[0]] = written.bytes_written
-        return {**batch, f"{self.column}.cached": cached, f"{self.column}.bytes": written_bytes}
+        error = np.full(len(images), "", dtype=object)
+        try:
+            for evaluation in (False, True):
+                rows = np.flatnonzero(batch["evaluation"] == evaluation)
+                if len(rows):
+                    written = self.writer.write(images[rows], evaluation=evaluation)
+                    cached[rows[: written.cached]] = 1
+                    written_bytes[rows[0]] = written.bytes_written
+        except UserError as failed:
+            error[0] = str(failed)
+        return {
+            **batch,
+            f"{self.column}.cached": cached,
+            f"{self.column}.bytes": written_bytes,
+            f"{self.column}.error": error,
+        }
 
 
 def warm_bank(
@@ -149,7 +165,8 @@ def warm_bank(
     started_ray = not ray.is_initialized()
     if started_ray:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no tokens
-        ray.init(address=ray_init_address(ray_address), include_dashboard=False, log_to_driver=False)
+        # The writers' log lines reach this terminal: a writer waiting for the cache says so.
+        ray.init(address=ray_init_address(ray_address), include_dashboard=False, log_to_driver=True)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -158,7 +175,15 @@ def warm_bank(
         for index, (teacher, wanted) in enumerate(zip(cfg.teachers, outputs, strict=True)):
             dataset = dataset.map_batches(
                 _WriterActor,
-                fn_constructor_args=(teacher, splits.num_classes, cache_uri, wanted, form, f"t{index}"),
+                fn_constructor_args=(
+                    teacher,
+                    splits.num_classes,
+                    cache_uri,
+                    wanted,
+                    form,
+                    f"t{index}",
+                    OutageWait.of(cfg.teacher_source),
+                ),
                 batch_size=batch_size,
                 # Ray Data restarts a killed pool actor and retries its batch (cached views are skipped).
                 compute=ray.data.ActorPoolStrategy(size=max(gpus, 1)),
@@ -171,6 +196,9 @@ def warm_bank(
         for batch in dataset.drop_columns(["image"]).iter_batches(batch_size=None):
             elapsed = time.perf_counter() - started
             for index, totals in enumerate(warmed):
+                failed = [message for message in batch[f"t{index}.error"] if message]
+                if failed:
+                    raise UserError(f"teacher {totals.name} ({totals.tag}): {failed[0]}")
                 totals.views += len(batch[f"t{index}.cached"])
                 totals.cached += int(batch[f"t{index}.cached"].sum())
                 totals.bytes_written += int(batch[f"t{index}.bytes"].sum())

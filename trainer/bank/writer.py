@@ -7,17 +7,36 @@ dtype, 0, digest)` holding the output in `dtype` (the served path's default, flo
 the compact form, `output_key(..., form="compact")` holding its `services.formats.soft_labels` frame. A view
 whose outputs are all cached is skipped, so a rerun resumes where the last one stopped; the rest are computed
 in one forward and written in one `put_many` (one LMDB transaction, or one Redis pipeline of whole-value
-SETs): an interrupted batch leaves whole values or none."""
+SETs): an interrupted batch leaves whole values or none.
+
+The cache is where the work goes, so a cache that does not answer (Redis restarting, frozen, or too slow
+for its socket timeout on a loaded machine) is waited for, not skipped: each read or write is asked again
+with exponential backoff, a warning per attempt, within `OutageWait` (teacher_source's
+`outage_wait_seconds`), and only then is the batch an error. Reads and writes are idempotent, so asking
+again loses nothing and computes nothing twice. A writer that gave up fails every later batch at once: its
+job is ending, and batches queued behind it must not each wait again."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from services.cache import COMPACT, FULL, CachedValue, OutputEntries, TeacherOutputStore, input_digests
+from services.cache import (
+    COMPACT,
+    FULL,
+    CachedValue,
+    CacheUnreachableError,
+    OutputEntries,
+    TeacherOutputStore,
+    input_digests,
+    open_store,
+)
 from services.core.contract import DEFAULT_OUTPUT_DTYPE, LOGITS
 from services.formats.codec import DTYPES
 from services.formats.soft_labels import compress
@@ -26,6 +45,10 @@ from services.teachers.zoo import create_teacher
 from trainer.config import ExperimentConfig
 from trainer.methods import create_method
 from trainer.methods.base import TeacherInfo
+from trainer.runs.sources import OutageWait
+
+logger = logging.getLogger(__name__)
+Returned = TypeVar("Returned")
 
 
 def bank_entries(
@@ -57,15 +80,18 @@ class BatchWritten:
 
 
 class TeacherBankWriter:
-    """Fills `store` with `engine`'s `outputs` for the views it is given, in `form` ("full" or "compact")."""
+    """Fills the cache at `cache_uri` with `engine`'s `outputs` for the views it is given, in `form` ("full"
+    or "compact"). The cache is opened on the first batch, through the outage wait like every call to it: a
+    writer made while the cache is away (a restarted actor) waits for it rather than fails."""
 
     def __init__(
         self,
         engine: TeacherEngine,
-        store: TeacherOutputStore,
+        cache_uri: str,
         outputs: Sequence[str],
         form: str,
         dtype: str = DEFAULT_OUTPUT_DTYPE,
+        outage_wait: OutageWait | None = None,
     ) -> None:
         if engine.spec.weights_sha256 is None:
             raise ValueError(
@@ -73,10 +99,54 @@ class TeacherBankWriter:
                 "and its outputs are never cached"
             )
         self.engine = engine
-        self.store = store
+        self.cache_uri = cache_uri
+        self.store: TeacherOutputStore | None = None  # opened by the first call
         self.outputs = list(outputs)
         self.form = form
         self.dtype = dtype
+        self.outage_wait = outage_wait or OutageWait(budget_seconds=0.0, max_backoff_seconds=1.0)
+        self.gave_up: CacheUnreachableError | None = None  # the error that ended the wait
+
+    def _on_store(self, call: Callable[[TeacherOutputStore], Returned]) -> Returned:
+        """`call(store)`, the store opened first if need be, asked again while the store is unreachable,
+        within `outage_wait`."""
+
+        def attempt() -> Returned:
+            if self.store is None:
+                self.store = open_store(self.cache_uri)
+            return call(self.store)
+
+        if self.gave_up is not None:
+            raise self.gave_up
+        wait = self.outage_wait
+
+        def warn(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            pause = state.next_action.sleep if state.next_action else 0.0
+            logger.warning(
+                "cache unreachable (%s): asking again in %.0f s (waited %.0f of %g s, "
+                "teacher_source.outage_wait_seconds)",
+                error,
+                pause,
+                state.seconds_since_start,
+                wait.budget_seconds,
+            )
+
+        attempts = Retrying(
+            retry=retry_if_exception_type(CacheUnreachableError),
+            stop=stop_after_delay(wait.budget_seconds),
+            wait=wait_exponential(multiplier=1, max=wait.max_backoff_seconds),
+            before_sleep=warn,
+            reraise=True,
+        )
+        try:
+            return attempts(attempt)
+        except CacheUnreachableError as error:
+            self.gave_up = CacheUnreachableError(
+                f"the cache stayed unreachable beyond teacher_source.outage_wait_seconds "
+                f"({wait.budget_seconds:g} s); last error: {error}"
+            )
+            raise self.gave_up from None
 
     def write(self, views: torch.Tensor, *, evaluation: bool = False) -> BatchWritten:
         """Compute and store the outputs of the views [B, C, H, W] (uint8) not yet cached; `evaluation`
@@ -86,7 +156,10 @@ class TeacherBankWriter:
         digests = input_digests(views)
         entries = bank_entries(self.engine.spec.identity, outputs, form, self.dtype)
         keys = {output: entries[output].keys(digests) for output in outputs}
-        found = self.store.get_many([key for output in outputs for key in keys[output]])
+        found = self._on_store(
+            lambda store: store.get_many([key for output in outputs for key in keys[output]])
+        )
+        assert self.store is not None  # opened by the call above
         batch = views.shape[0]
         missing = [
             i
@@ -107,7 +180,7 @@ class TeacherBankWriter:
                     if entries[output].form == FULL:
                         values = values.to(DTYPES[self.dtype])
                     items += [(keys[output][i], values[row]) for row, i in enumerate(missing)]
-            self.store.put_many(items)
+            self._on_store(lambda store: store.put_many(items))
         return BatchWritten(
             views=batch,
             cached=batch - len(missing),

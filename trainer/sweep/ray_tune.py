@@ -5,10 +5,12 @@ driver of a Ray Train run (Ray's Train-in-Tune pattern): its workers reserve the
 trial reserves `cpus_per_trial` for the driver and no GPU.
 
 Each epoch is reported to Tune (`tune.report`: validation accuracy for ASHA, the teacher calls so far) and,
-with tracking, logged to MLflow through Ray's integration (`setup_mlflow` opens the trial's run). Tune keeps
-the sweep's state under `<sweep dir>/tune`: a rerun of the same sweep restores it (`Tuner.restore`) and runs
-only the trials that had not finished (or had failed), so a sweep survives Ctrl-C or a killed driver. A trial
-that fails is an errored Tune trial: the others go on, and its error is its row's. The trial configs reach the
+with tracking, logged to MLflow through Ray's integration (`setup_mlflow` opens the trial's run). As each
+trial ends, the driver records its outcome under `<sweep dir>/ended` (written whole or not at all). A rerun of
+the same sweep skips the trials recorded as done or stopped early and runs the others in a new Tune run, so
+a sweep survives Ctrl-C or a driver killed at any instant: ekd's own record, not Tune's saved state, says
+what ended, and a state file the kill tore cannot lose a trial or redo one. A trial that fails is an errored
+Tune trial: the others go on, its error is its row's, and a rerun runs it again. The trial configs reach the
 trials as Tune parameters (`tune.with_parameters`), never written to Tune's folder: a cache password stays
 off disk.
 """
@@ -30,14 +32,12 @@ from trainer.config import ExperimentConfig
 from trainer.results.baselines import alone_experiments
 from trainer.runs.ray_address import ray_init_address
 from trainer.runs.run import run_experiment
-from trainer.sweep.report import DONE, FAILED, STOPPED, TrialOutcome
+from trainer.sweep.report import DONE, FAILED, STOPPED, TrialOutcome, ended_trials, save_ended_trial
 from trainer.sweep.spec import SweepSpec, Trial
 from trainer.tracking import RunTracker, Tracking, experiment_params, experiment_tags
 
-STATE_FOLDER = "tune"  # Tune's experiment folder under the sweep's
-# How often Tune saves the sweep's state (seconds): a trial that finished is redone after a killed driver
-# only when it finished within this of the kill.
-STATE_SAVE_SECONDS = "1"
+TUNE_FOLDER = "tune"  # Tune's experiment folder under the sweep's: its trials' logs and errors
+ENDED_FOLDER = "ended"  # a record per ended trial under the sweep's folder (`save_ended_trial`)
 VALIDATION_METRIC = "val_accuracy"  # what ASHA compares
 
 logger = logging.getLogger(__name__)
@@ -134,19 +134,22 @@ def outcome_of(trial: Trial, metrics: dict, error: BaseException | None) -> Tria
     return outcome
 
 
-class _TrialProgress(tune.Callback):
-    """Logs a line as each trial ends (kept with Tune's state, so plain data only)."""
+class _TrialEnds(tune.Callback):
+    """As each trial ends: its record under `folder`, then a line in the log."""
 
-    def __init__(self, trials: list[Trial]) -> None:
+    def __init__(self, trials: list[Trial], folder: Path, ended_before: int) -> None:
         self.trials = {t.id: t for t in trials}
-        self.finished = 0
+        self.folder = folder
+        self.total = ended_before + len(trials)
+        self.finished = ended_before
 
     def _ended(self, trial, error: BaseException | None) -> None:
         from trainer.sweep.report import progress_line
 
         self.finished += 1
         outcome = outcome_of(self.trials[trial.config["trial"]], trial.last_result or {}, error)
-        logger.info("%s", progress_line(outcome, self.finished, len(self.trials)))
+        save_ended_trial(outcome, self.folder)
+        logger.info("%s", progress_line(outcome, self.finished, self.total))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._ended(trial, None)
@@ -174,11 +177,6 @@ def _resources(spec: SweepSpec, cfg: ExperimentConfig) -> tune.PlacementGroupFac
     return tune.PlacementGroupFactory([{"CPU": spec.cpus_per_trial, **({"GPU": gpus} if gpus else {})}])
 
 
-def can_resume(directory: Path) -> bool:
-    """Whether `directory` holds a sweep's Tune state to resume."""
-    return tune.Tuner.can_restore(str(directory / STATE_FOLDER))
-
-
 def run_sweep(
     spec: SweepSpec,
     trials: list[Trial],
@@ -189,17 +187,43 @@ def run_sweep(
     tracking: Tracking | None,
     address: str | None = None,
 ) -> list[TrialOutcome]:
-    """Run every trial (the ones a saved state of this sweep under `directory` has not finished) and return
-    one outcome per trial, in the trials' order."""
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_SECONDS)
+    """Run every trial that an earlier run of this sweep under `directory` did not record as done or stopped
+    early, and return one outcome per trial, in the trials' order (those recorded before, as recorded)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune console tables: ekd reports the trials
+    ended = {i: o for i, o in ended_trials(directory / ENDED_FOLDER).items() if o.status != FAILED}
+    to_run = [t for t in trials if t.id not in ended]
+    if ended:
+        logger.info(
+            "resuming the sweep: %d of %d trials ended before (%s), %d to run",
+            len(ended),
+            len(trials),
+            directory / ENDED_FOLDER,
+            len(to_run),
+        )
+    outcomes = dict(ended)
+    if to_run:
+        outcomes |= _run_trials(spec, to_run, configs, directory, sweep, tracking, address, len(ended))
+    return [outcomes[t.id] for t in trials if t.id in outcomes]
+
+
+def _run_trials(
+    spec: SweepSpec,
+    trials: list[Trial],
+    configs: dict[str, ExperimentConfig],
+    directory: Path,
+    sweep: str,
+    tracking: Tracking | None,
+    address: str | None,
+    ended_before: int,
+) -> dict[str, TrialOutcome]:
+    """`trials` in one Tune run; their outcomes by id (a trial Ctrl-C cut short: what it reported so far)."""
     started_ray = _connect(address)
     try:
-        resources = {trial_id: _resources(spec, cfg) for trial_id, cfg in configs.items()}
+        resources = {t.id: _resources(spec, configs[t.id]) for t in trials}
         trainable = tune.with_resources(
             tune.with_parameters(
                 run_trial,
-                configs={i: c.model_dump(mode="json") for i, c in configs.items()},
+                configs={t.id: configs[t.id].model_dump(mode="json") for t in trials},
                 tracking=tracking,
                 sweep=sweep,
                 threads=max(1, int(spec.cpus_per_trial)),
@@ -209,53 +233,44 @@ def run_sweep(
             # hold a cache password.
             lambda params: resources[params["trial"]],
         )
-        path = directory / STATE_FOLDER
-        if tune.Tuner.can_restore(str(path)):
-            logger.info("resuming the sweep saved under %s", path)
-            # Trials that failed run again: a rerun finishes what is not done.
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, restart_errored=True)
-        else:
-            scheduler = None
-            if spec.asha is not None:
-                epochs = max(c.train.epochs for c in configs.values())
-                scheduler = ASHAScheduler(
-                    metric=VALIDATION_METRIC,
-                    mode="max",
-                    # One report per epoch and one at the end: the end must not count as a rung.
-                    max_t=epochs + 1,
-                    grace_period=spec.asha.grace_period,
-                    reduction_factor=spec.asha.reduction_factor,
-                )
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"trial": tune.grid_search([t.id for t in trials])},
-                tune_config=tune.TuneConfig(
-                    max_concurrent_trials=spec.concurrent,
-                    # A finished trial's process takes the next trial: torch's and the trainer's imports
-                    # (seconds each) are paid once per concurrent slot, not once per trial.
-                    reuse_actors=True,
-                    scheduler=scheduler,
-                    trial_dirname_creator=trial_folder,
-                ),
-                run_config=tune.RunConfig(
-                    name=STATE_FOLDER,
-                    storage_path=str(directory),
-                    verbose=0,
-                    callbacks=[_TrialProgress(trials)],
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                ),
+        scheduler = None
+        if spec.asha is not None:
+            epochs = max(configs[t.id].train.epochs for t in trials)
+            scheduler = ASHAScheduler(
+                metric=VALIDATION_METRIC,
+                mode="max",
+                # One report per epoch and one at the end: the end must not count as a rung.
+                max_t=epochs + 1,
+                grace_period=spec.asha.grace_period,
+                reduction_factor=spec.asha.reduction_factor,
             )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.id for t in trials])},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.concurrent,
+                # A finished trial's process takes the next trial: torch's and the trainer's imports
+                # (seconds each) are paid once per concurrent slot, not once per trial.
+                reuse_actors=True,
+                scheduler=scheduler,
+                trial_dirname_creator=trial_folder,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_FOLDER,
+                storage_path=str(directory),
+                verbose=0,
+                callbacks=[_TrialEnds(trials, directory / ENDED_FOLDER, ended_before)],
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
         grid = tuner.fit()
         by_id = {t.id: t for t in trials}
         outcomes = {}
         for index in range(len(grid)):
             result = grid[index]
-            # By the id in its config, not its folder: a trial started before a killed driver restarts in a
-            # folder Tune names anew ("t004_4dbc") when its own already exists.
-            config = result.config or {}  # None only for a result without a trial, which a grid has not
-            trial = by_id[config["trial"]]
+            trial = by_id[(result.config or {})["trial"]]  # None only for a result without a trial
             outcomes[trial.id] = outcome_of(trial, result.metrics or {}, result.error)
     finally:
         if started_ray:
             ray.shutdown()
-    return [outcomes[t.id] for t in trials if t.id in outcomes]
+    return outcomes

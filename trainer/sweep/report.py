@@ -1,9 +1,11 @@
 """A sweep's outcome, in plain Python: one row per trial (its swept fields, accuracy, teacher calls, time,
-error if it failed), as a table, a JSON record and a plot of accuracy against each swept field."""
+error if it failed), as a table, a JSON record and a plot of accuracy against each swept field; and the record
+of each trial as it ends, which a rerun of the sweep reads to skip what ended."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -15,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
+
+from services.core.errors import ConfigError
 
 DONE, FAILED, STOPPED = "done", "failed", "stopped early"
 
@@ -91,6 +95,30 @@ def write_sweep_json(
     record = {"fields": list(fields), "seconds": seconds, "trials": [o.to_json() for o in outcomes]}
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def save_ended_trial(outcome: TrialOutcome, folder: Path) -> None:
+    """Record a trial that ended as `<folder>/<trial id>.json`, whole or not at all: written beside, then
+    renamed over, so a driver killed mid-write leaves the previous record or none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / f".{outcome.id}.json.partial"
+    staged.write_text(json.dumps(outcome.to_json(), indent=1))
+    os.replace(staged, folder / f"{outcome.id}.json")
+
+
+def ended_trials(folder: Path) -> dict[str, TrialOutcome]:
+    """The trials recorded in `folder` as ended, by id."""
+    ended = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            outcome = TrialOutcome(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(
+                f"sweep: {path} is not a record of an ended trial ({error}): remove it to run that trial "
+                "again"
+            ) from None
+        ended[outcome.id] = outcome
+    return ended
 
 
 def read_sweep_json(path: Path) -> tuple[list[str], float, list[TrialOutcome]]:
