@@ -221,6 +221,9 @@ def test_warm_waits_out_a_frozen_redis_and_past_its_wait_stops_in_one_line(
     save_random_teachers(tmp_path)
     redis_server = start_redis_server()
     cache_uri = redis_server.url
+    # The test's own reads wait longer than the job's 0.25 s socket timeout: the job keeps Redis busy, and
+    # on a loaded machine a reply can take longer (the job itself waits that out).
+    patient_uri = f"{cache_uri}?socket_timeout=30"
     config = tmp_path / "kd.yaml"
     config.write_text(yaml.safe_dump(experiment(tmp_path, "kd-warm", KD)))
 
@@ -236,7 +239,7 @@ def test_warm_waits_out_a_frozen_redis_and_past_its_wait_stops_in_one_line(
             )
 
     def frozen_after_new_values(job: subprocess.Popen, log: Path, had: int) -> None:
-        wait_until(lambda: entries(cache_uri) > had or job.poll() is not None, 300, "values")
+        wait_until(lambda: entries(patient_uri) > had or job.poll() is not None, 300, "values")
         assert job.poll() is None, log.read_text()  # thousands of views were left to write
         os.kill(redis_server.process.pid, signal.SIGSTOP)
 
@@ -256,7 +259,7 @@ def test_warm_waits_out_a_frozen_redis_and_past_its_wait_stops_in_one_line(
         in last_line
     ), output
 
-    first_job = entries(cache_uri)
+    first_job = entries(patient_uri)
     log = tmp_path / "default-wait.log"
     job = start_warm(log)
     try:
@@ -270,6 +273,6 @@ def test_warm_waits_out_a_frozen_redis_and_past_its_wait_stops_in_one_line(
         job.kill()
     rows = [row.split("│") for row in log.read_text().splitlines() if "cifar_resnet20" in row and "│" in row]
     assert len(rows) == 2 and sum(int(row[6].strip().replace(",", "")) for row in rows) >= first_job, rows
-    with open_store(cache_uri) as store:
+    with open_store(patient_uri) as store:
         keys = [key for key, _ in store.scan()]
         assert all(value is not None for value in store.get_many(keys)) and store.stats.corrupt == 0
