@@ -289,7 +289,8 @@ class TeacherSourceConfig(_Section):
         le=86_400,
         description="served: how long a run waits for a teacher service it cannot reach (not up yet, "
         "restarting, redeployed), asking again for the same batch with exponential backoff, before it stops "
-        "with an error; per outage (0: stop at once)",
+        "with an error; per outage (0: stop at once). `ekd warm`: how long each writer waits for a cache "
+        "that does not answer",
     )
     outage_backoff_max_seconds: float = Field(
         30.0,
