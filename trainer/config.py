@@ -297,7 +297,7 @@ class TeacherSourceConfig(_Section):
         gt=0,
         le=3600,
         description="served: the longest pause between two attempts while waiting for the teacher service "
-        "(the pauses start at 1 s and double up to this)",
+        "(the pauses start at 1 s and double up to this); `ekd warm`: the same, waiting for the cache",
     )
 
     @field_validator("cache")

@@ -34,10 +34,11 @@ from services.teachers.engine import TeacherEngine
 from services.teachers.spec import Preprocessing
 from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 from trainer.config import ExperimentConfig
+from trainer.runs.outage import OutageWait
 from trainer.runs.prefetch import prepared_batches
 from trainer.runs.progress import ProgressUpdate
 from trainer.runs.run import run_experiment
-from trainer.runs.sources import OutageWait, ServedTeacherSource
+from trainer.runs.sources import ServedTeacherSource
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +90,7 @@ def test_the_same_batch_is_asked_again_once_the_service_is_back(engine, depth, c
     restarted: list[BackgroundServer] = []
     got = []
     try:
-        with caplog.at_level(logging.WARNING, logger="trainer.runs.sources"):
+        with caplog.at_level(logging.WARNING, logger="trainer.runs"):
             for step, batch in enumerate(prepared_batches(data, source, [["logits"]], depth)):
                 got.append(batch)
                 if step == 1:  # the prefetcher holds a few batches; the others meet the outage
@@ -190,10 +191,21 @@ def test_no_budget_means_no_wait(engine):
 def test_a_consumer_that_stops_ends_the_wait_at_once(engine):
     server = BackgroundServer(LocalBackend({"t0": engine}))
     source = ServedTeacherSource(server.address, ["t0"], outage_wait=OutageWait(600, max_backoff_seconds=5))
+    closed = threading.Event()
+
+    def fed_after_the_close():
+        """The batches, the second only once the service is closed: the fetching thread cannot have fetched
+        ahead before the close, however fast the machine."""
+        first, *rest = batches()
+        yield first
+        closed.wait(60)
+        yield from rest
+
     try:
-        iterator = prepared_batches(batches(), source, [["logits"]], depth=1)
+        iterator = prepared_batches(fed_after_the_close(), source, [["logits"]], depth=1)
         next(iterator)
         server.close()
+        closed.set()
         # Until the fetching thread waits for the service: bounded, yet long enough for a loaded machine.
         deadline = time.monotonic() + 120
         while not source.outages and time.monotonic() < deadline:

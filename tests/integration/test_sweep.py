@@ -27,7 +27,7 @@ from services.core.redaction import redact
 from trainer.config import ExperimentConfig
 from trainer.runs.run import run_experiment
 from trainer.sweep.ray_tune import ENDED_FOLDER
-from trainer.sweep.report import ended_trials
+from trainer.sweep.report import DONE, ended_trials
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,8 +55,8 @@ def served_config(tmp_path: Path, address: str, cache_uri: str) -> Path:
 
 
 def finished_trials(sweep_dir: Path) -> set[str]:
-    """The trials the sweep has recorded as done (what a rerun skips)."""
-    return {t for t, outcome in ended_trials(sweep_dir / ENDED_FOLDER).items() if outcome.status == "done"}
+    """The trials the sweep has recorded as done (a rerun skips them, and those stopped early)."""
+    return {t for t, outcome in ended_trials(sweep_dir / ENDED_FOLDER).items() if outcome.status == DONE}
 
 
 def sweep_record(tmp_path: Path) -> dict[str, dict]:

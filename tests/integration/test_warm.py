@@ -1,6 +1,7 @@
 """`ekd warm` (a real Ray Data job, real LMDB) fills the cache under the servicer's keys, so served
-`ekd distill` of the same experiment makes no teacher call; `ekd cache stats/verify/evict` read it. (On
-Redis, a sweep after `ekd warm` makes no teacher call: test_sweep.py.)
+`ekd distill` of the same experiment makes no teacher call; `ekd cache stats/verify/evict` read it. On a real
+Redis frozen mid-job, it waits, or past its wait stops in one line. (On Redis, a sweep after `ekd warm`
+makes no teacher call: test_sweep.py.)
 
 The teachers have random weights: the plumbing is under test, not accuracy."""
 
@@ -253,11 +254,10 @@ def test_warm_waits_out_a_frozen_redis_and_past_its_wait_stops_in_one_line(
         job.kill()
     output = short_log.read_text()
     assert "Traceback" not in output, output
-    last_line = output.strip().splitlines()[-1]
-    assert last_line.startswith("error: teacher cifar_resnet20 (") and (
-        "the cache stayed unreachable beyond teacher_source.outage_wait_seconds (2 s); last error: "
-        in last_line
-    ), output
+    # One error line, naming the teacher and the setting (worker lines forwarded by Ray may come after it).
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: teacher cifar_resnet20 ("), output
+    assert "the cache stayed unreachable beyond teacher_source.outage_wait_seconds (2 s)" in errors[0]
 
     first_job = entries(patient_uri)
     log = tmp_path / "default-wait.log"
@@ -265,9 +265,10 @@ def test_warm_waits_out_a_frozen_redis_and_past_its_wait_stops_in_one_line(
     try:
         frozen_after_new_values(job, log, first_job)
         wait_until(lambda: "cache unreachable" in log.read_text() or job.poll() is not None, 120, "a warning")
-        assert "asking again in" in log.read_text() and job.poll() is None, log.read_text()
+        assert "waiting up to 600 s for it" in log.read_text() and job.poll() is None, log.read_text()
         os.kill(redis_server.process.pid, signal.SIGCONT)
         assert job.wait(timeout=600) == 0, log.read_text()
+        assert "cache is back after" in log.read_text()
     finally:
         os.kill(redis_server.process.pid, signal.SIGCONT)
         job.kill()

@@ -29,11 +29,11 @@ from services.core.contract import LOGITS
 from services.core.errors import ConfigError, UserError
 from services.teachers.engine import TeacherEngine
 from services.teachers.zoo import create_teacher
-from trainer.bank.writer import TeacherBankWriter, requested_outputs
+from trainer.bank.writer import TeacherBankWriter, requested_outputs, waiting_out_cache_outages
 from trainer.config import ExperimentConfig, TeacherConfig
 from trainer.runs.inputs import load_splits, train_views
+from trainer.runs.outage import OutageWait
 from trainer.runs.ray_address import ray_init_address
-from trainer.runs.sources import OutageWait
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class _WriterActor:
         engine = TeacherEngine(
             create_teacher(teacher.name, num_classes, checkpoint=teacher.checkpoint), device
         )
-        self.writer = TeacherBankWriter(engine, cache_uri, outputs, form, outage_wait=outage_wait)
+        self.writer = TeacherBankWriter(engine, cache_uri, outputs, form, outage_wait)
         self.column = column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -131,7 +131,8 @@ def warm_bank(
     batch."""
     if not cfg.teachers:
         raise ConfigError(f"experiment {cfg.name!r} names no teachers: there is nothing to warm")
-    open_store(cache_uri).close()  # a bad URI or an unreachable store fails here, before Ray starts
+    # A bad URI fails here, before Ray starts; a cache that does not answer is waited for, as the writers do.
+    waiting_out_cache_outages(OutageWait.of(cfg.teacher_source), lambda: open_store(cache_uri).close())
     splits = load_splits(cfg)
     views = train_views(splits, cfg.data)
     per_sample = views.views if views.augments else 1

@@ -11,21 +11,19 @@ SETs): an interrupted batch leaves whole values or none.
 
 The cache is where the work goes, so a cache that does not answer (Redis restarting, frozen, or too slow
 for its socket timeout on a loaded machine) is waited for, not skipped: each read or write is asked again
-with exponential backoff, a warning per attempt, within `OutageWait` (teacher_source's
-`outage_wait_seconds`), and only then is the batch an error. Reads and writes are idempotent, so asking
-again loses nothing and computes nothing twice. A writer that gave up fails every later batch at once: its
-job is ending, and batches queued behind it must not each wait again."""
+as `trainer.runs.outage` waits (teacher_source's `outage_wait_seconds`, a warning per attempt), and only
+then is the batch an error. Reads and writes are idempotent, so asking again loses nothing and computes
+nothing twice. A writer that gave up fails every later batch at once: its job is ending, and batches queued
+behind it must not each wait again."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from services.cache import (
     COMPACT,
@@ -45,10 +43,9 @@ from services.teachers.zoo import create_teacher
 from trainer.config import ExperimentConfig
 from trainer.methods import create_method
 from trainer.methods.base import TeacherInfo
-from trainer.runs.sources import OutageWait
+from trainer.runs.outage import OutageWait, wait_out_outage
 
-logger = logging.getLogger(__name__)
-Returned = TypeVar("Returned")
+_Result = TypeVar("_Result")
 
 
 def bank_entries(
@@ -71,6 +68,27 @@ def requested_outputs(
     return method.teacher_outputs()
 
 
+def waiting_out_cache_outages(wait: OutageWait, call: Callable[[], _Result]) -> _Result:
+    """`call()`, asked again while the cache is unreachable, within `wait`; past it, a CacheUnreachableError
+    naming the setting."""
+    try:
+        return call()
+    except CacheUnreachableError as error:
+        try:
+            return wait_out_outage(
+                wait,
+                error,
+                call,
+                is_outage=lambda failed: isinstance(failed, CacheUnreachableError),
+                what="cache",
+            )
+        except CacheUnreachableError as last:
+            raise CacheUnreachableError(
+                f"the cache stayed unreachable beyond teacher_source.outage_wait_seconds "
+                f"({wait.budget_seconds:g} s); last error: {last}"
+            ) from None
+
+
 @dataclass(frozen=True)
 class BatchWritten:
     views: int
@@ -90,8 +108,8 @@ class TeacherBankWriter:
         cache_uri: str,
         outputs: Sequence[str],
         form: str,
+        outage_wait: OutageWait,
         dtype: str = DEFAULT_OUTPUT_DTYPE,
-        outage_wait: OutageWait | None = None,
     ) -> None:
         if engine.spec.weights_sha256 is None:
             raise ValueError(
@@ -104,49 +122,25 @@ class TeacherBankWriter:
         self.outputs = list(outputs)
         self.form = form
         self.dtype = dtype
-        self.outage_wait = outage_wait or OutageWait(budget_seconds=0.0, max_backoff_seconds=1.0)
-        self.gave_up: CacheUnreachableError | None = None  # the error that ended the wait
+        self.outage_wait = outage_wait
+        self.outage_error: str | None = None  # why the last wait ended without the cache
 
-    def _on_store(self, call: Callable[[TeacherOutputStore], Returned]) -> Returned:
-        """`call(store)`, the store opened first if need be, asked again while the store is unreachable,
-        within `outage_wait`."""
+    def _call_store(self, call: Callable[[TeacherOutputStore], _Result]) -> _Result:
+        """`call(store)`, the store opened first if need be, waiting out the cache's outages; once a wait has
+        ended without the cache, every later call fails at once."""
+        if self.outage_error is not None:
+            raise CacheUnreachableError(self.outage_error)
 
-        def attempt() -> Returned:
+        def attempt() -> _Result:
             if self.store is None:
                 self.store = open_store(self.cache_uri)
             return call(self.store)
 
-        if self.gave_up is not None:
-            raise self.gave_up
-        wait = self.outage_wait
-
-        def warn(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            pause = state.next_action.sleep if state.next_action else 0.0
-            logger.warning(
-                "cache unreachable (%s): asking again in %.0f s (waited %.0f of %g s, "
-                "teacher_source.outage_wait_seconds)",
-                error,
-                pause,
-                state.seconds_since_start,
-                wait.budget_seconds,
-            )
-
-        attempts = Retrying(
-            retry=retry_if_exception_type(CacheUnreachableError),
-            stop=stop_after_delay(wait.budget_seconds),
-            wait=wait_exponential(multiplier=1, max=wait.max_backoff_seconds),
-            before_sleep=warn,
-            reraise=True,
-        )
         try:
-            return attempts(attempt)
+            return waiting_out_cache_outages(self.outage_wait, attempt)
         except CacheUnreachableError as error:
-            self.gave_up = CacheUnreachableError(
-                f"the cache stayed unreachable beyond teacher_source.outage_wait_seconds "
-                f"({wait.budget_seconds:g} s); last error: {error}"
-            )
-            raise self.gave_up from None
+            self.outage_error = str(error)
+            raise
 
     def write(self, views: torch.Tensor, *, evaluation: bool = False) -> BatchWritten:
         """Compute and store the outputs of the views [B, C, H, W] (uint8) not yet cached; `evaluation`
@@ -156,7 +150,7 @@ class TeacherBankWriter:
         digests = input_digests(views)
         entries = bank_entries(self.engine.spec.identity, outputs, form, self.dtype)
         keys = {output: entries[output].keys(digests) for output in outputs}
-        found = self._on_store(
+        found = self._call_store(
             lambda store: store.get_many([key for output in outputs for key in keys[output]])
         )
         assert self.store is not None  # opened by the call above
@@ -180,7 +174,7 @@ class TeacherBankWriter:
                     if entries[output].form == FULL:
                         values = values.to(DTYPES[self.dtype])
                     items += [(keys[output][i], values[row]) for row, i in enumerate(missing)]
-            self._on_store(lambda store: store.put_many(items))
+            self._call_store(lambda store: store.put_many(items))
         return BatchWritten(
             views=batch,
             cached=batch - len(missing),

@@ -5,14 +5,13 @@
 that the served path is measured against.
 
 `ServedTeacherSource` reads the cache and asks the teacher service. When a service it has reached stops
-answering (`TeacherServiceUnavailable`: down, restarting, redeployed; or CANCELLED: shutting down), it
-waits for it: it asks again for the same images after 1 s, 2 s, 4 s, ... (at most
-`OutageWait.max_backoff_seconds` apart) for up to `OutageWait.budget_seconds`, saying so in a warning per
-attempt and once more when the service is back, then returns that batch's outputs as if nothing happened, so
-the training loop neither skips nor repeats a sample. Beyond the budget the error is one line naming the
-address and the budget. The outages and the time spent waiting are counted (`service_outages`,
-`outage_wait_seconds`). A service not up yet when the source is made (a trainer started beside it) is
-waited for in the same way.
+answering (`TeacherServiceUnavailable`: down, restarting, redeployed; or CANCELLED: shutting down), it waits
+for it: it asks again for the same images after 1 s, 2 s, 4 s, ... (at most `OutageWait.max_backoff_seconds`
+apart) for up to `OutageWait.budget_seconds` (`trainer.runs.outage`), saying so in a warning per attempt and
+once more when the service is back, then returns that batch's outputs as if nothing happened, so the training
+loop neither skips nor repeats a sample. Beyond the budget the error is one line naming the address and the
+budget. The outages and the time spent waiting are counted (`service_outages`, `outage_wait_seconds`). A
+service not up yet when the source is made (a trainer started beside it) is waited for in the same way.
 
 `BankTeacherSource` reads a bank that `ekd warm` filled, with no service: the same keys, the same values.
 """
@@ -54,13 +53,11 @@ from services.teachers.spec import Teacher
 from services.teachers.zoo import create_teacher
 from trainer.config import ExperimentConfig, TeacherSourceConfig
 from trainer.methods.base import TeacherInfo, TeacherOutputs
+from trainer.runs.outage import OutageWait, wait_out_outage
 
 logger = logging.getLogger(__name__)
 
 _Result = TypeVar("_Result")
-
-# The first pause of a wait for the service; each next one doubles, up to OutageWait.max_backoff_seconds.
-_FIRST_OUTAGE_PAUSE_SECONDS = 1.0
 
 
 class TeacherSource(ABC):
@@ -142,21 +139,6 @@ class InProcessTeacherSource(TeacherSource):
 
     def counters(self) -> dict[str, float]:
         return {"teacher_calls": self.calls}
-
-
-@dataclass(frozen=True)
-class OutageWait:
-    """How long a served source waits for a service it cannot reach: in all, per outage (`budget_seconds`, 0:
-    not at all), and at most between two attempts (`max_backoff_seconds`); teacher_source's
-    `outage_wait_seconds` and `outage_backoff_max_seconds`."""
-
-    budget_seconds: float
-    max_backoff_seconds: float
-
-    @classmethod
-    def of(cls, settings: TeacherSourceConfig) -> OutageWait:
-        """The wait `settings` ask for (TeacherSourceConfig() for the defaults)."""
-        return cls(settings.outage_wait_seconds, settings.outage_backoff_max_seconds)
 
 
 class ServedTeacherSource(TeacherSource):
@@ -290,51 +272,33 @@ class ServedTeacherSource(TeacherSource):
     ) -> _Result:
         """Call `again` with exponential backoff until it does not fail with an outage, for up to
         `outage_wait.budget_seconds`; beyond, a TeacherServiceUnavailable naming the budget."""
-        budget, cap = self.outage_wait.budget_seconds, self.outage_wait.max_backoff_seconds
         self.outages += 1
         started = time.monotonic()
-        attempt = 0
         try:
-            while (waited := time.monotonic() - started) < budget:
-                attempt += 1
-                pause = min(_FIRST_OUTAGE_PAUSE_SECONDS * 2 ** (attempt - 1), cap, budget - waited)
-                logger.warning(
-                    "teacher service at %s unreachable (%s); waiting up to %.0f s for it, %.0f s so far "
-                    "(attempt %d in %.1f s)",
-                    self.shown_address,
-                    _code_name(error),
-                    budget,
-                    waited,
-                    attempt,
-                    pause,
-                )
-                if stop is None:
-                    time.sleep(pause)
-                elif stop.wait(pause):
-                    raise error
-                try:
-                    result = again()
-                except TeacherServiceError as still:
-                    if not _is_outage(still):
-                        raise
-                    error = still
-                    continue
-                self._back_at = time.monotonic()
-                logger.warning(
-                    "teacher service at %s is back after %.0f s (attempt %d)",
-                    self.shown_address,
-                    self._back_at - started,
-                    attempt,
-                )
-                return result
+            result = wait_out_outage(
+                self.outage_wait,
+                error,
+                again,
+                is_outage=lambda failed: isinstance(failed, TeacherServiceError) and _is_outage(failed),
+                what=f"teacher service at {self.shown_address}",
+                reason=lambda failed: _code_name(cast(TeacherServiceError, failed)),
+                stop=stop,
+            )
+        except TeacherServiceError as last:
+            if not _is_outage(last) or (stop is not None and stop.is_set()):
+                raise
+            waited = time.monotonic() - started
+            raise TeacherServiceUnavailable(
+                f"teacher service at {self.shown_address} unreachable for {waited:.0f} s, beyond "
+                f"teacher_source.outage_wait_seconds ({self.outage_wait.budget_seconds:g} s); last error: "
+                f"{_code_name(last)}",
+                address=last.address,
+                code=last.code,
+            ) from last
         finally:
             self.outage_seconds += time.monotonic() - started
-        raise TeacherServiceUnavailable(
-            f"teacher service at {self.shown_address} unreachable for {time.monotonic() - started:.0f} s, "
-            f"beyond teacher_source.outage_wait_seconds ({budget:g} s); last error: {_code_name(error)}",
-            address=error.address,
-            code=error.code,
-        ) from error
+        self._back_at = time.monotonic()
+        return result
 
     def _outputs(
         self, result: dict[str, dict[str, torch.Tensor | CompactLogits]], wanted: Sequence[Sequence[str]]

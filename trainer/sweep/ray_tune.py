@@ -6,13 +6,14 @@ trial reserves `cpus_per_trial` for the driver and no GPU.
 
 Each epoch is reported to Tune (`tune.report`: validation accuracy for ASHA, the teacher calls so far) and,
 with tracking, logged to MLflow through Ray's integration (`setup_mlflow` opens the trial's run). As each
-trial ends, the driver records its outcome under `<sweep dir>/ended` (written whole or not at all). A rerun of
-the same sweep skips the trials recorded as done or stopped early and runs the others in a new Tune run, so
-a sweep survives Ctrl-C or a driver killed at any instant: ekd's own record, not Tune's saved state, says
-what ended, and a state file the kill tore cannot lose a trial or redo one. A trial that fails is an errored
-Tune trial: the others go on, its error is its row's, and a rerun runs it again. The trial configs reach the
-trials as Tune parameters (`tune.with_parameters`), never written to Tune's folder: a cache password stays
-off disk.
+trial ends, the driver records its outcome under `<sweep dir>/ended` (written whole or not at all), and the
+sweep's outcomes are read back from there. A rerun of the same sweep skips the trials recorded as done or
+stopped early and runs the others in a new Tune run, so a sweep survives Ctrl-C or a driver killed at any
+instant: ekd's own record, not Tune's saved state (which a kill mid-write tears), says what ended. A finished
+trial is never lost; one the kill caught between its end and its record runs again. A trial that fails is an
+errored Tune trial: the others go on, its error is its row's, and a rerun runs it again. The trial configs
+reach the trials as Tune parameters (`tune.with_parameters`), never written to Tune's folder: a cache
+password stays off disk.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ from trainer.config import ExperimentConfig
 from trainer.results.baselines import alone_experiments
 from trainer.runs.ray_address import ray_init_address
 from trainer.runs.run import run_experiment
-from trainer.sweep.report import DONE, FAILED, STOPPED, TrialOutcome, ended_trials, save_ended_trial
+from trainer.sweep.report import (
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    STOPPED,
+    TrialOutcome,
+    ended_trials,
+    progress_line,
+    save_ended_trial,
+)
 from trainer.sweep.spec import SweepSpec, Trial
 from trainer.tracking import RunTracker, Tracking, experiment_params, experiment_tags
 
@@ -41,6 +51,16 @@ ENDED_FOLDER = "ended"  # a record per ended trial under the sweep's folder (`sa
 VALIDATION_METRIC = "val_accuracy"  # what ASHA compares
 
 logger = logging.getLogger(__name__)
+
+
+class _WithoutTunesRestoreAdvice(logging.Filter):
+    """Tune's advice after Ctrl-C (`Tuner.restore(...)`): a rerun of the same `ekd sweep` resumes instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
+
+
+logging.getLogger("ray.tune.tune").addFilter(_WithoutTunesRestoreAdvice())
 
 
 def run_trial(
@@ -106,7 +126,7 @@ def run_trial(
 
 
 def trial_folder(trial) -> str:
-    """A Tune trial's folder: the ekd trial id, so that every result, errored ones too, names its trial."""
+    """A Tune trial's folder: the ekd trial id (Tune adds a suffix when a rerun finds the folder there)."""
     return trial.config["trial"]
 
 
@@ -144,8 +164,6 @@ class _TrialEnds(tune.Callback):
         self.finished = ended_before
 
     def _ended(self, trial, error: BaseException | None) -> None:
-        from trainer.sweep.report import progress_line
-
         self.finished += 1
         outcome = outcome_of(self.trials[trial.config["trial"]], trial.last_result or {}, error)
         save_ended_trial(outcome, self.folder)
@@ -190,19 +208,27 @@ def run_sweep(
     """Run every trial that an earlier run of this sweep under `directory` did not record as done or stopped
     early, and return one outcome per trial, in the trials' order (those recorded before, as recorded)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune console tables: ekd reports the trials
-    ended = {i: o for i, o in ended_trials(directory / ENDED_FOLDER).items() if o.status != FAILED}
+    ended_folder = directory / ENDED_FOLDER
+    ids = {t.id for t in trials}
+    ended = {i: o for i, o in ended_trials(ended_folder).items() if i in ids and o.status != FAILED}
     to_run = [t for t in trials if t.id not in ended]
+    for trial in to_run:  # a failed trial's record goes: it is this run's to write
+        (ended_folder / f"{trial.id}.json").unlink(missing_ok=True)
     if ended:
         logger.info(
             "resuming the sweep: %d of %d trials ended before (%s), %d to run",
             len(ended),
             len(trials),
-            directory / ENDED_FOLDER,
+            ended_folder,
             len(to_run),
         )
-    outcomes = dict(ended)
-    if to_run:
-        outcomes |= _run_trials(spec, to_run, configs, directory, sweep, tracking, address, len(ended))
+    cut_short = (
+        _run_trials(spec, to_run, configs, directory, sweep, tracking, address, len(ended)) if to_run else {}
+    )
+    recorded = ended_trials(ended_folder)
+    if cut_short:
+        logger.info("%d trials cut short: the same command again runs them", len(cut_short))
+    outcomes = {**cut_short, **recorded}
     return [outcomes[t.id] for t in trials if t.id in outcomes]
 
 
@@ -216,7 +242,8 @@ def _run_trials(
     address: str | None,
     ended_before: int,
 ) -> dict[str, TrialOutcome]:
-    """`trials` in one Tune run; their outcomes by id (a trial Ctrl-C cut short: what it reported so far)."""
+    """`trials` in one Tune run, each recorded under `ENDED_FOLDER` as it ends; returns the trials Ctrl-C cut
+    short, by id, with what they reported so far."""
     started_ray = _connect(address)
     try:
         resources = {t.id: _resources(spec, configs[t.id]) for t in trials}
@@ -265,12 +292,16 @@ def _run_trials(
         )
         grid = tuner.fit()
         by_id = {t.id: t for t in trials}
-        outcomes = {}
+        cut_short = {}
         for index in range(len(grid)):
             result = grid[index]
+            # By the id in its config, not its folder: Tune adds a suffix ("t004_4dbc") to a folder that a
+            # trial of an earlier run left.
             trial = by_id[(result.config or {})["trial"]]  # None only for a result without a trial
-            outcomes[trial.id] = outcome_of(trial, result.metrics or {}, result.error)
+            if not (directory / ENDED_FOLDER / f"{trial.id}.json").is_file():
+                cut_short[trial.id] = outcome_of(trial, result.metrics or {}, result.error)
+                cut_short[trial.id].status = INTERRUPTED
     finally:
         if started_ray:
             ray.shutdown()
-    return outcomes
+    return cut_short

@@ -21,6 +21,7 @@ from rich.table import Table
 from services.core.errors import ConfigError
 
 DONE, FAILED, STOPPED = "done", "failed", "stopped early"
+INTERRUPTED = "interrupted"  # cut short by Ctrl-C: a rerun runs it again
 
 
 @dataclass
@@ -28,7 +29,7 @@ class TrialOutcome:
     id: str
     experiment: str  # the experiment YAML
     fields: dict[str, Any]  # the swept fields' values
-    status: str  # DONE, FAILED or STOPPED (by early stopping)
+    status: str  # DONE, FAILED, STOPPED (by early stopping) or INTERRUPTED
     test_accuracy: float | None = None
     val_accuracy: float | None = None  # the last epoch's
     teacher_calls: float | None = None

@@ -286,7 +286,8 @@ def sweep_name(spec: SweepSpec, trials: list[Trial]) -> str:
 
 
 def sweep_dir(spec: SweepSpec, trials: list[Trial]) -> Path:
-    """The sweep's folder: its trials' runs, Tune's state, the table's JSON and the plot."""
+    """The sweep's folder: its trials' runs, the record of ended trials, Tune's folder, the table's JSON and
+    the plot."""
     root = spec.output_dir if spec.output_dir is not None else trials[0].config.output_dir
     return Path(root).absolute() / sweep_name(spec, trials)
 
