@@ -39,12 +39,13 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 import torch
@@ -93,6 +94,10 @@ from services.rpc.wire import OutgoingInferRequest, serialize_infer_request
 # Bytes an InferRequest may gain beyond its measured form without images once B images go in: the varints of
 # the batch dimension, of the image bytes' length and of the images field's length (each at most 4 more).
 _IMAGE_FIELD_OVERHEAD_BYTES = 16
+# gRPC ends each call at its deadline; past the deadline by this much, the client cancels a stream itself: a
+# backstop for a deadline event that never arrives (a stream was seen waiting 18 minutes past its deadline on
+# a loaded machine, after its server closed mid-stream). The cancelled call reads as CANCELLED, an outage.
+_DEADLINE_BACKSTOP_SECONDS = 10.0
 
 _Result = TypeVar("_Result")
 
@@ -727,6 +732,18 @@ class TeacherClient:
         if flight.call is None:  # a retry: the first call failed
             flight.call = self._infer(flight.request, timeout=self.timeout_seconds)
         call, flight.call = flight.call, None
+        backstop = threading.Timer(
+            self.timeout_seconds + _DEADLINE_BACKSTOP_SECONDS, cast(grpc.RpcContext, call).cancel
+        )
+        backstop.daemon = True
+        backstop.start()
+        try:
+            self._read_stream(flight, call)
+        finally:
+            backstop.cancel()
+        self._count(requests=1)
+
+    def _read_stream(self, flight: _Flight, call: Iterator[teacher_pb2.InferResponse]) -> None:
         covered = {teacher: torch.zeros(flight.count, dtype=torch.int32) for teacher in flight.teachers}
         limits = self._service_limits()
         for response in call:
@@ -749,7 +766,6 @@ class TeacherClient:
                     f"the chunks of teacher {teacher!r} cover samples "
                     f"{times.tolist()} times each; each must be covered once",
                 )
-        self._count(requests=1)
 
     def _check_chunk(self, response: teacher_pb2.InferResponse, flight: _Flight) -> None:
         if response.count < 1 or response.start + response.count > flight.count:

@@ -510,3 +510,31 @@ def test_compact_requests_are_validated(serve):
 def test_logits_form_must_be_known(serve):
     with client_of(serve()) as client, pytest.raises(ValueError, match="logits_form"):
         client.fetch(images(14, batch=1), ["a"], ["logits"], logits_form="top5")
+
+
+class StalledBackend(RecordingBackend):
+    """Answers nothing until released: a stream whose deadline is the only way out."""
+
+    def __init__(self, engines: dict[str, TeacherEngine]) -> None:
+        super().__init__(engines)
+        self.released = asyncio.Event()
+
+    async def infer(self, name: str, images: torch.Tensor, outputs: list[str]) -> dict[str, torch.Tensor]:
+        await self.released.wait()
+        return await super().infer(name, images, outputs)
+
+
+def test_a_stream_past_its_deadline_is_cancelled_by_the_client_itself(serve, checkpoints, monkeypatch):
+    """The backstop for a deadline event that never arrives: with the backstop moved before the deadline
+    (0.5 s into a 30 s one), the client cancels the stream itself and says CANCELLED, at once."""
+    import services.rpc.client as client_module
+
+    monkeypatch.setattr(client_module, "_DEADLINE_BACKSTOP_SECONDS", 0.5 - 30.0)
+    server = serve(StalledBackend(load_engines(checkpoints)))
+    started = time.monotonic()
+    with (
+        TeacherClient(server.address, timeout_seconds=30.0, retries=0) as client,
+        pytest.raises(TeacherServiceError) as raised,
+    ):
+        client.fetch(images(0), ["a"], ["logits"])
+    assert raised.value.code == grpc.StatusCode.CANCELLED and time.monotonic() - started < 20
