@@ -182,10 +182,21 @@ class BackgroundServer:
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=self._timeout)
 
+    async def _stop(self) -> None:
+        await self.running.stop(None)
+        # A stream cut by the stop may still wait in its generator: ended here, inside the loop, it cannot
+        # outlive the closed loop and fail at garbage collection instead.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=self._timeout / 2)
+        await asyncio.get_running_loop().shutdown_asyncgens()
+
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._run(self.running.stop(None))
+        self._run(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=self._timeout)
         self._loop.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,11 +26,12 @@ from services.teachers.engine import TeacherEngine
 from services.teachers.spec import Preprocessing
 from services.teachers.zoo import create_teacher, save_teacher_checkpoint
 from trainer.config import ExperimentConfig
-from trainer.runs.experiment import ExperimentSession
+from trainer.runs.experiment import ExperimentResult, ExperimentSession
 from trainer.runs.inputs import load_splits
 from trainer.runs.run import run_experiment
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# One worker runs the module: both caches' tests compare with one in-process run (a module fixture).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("served_distill")]
 
 EKD = str(Path(sys.executable).parent / "ekd")
 # Two teachers of one architecture, told apart by their weights (seeds) and their names on the service.
@@ -79,8 +81,19 @@ def cache_uri(request, tmp_path):
     return base[: base.rindex("/")] + f"/{abs(hash(str(tmp_path))) % 15 + 1}"  # a database of this test's own
 
 
-def test_served_teachers_match_in_process_and_are_reused_across_experiments(tmp_path, cache_uri):
-    in_process = run_experiment(ExperimentConfig.model_validate(experiment(tmp_path, "kd-in-process", KD)))
+@pytest.fixture(scope="module")
+def trained_in_process(tmp_path_factory) -> tuple[Path, ExperimentResult]:
+    """The kd experiment in process, its teachers trained on the way into the folder returned with it."""
+    folder = tmp_path_factory.mktemp("in-process")
+    return folder, run_experiment(ExperimentConfig.model_validate(experiment(folder, "kd-in-process", KD)))
+
+
+def test_served_teachers_match_in_process_and_are_reused_across_experiments(
+    tmp_path, cache_uri, trained_in_process
+):
+    folder, in_process = trained_in_process
+    for checkpoint in folder.glob("t?.pt*"):  # the same teachers, served
+        shutil.copy(checkpoint, tmp_path / checkpoint.name)
 
     server, _ = serve_teachers(tmp_path, cache_uri)
     with server:
