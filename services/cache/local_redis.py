@@ -22,6 +22,8 @@ PORT_ATTEMPTS = 3
 # 15 s, so that a loaded machine starving a shard of CPU does not look like a lost shard (a killed one still
 # fails every call that touches it at once).
 CLUSTER_NODE_TIMEOUT_MS = 300_000
+# A cluster node's bus listens on its port + 10000, so its port may be at most this.
+CLUSTER_HIGHEST_PORT = 65535 - 10000
 
 
 class RedisServerError(RuntimeError):
@@ -40,10 +42,15 @@ def redis_server_binary() -> str:
     return binary
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_port(highest: int = 65535) -> int:
+    """A 127.0.0.1 port free now, at most `highest` (the system's ephemeral range may reach above it)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port <= highest:
+            return port
+    raise RedisServerError(f"no free 127.0.0.1 port at or below {highest} in 100 tries")
 
 
 @dataclass
@@ -92,16 +99,20 @@ class TlsFiles:
 
 @contextlib.contextmanager
 def running_redis_server(
-    directory: Path, *config_args: str, port: int | None = None, tls: TlsFiles | None = None
+    directory: Path,
+    *config_args: str,
+    port: int | None = None,
+    highest_port: int = 65535,
+    tls: TlsFiles | None = None,
 ) -> Iterator[RedisServer]:
     """A redis-server on 127.0.0.1, persisting nothing, with extra `--option value` args: on `port`, or a free
-    one. With `tls` it listens only for TLS (clients need no certificate) and its URL is
-    `rediss://127.0.0.1:PORT/0?ssl_ca_certs=CA`."""
+    one at most `highest_port`. With `tls` it listens only for TLS (clients need no certificate) and its URL
+    is `rediss://127.0.0.1:PORT/0?ssl_ca_certs=CA`."""
     binary = redis_server_binary()
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / "redis.log"
     for _ in range(1 if port is not None else PORT_ATTEMPTS):
-        listening = port if port is not None else free_port()
+        listening = port if port is not None else free_port(highest_port)
         ports = ["--port", str(listening)]
         url = f"redis://127.0.0.1:{listening}/0"
         if tls is not None:
@@ -189,6 +200,7 @@ def running_redis_cluster(directory: Path, shards: int = 3, *config_args: str) -
                     *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
                     *("--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)),
                     *config_args,
+                    highest_port=CLUSTER_HIGHEST_PORT,
                 )
             )
             for number in range(shards)

@@ -24,7 +24,7 @@ from services.cache import (
     open_store,
 )
 from services.cache.guard import Outcome
-from services.cache.local_redis import RedisCluster
+from services.cache.local_redis import CLUSTER_HIGHEST_PORT, RedisCluster, free_port
 from services.cache.redis_cluster_store import RedisClusterStore, seed_nodes
 from services.formats.codec import encode_value
 from services.formats.soft_labels import compress
@@ -50,6 +50,11 @@ def shard_sizes(cluster: RedisCluster) -> list[int]:
 def kill(shard) -> None:
     os.kill(shard.process.pid, signal.SIGKILL)
     shard.process.wait(timeout=5)
+
+
+def test_a_cluster_node_gets_a_port_whose_bus_port_exists():
+    # The ephemeral range reaches 60999 here, and a node on a port above 55535 refuses to start.
+    assert all(free_port(CLUSTER_HIGHEST_PORT) <= CLUSTER_HIGHEST_PORT for _ in range(50))
 
 
 def test_the_cluster_uri_names_its_nodes_credentials_and_query():
