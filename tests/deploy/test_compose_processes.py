@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SERVE_READY_SECONDS = 240  # beyond the compose healthcheck's start_period (180 s): this machine is slow
+# Each probe is a Python process of its own: a few a minute leave the CPU to the service starting up.
+PROBE_INTERVAL_SECONDS = 5
 
 
 def localize(value: str, mapping: dict[str, str]) -> str:
@@ -102,7 +104,7 @@ def test_compose_services_run_as_local_processes(tmp_path):
                 assert time.monotonic() < deadline, (
                     f"ekd serve not healthy in time:\n{serve_log.read_text()[-3000:]}"
                 )
-                time.sleep(2)
+                time.sleep(PROBE_INTERVAL_SECONDS)
 
             # One epoch: every view of it goes through the service and the cache; more would add only time.
             trainer = subprocess.run(

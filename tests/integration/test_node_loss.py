@@ -67,6 +67,8 @@ WAIT_SECONDS = 180.0
 DEPLOY_SECONDS = 300.0
 RUN_SECONDS = 600.0
 PROBE_PAUSE_SECONDS = 0.25
+# Between two probe calls: often enough to call through the loss, seldom enough to leave the CPU to the run.
+PROBE_INTERVAL_SECONDS = 1.0
 # What every client of the service does with UNAVAILABLE (services.rpc.client retries it): a call that
 # lands on the dying ingress's connection is repeated, on a new connection, which only the survivor takes.
 PROBE_ATTEMPTS = 5
@@ -331,7 +333,7 @@ class ServiceProbe:
                         break
                     time.sleep(PROBE_PAUSE_SECONDS)
             self.calls.append(ProbeCall(started, attempts, ok))
-            self.stop.wait(PROBE_PAUSE_SECONDS)
+            self.stop.wait(PROBE_INTERVAL_SECONDS)
 
 
 # ---- the test ---------------------------------------------------------------------------------------------
