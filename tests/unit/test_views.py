@@ -87,6 +87,7 @@ def digests(loader) -> dict[int, str]:
     return seen
 
 
+@pytest.mark.slow  # loader worker processes and a Python process of its own: 7-11 s here
 def test_the_same_bytes_with_any_number_of_workers_and_in_another_process(image_folder):
     views = ReplayedViews(splits(image_folder).train, seed=11, views=4, maker=RandomResizedCrop(24))
     in_process = digests(train_loader(views, 32, seed=0, epoch=2))
