@@ -8,12 +8,12 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,27 +59,32 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 # Ray's head start, at most; a loaded 2-core machine takes seconds.
 RAY_HEAD_START_SECONDS = 120
+# Tries of the head's start: on a loaded machine its raylet may die at start, waiting too long for an agent
+# of its own (`Timed out waiting for file .../metrics_agent_port_...`), and a new start is the cure.
+RAY_HEAD_START_ATTEMPTS = 3
+# What the raylet logs once it is up (it waits for its agents before).
+RAYLET_STARTED = "started. Raylet consists of"
 
 
-@pytest.fixture(scope="session")
-def ray_cluster_env() -> Iterator[dict[str, str]]:
-    """The environment of an `ekd` command (warm, sweep) that joins this test worker's Ray cluster, through
-    RAY_ADDRESS as on a cluster, instead of starting a private instance (GCS, raylet, dashboard and agents):
-    measured, a private start and a task cost 8.5 CPU-seconds, joining and the same task 4.3. The cluster is
-    as large as a private one (a CPU per core), and only this worker's tests, one at a time, use it.
-    Started on first use; killed, every process of it, at the session's end."""
+@dataclass
+class _RayHead:
+    process: subprocess.Popen
+    port: int
+    temp_dir: str
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _start_ray_head(env: dict[str, str]) -> _RayHead | str:
+    """A head whose raylet is up, or why it is not (the raylet's last lines); stopped when it failed."""
     port = free_port()
     # Short, and not Ray's default: a socket path must fit 107 bytes, and `ray.init()` without an address
     # joins the cluster Ray's default directory names, which would put `ekd serve` on this one.
     temp_dir = tempfile.mkdtemp(prefix="ekd-ray-", dir="/tmp")
-    # One thread per Ray worker, a worker per core: Ray's workers take the head's environment.
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": f"127.0.0.1:{port}",
-        "RAY_AUTH_MODE": "disabled",
-        "OMP_NUM_THREADS": "1",
-    }
-    head = subprocess.Popen(
+    process = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"),
             "start",
@@ -96,19 +101,49 @@ def ray_cluster_env() -> Iterator[dict[str, str]]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # a process group of its own: the teardown kills raylet, GCS and workers
     )
+    head = _RayHead(process, port, temp_dir)
+    raylet_log = Path(temp_dir) / "session_latest" / "logs" / "raylet.out"
+    deadline = time.monotonic() + RAY_HEAD_START_SECONDS
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if RAYLET_STARTED in raylet_log.read_text(errors="replace"):
+                return head
+        time.sleep(0.5)
+    if process.poll() is None:
+        why = f"no raylet up within {RAY_HEAD_START_SECONDS} s"
+    else:
+        why = f"`ray start --head` exited with {process.returncode}"
+    with contextlib.suppress(OSError):
+        why += "; the raylet's last lines:\n" + "\n".join(
+            raylet_log.read_text(errors="replace").splitlines()[-5:]
+        )
+    head.stop()
+    return why
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_env() -> Iterator[dict[str, str]]:
+    """The environment of an `ekd` command (warm, sweep) that joins this test worker's Ray cluster, through
+    RAY_ADDRESS as on a cluster, instead of starting a private instance (GCS, raylet, dashboard and agents):
+    measured, a private start and a task cost 8.5 CPU-seconds, joining and the same task 4.3. The cluster is
+    as large as a private one (a CPU per core), and only this worker's tests, one at a time, use it.
+    Started on first use, its raylet up; killed, every process of it, at the session's end."""
+    # One thread per Ray worker, a worker per core: Ray's workers take the head's environment.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    failures = []
+    for _ in range(RAY_HEAD_START_ATTEMPTS):
+        head = _start_ray_head(env)
+        if isinstance(head, _RayHead):
+            break
+        failures.append(head)
+    else:
+        raise AssertionError(
+            f"Ray's head did not start in {RAY_HEAD_START_ATTEMPTS} tries:\n" + "\n".join(failures)
+        )
     try:
-        deadline = time.monotonic() + RAY_HEAD_START_SECONDS
-        while True:
-            assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, f"Ray's head did not listen within {RAY_HEAD_START_SECONDS} s"
-            time.sleep(0.2)
-        yield env
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{head.port}"}
     finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
 
 
 @pytest.fixture(scope="module")
