@@ -133,23 +133,33 @@ def test_teachers_train_saves_checkpoints(tmp_path):
     assert "DEBUG" not in result.stderr  # without -v (test_version_and_verbose)
 
 
-# A bug in a method (here a ValueError, as a shape mistake would raise) must not pass for a user error.
+CE_ONLY = """
+name: tiny-ce
+seed: 0
+data: {{dataset: digits, image_size: 8, views: 2, pad: 1, batch_size: 128}}
+method: {{name: ce, student: {{arch: cifar_resnet8}}}}
+train: {{epochs: 2, lr: 0.05}}
+output_dir: {output}
+"""
+
+# A bug in a method (here a ValueError, as a shape mistake would raise) must not pass for a user error. The
+# method is plain cross-entropy, which needs no teacher trained first.
 BUGGY_METHOD = """
 import sys
-from trainer.methods.kd import KnowledgeDistillation
+from trainer.methods.ce import CrossEntropyTraining
 from trainer.cli.main import app
 
 def training_loss(self, images, labels, teachers, clock):
     raise ValueError("shapes [64, 10] and [64, 9] do not match")
 
-KnowledgeDistillation.training_loss = training_loss
+CrossEntropyTraining.training_loss = training_loss
 app(sys.argv[1:])
 """
 
 
 def test_a_bug_keeps_its_traceback_while_a_bad_config_is_one_line(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY.format(checkpoint=tmp_path / "r20.pt", output=tmp_path / "runs"))
+    config.write_text(CE_ONLY.format(output=tmp_path / "runs"))
     bug = subprocess.run(
         [sys.executable, "-c", BUGGY_METHOD, "distill", str(config)],
         cwd=tmp_path,
