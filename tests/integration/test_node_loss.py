@@ -7,7 +7,7 @@ from its last epoch checkpoint on the surviving node and ends as an undisturbed 
 the same cluster does (same losses, steps, accuracy and counters), and the service keeps answering gRPC
 calls through the surviving ingress all along.
 
-The runs are tiny (digits at 8×8, a cifar_resnet8 student, a cifar_resnet20 teacher, 3 epochs), and the
+The runs are tiny (digits at 8×8, a cifar_resnet8 student, a cifar_resnet20 teacher, 2 epochs), and the
 nodes declare more CPUs than the machine has: Ray's resources only place the workers here.
 """
 
@@ -49,7 +49,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 T = TypeVar("T")
 
 TEACHER = "t0"
-EPOCHS = 3
+# The node is lost in the second epoch, once the first epoch's checkpoint is committed.
+EPOCHS = 2
 # Logical CPUs: a training worker takes 1, a teacher replica TEACHER_CPUS, an ingress none. The head node
 # holds both training workers once the worker node is gone.
 HEAD_CPUS = 3
@@ -368,8 +369,8 @@ def test_a_run_and_the_service_survive_losing_a_node(two_nodes: TwoNodes) -> Non
         assert time.monotonic() < deadline, f"the lost node's processes {survivors} still run"
         time.sleep(0.1)
 
-    # The checkpoint of epoch 0 came back; epochs 1 and 2 ran again after the resume, on the head node.
-    assert [(row["epoch"], row["resumes"]) for row in lost.history] == [(0, 0), (1, 1), (2, 1)]
+    # The checkpoint of epoch 0 came back; epoch 1 ran again after the resume, on the head node.
+    assert [(row["epoch"], row["resumes"]) for row in lost.history] == [(0, 0), (1, 1)]
     assert_same_run(lost, undisturbed)
 
     # The service answered throughout: every call, before, during and after the loss, within a client's
