@@ -175,7 +175,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     config_path = write_serve_config(directory / "serve.yaml", checkpoints, str(directory / "cache"))
     with pytest.MonkeyPatch.context() as environment:
         environment.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=RAY_RUNTIME_ENV)
+        # The replicas' log lines stay in Ray's log files: the tests read the service, not its logs.
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=RAY_RUNTIME_ENV,
+        )
         try:
             controller = serve_start(proxy_location=ProxyLocation.Disabled)
 

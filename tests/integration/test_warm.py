@@ -43,6 +43,10 @@ def warm(tmp_path: Path, config: Path, cache_uri: str, env: dict[str, str]) -> s
     return run.stdout
 
 
+# A served run from the bank trains one epoch: the warm job banked the views of every epoch alike.
+SERVED_TRAIN = {"epochs": 1, "lr": 0.05}
+
+
 def served_distill_calls_no_teacher(tmp_path: Path, cache_uri: str) -> None:
     """A served `kd` run of the warmed experiment from the bank at `cache_uri`: no forward pass, no miss."""
     server, backend = serve_teachers(tmp_path, cache_uri)
@@ -53,6 +57,7 @@ def served_distill_calls_no_teacher(tmp_path: Path, cache_uri: str) -> None:
             "kd-served",
             KD,
             teacher_source={"kind": "served", "address": server.address, "cache": cache_uri},
+            train=SERVED_TRAIN,
         )
         result = run_experiment(ExperimentConfig.model_validate(served_cfg))
         assert backend.teacher_calls() == calls_at_start
@@ -100,6 +105,7 @@ def test_compact_bank_is_seen_audited_and_evicted(tmp_path, ray_cluster_env):
                 "cache": cache_uri,
                 "soft_labels": "compact",
             },
+            train=SERVED_TRAIN,
         )
         served = run_experiment(ExperimentConfig.model_validate(served_cfg))
         assert backend.teacher_calls() == calls
