@@ -1,5 +1,6 @@
-"""User errors of the `ekd` console script, run as a user runs it: one line on stderr, exit status 2, no
-traceback, and never torch's advice to load an untrusted file with weights_only=False."""
+"""User errors of the `ekd` console script: one line on stderr, exit status 2, no traceback, and never torch's
+advice to load an untrusted file with weights_only=False. A cache URI's errors come from real processes, as a
+user runs them; a refused student file, from the same command code in process (Typer's runner)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
 from services.cache.local_redis import free_port
+from trainer.cli.main import app
 from trainer.config import ExperimentConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,6 +38,12 @@ EXPERIMENT = {
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([EKD, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    """The command in this process, its outcome in the form `run` gives it."""
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(["ekd", *args], result.exit_code, result.stdout, result.stderr)
 
 
 def assert_one_line_user_error(result: subprocess.CompletedProcess, *said: str) -> str:
@@ -100,6 +109,6 @@ def test_evaluate_refuses_a_student_file_that_is_no_export(tmp_path, content, sa
         "a pickle": lambda: pickle.dumps(argparse.Namespace(student="code")),
         "a torch file of a pickled object": lambda: torch_saved(argparse.Namespace(student="code"), tmp_path),
     }[content]()
-    result = run("evaluate", str(run_directory(tmp_path, student)), cwd=tmp_path)
+    result = invoke("evaluate", str(run_directory(tmp_path, student)))
     error = assert_one_line_user_error(result, "cannot read exported student", "student.pt", said)
     assert result.stderr.strip() == error

@@ -126,7 +126,7 @@ def test_on_miss_compute_fills_a_compact_redis_bank_that_trains_bank_and_served_
 
 def distill(config: Path, *options: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [EKD, "distill", str(config), *options],
+        [EKD, "distill", str(config), *options, "--no-tracking"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -225,6 +225,7 @@ def test_a_trainer_started_while_every_slot_is_held_waits_then_finishes(busy_ser
                 "teacher_source.outage_wait_seconds=300",
                 "--set",
                 "teacher_source.outage_backoff_max_seconds=1",
+                "--no-tracking",
             ],
             cwd=tmp_path,
             stdout=subprocess.PIPE,

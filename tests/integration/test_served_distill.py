@@ -119,7 +119,7 @@ def test_served_teachers_match_in_process_and_are_reused_across_experiments(
         config.write_text(yaml.safe_dump(experiment(tmp_path, "ekd-served", EKD_METHOD)))
         env = {**os.environ, "EKD_CACHE_URI": cache_uri}
         run = subprocess.run(
-            [EKD, "distill", str(config), "--teacher-service", server.address],
+            [EKD, "distill", str(config), "--teacher-service", server.address, "--no-tracking"],
             capture_output=True,
             text=True,
             timeout=600,

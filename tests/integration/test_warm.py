@@ -32,7 +32,7 @@ EKD = str(Path(sys.executable).parent / "ekd")
 
 def warm(tmp_path: Path, config: Path, cache_uri: str, env: dict[str, str]) -> str:
     run = subprocess.run(
-        [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "512"],
+        [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "512", "--no-tracking"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -178,7 +178,7 @@ def test_warm_survives_a_killed_actor_and_ctrl_c_then_resumes(tmp_path, ray_clus
     config.write_text(yaml.safe_dump(experiment(tmp_path, "kd-warm", KD)))
 
     job = subprocess.Popen(
-        [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "32"],
+        [EKD, "warm", str(config), "--cache", cache_uri, "--batch-size", "32", "--no-tracking"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
