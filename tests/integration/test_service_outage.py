@@ -235,7 +235,7 @@ with BackgroundServer(LocalBackend(engines), address=f"127.0.0.1:{port}"):
 """
 SERVE_READY_SECONDS = 120
 KILLED_SECONDS = 10.0  # the service stays dead this long, then starts cold (a new process)
-EPOCHS = 3
+EPOCHS = 2
 FAULT_STEP_IN_EPOCH = 3  # the kill comes this many steps into the second epoch
 
 
