@@ -35,6 +35,8 @@ def test_without_an_address_a_private_instance_and_rays_own_words_left_to_ray(mo
     assert ray_init_address(None) == "local"
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert ray_init_address(None) == "auto"
+    dashboard = f"http://127.0.0.1:{free_port()}"  # not an address ray.init takes: Ray says so itself
+    assert ray_init_address(dashboard) == dashboard
 
 
 def test_a_cluster_whose_port_listens_is_joined_at_once():

@@ -29,9 +29,9 @@ def ray_init_address(address: str | None) -> str:
 
 
 def _host_and_port(address: str) -> tuple[str, int] | None:
-    """Where a cluster's address points; None for Ray's own words (`local`, `auto`)."""
+    """Where a cluster's address points; None for Ray's own words (`local`, `auto`) and other schemes."""
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not host or not port.isdigit():
+    if not colon or not host or not port.isdigit() or "://" in host:
         return None
     return host.strip("[]"), int(port)
 
