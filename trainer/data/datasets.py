@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, v2
 
 from services.core.errors import ConfigError, UserError
+from trainer.data.digits import load_digits, stratified_split
 from trainer.data.images import ImageFiles, list_image_folder
 from trainer.data.views import CentreCrop, Interpolation
 
@@ -201,8 +202,6 @@ def limited_training_subset(
 
 
 def _load_digits(image_size: int, carving: _PoolSplit, test_fraction: float) -> DatasetSplits:
-    from sklearn.datasets import load_digits  # where used: see _stratified_split
-
     digits = load_digits()
     # load_digits pixels are counts 0..16 (of a 4x4 block of the original 32x32 bitmap); scale them to 0..255.
     pixels = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0))).to(torch.uint8)
@@ -369,12 +368,8 @@ def _stratified_split(
             f"holding out {held_fraction} of {len(indices)} samples leaves fewer samples than the {classes} "
             "classes a stratified split needs; raise the fraction"
         )
-    # Imported where used: sklearn's import takes over a second, which every process that imports this module
-    # (each `ekd` command, each Ray worker of a warm job) would otherwise pay.
-    from sklearn.model_selection import train_test_split
-
-    kept, held = train_test_split(indices, test_size=held_fraction, stratify=labels, random_state=seed)
-    return np.sort(kept), np.sort(held)
+    kept, held = stratified_split(labels, held_fraction, seed)
+    return np.sort(indices[kept]), np.sort(indices[held])
 
 
 def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
