@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_served_distill import KD, experiment, save_random_teachers, serve_teachers
+from test_served_distill import KD, PATIENT_READS, experiment, save_random_teachers, serve_teachers
 
 from services.core.redaction import redact
 from trainer.config import ExperimentConfig
@@ -149,7 +149,7 @@ def test_a_killed_sweep_resumes_and_every_trial_is_tracked(tmp_path, ray_cluster
 def test_after_warm_on_redis_no_trial_calls_a_teacher(tmp_path, redis_url, ray_cluster_env):
     save_random_teachers(tmp_path)
     database = abs(hash(str(tmp_path))) % 15 + 1  # a Redis database of its own
-    cache_uri = redis_url[: redis_url.rindex("/")] + f"/{database}"
+    cache_uri = redis_url[: redis_url.rindex("/")] + f"/{database}?{PATIENT_READS}"
     server, backend = serve_teachers(tmp_path, cache_uri)
     with server:
         config = served_config(tmp_path, server.address, cache_uri)
